@@ -1,0 +1,3 @@
+from distill_runner.cli import main
+
+main()

@@ -1,0 +1,68 @@
+"""Early config validation: every user-facing key is checked before any work starts, and a bad
+value fails with one line naming the key, the value and the fix."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torchvision
+from omegaconf import DictConfig, OmegaConf
+
+from distill_runner.engine import PRECISIONS
+from distill_runner.errors import ConfigError
+
+_MISSING = object()
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check(cfg: DictConfig, key: str, ok: Callable[[object], bool], fix: str, required: bool = True) -> None:
+    value = OmegaConf.select(cfg, key, default=_MISSING)
+    if value is _MISSING:
+        if required:
+            raise ConfigError(key, None, f"missing; {fix}")
+        return
+    if not ok(value):
+        raise ConfigError(key, value, fix)
+
+
+def _check_arch(cfg: DictConfig, node: str) -> None:
+    arch = OmegaConf.select(cfg, f"{node}.model.arch")
+    if arch is not None and arch not in torchvision.models.list_models(module=torchvision.models):
+        raise ConfigError(f"{node}.model.arch", arch, "not a torchvision classification model; e.g. resnet18, mobilenet_v2, mobilenet_v3_small, or pick a config: " + node + "=<name>")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for the first bad user-facing value."""
+    _check(cfg, "seed", _is_int, "use an integer, e.g. seed=0")
+    _check(cfg, "dataset._target_", lambda v: isinstance(v, str), "pick a data set: dataset=digits")
+    _check(cfg, "dataset.batch_size", lambda v: _is_int(v) and v >= 1, "use a positive integer, e.g. dataset.batch_size=64")
+    _check(cfg, "dataset.image_size", lambda v: _is_int(v) and v >= 8, "use an integer >= 8, e.g. dataset.image_size=32", required=False)
+
+    for node in ("teacher", "student"):
+        _check(cfg, f"{node}.model._target_", lambda v: isinstance(v, str), f"pick one: {node}=<name> (see conf/{node}/)")
+        _check_arch(cfg, node)
+    _check(cfg, "teacher.epochs", lambda v: _is_int(v) and v >= 0, "use an integer >= 0 (0 = use the teacher as loaded), e.g. teacher.epochs=3")
+    _check(cfg, "teacher.weights", lambda v: v is None or isinstance(v, str), "use null or a torchvision weights name, e.g. teacher.weights=IMAGENET1K_V1")
+    _check(cfg, "teacher.checkpoint", lambda v: v is None or Path(str(v)).expanduser().is_file(), "no such file; give the path of a saved state_dict or null")
+    if cfg.teacher.epochs == 0 and cfg.teacher.weights is None and cfg.teacher.checkpoint is None:
+        raise ConfigError("teacher.epochs", 0, "a teacher used as loaded needs teacher.checkpoint=PATH or teacher.weights; or train it: teacher.epochs=3")
+    if cfg.teacher.weights is not None and cfg.teacher.epochs == 0 and cfg.teacher.checkpoint is None:
+        raise ConfigError("teacher.epochs", 0, "ImageNet weights come with a new head for this data set's classes and must be fine-tuned; use teacher.epochs>=1")
+
+    _check(cfg, "distill._target_", lambda v: isinstance(v, str), "pick a recipe: distill=kd")
+    _check(cfg, "distill.temperature", lambda v: _is_number(v) and v > 0, "must be a number > 0 (typical values 1-8), e.g. distill.temperature=4", required=False)
+    _check(cfg, "distill.alpha", lambda v: _is_number(v) and 0 <= v <= 1, "must be in [0, 1]: the weight of the KD term (1 - alpha weights cross-entropy), e.g. distill.alpha=0.5", required=False)
+
+    _check(cfg, "trainer.epochs", lambda v: _is_int(v) and v >= 1, "use an integer >= 1, e.g. trainer.epochs=10")
+    _check(cfg, "trainer.device", lambda v: bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(v))), "use auto, cpu, cuda or cuda:N")
+    _check(cfg, "trainer.precision", lambda v: str(v) in PRECISIONS, f"use one of {', '.join(PRECISIONS)}")
+    _check(cfg, "trainer.progress", lambda v: isinstance(v, bool), "use true or false")

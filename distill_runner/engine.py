@@ -1,0 +1,198 @@
+"""One training loop for every stage, evaluation, mixed precision and atomic checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from distill_runner.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How to run forward passes: autocast dtype (None = fp32) and whether to scale gradients."""
+
+    name: str
+    dtype: torch.dtype | None
+    device_type: str
+
+    @property
+    def use_scaler(self) -> bool:
+        return self.dtype is torch.float16
+
+    def autocast(self):
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+def resolve_device(name: str) -> torch.device:
+    name = str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("trainer.device", name, "CUDA is not available on this machine; use trainer.device=cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError("trainer.device", name, "use auto, cpu, cuda or cuda:N") from None
+
+
+def resolve_precision(name: str, device: torch.device, device_requested: str = "auto") -> Precision:
+    name = str(name)
+    if name not in PRECISIONS:
+        raise ConfigError("trainer.precision", name, f"use one of {', '.join(PRECISIONS)}")
+    if name == "16-mixed" and device.type != "cuda":
+        if str(device_requested) == "auto":
+            log.warning("trainer.precision=16-mixed needs CUDA and none is available: falling back to 32 (fp32). Use bf16-mixed for mixed precision on CPU.")
+            return Precision("32", None, device.type)
+        raise ConfigError("trainer.precision", name, f"fp16 autocast needs CUDA, the device is {device}; use 32 or bf16-mixed")
+    dtype = {"32": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}[name]
+    return Precision(name, dtype, device.type)
+
+
+def atomic_save(obj: object, path: str | os.PathLike) -> None:
+    """Write to a temp file then rename, so a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0.0, min_factor: float = 0.0):
+    """Per-step LR factor: linear warm-up, then cosine decay to ``min_factor`` of the base LR."""
+    total = max(1, epochs * steps_per_epoch)
+    warmup = int(warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def constant_lr(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+@dataclass
+class Stage:
+    """What one call of :func:`fit` trains, and how."""
+
+    name: str  # teacher | distill | baseline
+    model: nn.Module
+    recipe: Callable
+    epochs: int
+    optimizer: Callable  # partial: params -> Optimizer
+    scheduler: Callable  # partial: (optimizer, epochs, steps_per_epoch) -> LR scheduler
+    teacher: nn.Module | None = None
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def fit(
+    stage: Stage,
+    train: Iterable,
+    val: Iterable,
+    device: torch.device,
+    precision: Precision,
+    writer=None,
+    checkpoint_dir: Path | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Train ``stage.model`` with ``stage.recipe``; validate and checkpoint after every epoch.
+
+    Returns one dict per epoch: mean of each loss term, learning rate, validation accuracy.
+    """
+    model = stage.model.to(device)
+    teacher = stage.teacher.to(device).eval() if stage.recipe.needs_teacher else None
+    optimizer = stage.optimizer(params=[p for p in model.parameters() if p.requires_grad])
+    scheduler = stage.scheduler(optimizer, epochs=stage.epochs, steps_per_epoch=len(train))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
+    history = []
+    for epoch in range(stage.epochs):
+        start = time.perf_counter()
+        if hasattr(train, "set_epoch"):
+            train.set_epoch(epoch)
+        model.train()
+        sums: dict[str, float] = defaultdict(float)
+        seen = 0
+        bar = tqdm(train, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", leave=False, disable=not progress, dynamic_ncols=True)
+        for step, batch in enumerate(bar):
+            batch = to_device(batch, device)
+            with precision.autocast():
+                student_out = {"logits": model(batch["image"])}
+                teacher_out = None
+                if teacher is not None:
+                    with torch.no_grad():  # not inference_mode: its tensors cannot enter the student's graph
+                        teacher_out = {"logits": teacher(batch["image"])}
+                terms = stage.recipe(batch, student_out, teacher_out)
+            loss = sum(terms.values())
+            if not torch.isfinite(loss):
+                values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+                raise FloatingPointError(f"non-finite loss in stage {stage.name}, epoch {epoch + 1}, batch {step}: {values}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            n = len(batch["target"])
+            seen += n
+            for k, v in terms.items():
+                sums[k] += v.item() * n
+            sums["total"] += loss.item() * n
+            bar.set_postfix(loss=f"{sums['total'] / seen:.4f}")
+        record = {f"loss/{k}": v / seen for k, v in sums.items()}
+        record["lr"] = optimizer.param_groups[0]["lr"]
+        record["val/acc"] = accuracy(*predict(model, val, device, precision))
+        record["epoch_time_s"] = time.perf_counter() - start
+        history.append(record)
+        if writer is not None:
+            for k, v in record.items():
+                writer.add_scalar(k, v, epoch + 1)
+            writer.flush()
+        if checkpoint_dir is not None:
+            state = {"stage": stage.name, "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}
+            atomic_save(state, Path(checkpoint_dir) / f"{stage.name}_last.pt")
+        losses = " ".join(f"{k.removeprefix('loss/')}={v:.4f}" for k, v in record.items() if k.startswith("loss/"))
+        log.info("%s epoch %d/%d  %s  lr=%.3g  val_acc=%.4f  (%.1fs)", stage.name, epoch + 1, stage.epochs, losses, record["lr"], record["val/acc"], record["epoch_time_s"])
+    return history
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, loader: Iterable, device: torch.device, precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (float32, on CPU) and targets for a whole split."""
+    was_training = model.training
+    model.eval()
+    logits, targets = [], []
+    for batch in loader:
+        with precision.autocast():
+            out = model(batch["image"].to(device, non_blocking=True))
+        logits.append(out.float().cpu())
+        targets.append(batch["target"])
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(targets)
+
+
+def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    return (logits.argmax(1) == targets).float().mean().item() if len(targets) else float("nan")

@@ -1,0 +1,204 @@
+"""Teachers and students.
+
+Every model factory takes ``num_classes``, ``in_channels`` and ``image_size`` (the runner passes
+them from the data set) plus its own config keys, so any factory can serve as teacher or student.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.error import URLError
+
+import torch
+import torchvision
+from torch import nn
+
+from distill_runner.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Below this input size the ImageNet stem (stride-2 7x7 conv + max-pool) throws away most of the
+# image, so torchvision models get the small-image stem used for CIFAR.
+SMALL_INPUT_MAX = 64
+
+
+class TinyCNN(nn.Module):
+    """A tiny CNN in the spirit of the classic KD examples: conv blocks, pooling, a linear head.
+
+    The adaptive pooling makes the parameter count independent of the image size, so the same
+    ~100k-parameter student works at 32 px and at 224 px.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        channels: Sequence[int] = (16, 32),
+        pool_size: int = 4,
+        hidden: int = 192,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        blocks, c_in = [], in_channels
+        for c_out in channels:
+            blocks.append(
+                nn.Sequential(
+                    nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(c_out),
+                    nn.ReLU(inplace=True),
+                    nn.MaxPool2d(2),
+                )
+            )
+            c_in = c_out
+        self.features = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(pool_size)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c_in * pool_size * pool_size, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.features(x)))
+
+
+def tiny_cnn(
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int | None = None,
+    weights: str | None = None,
+    channels: Sequence[int] = (16, 32),
+    pool_size: int = 4,
+    hidden: int = 192,
+    dropout: float = 0.0,
+) -> TinyCNN:
+    if weights is not None:
+        raise ConfigError("weights", weights, "the tiny CNN has no pretrained weights; set weights=null")
+    return TinyCNN(num_classes, in_channels, list(channels), pool_size, hidden, dropout)
+
+
+def torchvision_model(
+    arch: str,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 224,
+    weights: str | None = None,
+    small_input: bool | str = "auto",
+    **kwargs,
+) -> nn.Module:
+    """A torchvision classifier (resnet18, mobilenet_v2, mobilenet_v3_small, ...) for this data set.
+
+    ``weights`` is a torchvision weights name such as ``IMAGENET1K_V1``; the pretrained head is
+    replaced by one for ``num_classes``. ``small_input`` (auto: image_size <= 64) swaps the
+    ImageNet stem for the small-image one: stride-1 first conv, no max-pool (3x3 conv for ResNets).
+    """
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise ConfigError("arch", arch, f"use a torchvision classification model, e.g. resnet18, mobilenet_v2, mobilenet_v3_small")
+    if weights is not None:
+        model = torchvision.models.get_model(arch, weights=None, **kwargs)
+        model.load_state_dict(_pretrained_state_dict(arch, weights))
+        _replace_head(model, num_classes)
+    else:
+        model = torchvision.models.get_model(arch, num_classes=num_classes, **kwargs)
+    if small_input == "auto":
+        small_input = image_size <= SMALL_INPUT_MAX
+    if small_input:
+        _use_small_stem(model)
+    if in_channels != 3:
+        _replace_first_conv(model, in_channels)
+    return model
+
+
+def _pretrained_state_dict(arch: str, weights: str) -> dict:
+    try:
+        enum = torchvision.models.get_model_weights(arch)[weights]
+    except KeyError:
+        names = [w.name for w in torchvision.models.get_model_weights(arch)]
+        raise ConfigError("weights", weights, f"{arch} has weights {names}, or set weights=null") from None
+    try:
+        return enum.get_state_dict(progress=False, check_hash=True)
+    except (URLError, OSError, RuntimeError) as exc:
+        target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
+        raise ConfigError(
+            "weights",
+            weights,
+            f"downloading {enum.url} failed ({type(exc).__name__}: {exc}); put that file at {target} "
+            f"(or set TORCH_HOME), or set weights=null to train from scratch",
+        ) from None
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> None:
+    """Swap the last Linear layer (fc for ResNets, classifier[-1] for MobileNets) for a new one."""
+    name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    _set_submodule(model, name, nn.Linear(last.in_features, num_classes))
+
+
+def _use_small_stem(model: nn.Module) -> None:
+    if isinstance(model, torchvision.models.ResNet):
+        out = model.conv1.out_channels
+        model.conv1 = nn.Conv2d(3, out, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    else:
+        name, conv = _first_conv(model)
+        conv.stride = (1, 1)
+
+
+def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
+    return next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+
+
+def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
+    name, conv = _first_conv(model)
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
+    with torch.no_grad():  # keep pretrained filters: average them over the input channels
+        new.weight.copy_(conv.weight.mean(dim=1, keepdim=True).expand_as(new.weight))
+    _set_submodule(model, name, new)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, key: str = "teacher.checkpoint") -> None:
+    """Load a saved state_dict (or a {'model'|'state_dict': ...} checkpoint) with a clear mismatch error."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(key, str(path), "no such file; give the path of a saved state_dict (torch.save(model.state_dict(), path))")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, pickle of a whole model, ...
+        raise ConfigError(key, str(path), f"could not be read as a state_dict ({type(exc).__name__}: {exc})") from None
+    for wrapper in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DistributedDataParallel
+    own = model.state_dict()
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    shapes = [f"{k} {tuple(state[k].shape)} in file vs {tuple(own[k].shape)} in model" for k in own.keys() & state.keys() if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append("shape mismatch: " + "; ".join(sorted(shapes)[:3]))
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+        hint = "the checkpoint was saved from a different architecture, stem or class count"
+        raise ConfigError(key, str(path), f"does not fit the model: {'; '.join(parts)} ({hint})")
+    model.load_state_dict(state)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def clone(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)

@@ -1,0 +1,154 @@
+"""The experiment: config -> build -> stages (teacher, distill, baseline) -> evaluate -> report."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+from distill_runner import engine, metrics as measure
+from distill_runner.config import validate
+from distill_runner.data import DataBundle
+from distill_runner.errors import ConfigError
+from distill_runner.losses import CrossEntropy
+from distill_runner.models import clone, count_parameters, load_checkpoint
+from distill_runner.report import ROLES, write_report
+
+log = logging.getLogger(__name__)
+
+
+def build(node: DictConfig, key: str, **kwargs):
+    """``hydra.utils.instantiate`` with errors that name the config key."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause.under(key) from None
+        raise ConfigError(key, OmegaConf.select(node, "_target_"), f"could not be built: {cause or exc}") from None
+
+
+def build_data(cfg: DictConfig) -> DataBundle:
+    data = build(cfg.dataset, "dataset", seed=cfg.seed)
+    log.info("data %s: %d classes, image %dx%d, train/val/test %s", data.name, data.num_classes, data.image_size, data.image_size,
+             "/".join(str(sum(c)) for c in data.class_counts.values()))
+    return data
+
+
+def build_model(cfg: DictConfig, role: str, data: DataBundle, **kwargs) -> nn.Module:
+    torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights
+    return build(cfg[role].model, f"{role}.model", num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size, **kwargs)
+
+
+def build_teacher(cfg: DictConfig, data: DataBundle) -> nn.Module:
+    try:
+        teacher = build_model(cfg, "teacher", data, weights=cfg.teacher.weights)
+    except ConfigError as exc:  # weights is set as teacher.weights, next to teacher.model
+        raise ConfigError("teacher.weights", exc.value, exc.fix) if exc.key == "teacher.model.weights" else exc from None
+    if cfg.teacher.checkpoint is not None:
+        load_checkpoint(teacher, cfg.teacher.checkpoint, key="teacher.checkpoint")
+        log.info("teacher weights loaded from %s", cfg.teacher.checkpoint)
+    return teacher
+
+
+def _hparams(cfg: DictConfig) -> dict:
+    flat = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif not str(k).startswith("_"):
+                flat[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict:
+    """Run the whole experiment into ``run_dir``; return the metrics written to metrics.json."""
+    validate(cfg)
+    run_dir = Path(run_dir)
+    ckpt_dir, tb_dir = run_dir / "checkpoints", run_dir / "tb"
+    device = engine.resolve_device(cfg.trainer.device)
+    precision = engine.resolve_precision(cfg.trainer.precision, device, cfg.trainer.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    log.info("run folder %s; device %s, precision %s, seed %d", run_dir, device, precision.name, cfg.seed)
+
+    data = build_data(cfg)
+    teacher = build_teacher(cfg, data)
+    student_init = build_model(cfg, "student", data)
+    recipe = build(cfg.distill, "distill")
+    ce = CrossEntropy()
+
+    def schedule(node: DictConfig, key: str) -> dict:
+        return {"epochs": node.epochs, "optimizer": build(node.optimizer, f"{key}.optimizer"), "scheduler": build(node.scheduler, f"{key}.scheduler")}
+
+    stages = [
+        engine.Stage("teacher", teacher, ce, **schedule(cfg.teacher, "teacher")),
+        engine.Stage("distill", clone(student_init), recipe, teacher=teacher, **schedule(cfg.trainer, "trainer")),
+        engine.Stage("baseline", clone(student_init), ce, **schedule(cfg.trainer, "trainer")),
+    ]
+    stage_info = {}
+    for stage in stages:
+        start = time.perf_counter()
+        history = []
+        if stage.epochs > 0:
+            log.info("stage %s: %d epochs, %s, %s parameters", stage.name, stage.epochs, type(stage.recipe).__name__, f"{count_parameters(stage.model):,}")
+            torch.manual_seed(cfg.seed)
+            with SummaryWriter(tb_dir / stage.name) as writer:
+                history = engine.fit(stage, data.train, data.val, device, precision, writer, ckpt_dir, progress=cfg.trainer.progress)
+        else:
+            log.info("stage %s: skipped (0 epochs), using the model as loaded", stage.name)
+        engine.atomic_save(stage.model.state_dict(), ckpt_dir / f"{ROLE_OF[stage.name]}.pt")
+        stage_info[stage.name] = {"epochs": stage.epochs, "final_val_acc": history[-1]["val/acc"] if history else None, "wall_time_s": time.perf_counter() - start, "history": history}
+
+    results = evaluate(cfg, data, {ROLE_OF[s.name]: s.model for s in stages}, device, precision)
+    metrics = {
+        "dataset": data.name,
+        "num_classes": data.num_classes,
+        "class_names": data.class_names,
+        "class_counts": data.class_counts,
+        "device": str(device),
+        "precision": precision.name,
+        "seed": cfg.seed,
+        "models": results,
+        "retention": results["student"]["test_acc"] / results["teacher"]["test_acc"],
+        "kd_gain": results["student"]["test_acc"] - results["baseline"]["test_acc"],
+        "stages": stage_info,
+    }
+    with SummaryWriter(tb_dir) as writer:
+        final = {f"test/{role}_acc": results[role]["test_acc"] for role in ROLES}
+        final.update({"test/retention": metrics["retention"], "test/kd_gain": metrics["kd_gain"]})
+        writer.add_hparams(_hparams(cfg), final, run_name=".")
+    table = write_report(run_dir, metrics, overrides or [])
+    log.info("results on the test split:\n%s\nreport: %s", table, run_dir / "report.md")
+    return metrics
+
+
+ROLE_OF = {"teacher": "teacher", "distill": "student", "baseline": "baseline"}
+
+
+def evaluate(cfg: DictConfig, data: DataBundle, models: dict[str, nn.Module], device: torch.device, precision: engine.Precision) -> dict:
+    names = {"teacher": cfg.teacher.name, "student": cfg.student.name, "baseline": cfg.student.name}
+    shape = (data.in_channels, data.image_size, data.image_size)
+    results = {}
+    for role, model in models.items():
+        logits, targets = engine.predict(model.to(device), data.test, device, precision)
+        results[role] = {
+            "name": names[role],
+            "params": count_parameters(model),
+            "test_acc": engine.accuracy(logits, targets),
+            "images_per_s": measure.throughput(model, data.test.batch_size, shape, device, precision),
+        }
+    for role in results:
+        results[role]["speedup"] = results[role]["images_per_s"] / results["teacher"]["images_per_s"]
+    return results

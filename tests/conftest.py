@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_module
+
+# A run that takes seconds: tiny images, a few dozen of them, one epoch per stage.
+TINY = [
+    "dataset.image_size=16",
+    "dataset.limit=48",
+    "dataset.batch_size=16",
+    "teacher.epochs=1",
+    "trainer.epochs=1",
+    "trainer.progress=false",
+]
+
+
+def compose_config(overrides: list[str] | None = None, experiment: str | None = None):
+    overrides = list(overrides or [])
+    if experiment is not None:
+        overrides.insert(0, f"experiment={experiment}")
+    with initialize_config_module(config_module="distill_runner.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.fixture
+def tiny_cfg():
+    return lambda extra=(): compose_config(TINY + list(extra))

@@ -1,0 +1,78 @@
+"""`distill-run` as a user runs it: a subprocess, Hydra run folder, outputs on disk."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import TINY
+
+
+def distill_run(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "distill_runner", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def scalars(folder):
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_end_to_end_writes_metrics_report_and_tensorboard(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = distill_run(*TINY, "trainer.epochs=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for role in ("teacher", "student", "baseline"):
+        m = metrics["models"][role]
+        assert 0 <= m["test_acc"] <= 1 and m["params"] > 0 and m["images_per_s"] > 0
+    assert metrics["models"]["student"]["params"] == metrics["models"]["baseline"]["params"]
+    assert metrics["models"]["teacher"]["params"] > 50 * metrics["models"]["student"]["params"]
+    assert metrics["retention"] == pytest.approx(metrics["models"]["student"]["test_acc"] / metrics["models"]["teacher"]["test_acc"])
+
+    report = (run_dir / "report.md").read_text()
+    assert "student (KD)" in report and "student (scratch)" in report and "| teacher |" in report
+
+    for name in ("teacher.pt", "student.pt", "baseline.pt"):
+        assert (run_dir / "checkpoints" / name).is_file()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+    distill = scalars(run_dir / "tb" / "distill")
+    assert len(distill["loss/kd"]) == 2 and len(distill["loss/ce"]) == 2 and len(distill["val/acc"]) == 2 and "lr" in distill
+    assert scalars(run_dir / "tb" / "baseline")["loss/ce"]
+    assert scalars(run_dir / "tb" / "teacher")["val/acc"]
+    final = scalars(run_dir / "tb")
+    assert final["test/student_acc"] == [pytest.approx(metrics["models"]["student"]["test_acc"])]
+    # HParams live in the run's own tb/ folder, next to those scalars
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    assert "_hparams_/experiment" in acc.summary_metadata and "_hparams_/session_start_info" in acc.summary_metadata
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("distill.alpha=1.5", "distill.alpha"),
+        ("distill.temperature=0", "distill.temperature"),
+        ("student.model.arch=resnet999", "student.model.arch"),
+        ("trainer.precision=fp8", "trainer.precision"),
+        ("trainer.epochs=0", "trainer.epochs"),
+        ("teacher.checkpoint=/nonexistent/teacher.pt", "teacher.checkpoint"),
+    ],
+)
+def test_bad_override_is_one_line_naming_the_key(tmp_path, override, key):
+    proc = distill_run(*TINY, override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, proc.stderr
+    assert key in errors[0] and "Traceback" not in proc.stderr
+
+
+def test_unknown_student_config_names_the_group(tmp_path):
+    proc = distill_run("student=resnet999", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "student/resnet999" in proc.stderr.splitlines()[0] and "tiny_cnn" in proc.stderr
+    assert "Traceback" not in proc.stderr

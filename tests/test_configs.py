@@ -1,0 +1,57 @@
+"""Every shipped config composes and builds; the config tree ships inside the package."""
+
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import compose_config
+from distill_runner import runner
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+STUDENTS = sorted(p.stem for p in (CONF / "student").glob("*.yaml"))
+
+
+def test_no_argument_run_is_the_quickstart():
+    cfg = compose_config()
+    assert cfg.dataset.name == "digits" and cfg.teacher.model.arch == "resnet18" and cfg.student.name == "tiny_cnn"
+    assert cfg.distill._target_.endswith("HintonKD")
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_builds(experiment):
+    cfg = compose_config(["dataset.limit=8", "dataset.image_size=16"], experiment=experiment)
+    data = runner.build_data(cfg)
+    teacher = runner.build_teacher(cfg, data)
+    student = runner.build_model(cfg, "student", data)
+    runner.build(cfg.distill, "distill")
+    batch = next(iter(data.train))
+    assert batch["image"].shape[1:] == (data.in_channels, data.image_size, data.image_size)
+    for model in (teacher, student):
+        assert model.eval()(batch["image"]).shape == (len(batch["target"]), data.num_classes)
+
+
+@pytest.mark.parametrize("student", STUDENTS)
+@pytest.mark.parametrize("image_size", [32, 224])
+def test_students_build_for_the_data_set(student, image_size):
+    cfg = compose_config([f"student={student}", f"dataset.image_size={image_size}", "dataset.limit=4"])
+    data = runner.build_data(cfg)
+    model = runner.build_model(cfg, "student", data).eval()
+    assert model(torch.zeros(2, 3, image_size, image_size)).shape == (2, 10)
+
+
+def test_user_facing_keys_exist():
+    cfg = compose_config(["distill.temperature=8", "distill.alpha=0.25", "trainer.epochs=2", "trainer.device=cpu",
+                          "trainer.precision=bf16-mixed", "teacher.epochs=0", "teacher.weights=IMAGENET1K_V1",
+                          "teacher.checkpoint=/tmp/x.pt", "dataset.root=/data", "dataset.batch_size=8", "seed=3"])
+    assert (cfg.distill.temperature, cfg.distill.alpha, cfg.trainer.epochs, cfg.seed) == (8, 0.25, 2, 3)
+    assert cfg.teacher.weights == "IMAGENET1K_V1" and cfg.teacher.checkpoint == "/tmp/x.pt"
+
+
+def test_every_config_file_ships_in_the_package():
+    shipped = resources.files("distill_runner.conf")
+    for path in CONF.rglob("*.yaml"):
+        assert shipped.joinpath(*path.relative_to(CONF).parts).is_file(), f"{path} is not package data"
+    assert (CONF / "__init__.py").is_file()

@@ -1,0 +1,128 @@
+import logging
+from functools import partial
+
+import pytest
+import torch
+
+from distill_runner import engine
+from distill_runner.data import Augment, TensorBatches, digits, stratified_split
+from distill_runner.errors import ConfigError
+from distill_runner.losses import CrossEntropy
+from distill_runner.models import tiny_cnn
+
+CPU = torch.device("cpu")
+
+
+def test_fp16_on_cpu_is_a_clear_error_or_a_logged_fallback(caplog):
+    with pytest.raises(ConfigError, match="trainer.precision"):
+        engine.resolve_precision("16-mixed", CPU, "cpu")
+    with caplog.at_level(logging.WARNING):
+        p = engine.resolve_precision("16-mixed", CPU, "auto")
+    assert p.name == "32" and "falling back" in caplog.text
+    assert engine.resolve_precision("bf16-mixed", CPU).dtype is torch.bfloat16
+    with pytest.raises(ConfigError, match="trainer.precision"):
+        engine.resolve_precision("64", CPU)
+
+
+def test_cuda_requested_without_cuda_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="trainer.device"):
+        engine.resolve_device("cuda")
+    assert engine.resolve_device("auto").type == "cpu"
+
+
+def _stage(data, recipe=None, epochs=1):
+    torch.manual_seed(0)
+    model = tiny_cnn(num_classes=data.num_classes, hidden=16)
+    return engine.Stage("test", model, recipe or CrossEntropy(), epochs, partial(torch.optim.SGD, lr=0.05), partial(engine.warmup_cosine))
+
+
+@pytest.fixture(scope="module")
+def small_digits():
+    return digits(image_size=16, batch_size=32, limit=128)
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+def test_fit_learns_and_logs_every_epoch(small_digits, precision, tmp_path):
+    stage = _stage(small_digits, epochs=3)
+    history = engine.fit(stage, small_digits.train, small_digits.val, CPU, engine.resolve_precision(precision, CPU), checkpoint_dir=tmp_path, progress=False)
+    assert len(history) == 3
+    assert history[-1]["loss/ce"] < history[0]["loss/ce"]
+    assert set(history[0]) >= {"loss/ce", "loss/total", "lr", "val/acc"}
+    state = torch.load(tmp_path / "test_last.pt", weights_only=True)
+    assert state["epoch"] == 3 and {"model", "optimizer", "scheduler", "scaler"} <= set(state)
+
+
+def test_non_finite_loss_stops_with_stage_epoch_batch_and_terms(small_digits):
+    def nan_recipe(batch, student, teacher=None):
+        return {"ce": student["logits"].sum() * float("nan")}
+
+    nan_recipe.needs_teacher = False
+    with pytest.raises(FloatingPointError, match=r"stage test, epoch 1, batch 0: ce=nan"):
+        engine.fit(_stage(small_digits, nan_recipe), small_digits.train, small_digits.val, CPU, engine.resolve_precision("32", CPU), progress=False)
+
+
+def test_same_seed_same_run(small_digits):
+    runs = []
+    for _ in range(2):
+        stage = _stage(small_digits, epochs=2)
+        engine.fit(stage, small_digits.train, small_digits.val, CPU, engine.resolve_precision("32", CPU), progress=False)
+        runs.append(stage.model.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_warmup_cosine_schedule_values():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = engine.warmup_cosine(opt, epochs=2, steps_per_epoch=5, warmup_epochs=1)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert lrs[5] == pytest.approx(1.0) and lrs[-1] < 0.1 and all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
+
+
+def test_atomic_save_leaves_no_temp_files(tmp_path):
+    engine.atomic_save({"a": torch.ones(2)}, tmp_path / "sub" / "x.pt")
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["x.pt"]
+
+
+def test_batches_are_reproducible_per_epoch_and_differ_between_epochs(small_digits):
+    train = small_digits.train
+    train.set_epoch(1)
+    a = [b["index"] for b in train]
+    b = [b["index"] for b in train]
+    train.set_epoch(2)
+    c = [b["index"] for b in train]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    assert sorted(torch.cat(a).tolist()) == list(range(len(train.targets)))
+
+
+def test_random_shift_moves_content_within_the_padding():
+    image = torch.zeros(64, 1, 9, 9, dtype=torch.uint8)
+    image[:, :, 4, 4] = 255
+    out = Augment(crop_padding=2)(image, torch.Generator().manual_seed(0))
+    rows, cols = (out[:, 0] == 255).nonzero()[:, 1], (out[:, 0] == 255).nonzero()[:, 2]
+    assert len(rows) == 64 and rows.min() >= 2 and rows.max() <= 6 and cols.min() >= 2 and cols.max() <= 6
+    assert len(set(zip(rows.tolist(), cols.tolist()))) > 10  # shifts are drawn, not fixed
+    flipped = Augment(hflip=True)(image[:, :, :, :] * 0 + torch.arange(9, dtype=torch.uint8), torch.Generator().manual_seed(0))
+    firsts = set(flipped[:, 0, 0, 0].tolist())
+    assert firsts == {0, 8}
+
+
+def test_digits_split_is_stratified_seeded_and_disjoint():
+    import numpy as np
+
+    y = np.repeat(np.arange(5), 40)
+    test, val, train = stratified_split(y, [0.2, 0.1], seed=0)
+    assert len(test) == 40 and len(val) == 20 and len(train) == 140
+    assert set(test).isdisjoint(val) and set(val).isdisjoint(train)
+    assert np.bincount(y[test]).tolist() == [8] * 5
+    again = stratified_split(y, [0.2, 0.1], seed=0)
+    assert all((a == b).all() for a, b in zip(again, (test, val, train)))
+    data = digits()
+    assert sum(map(sum, data.class_counts.values())) == 1797
+    assert data.train.images.shape[1:] == (3, 32, 32) and data.num_classes == 10

@@ -1,0 +1,108 @@
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from conftest import compose_config
+from distill_runner import runner
+from distill_runner.errors import ConfigError
+from distill_runner.models import count_parameters, load_checkpoint, tiny_cnn, torchvision_model
+
+
+@pytest.mark.parametrize("image_size", [32, 224])
+def test_tiny_cnn_is_about_100k_parameters_at_any_size(image_size):
+    model = tiny_cnn(num_classes=2, image_size=image_size)
+    assert 80_000 <= count_parameters(model) <= 120_000
+    assert model(torch.zeros(1, 3, image_size, image_size)).shape == (1, 2)
+
+
+def test_resnet18_small_stem_for_small_images():
+    small = torchvision_model("resnet18", num_classes=10, image_size=32)
+    assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1) and isinstance(small.maxpool, nn.Identity)
+    assert small.fc.out_features == 10
+    big = torchvision_model("resnet18", num_classes=2, image_size=224)
+    assert big.conv1.kernel_size == (7, 7) and isinstance(big.maxpool, nn.MaxPool2d)
+
+
+def test_mobilenet_width_multiplier_shrinks_the_model():
+    half = torchvision_model("mobilenet_v3_small", num_classes=10, image_size=32, width_mult=0.5)
+    full = torchvision_model("mobilenet_v3_small", num_classes=10, image_size=32, width_mult=1.0)
+    assert count_parameters(half) < count_parameters(full)
+
+
+def test_unknown_arch_names_the_key():
+    with pytest.raises(ConfigError, match="arch"):
+        torchvision_model("resnet999", num_classes=10)
+
+
+def _fake_imagenet_file(tmp_path, monkeypatch):
+    """Put a (random) ResNet-18 ImageNet state_dict where torchvision looks for the download."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    state = torchvision.models.resnet18(num_classes=1000).state_dict()
+    target = tmp_path / "torch" / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[1]
+    target.parent.mkdir(parents=True)
+    torch.save(state, target)
+    return state
+
+
+def test_imagenet_weights_load_through_torchvision_and_get_a_new_head(tmp_path, monkeypatch):
+    state = _fake_imagenet_file(tmp_path, monkeypatch)
+    model = torchvision_model("resnet18", num_classes=2, image_size=224, weights="IMAGENET1K_V1")
+    assert torch.equal(model.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])
+    assert torch.equal(model.conv1.weight, state["conv1.weight"])  # 224 px keeps the pretrained stem
+    assert model.fc.out_features == 2
+
+
+def test_offline_weights_error_says_where_to_put_the_file(tmp_path, monkeypatch):
+    from urllib.error import URLError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(*args, **kwargs):
+        raise URLError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    cfg = compose_config(["teacher.weights=IMAGENET1K_V1", "dataset.limit=4"])
+    data = runner.build_data(cfg)
+    with pytest.raises(ConfigError) as err:
+        runner.build_teacher(cfg, data)
+    message = str(err.value)
+    assert err.value.key == "teacher.weights"
+    assert "resnet18-f37072fd.pth" in message and str(tmp_path / "torch" / "hub" / "checkpoints") in message
+    assert "teacher.weights=null" in message or "weights=null" in message
+    assert "\n" not in message
+
+
+def test_unknown_weights_name_lists_the_choices():
+    with pytest.raises(ConfigError, match="IMAGENET1K_V1"):
+        torchvision_model("resnet18", num_classes=2, weights="IMAGENET_V9")
+
+
+def test_checkpoint_round_trip_and_mismatch_messages(tmp_path):
+    model = torchvision_model("resnet18", num_classes=10, image_size=32)
+    path = tmp_path / "teacher.pt"
+    torch.save(model.state_dict(), path)
+    other = torchvision_model("resnet18", num_classes=10, image_size=32)
+    load_checkpoint(other, path)
+    assert torch.equal(other.fc.weight, model.fc.weight)
+
+    wrong_classes = torchvision_model("resnet18", num_classes=2, image_size=32)
+    with pytest.raises(ConfigError) as err:
+        load_checkpoint(wrong_classes, path)
+    assert "fc.weight (10, 512) in file vs (2, 512) in model" in str(err.value) and err.value.key == "teacher.checkpoint"
+
+    with pytest.raises(ConfigError, match="unexpected keys|missing keys"):
+        load_checkpoint(tiny_cnn(num_classes=10), path)
+
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="could not be read"):
+        load_checkpoint(model, tmp_path / "junk.pt")
+
+
+def test_checkpoint_wrapped_in_a_training_state_loads(tmp_path):
+    model = tiny_cnn(num_classes=3)
+    torch.save({"model": model.state_dict(), "epoch": 4}, tmp_path / "last.pt")
+    other = tiny_cnn(num_classes=3)
+    load_checkpoint(other, tmp_path / "last.pt")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
