@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import hydra
@@ -10,8 +9,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from distill_runner.errors import ConfigError
-
-log = logging.getLogger("distill_runner")
 
 
 @hydra.main(config_path="pkg://distill_runner.conf", config_name="config", version_base="1.3")
@@ -23,7 +20,6 @@ def main(cfg: DictConfig) -> float:
         metrics = run(cfg, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
     except ConfigError as exc:
         # One line, no traceback: the message names the key, the bad value and the fix.
-        log.error("config error: %s", exc)
         print(f"distill-run: error: {exc}", file=sys.stderr)
         sys.exit(2)
     return metrics["models"]["student"]["test_acc"]  # the objective for sweepers such as Optuna

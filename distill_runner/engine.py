@@ -103,7 +103,7 @@ class Stage:
     epochs: int
     optimizer: Callable  # partial: params -> Optimizer
     scheduler: Callable  # partial: (optimizer, epochs, steps_per_epoch) -> LR scheduler
-    teacher: nn.Module | None = None
+    teacher: Callable | None = None  # teacher signal, batch -> outputs (see distill_runner.teacher)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -122,11 +122,17 @@ def fit(
 ) -> list[dict]:
     """Train ``stage.model`` with ``stage.recipe``; validate and checkpoint after every epoch.
 
+    A recipe that is an ``nn.Module`` (adapters, auxiliary heads) is trained with the model; one
+    with ``set_epoch(epoch, epochs)`` gets called before each epoch and may return the current
+    values of its schedules (temperature, weights), which are logged.
+
     Returns one dict per epoch: mean of each loss term, learning rate, validation accuracy.
     """
     model = stage.model.to(device)
-    teacher = stage.teacher.to(device).eval() if stage.recipe.needs_teacher else None
-    optimizer = stage.optimizer(params=[p for p in model.parameters() if p.requires_grad])
+    recipe = stage.recipe.to(device) if isinstance(stage.recipe, nn.Module) else stage.recipe
+    teacher = stage.teacher.to(device) if recipe.needs_teacher else None
+    params = list(model.parameters()) + (list(recipe.parameters()) if isinstance(recipe, nn.Module) else [])
+    optimizer = stage.optimizer(params=[p for p in params if p.requires_grad])
     scheduler = stage.scheduler(optimizer, epochs=stage.epochs, steps_per_epoch=len(train))
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
     history = []
@@ -135,6 +141,7 @@ def fit(
         if hasattr(train, "set_epoch"):
             train.set_epoch(epoch)
         model.train()
+        schedule = recipe.set_epoch(epoch, stage.epochs) if hasattr(recipe, "set_epoch") else None
         sums: dict[str, float] = defaultdict(float)
         seen = 0
         bar = tqdm(train, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", leave=False, disable=not progress, dynamic_ncols=True)
@@ -142,11 +149,8 @@ def fit(
             batch = to_device(batch, device)
             with precision.autocast():
                 student_out = {"logits": model(batch["image"])}
-                teacher_out = None
-                if teacher is not None:
-                    with torch.no_grad():  # not inference_mode: its tensors cannot enter the student's graph
-                        teacher_out = {"logits": teacher(batch["image"])}
-                terms = stage.recipe(batch, student_out, teacher_out)
+                teacher_out = teacher(batch) if teacher is not None else None
+                terms = recipe(batch, student_out, teacher_out)
             loss = sum(terms.values())
             if not torch.isfinite(loss):
                 values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
@@ -164,6 +168,7 @@ def fit(
             bar.set_postfix(loss=f"{sums['total'] / seen:.4f}")
         record = {f"loss/{k}": v / seen for k, v in sums.items()}
         record["lr"] = optimizer.param_groups[0]["lr"]
+        record.update({f"schedule/{k}": v for k, v in (schedule or {}).items()})
         record["val/acc"] = accuracy(*predict(model, val, device, precision))
         record["epoch_time_s"] = time.perf_counter() - start
         history.append(record)

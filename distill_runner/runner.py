@@ -20,6 +20,7 @@ from distill_runner.errors import ConfigError
 from distill_runner.losses import CrossEntropy
 from distill_runner.models import clone, count_parameters, load_checkpoint
 from distill_runner.report import ROLES, write_report
+from distill_runner.teacher import OnlineTeacher
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
 
     stages = [
         engine.Stage("teacher", teacher, ce, **schedule(cfg.teacher, "teacher")),
-        engine.Stage("distill", clone(student_init), recipe, teacher=teacher, **schedule(cfg.trainer, "trainer")),
+        engine.Stage("distill", clone(student_init), recipe, teacher=OnlineTeacher(teacher), **schedule(cfg.trainer, "trainer")),
         engine.Stage("baseline", clone(student_init), ce, **schedule(cfg.trainer, "trainer")),
     ]
     stage_info = {}

@@ -57,14 +57,14 @@ def test_end_to_end_writes_metrics_report_and_tensorboard(tmp_path):
     [
         ("distill.alpha=1.5", "distill.alpha"),
         ("distill.temperature=0", "distill.temperature"),
-        ("student.model.arch=resnet999", "student.model.arch"),
+        ("student=mobilenet_v2 student.model.arch=resnet999", "student.model.arch"),
         ("trainer.precision=fp8", "trainer.precision"),
         ("trainer.epochs=0", "trainer.epochs"),
         ("teacher.checkpoint=/nonexistent/teacher.pt", "teacher.checkpoint"),
     ],
 )
 def test_bad_override_is_one_line_naming_the_key(tmp_path, override, key):
-    proc = distill_run(*TINY, override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    proc = distill_run(*TINY, *override.split(), f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1, proc.stderr
@@ -76,3 +76,13 @@ def test_unknown_student_config_names_the_group(tmp_path):
     assert proc.returncode != 0
     assert "student/resnet999" in proc.stderr.splitlines()[0] and "tiny_cnn" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_user_config_dir_adds_an_experiment(tmp_path):
+    (tmp_path / "my_conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "my_conf" / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /student: mobilenet_v3_small\ndistill:\n  temperature: 7.0\n"
+    )
+    proc = distill_run("--config-dir", str(tmp_path / "my_conf"), "experiment=mine", "--cfg", "job", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "temperature: 7.0" in proc.stdout and "arch: mobilenet_v3_small" in proc.stdout
