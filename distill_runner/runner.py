@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,20 +44,68 @@ def build_data(cfg: DictConfig) -> DataBundle:
     return data
 
 
-def build_model(cfg: DictConfig, role: str, data: DataBundle, **kwargs) -> nn.Module:
-    torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights
-    return build(cfg[role].model, f"{role}.model", num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size, **kwargs)
+def build_model(node: DictConfig, key: str, data: DataBundle, seed: int, **kwargs) -> nn.Module:
+    """Build ``node.model`` for the data set; the same seed gives the same initial weights."""
+    torch.manual_seed(seed)
+    return build(node.model, f"{key}.model", num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size, **kwargs)
 
 
-def build_teacher(cfg: DictConfig, data: DataBundle) -> nn.Module:
+def build_teacher(node: DictConfig, key: str, data: DataBundle, seed: int) -> nn.Module:
+    """A teacher as configured: architecture, then torchvision ``weights``, then ``checkpoint``."""
     try:
-        teacher = build_model(cfg, "teacher", data, weights=cfg.teacher.weights)
-    except ConfigError as exc:  # weights is set as teacher.weights, next to teacher.model
-        raise ConfigError("teacher.weights", exc.value, exc.fix) if exc.key == "teacher.model.weights" else exc from None
-    if cfg.teacher.checkpoint is not None:
-        load_checkpoint(teacher, cfg.teacher.checkpoint, key="teacher.checkpoint")
-        log.info("teacher weights loaded from %s", cfg.teacher.checkpoint)
+        teacher = build_model(node, key, data, seed, weights=node.weights)
+    except ConfigError as exc:  # weights is set as <key>.weights, next to <key>.model
+        raise ConfigError(f"{key}.weights", exc.value, exc.fix) if exc.key == f"{key}.model.weights" else exc from None
+    if node.checkpoint is not None:
+        load_checkpoint(teacher, node.checkpoint, key=f"{key}.checkpoint")
+        log.info("%s weights loaded from %s", key, node.checkpoint)
     return teacher
+
+
+@dataclass
+class RunContext:
+    """What every stage of a run shares."""
+
+    cfg: DictConfig
+    data: DataBundle
+    device: torch.device
+    precision: engine.Precision
+    run_dir: Path
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def tb_dir(self) -> Path:
+        return self.run_dir / "tb"
+
+
+def schedule(node: DictConfig, key: str) -> dict:
+    """The Stage fields a config node with epochs/optimizer/scheduler keys sets."""
+    return {"epochs": node.epochs, "optimizer": build(node.optimizer, f"{key}.optimizer"), "scheduler": build(node.scheduler, f"{key}.scheduler")}
+
+
+def run_stage(ctx: RunContext, stage: engine.Stage, checkpoint_name: str) -> dict:
+    """Fit one stage (logged to tb/<stage>), save its final weights; return its summary."""
+    start = time.perf_counter()
+    history = []
+    if stage.epochs > 0:
+        log.info("stage %s: %d epochs, %s, %s parameters", stage.name, stage.epochs, type(stage.recipe).__name__, f"{count_parameters(stage.model):,}")
+        torch.manual_seed(ctx.cfg.seed)
+        with SummaryWriter(ctx.tb_dir / stage.name) as writer:
+            history = engine.fit(stage, ctx.data.train, ctx.data.val, ctx.device, ctx.precision, writer, ctx.checkpoint_dir, progress=ctx.cfg.trainer.progress)
+    else:
+        log.info("stage %s: skipped (0 epochs), using the model as loaded", stage.name)
+    engine.atomic_save(stage.model.state_dict(), ctx.checkpoint_dir / f"{checkpoint_name}.pt")
+    return {"epochs": stage.epochs, "final_val_acc": history[-1]["val/acc"] if history else None, "wall_time_s": time.perf_counter() - start, "history": history}
+
+
+def prepare_teacher(ctx: RunContext, node: DictConfig, key: str = "teacher") -> tuple[nn.Module, dict]:
+    """Build the teacher configured at ``node`` and fine-tune it with cross-entropy (``node.epochs``)."""
+    teacher = build_teacher(node, key, ctx.data, ctx.cfg.seed)
+    stage = engine.Stage(key, teacher, CrossEntropy(), **schedule(node, key))
+    return teacher, run_stage(ctx, stage, key)
 
 
 def _hparams(cfg: DictConfig) -> dict:
@@ -77,7 +126,6 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     """Run the whole experiment into ``run_dir``; return the metrics written to metrics.json."""
     validate(cfg)
     run_dir = Path(run_dir)
-    ckpt_dir, tb_dir = run_dir / "checkpoints", run_dir / "tb"
     device = engine.resolve_device(cfg.trainer.device)
     precision = engine.resolve_precision(cfg.trainer.precision, device, cfg.trainer.device)
     if device.type == "cuda":
@@ -85,34 +133,21 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     log.info("run folder %s; device %s, precision %s, seed %d", run_dir, device, precision.name, cfg.seed)
 
     data = build_data(cfg)
-    teacher = build_teacher(cfg, data)
-    student_init = build_model(cfg, "student", data)
+    ctx = RunContext(cfg, data, device, precision, run_dir)
     recipe = build(cfg.distill, "distill")
-    ce = CrossEntropy()
+    student_init = build_model(cfg.student, "student", data, cfg.seed)
 
-    def schedule(node: DictConfig, key: str) -> dict:
-        return {"epochs": node.epochs, "optimizer": build(node.optimizer, f"{key}.optimizer"), "scheduler": build(node.scheduler, f"{key}.scheduler")}
+    teacher, teacher_info = prepare_teacher(ctx, cfg.teacher)
+    student, baseline = clone(student_init), clone(student_init)  # identical initial weights
+    students = schedule(cfg.trainer, "trainer")
+    stage_info = {
+        "teacher": teacher_info,
+        "distill": run_stage(ctx, engine.Stage("distill", student, recipe, teacher=OnlineTeacher(teacher), **students), "student"),
+        "baseline": run_stage(ctx, engine.Stage("baseline", baseline, CrossEntropy(), **students), "baseline"),
+    }
+    models = {"teacher": teacher, "student": student, "baseline": baseline}
 
-    stages = [
-        engine.Stage("teacher", teacher, ce, **schedule(cfg.teacher, "teacher")),
-        engine.Stage("distill", clone(student_init), recipe, teacher=OnlineTeacher(teacher), **schedule(cfg.trainer, "trainer")),
-        engine.Stage("baseline", clone(student_init), ce, **schedule(cfg.trainer, "trainer")),
-    ]
-    stage_info = {}
-    for stage in stages:
-        start = time.perf_counter()
-        history = []
-        if stage.epochs > 0:
-            log.info("stage %s: %d epochs, %s, %s parameters", stage.name, stage.epochs, type(stage.recipe).__name__, f"{count_parameters(stage.model):,}")
-            torch.manual_seed(cfg.seed)
-            with SummaryWriter(tb_dir / stage.name) as writer:
-                history = engine.fit(stage, data.train, data.val, device, precision, writer, ckpt_dir, progress=cfg.trainer.progress)
-        else:
-            log.info("stage %s: skipped (0 epochs), using the model as loaded", stage.name)
-        engine.atomic_save(stage.model.state_dict(), ckpt_dir / f"{ROLE_OF[stage.name]}.pt")
-        stage_info[stage.name] = {"epochs": stage.epochs, "final_val_acc": history[-1]["val/acc"] if history else None, "wall_time_s": time.perf_counter() - start, "history": history}
-
-    results = evaluate(cfg, data, {ROLE_OF[s.name]: s.model for s in stages}, device, precision)
+    results = evaluate(cfg, data, models, device, precision)
     metrics = {
         "dataset": data.name,
         "num_classes": data.num_classes,
@@ -126,16 +161,13 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
         "kd_gain": results["student"]["test_acc"] - results["baseline"]["test_acc"],
         "stages": stage_info,
     }
-    with SummaryWriter(tb_dir) as writer:
+    with SummaryWriter(ctx.tb_dir) as writer:
         final = {f"test/{role}_acc": results[role]["test_acc"] for role in ROLES}
         final.update({"test/retention": metrics["retention"], "test/kd_gain": metrics["kd_gain"]})
         writer.add_hparams(_hparams(cfg), final, run_name=".")
     table = write_report(run_dir, metrics, overrides or [])
     log.info("results on the test split:\n%s\nreport: %s", table, run_dir / "report.md")
     return metrics
-
-
-ROLE_OF = {"teacher": "teacher", "distill": "student", "baseline": "baseline"}
 
 
 def evaluate(cfg: DictConfig, data: DataBundle, models: dict[str, nn.Module], device: torch.device, precision: engine.Precision) -> dict:

@@ -24,8 +24,8 @@ def test_no_argument_run_is_the_quickstart():
 def test_experiment_composes_and_builds(experiment):
     cfg = compose_config(["dataset.limit=8", "dataset.image_size=16"], experiment=experiment)
     data = runner.build_data(cfg)
-    teacher = runner.build_teacher(cfg, data)
-    student = runner.build_model(cfg, "student", data)
+    teacher = runner.build_teacher(cfg.teacher, "teacher", data, cfg.seed)
+    student = runner.build_model(cfg.student, "student", data, cfg.seed)
     runner.build(cfg.distill, "distill")
     batch = next(iter(data.train))
     assert batch["image"].shape[1:] == (data.in_channels, data.image_size, data.image_size)
@@ -38,7 +38,7 @@ def test_experiment_composes_and_builds(experiment):
 def test_students_build_for_the_data_set(student, image_size):
     cfg = compose_config([f"student={student}", f"dataset.image_size={image_size}", "dataset.limit=4"])
     data = runner.build_data(cfg)
-    model = runner.build_model(cfg, "student", data).eval()
+    model = runner.build_model(cfg.student, "student", data, cfg.seed).eval()
     assert model(torch.zeros(2, 3, image_size, image_size)).shape == (2, 10)
 
 

@@ -66,7 +66,7 @@ def test_offline_weights_error_says_where_to_put_the_file(tmp_path, monkeypatch)
     cfg = compose_config(["teacher.weights=IMAGENET1K_V1", "dataset.limit=4"])
     data = runner.build_data(cfg)
     with pytest.raises(ConfigError) as err:
-        runner.build_teacher(cfg, data)
+        runner.build_teacher(cfg.teacher, "teacher", data, cfg.seed)
     message = str(err.value)
     assert err.value.key == "teacher.weights"
     assert "resnet18-f37072fd.pth" in message and str(tmp_path / "torch" / "hub" / "checkpoints") in message
