@@ -7,6 +7,8 @@ loss terms; the training loop sums them, logs each one and steps. Outputs are di
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -29,15 +31,22 @@ def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
 
 
 class CrossEntropy:
-    """Plain supervised training: the teacher's fine-tune and the scratch baseline."""
+    """Plain supervised training: the teacher's fine-tune and the scratch baseline.
+
+    ``class_weights`` (one per class, e.g. inverse frequency for imbalanced data) weight each
+    sample's loss by its class, as ``F.cross_entropy(weight=...)`` does.
+    """
 
     needs_teacher = False
 
-    def __init__(self, label_smoothing: float = 0.0):
+    def __init__(self, label_smoothing: float = 0.0, class_weights: Sequence[float] | torch.Tensor | None = None):
         self.label_smoothing = label_smoothing
+        self.class_weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
 
     def __call__(self, batch: Batch, student: Outputs, teacher: Outputs | None = None) -> dict[str, torch.Tensor]:
-        return {"ce": F.cross_entropy(student["logits"].float(), batch["target"], label_smoothing=self.label_smoothing)}
+        logits = student["logits"].float()
+        weight = None if self.class_weights is None else self.class_weights.to(logits.device)
+        return {"ce": F.cross_entropy(logits, batch["target"], weight=weight, label_smoothing=self.label_smoothing)}
 
 
 class HintonKD:
@@ -45,13 +54,13 @@ class HintonKD:
 
     needs_teacher = True
 
-    def __init__(self, temperature: float = 4.0, alpha: float = 0.5, label_smoothing: float = 0.0):
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.5, label_smoothing: float = 0.0, class_weights=None):
         if not temperature > 0:
             raise ConfigError("temperature", temperature, "must be > 0 (typical values 1-8)")
         if not 0 <= alpha <= 1:
             raise ConfigError("alpha", alpha, "must be in [0, 1]: the weight of the KD term (1 - alpha weights cross-entropy)")
         self.temperature, self.alpha = float(temperature), float(alpha)
-        self.ce = CrossEntropy(label_smoothing)
+        self.ce = CrossEntropy(label_smoothing, class_weights)
 
     def __call__(self, batch: Batch, student: Outputs, teacher: Outputs | None) -> dict[str, torch.Tensor]:
         terms = {}
