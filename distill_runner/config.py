@@ -59,6 +59,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("teacher.epochs", 0, "ImageNet weights come with a new head for this data set's classes and must be fine-tuned; use teacher.epochs>=1")
 
     _check(cfg, "distill._target_", lambda v: isinstance(v, str), "pick a recipe: distill=kd")
+    _check(cfg, "distill.teacher_outputs", lambda v: v in ("cached", "online"), "use cached (replay the teacher's logits) or online (run the teacher every batch)", required=False)
+    _check(cfg, "cache.enabled", lambda v: isinstance(v, bool), "use true or false")
+    _check(cfg, "cache.dir", lambda v: isinstance(v, str) and v != "", "give a folder, e.g. cache.dir=outputs/cache")
+    _check(cfg, "cache.teacher_outputs_dtype", lambda v: v in ("float16", "bfloat16", "float32"), "use float16, bfloat16 or float32")
+    _check(cfg, "cache.max_teacher_outputs_mb", lambda v: _is_number(v) and v >= 0, "use a size in MB >= 0 (0 = never cache teacher outputs)")
     _check(cfg, "distill.temperature", lambda v: _is_number(v) and v > 0, "must be a number > 0 (typical values 1-8), e.g. distill.temperature=4", required=False)
     _check(cfg, "distill.alpha", lambda v: _is_number(v) and 0 <= v <= 1, "must be in [0, 1]: the weight of the KD term (1 - alpha weights cross-entropy), e.g. distill.alpha=0.5", required=False)
 

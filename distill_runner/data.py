@@ -65,8 +65,12 @@ class TensorBatches:
     """Batches from an in-memory uint8 image tensor: shuffled and augmented per (seed, epoch).
 
     Call :meth:`set_epoch` before iterating (like ``DistributedSampler``) to get that epoch's
-    order and augmentation; iterating again without it repeats the same epoch.
+    order and augmentation; iterating again without it repeats the same epoch. Because an epoch
+    replays exactly, a frozen teacher's outputs can be computed once and replayed
+    (``replayable``); batches carry each image's ``index`` for that.
     """
+
+    replayable = True
 
     def __init__(
         self,
@@ -89,6 +93,10 @@ class TensorBatches:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.targets)
 
     def __len__(self) -> int:
         n = len(self.targets)

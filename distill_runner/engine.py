@@ -142,6 +142,8 @@ def fit(
             train.set_epoch(epoch)
         model.train()
         schedule = recipe.set_epoch(epoch, stage.epochs) if hasattr(recipe, "set_epoch") else None
+        if hasattr(teacher, "set_epoch"):  # a replayed teacher signal follows the epoch
+            teacher.set_epoch(epoch)
         sums: dict[str, float] = defaultdict(float)
         seen = 0
         bar = tqdm(train, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", leave=False, disable=not progress, dynamic_ncols=True)

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from distill_runner import engine, metrics as measure
+from distill_runner.cache import Cache, CachedTeacher, compute_teacher_logits, digest, teacher_key
 from distill_runner.config import validate
 from distill_runner.data import DataBundle
 from distill_runner.errors import ConfigError
@@ -35,6 +36,13 @@ def build(node: DictConfig, key: str, **kwargs):
         if isinstance(cause, ConfigError):
             raise cause.under(key) from None
         raise ConfigError(key, OmegaConf.select(node, "_target_"), f"could not be built: {cause or exc}") from None
+
+
+def recipe_node(cfg: DictConfig) -> DictConfig:
+    """``distill`` without the keys the runner reads itself (how teacher outputs are provided)."""
+    node = OmegaConf.to_container(cfg.distill, resolve=True)
+    node.pop("teacher_outputs", None)
+    return OmegaConf.create(node)
 
 
 def build_data(cfg: DictConfig) -> DataBundle:
@@ -102,10 +110,76 @@ def run_stage(ctx: RunContext, stage: engine.Stage, checkpoint_name: str) -> dic
 
 
 def prepare_teacher(ctx: RunContext, node: DictConfig, key: str = "teacher") -> tuple[nn.Module, dict]:
-    """Build the teacher configured at ``node`` and fine-tune it with cross-entropy (``node.epochs``)."""
+    """Build the teacher configured at ``node`` and fine-tune it with cross-entropy (``node.epochs``).
+
+    A teacher fine-tuned before with the same config, data and seed is loaded from the cache
+    instead; parallel jobs asking for the same teacher wait for the one that trains it.
+    """
     teacher = build_teacher(node, key, ctx.data, ctx.cfg.seed)
     stage = engine.Stage(key, teacher, CrossEntropy(), **schedule(node, key))
-    return teacher, run_stage(ctx, stage, key)
+    cache = Cache.from_config(ctx.cfg)
+    if cache is None or node.epochs == 0:
+        return teacher, run_stage(ctx, stage, key)
+    cache_key = teacher_key(ctx.cfg, node)
+    start = time.perf_counter()
+    with cache.locked("teachers", cache_key) as path:
+        entry = cache.load(path)
+        if entry is not None:
+            teacher.load_state_dict(entry["model"])
+            engine.atomic_save(teacher.state_dict(), ctx.checkpoint_dir / f"{key}.pt")
+            info = dict(entry["info"], reused=True, wall_time_s=time.perf_counter() - start)
+            log.info("reusing %s %s from %s (fine-tuned before: same config, data and seed)", key, cache_key, path)
+        else:
+            log.info("fine-tuning %s %s (not in the cache yet)", key, cache_key)
+            info = dict(run_stage(ctx, stage, key), reused=False)
+            cache.store(path, {"model": teacher.state_dict(), "info": info})
+    return teacher, dict(info, cache_key=cache_key)
+
+
+def teacher_signal(ctx: RunContext, online: OnlineTeacher, teacher_id: str, recipe) -> object:
+    """The teacher signal for the distill stage: replayed from cached logits where that is exact
+    (``distill.teacher_outputs=cached``), else the online teacher."""
+    cfg, train = ctx.cfg, ctx.data.train
+    mode = cfg.distill.get("teacher_outputs", "online")
+    if mode == "online":
+        return online
+    why_not = None
+    if not getattr(train, "replayable", False):
+        why_not = "the training loader cannot replay its augmentation"
+    elif getattr(recipe, "teacher_layers", None):
+        why_not = "the recipe needs teacher features, which are not cached"
+    views = cfg.trainer.epochs
+    dtype = getattr(torch, cfg.cache.teacher_outputs_dtype)
+    size_mb = views * train.num_samples * ctx.data.num_classes * dtype.itemsize / 2**20
+    if why_not is None and size_mb > cfg.cache.max_teacher_outputs_mb:
+        why_not = f"they would take {size_mb:.0f} MB > cache.max_teacher_outputs_mb={cfg.cache.max_teacher_outputs_mb}"
+    if why_not is not None:
+        log.info("teacher outputs: online (%s)", why_not)
+        return online
+
+    def compute() -> torch.Tensor:
+        return compute_teacher_logits(online, train, views, ctx.device, ctx.precision, dtype, progress=cfg.trainer.progress)
+
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    key = digest({"teacher": teacher_id, "dataset": dataset, "seed": cfg.seed, "views": views, "dtype": str(dtype), "precision": ctx.precision.name})
+    cache = Cache.from_config(cfg)
+    start = time.perf_counter()
+    if cache is None:
+        logits = compute()
+        source = "computed"
+    else:
+        with cache.locked("teacher_outputs", key) as path:
+            entry = cache.load(path)
+            if entry is None:
+                logits = compute()
+                cache.store(path, {"logits": logits})
+                source = f"computed and stored in {path}"
+            else:
+                logits = entry["logits"]
+                source = f"reused from {path}"
+    log.info("teacher outputs: cached, %d epochs x %d images x %d classes as %s = %.1f MB, %s (%.1fs)",
+             views, train.num_samples, ctx.data.num_classes, cfg.cache.teacher_outputs_dtype, size_mb, source, time.perf_counter() - start)
+    return CachedTeacher(logits)
 
 
 def _hparams(cfg: DictConfig) -> dict:
@@ -125,6 +199,7 @@ def _hparams(cfg: DictConfig) -> dict:
 def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict:
     """Run the whole experiment into ``run_dir``; return the metrics written to metrics.json."""
     validate(cfg)
+    run_start = time.perf_counter()
     run_dir = Path(run_dir)
     device = engine.resolve_device(cfg.trainer.device)
     precision = engine.resolve_precision(cfg.trainer.precision, device, cfg.trainer.device)
@@ -134,15 +209,16 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
 
     data = build_data(cfg)
     ctx = RunContext(cfg, data, device, precision, run_dir)
-    recipe = build(cfg.distill, "distill")
+    recipe = build(recipe_node(cfg), "distill")
     student_init = build_model(cfg.student, "student", data, cfg.seed)
 
     teacher, teacher_info = prepare_teacher(ctx, cfg.teacher)
+    signal = teacher_signal(ctx, OnlineTeacher(teacher), teacher_info.get("cache_key") or teacher_key(cfg, cfg.teacher), recipe)
     student, baseline = clone(student_init), clone(student_init)  # identical initial weights
     students = schedule(cfg.trainer, "trainer")
     stage_info = {
         "teacher": teacher_info,
-        "distill": run_stage(ctx, engine.Stage("distill", student, recipe, teacher=OnlineTeacher(teacher), **students), "student"),
+        "distill": run_stage(ctx, engine.Stage("distill", student, recipe, teacher=signal, **students), "student"),
         "baseline": run_stage(ctx, engine.Stage("baseline", baseline, CrossEntropy(), **students), "baseline"),
     }
     models = {"teacher": teacher, "student": student, "baseline": baseline}
@@ -160,6 +236,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
         "retention": results["student"]["test_acc"] / results["teacher"]["test_acc"],
         "kd_gain": results["student"]["test_acc"] - results["baseline"]["test_acc"],
         "stages": stage_info,
+        "wall_time_s": time.perf_counter() - run_start,
     }
     with SummaryWriter(ctx.tb_dir) as writer:
         final = {f"test/{role}_acc": results[role]["test_acc"] for role in ROLES}

@@ -25,3 +25,9 @@ def compose_config(overrides: list[str] | None = None, experiment: str | None = 
 @pytest.fixture
 def tiny_cfg():
     return lambda extra=(): compose_config(TINY + list(extra))
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path, monkeypatch):
+    """Relative paths (outputs/, the cache, data roots) land in the test's own folder."""
+    monkeypatch.chdir(tmp_path)

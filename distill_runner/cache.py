@@ -1,0 +1,146 @@
+"""Work a sweep shares: fine-tuned teachers and their outputs, computed once and reused.
+
+Both caches live under ``cache.dir`` and are keyed by a hash of everything that determines their
+content. Writers hold a file lock (jobs of a parallel sweep wait instead of training the same
+teacher twice) and write to a temp file that is renamed into place, so a reader never sees a
+half-written file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from distill_runner.engine import Precision, atomic_save
+from distill_runner.losses import Batch, Outputs
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when what a cache file holds changes
+
+
+def digest(obj: object) -> str:
+    """A short, stable hash of a JSON-able object."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_identity(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    stat = Path(path).expanduser().stat()
+    return {"path": str(Path(path).expanduser().resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def teacher_key(cfg: DictConfig, node: DictConfig) -> str:
+    """What determines a fine-tuned teacher: its config (architecture, weights, checkpoint file,
+    schedule), the data set and its transforms, the seed and the numeric precision."""
+    teacher = OmegaConf.to_container(node, resolve=True)
+    teacher.pop("name", None)
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    dataset.pop("eval_batch_size", None)
+    return digest({
+        "format": FORMAT,
+        "teacher": teacher,
+        "checkpoint": _file_identity(node.checkpoint),
+        "dataset": dataset,
+        "seed": cfg.seed,
+        "precision": str(cfg.trainer.precision),
+    })
+
+
+class Cache:
+    """A folder of cached artefacts, each a file named by its key, written under a lock."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "Cache | None":
+        node = cfg.get("cache")
+        return cls(node.dir) if node is not None and node.enabled else None
+
+    def path(self, kind: str, key: str) -> Path:
+        return self.root / kind / f"{key}.pt"
+
+    @contextmanager
+    def locked(self, kind: str, key: str) -> Iterator[Path]:
+        """Hold the lock of one entry (waiting for another process that holds it)."""
+        path = self.path(kind, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            yield path
+
+    def load(self, path: Path) -> dict | None:
+        """The entry's content, or None if absent or unreadable (a damaged entry is rebuilt)."""
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            log.warning("cache entry %s is unreadable (%s); rebuilding it", path, exc)
+            return None
+
+    def store(self, path: Path, content: dict) -> None:
+        atomic_save(content, path)
+
+
+class CachedTeacher:
+    """Teacher signal replayed from precomputed logits: ``logits[view, index]``.
+
+    Epoch ``e`` replays view ``e % views``; with one view per epoch it is exactly the online
+    teacher on the same augmented batches (up to the storage dtype).
+    """
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits  # [views, N, classes]
+        self.view = 0
+
+    def to(self, device: torch.device) -> "CachedTeacher":
+        self.logits = self.logits.to(device)
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.view = epoch % self.logits.shape[0]
+
+    def __call__(self, batch: Batch) -> Outputs:
+        index = batch["index"].to(self.logits.device)
+        return {"logits": self.logits[self.view, index].float()}
+
+
+@torch.inference_mode()
+def compute_teacher_logits(
+    teacher,
+    train,
+    views: int,
+    device: torch.device,
+    precision: Precision,
+    dtype: torch.dtype = torch.float16,
+    progress: bool = True,
+) -> torch.Tensor:
+    """The online teacher signal's logits for every training image under the augmentation of
+    epochs 0..views-1 (the loader replays an epoch's augmentation from the seed):
+    [views, N, classes]. Runs in ``precision`` (mixed precision where enabled)."""
+    teacher = teacher.to(device)
+    logits = None
+    bar = tqdm(total=views * len(train), desc="teacher outputs", leave=False, disable=not progress, dynamic_ncols=True)
+    for view in range(views):
+        train.set_epoch(view)
+        for batch in train:
+            with precision.autocast():
+                out = teacher({"image": batch["image"].to(device, non_blocking=True)})["logits"].float()
+            if logits is None:
+                logits = torch.empty(views, train.num_samples, out.shape[1], dtype=dtype)
+            logits[view, batch["index"]] = out.to("cpu", dtype)
+            bar.update()
+    bar.close()
+    return logits

@@ -1,0 +1,176 @@
+"""Sweep summary: one row per job of a multirun, a table and a plot.
+
+Written by a Hydra callback after every multirun (``on_multirun_end``), and rebuilt for any sweep
+folder with ``distill-report PATH``. It reads what each job wrote (``metrics.json`` and
+``.hydra/overrides.yaml``), so it works with every launcher (basic, joblib, submitit) and sweeper.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["job", "overrides", "teacher_acc", "student_acc", "baseline_acc", "retention", "kd_gain", "wall_time_s"]
+
+
+def collect(sweep_dir: Path) -> list[dict]:
+    """One row per job folder that holds a metrics.json, in job order."""
+    rows = []
+    for metrics_file in sorted(sweep_dir.glob("*/metrics.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
+        job = metrics_file.parent
+        metrics = json.loads(metrics_file.read_text())
+        overrides_file = job / ".hydra" / "overrides.yaml"
+        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+        rows.append({
+            "job": job.name,
+            "overrides": " ".join(overrides),
+            "params": dict(o.split("=", 1) for o in overrides if "=" in o),
+            "teacher_acc": metrics["models"]["teacher"]["test_acc"],
+            "student_acc": metrics["models"]["student"]["test_acc"],
+            "baseline_acc": metrics["models"]["baseline"]["test_acc"],
+            "retention": metrics["retention"],
+            "kd_gain": metrics["kd_gain"],
+            "wall_time_s": metrics.get("wall_time_s", float("nan")),
+        })
+    return rows
+
+
+def swept_keys(rows: list[dict]) -> list[str]:
+    """Override keys whose value differs between jobs, temperature and alpha first."""
+    keys = sorted({k for r in rows for k in r["params"]})
+    varying = [k for k in keys if len({r["params"].get(k) for r in rows}) > 1]
+    order = {"distill.temperature": 0, "distill.alpha": 1}
+    return sorted(varying, key=lambda k: (order.get(k, 2), k))
+
+
+def _as_number(value: str):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def plot(rows: list[dict], path: Path) -> str:
+    """A heatmap of student accuracy over two swept keys, a line over one, bars otherwise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    keys = swept_keys(rows)
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    if len(keys) == 2:
+        kx, ky = keys
+        xs = sorted({r["params"][kx] for r in rows}, key=_as_number)
+        ys = sorted({r["params"][ky] for r in rows}, key=_as_number)
+        grid = np.full((len(ys), len(xs)), np.nan)
+        for r in rows:  # several jobs in one cell (e.g. seeds): their mean
+            i, j = ys.index(r["params"][ky]), xs.index(r["params"][kx])
+            grid[i, j] = np.nanmean([grid[i, j], r["student_acc"]]) if not np.isnan(grid[i, j]) else r["student_acc"]
+        image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
+        ax.set_xticks(range(len(xs)), xs)
+        ax.set_yticks(range(len(ys)), ys)
+        ax.set_xlabel(kx)
+        ax.set_ylabel(ky)
+        for i in range(len(ys)):
+            for j in range(len(xs)):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.4f}", ha="center", va="center", color="w" if grid[i, j] < np.nanmean(grid) else "k")
+        fig.colorbar(image, ax=ax, label="student test accuracy")
+        kind = "heatmap"
+    elif len(keys) == 1:
+        (k,) = keys
+        pts = sorted(((_as_number(r["params"][k]), r["student_acc"], r["baseline_acc"]) for r in rows), key=lambda t: t[0])
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="student (KD)")
+        ax.plot([p[0] for p in pts], [p[2] for p in pts], "s--", label="student (scratch)")
+        ax.set_xlabel(k)
+        ax.set_ylabel("test accuracy")
+        ax.legend()
+        kind = "line"
+    else:
+        ax.bar([r["job"] for r in rows], [r["student_acc"] for r in rows])
+        ax.set_xlabel("job")
+        ax.set_ylabel("student test accuracy")
+        kind = "bars"
+    ax.set_title("distill-runner sweep: student test accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return kind
+
+
+def write_summary(sweep_dir: str | Path) -> list[dict]:
+    """Write summary.csv, summary.md and summary.png into ``sweep_dir``; return the rows."""
+    sweep_dir = Path(sweep_dir)
+    rows = collect(sweep_dir)
+    if not rows:
+        raise FileNotFoundError(f"no job folder with a metrics.json under {sweep_dir}")
+    swept = swept_keys(rows)
+    common = " ".join(f"{k}={v}" for k, v in rows[0]["params"].items() if k not in swept)
+    for r in rows:  # the table shows what differs between jobs; what they share is said once
+        r["overrides"] = " ".join(f"{k}={r['params'][k]}" for k in swept if k in r["params"])
+    with open(sweep_dir / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    fmt = {"teacher_acc": "{:.4f}", "student_acc": "{:.4f}", "baseline_acc": "{:.4f}", "retention": "{:.3f}", "kd_gain": "{:+.4f}", "wall_time_s": "{:.1f}"}
+    best = max(rows, key=lambda r: r["student_acc"])
+    lines = [
+        f"# Sweep summary: {sweep_dir}",
+        "",
+        f"{len(rows)} jobs; shared overrides: `{common or '(none)'}`",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---" if c in ("job", "overrides") else "---:" for c in COLUMNS) + "|",
+        *["| " + " | ".join(fmt[c].format(r[c]) if c in fmt else f"`{r[c]}`" if c == "overrides" else str(r[c]) for c in COLUMNS) + " |" for r in rows],
+        "",
+        f"Best student: job {best['job']} (`{best['overrides']}`), test accuracy {best['student_acc']:.4f}.",
+        "",
+        "![student accuracy](summary.png)",
+        "",
+    ]
+    (sweep_dir / "summary.md").write_text("\n".join(lines))
+    kind = plot(rows, sweep_dir / "summary.png")
+    log.info("sweep summary of %d jobs (%s plot) written to %s/summary.{csv,md,png}", len(rows), kind, sweep_dir)
+    return rows
+
+
+class SweepSummary(Callback):
+    """Hydra callback: write the sweep summary once all jobs of a multirun are done."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            write_summary(sweep_dir)
+        except Exception as exc:  # Hydra swallows callback errors: say it loudly
+            log.error("could not write the sweep summary in %s: %s; rebuild it with: distill-report %s", sweep_dir, exc, sweep_dir)
+            print(f"distill-run: error: sweep summary failed: {exc}; rebuild it with: distill-report {sweep_dir}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="distill-report", description="Rebuild the summary (csv, md, png) of a distill-run sweep folder.")
+    parser.add_argument("path", type=Path, help="a multirun folder, e.g. outputs/multirun/2026-11-23/10-00-00")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        rows = write_summary(args.path)
+    except FileNotFoundError as exc:
+        print(f"distill-report: error: {exc}", file=sys.stderr)
+        return 2
+    print((args.path / "summary.md").read_text())
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
