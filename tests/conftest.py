@@ -8,6 +8,7 @@ TINY = [
     "dataset.image_size=16",
     "dataset.limit=48",
     "dataset.batch_size=16",
+    "dataset.eval_batch_size=16",
     "teacher.epochs=1",
     "trainer.epochs=1",
     "trainer.progress=false",

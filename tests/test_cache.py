@@ -1,0 +1,150 @@
+"""The teacher is trained once per sweep; cached teacher outputs replay the online teacher."""
+
+import subprocess
+import sys
+from functools import partial
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY, compose_config
+from distill_runner import engine, runner
+from distill_runner.cache import CachedTeacher, compute_teacher_logits
+from distill_runner.data import digits
+from distill_runner.losses import HintonKD
+from distill_runner.models import tiny_cnn, torchvision_model
+from distill_runner.teacher import OnlineTeacher
+
+CPU = torch.device("cpu")
+FP32 = engine.resolve_precision("32", CPU)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    data = digits(image_size=16, batch_size=16, limit=64, crop_padding=2, hflip=True)
+    torch.manual_seed(0)
+    teacher = torchvision_model("resnet18", num_classes=10, image_size=16).eval()
+    return data, teacher
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_cached_kd_losses_match_online_per_batch(setup, dtype, tolerance):
+    data, teacher = setup
+    online = OnlineTeacher(teacher)
+    cached = CachedTeacher(compute_teacher_logits(online, data.train, views=3, device=CPU, precision=FP32, dtype=dtype, progress=False))
+    kd = HintonKD(temperature=4, alpha=0.9)
+    student = tiny_cnn(num_classes=10, hidden=16).eval()
+    compared = 0
+    for epoch in range(3):
+        data.train.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        for batch in data.train:
+            s = {"logits": student(batch["image"])}
+            a, b = kd(batch, s, online(batch)), kd(batch, s, cached(batch))
+            assert a["kd"].item() == pytest.approx(b["kd"].item(), rel=tolerance, abs=tolerance)
+            compared += 1
+    assert compared == 3 * len(data.train)
+
+
+def test_cached_and_online_training_give_the_same_student(setup):
+    data, teacher = setup
+    online = OnlineTeacher(teacher)
+    cached = CachedTeacher(compute_teacher_logits(online, data.train, views=2, device=CPU, precision=FP32, dtype=torch.float32, progress=False))
+    students = []
+    for signal in (online, cached):
+        torch.manual_seed(0)
+        model = tiny_cnn(num_classes=10, hidden=16)
+        stage = engine.Stage("distill", model, HintonKD(4, 0.5), 2, partial(torch.optim.SGD, lr=0.05), partial(engine.warmup_cosine), teacher=signal)
+        engine.fit(stage, data.train, data.val, CPU, FP32, progress=False)
+        students.append(model.state_dict())
+    for key in students[0]:
+        assert torch.allclose(students[0][key].float(), students[1][key].float(), atol=1e-5), key
+
+
+def test_run_reuses_teacher_and_outputs_and_reports_it(tmp_path, caplog):
+    cfg = compose_config(TINY + [f"cache.dir={tmp_path / 'cache'}"])
+    with caplog.at_level("INFO"):
+        first = runner.run(cfg, tmp_path / "a")
+        second = runner.run(cfg, tmp_path / "b")
+    assert caplog.text.count("fine-tuning teacher") == 1 and caplog.text.count("reusing teacher") == 1
+    assert "computed and stored" in caplog.text and "reused from" in caplog.text
+    assert first["stages"]["teacher"]["reused"] is False and second["stages"]["teacher"]["reused"] is True
+    for role in ("teacher", "student", "baseline"):
+        assert first["models"][role]["test_acc"] == second["models"][role]["test_acc"]
+    a = torch.load(tmp_path / "a" / "checkpoints" / "teacher.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoints" / "teacher.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cached_mode_equals_online_mode_end_to_end(tmp_path):
+    base = TINY + ["trainer.epochs=2", "cache.teacher_outputs_dtype=float32"]
+    online = runner.run(compose_config(base + ["distill.teacher_outputs=online", "cache.enabled=false"]), tmp_path / "online")
+    cached = runner.run(compose_config(base + ["distill.teacher_outputs=cached", "cache.enabled=false"]), tmp_path / "cached")
+    h_online, h_cached = online["stages"]["distill"]["history"], cached["stages"]["distill"]["history"]
+    for a, b in zip(h_online, h_cached):
+        assert a["loss/kd"] == pytest.approx(b["loss/kd"], rel=1e-4)
+    assert online["models"]["student"]["test_acc"] == cached["models"]["student"]["test_acc"]
+
+
+def test_teacher_change_or_no_cache_trains_again(tmp_path, caplog):
+    cache = f"cache.dir={tmp_path / 'cache'}"
+    with caplog.at_level("INFO"):
+        runner.run(compose_config(TINY + [cache]), tmp_path / "a")
+        runner.run(compose_config(TINY + [cache, "teacher.optimizer.lr=0.002"]), tmp_path / "b")
+        runner.run(compose_config(TINY + [cache, "cache.enabled=false"]), tmp_path / "c")
+    assert caplog.text.count("fine-tuning teacher") == 2 and "reusing teacher" not in caplog.text
+    assert caplog.text.count("stage teacher:") == 3
+
+
+def test_output_cap_falls_back_to_online(tmp_path, caplog):
+    with caplog.at_level("INFO"):
+        runner.run(compose_config(TINY + ["cache.max_teacher_outputs_mb=0"]), tmp_path / "run")
+    assert "teacher outputs: online" in caplog.text and "cache.max_teacher_outputs_mb=0" in caplog.text
+
+
+def test_corrupt_cache_entry_is_rebuilt(tmp_path, caplog):
+    cache = f"cache.dir={tmp_path / 'cache'}"
+    runner.run(compose_config(TINY + [cache]), tmp_path / "a")
+    (entry,) = (tmp_path / "cache" / "teachers").glob("*.pt")
+    entry.write_bytes(entry.read_bytes()[:100])
+    with caplog.at_level("INFO"):
+        runner.run(compose_config(TINY + [cache]), tmp_path / "b")
+    assert "unreadable" in caplog.text and "fine-tuning teacher" in caplog.text
+
+
+def _distill_run(*args, cwd):
+    return subprocess.Popen([sys.executable, "-m", "distill_runner", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_processes_train_one_teacher(tmp_path):
+    procs = [_distill_run(*TINY, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path) for name in ("a", "b")]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    text = "\n".join(outputs)
+    assert text.count("fine-tuning teacher") == 1 and text.count("reusing teacher") == 1
+    a = torch.load(tmp_path / "a" / "checkpoints" / "teacher.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoints" / "teacher.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((tmp_path / "outputs" / "cache").rglob("*.tmp*"))
+
+
+def test_multirun_trains_the_teacher_once_and_writes_the_summary(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "distill_runner", "-m", *TINY, "distill.temperature=1,4", "distill.alpha=0.25,0.75", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = "\n".join(p.read_text() for p in sweep.glob("*/*.log"))
+    assert logs.count("fine-tuning teacher") == 1 and logs.count("reusing teacher") == 3
+    assert logs.count("computed and stored") == 1 and logs.count("teacher outputs: cached") == 4
+    rows = (sweep / "summary.csv").read_text().splitlines()
+    assert len(rows) == 5 and rows[0].startswith("job,overrides,teacher_acc,student_acc")
+    assert "distill.temperature=4 distill.alpha=0.75" in (sweep / "summary.md").read_text()
+    with Image.open(sweep / "summary.png") as png:
+        assert png.format == "PNG" and png.size[0] > 100
+    # distill-report rebuilds it
+    (sweep / "summary.png").unlink()
+    rebuilt = subprocess.run([sys.executable, "-m", "distill_runner.sweep", str(sweep)], capture_output=True, text=True)
+    assert rebuilt.returncode == 0 and (sweep / "summary.png").is_file() and "Best student" in rebuilt.stdout
