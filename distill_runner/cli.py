@@ -22,7 +22,8 @@ def main(cfg: DictConfig) -> float:
         # One line, no traceback: the message names the key, the bad value and the fix.
         print(f"distill-run: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    return metrics["models"]["student"]["test_acc"]  # the objective for sweepers such as Optuna
+    # The objective for sweepers such as Optuna: validation, never test, accuracy.
+    return metrics["stages"]["distill"]["final_val_acc"]
 
 
 if __name__ == "__main__":
