@@ -58,6 +58,17 @@ def teacher_key(cfg: DictConfig, node: DictConfig) -> str:
     })
 
 
+def baseline_key(cfg: DictConfig) -> str:
+    """What determines the scratch baseline: the student, its schedule, the data, seed, precision."""
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    for irrelevant in ("device", "progress"):
+        trainer.pop(irrelevant, None)
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    dataset.pop("eval_batch_size", None)
+    student = OmegaConf.to_container(cfg.student.model, resolve=True)
+    return digest({"format": FORMAT, "student": student, "trainer": trainer, "dataset": dataset, "seed": cfg.seed})
+
+
 class Cache:
     """A folder of cached artefacts, each a file named by its key, written under a lock."""
 

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from distill_runner import engine, metrics as measure
-from distill_runner.cache import Cache, CachedTeacher, compute_teacher_logits, digest, teacher_key
+from distill_runner.cache import Cache, CachedTeacher, baseline_key, compute_teacher_logits, digest, teacher_key
 from distill_runner.config import validate
 from distill_runner.data import DataBundle
 from distill_runner.errors import ConfigError
@@ -117,23 +117,30 @@ def prepare_teacher(ctx: RunContext, node: DictConfig, key: str = "teacher") -> 
     """
     teacher = build_teacher(node, key, ctx.data, ctx.cfg.seed)
     stage = engine.Stage(key, teacher, CrossEntropy(), **schedule(node, key))
-    cache = Cache.from_config(ctx.cfg)
-    if cache is None or node.epochs == 0:
+    if node.epochs == 0:
         return teacher, run_stage(ctx, stage, key)
-    cache_key = teacher_key(ctx.cfg, node)
+    return teacher, run_or_reuse(ctx, stage, key, "teachers", teacher_key(ctx.cfg, node), verb="fine-tuning")
+
+
+def run_or_reuse(ctx: RunContext, stage: engine.Stage, checkpoint_name: str, kind: str, cache_key: str, verb: str = "training") -> dict:
+    """:func:`run_stage`, unless the cache holds this stage's result under ``cache_key`` (then
+    load it). The entry's lock makes parallel jobs wait for the one that trains."""
+    cache = Cache.from_config(ctx.cfg)
+    if cache is None:
+        return run_stage(ctx, stage, checkpoint_name)
     start = time.perf_counter()
-    with cache.locked("teachers", cache_key) as path:
+    with cache.locked(kind, cache_key) as path:
         entry = cache.load(path)
         if entry is not None:
-            teacher.load_state_dict(entry["model"])
-            engine.atomic_save(teacher.state_dict(), ctx.checkpoint_dir / f"{key}.pt")
+            stage.model.load_state_dict(entry["model"])
+            engine.atomic_save(stage.model.state_dict(), ctx.checkpoint_dir / f"{checkpoint_name}.pt")
             info = dict(entry["info"], reused=True, wall_time_s=time.perf_counter() - start)
-            log.info("reusing %s %s from %s (fine-tuned before: same config, data and seed)", key, cache_key, path)
+            log.info("reusing %s %s from %s (trained before: same config, data and seed)", stage.name, cache_key, path)
         else:
-            log.info("fine-tuning %s %s (not in the cache yet)", key, cache_key)
-            info = dict(run_stage(ctx, stage, key), reused=False)
-            cache.store(path, {"model": teacher.state_dict(), "info": info})
-    return teacher, dict(info, cache_key=cache_key)
+            log.info("%s %s %s (not in the cache yet)", verb, stage.name, cache_key)
+            info = dict(run_stage(ctx, stage, checkpoint_name), reused=False)
+            cache.store(path, {"model": stage.model.state_dict(), "info": info})
+    return dict(info, cache_key=cache_key)
 
 
 def teacher_signal(ctx: RunContext, online: OnlineTeacher, teacher_id: str, recipe) -> object:
@@ -219,7 +226,8 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     stage_info = {
         "teacher": teacher_info,
         "distill": run_stage(ctx, engine.Stage("distill", student, recipe, teacher=signal, **students), "student"),
-        "baseline": run_stage(ctx, engine.Stage("baseline", baseline, CrossEntropy(), **students), "baseline"),
+        # The baseline does not depend on the recipe: a sweep over KD settings trains it once.
+        "baseline": run_or_reuse(ctx, engine.Stage("baseline", baseline, CrossEntropy(), **students), "baseline", "baselines", baseline_key(cfg)),
     }
     models = {"teacher": teacher, "student": student, "baseline": baseline}
 

@@ -70,6 +70,7 @@ def test_run_reuses_teacher_and_outputs_and_reports_it(tmp_path, caplog):
     assert caplog.text.count("fine-tuning teacher") == 1 and caplog.text.count("reusing teacher") == 1
     assert "computed and stored" in caplog.text and "reused from" in caplog.text
     assert first["stages"]["teacher"]["reused"] is False and second["stages"]["teacher"]["reused"] is True
+    assert first["stages"]["baseline"]["reused"] is False and second["stages"]["baseline"]["reused"] is True
     for role in ("teacher", "student", "baseline"):
         assert first["models"][role]["test_acc"] == second["models"][role]["test_acc"]
     a = torch.load(tmp_path / "a" / "checkpoints" / "teacher.pt", weights_only=True)
@@ -138,6 +139,8 @@ def test_multirun_trains_the_teacher_once_and_writes_the_summary(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = "\n".join(p.read_text() for p in sweep.glob("*/*.log"))
     assert logs.count("fine-tuning teacher") == 1 and logs.count("reusing teacher") == 3
+    assert logs.count("training baseline") == 1 and logs.count("reusing baseline") == 3
+    assert logs.count("stage distill:") == 4
     assert logs.count("computed and stored") == 1 and logs.count("teacher outputs: cached") == 4
     rows = (sweep / "summary.csv").read_text().splitlines()
     assert len(rows) == 5 and rows[0].startswith("job,overrides,teacher_acc,student_acc")
