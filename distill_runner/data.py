@@ -98,6 +98,13 @@ class TensorBatches:
     def num_samples(self) -> int:
         return len(self.targets)
 
+    @property
+    def distinct_epochs(self) -> int | None:
+        """How many epochs differ in their images: 1 without random augmentation (only the order
+        changes), else None (every epoch draws new augmentation)."""
+        identity = self.augment is None or (self.augment.crop_padding == 0 and not self.augment.hflip)
+        return 1 if identity else None
+
     def __len__(self) -> int:
         n = len(self.targets)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)

@@ -198,6 +198,8 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, precision:
         logits.append(out.float().cpu())
         targets.append(batch["target"])
     model.train(was_training)
+    if not logits:  # an empty split
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
     return torch.cat(logits), torch.cat(targets)
 
 

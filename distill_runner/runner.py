@@ -155,7 +155,7 @@ def teacher_signal(ctx: RunContext, online: OnlineTeacher, teacher_id: str, reci
         why_not = "the training loader cannot replay its augmentation"
     elif getattr(recipe, "teacher_layers", None):
         why_not = "the recipe needs teacher features, which are not cached"
-    views = cfg.trainer.epochs
+    views = min(cfg.trainer.epochs, getattr(train, "distinct_epochs", None) or cfg.trainer.epochs)
     dtype = getattr(torch, cfg.cache.teacher_outputs_dtype)
     size_mb = views * train.num_samples * ctx.data.num_classes * dtype.itemsize / 2**20
     if why_not is None and size_mb > cfg.cache.max_teacher_outputs_mb:
@@ -184,7 +184,7 @@ def teacher_signal(ctx: RunContext, online: OnlineTeacher, teacher_id: str, reci
             else:
                 logits = entry["logits"]
                 source = f"reused from {path}"
-    log.info("teacher outputs: cached, %d epochs x %d images x %d classes as %s = %.1f MB, %s (%.1fs)",
+    log.info("teacher outputs: cached, %d augmented views x %d images x %d classes as %s = %.1f MB, %s (%.1fs)",
              views, train.num_samples, ctx.data.num_classes, cfg.cache.teacher_outputs_dtype, size_mb, source, time.perf_counter() - start)
     return CachedTeacher(logits)
 

@@ -151,3 +151,9 @@ def test_multirun_trains_the_teacher_once_and_writes_the_summary(tmp_path):
     (sweep / "summary.png").unlink()
     rebuilt = subprocess.run([sys.executable, "-m", "distill_runner.sweep", str(sweep)], capture_output=True, text=True)
     assert rebuilt.returncode == 0 and (sweep / "summary.png").is_file() and "Best student" in rebuilt.stdout
+
+
+def test_without_augmentation_one_view_serves_every_epoch(tmp_path, caplog):
+    with caplog.at_level("INFO"):
+        runner.run(compose_config(TINY + ["dataset.crop_padding=0", "trainer.epochs=3"]), tmp_path / "run")
+    assert "cached, 1 augmented views" in caplog.text

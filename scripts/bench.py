@@ -1,0 +1,128 @@
+"""What distillation costs compared with training the student alone.
+
+Measures, with the runner's own training loop (``engine.fit``), one epoch of:
+  - ce:      the student with cross-entropy only (the cost of training the student alone),
+  - online:  Hinton KD with the teacher's forward pass on every batch (the plain PyTorch loop),
+  - cached:  Hinton KD replaying precomputed teacher logits (``distill.teacher_outputs=cached``),
+and the teacher's inference images/s, at 32 px (small-image ResNet-18 stem) and 224 px (ImageNet
+stem), on synthetic tensors, plus the same three epochs on the quickstart's digits data.
+
+    python scripts/bench.py              # ~3 min on 2 CPU cores
+    python scripts/bench.py --quick      # fewer images, for a smoke test
+
+The last line printed is one JSON object: for each image size, the images/s figures and the
+epoch-time ratios ``cached_over_ce`` and ``online_over_ce`` (1.0 = as cheap as CE alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from functools import partial
+
+import torch
+
+from distill_runner import engine
+from distill_runner.cache import CachedTeacher, compute_teacher_logits
+from distill_runner.data import Augment, DataBundle, TensorBatches, digits
+from distill_runner.losses import CrossEntropy, HintonKD
+from distill_runner.models import count_parameters, tiny_cnn, torchvision_model
+from distill_runner.teacher import OnlineTeacher
+
+CPU_OR_GPU = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synthetic(image_size: int, n: int, batch_size: int, num_classes: int) -> TensorBatches:
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, image_size, image_size), dtype=torch.uint8, generator=gen)
+    targets = torch.randint(0, num_classes, (n,), generator=gen)
+    return TensorBatches(images, targets, batch_size, [0.5] * 3, [0.25] * 3, shuffle=True, augment=Augment(crop_padding=4, hflip=True))
+
+
+def epoch_seconds(model_init: torch.nn.Module, recipe, teacher, train, device, precision, repeats: int) -> float:
+    """Median wall time of one training epoch over ``repeats`` epochs (after one warm-up epoch)."""
+    times = []
+    for i in range(repeats + 1):
+        model = copy.deepcopy(model_init)
+        stage = engine.Stage("bench", model, recipe, 1, partial(torch.optim.AdamW, lr=1e-3), partial(engine.constant_lr), teacher=teacher)
+        start = time.perf_counter()
+        engine.fit(stage, train, [], device, precision, progress=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i > 0:
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.inference_mode()
+def teacher_images_per_s(teacher: torch.nn.Module, train, device, precision) -> float:
+    teacher.to(device).eval()
+    for i, batch in enumerate(train):  # warm-up
+        teacher(batch["image"].to(device))
+        if i == 1:
+            break
+    start, n = time.perf_counter(), 0
+    for batch in train:
+        with precision.autocast():
+            teacher(batch["image"].to(device))
+        n += len(batch["target"])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - start)
+
+
+def measure(name: str, train, num_classes: int, image_size: int, device, precision, repeats: int) -> dict:
+    torch.manual_seed(0)
+    teacher = torchvision_model("resnet18", num_classes=num_classes, image_size=image_size).eval()
+    student = tiny_cnn(num_classes=num_classes)
+    online = OnlineTeacher(teacher)
+    start = time.perf_counter()
+    cached = CachedTeacher(compute_teacher_logits(online, train, views=1, device=device, precision=precision, progress=False))
+    build_s = time.perf_counter() - start
+    kd = HintonKD(temperature=4.0, alpha=0.5)
+    n = train.num_samples
+    ce_s = epoch_seconds(student, CrossEntropy(), None, train, device, precision, repeats)
+    online_s = epoch_seconds(student, kd, online, train, device, precision, repeats)
+    cached_s = epoch_seconds(student, kd, cached, train, device, precision, repeats)
+    result = {
+        "images": n,
+        "teacher_params": count_parameters(teacher),
+        "student_params": count_parameters(student),
+        "teacher_forward_images_per_s": teacher_images_per_s(teacher, train, device, precision),
+        "ce_images_per_s": n / ce_s,
+        "online_kd_images_per_s": n / online_s,
+        "cached_kd_images_per_s": n / cached_s,
+        "teacher_outputs_build_s": build_s,
+        "cached_over_ce": cached_s / ce_s,
+        "online_over_ce": online_s / ce_s,
+    }
+    print(f"{name:<22} {image_size:>4}px  teacher fwd {result['teacher_forward_images_per_s']:8.0f}  CE {result['ce_images_per_s']:8.0f}  "
+          f"online KD {result['online_kd_images_per_s']:8.0f}  cached KD {result['cached_kd_images_per_s']:8.0f} images/s   "
+          f"online/CE {result['online_over_ce']:5.2f}x  cached/CE {result['cached_over_ce']:5.2f}x", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer images and repeats (smoke test)")
+    parser.add_argument("--precision", default="32", choices=engine.PRECISIONS)
+    args = parser.parse_args()
+    device = CPU_OR_GPU
+    precision = engine.resolve_precision(args.precision, device)
+    repeats = 1 if args.quick else 3
+    sizes = {32: 256 if args.quick else 1024, 224: 64 if args.quick else 192}
+    print(f"device {device}, precision {precision.name}, torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print("images/s of one training epoch (median of %d) with the runner's loop; ratios are epoch times over the CE-only epoch" % repeats)
+    results = {"device": str(device), "precision": precision.name, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    for size, n in sizes.items():
+        results[f"{size}px"] = measure("synthetic", synthetic(size, n, 32, 2 if size == 224 else 10), 2 if size == 224 else 10, size, device, precision, repeats)
+    data: DataBundle = digits(image_size=32, batch_size=32, limit=256 if args.quick else None)
+    results["quickstart_32px"] = measure("quickstart (digits)", data.train, data.num_classes, 32, device, precision, repeats)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
