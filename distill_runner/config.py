@@ -71,3 +71,4 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "trainer.device", lambda v: bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(v))), "use auto, cpu, cuda or cuda:N")
     _check(cfg, "trainer.precision", lambda v: str(v) in PRECISIONS, f"use one of {', '.join(PRECISIONS)}")
     _check(cfg, "trainer.progress", lambda v: isinstance(v, bool), "use true or false")
+    _check(cfg, "trainer.resume", lambda v: isinstance(v, (bool, str)), "use false, true (the newest unfinished run with these overrides) or a run folder", required=False)

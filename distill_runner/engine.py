@@ -119,8 +119,14 @@ def fit(
     writer=None,
     checkpoint_dir: Path | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> list[dict]:
     """Train ``stage.model`` with ``stage.recipe``; validate and checkpoint after every epoch.
+
+    The checkpoint ``<checkpoint_dir>/<stage>_last.pt`` holds everything needed to continue:
+    model, recipe modules, optimizer, LR scheduler, gradient scaler, RNG state, epoch and history.
+    With ``resume``, training continues after the last completed epoch it records; batch order
+    and augmentation come from (seed, epoch), so the result equals an uninterrupted run.
 
     A recipe that is an ``nn.Module`` (adapters, auxiliary heads) is trained with the model; one
     with ``set_epoch(epoch, epochs)`` gets called before each epoch and may return the current
@@ -135,8 +141,20 @@ def fit(
     optimizer = stage.optimizer(params=[p for p in params if p.requires_grad])
     scheduler = stage.scheduler(optimizer, epochs=stage.epochs, steps_per_epoch=len(train))
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
-    history = []
-    for epoch in range(stage.epochs):
+    history: list[dict] = []
+    last = Path(checkpoint_dir) / f"{stage.name}_last.pt" if checkpoint_dir is not None else None
+    if resume and last is not None and last.is_file():
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        if isinstance(recipe, nn.Module):
+            recipe.load_state_dict(state["recipe"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        history = state["history"]
+        log.info("%s: resuming after epoch %d/%d from %s", stage.name, state["epoch"], stage.epochs, last)
+    for epoch in range(len(history), stage.epochs):
         start = time.perf_counter()
         if hasattr(train, "set_epoch"):
             train.set_epoch(epoch)
@@ -178,9 +196,14 @@ def fit(
             for k, v in record.items():
                 writer.add_scalar(k, v, epoch + 1)
             writer.flush()
-        if checkpoint_dir is not None:
-            state = {"stage": stage.name, "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}
-            atomic_save(state, Path(checkpoint_dir) / f"{stage.name}_last.pt")
+        if last is not None:
+            state = {
+                "stage": stage.name, "epoch": epoch + 1, "history": history,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": torch.get_rng_state(),
+                "recipe": recipe.state_dict() if isinstance(recipe, nn.Module) else None,
+            }
+            atomic_save(state, last)
         losses = " ".join(f"{k.removeprefix('loss/')}={v:.4f}" for k, v in record.items() if k.startswith("loss/"))
         log.info("%s epoch %d/%d  %s  lr=%.3g  val_acc=%.4f  (%.1fs)", stage.name, epoch + 1, stage.epochs, losses, record["lr"], record["val/acc"], record["epoch_time_s"])
     return history

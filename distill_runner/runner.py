@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,18 +97,36 @@ def schedule(node: DictConfig, key: str) -> dict:
 
 
 def run_stage(ctx: RunContext, stage: engine.Stage, checkpoint_name: str) -> dict:
-    """Fit one stage (logged to tb/<stage>), save its final weights; return its summary."""
+    """Fit one stage (logged to tb/<stage>), save its final weights; return its summary.
+
+    ``checkpoints/<name>.json`` marks a finished stage: a resumed run loads its weights and skips
+    it; an unfinished one continues from ``<stage>_last.pt``.
+    """
     start = time.perf_counter()
+    weights, done = ctx.checkpoint_dir / f"{checkpoint_name}.pt", ctx.checkpoint_dir / f"{checkpoint_name}.json"
+    resume = bool(ctx.cfg.trainer.get("resume", False))
+    if resume and done.is_file() and weights.is_file():
+        stage.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        log.info("stage %s: finished before, loaded from %s", stage.name, weights)
+        return json.loads(done.read_text())
     history = []
     if stage.epochs > 0:
         log.info("stage %s: %d epochs, %s, %s parameters", stage.name, stage.epochs, type(stage.recipe).__name__, f"{count_parameters(stage.model):,}")
         torch.manual_seed(ctx.cfg.seed)
         with SummaryWriter(ctx.tb_dir / stage.name) as writer:
-            history = engine.fit(stage, ctx.data.train, ctx.data.val, ctx.device, ctx.precision, writer, ctx.checkpoint_dir, progress=ctx.cfg.trainer.progress)
+            history = engine.fit(stage, ctx.data.train, ctx.data.val, ctx.device, ctx.precision, writer, ctx.checkpoint_dir, progress=ctx.cfg.trainer.progress, resume=resume)
     else:
         log.info("stage %s: skipped (0 epochs), using the model as loaded", stage.name)
-    engine.atomic_save(stage.model.state_dict(), ctx.checkpoint_dir / f"{checkpoint_name}.pt")
-    return {"epochs": stage.epochs, "final_val_acc": history[-1]["val/acc"] if history else None, "wall_time_s": time.perf_counter() - start, "history": history}
+    info = {"epochs": stage.epochs, "final_val_acc": history[-1]["val/acc"] if history else None, "wall_time_s": time.perf_counter() - start, "history": history}
+    engine.atomic_save(stage.model.state_dict(), weights)
+    atomic_write_text(done, json.dumps(info))
+    return info
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def prepare_teacher(ctx: RunContext, node: DictConfig, key: str = "teacher") -> tuple[nn.Module, dict]:
@@ -203,11 +223,51 @@ def _hparams(cfg: DictConfig) -> dict:
     return flat
 
 
+def _without_resume(items) -> list:
+    return [o for o in items if not o.lstrip("+~").startswith("trainer.resume")]
+
+
+def resume_dir(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
+    """The run folder to continue: ``trainer.resume=PATH``, or with ``true`` this run's folder if it
+    holds checkpoints, else the newest unfinished run under the same outputs folder started with
+    the same overrides. Its config must equal this one (but for ``trainer.resume``)."""
+    resume = cfg.trainer.get("resume", False)
+    if resume is True:
+        if (run_dir / "checkpoints").is_dir():
+            found = run_dir
+        else:
+            root = run_dir.parent.parent  # outputs/<date>/<time> -> outputs
+            candidates = [p.parent.parent for p in root.glob("*/*/.hydra/overrides.yaml")
+                          if p.parent.parent != run_dir and not (p.parent.parent / "metrics.json").exists()
+                          and (p.parent.parent / "checkpoints").is_dir()
+                          and _without_resume(OmegaConf.load(p)) == _without_resume(overrides)]
+            if not candidates:
+                raise ConfigError("trainer.resume", True, f"no unfinished run with the same overrides under {root}/; name the run folder: trainer.resume=outputs/<date>/<time>")
+            found = max(candidates, key=lambda p: p.stat().st_mtime)
+    else:
+        found = Path(str(resume)).expanduser()
+        if not (found / ".hydra" / "config.yaml").is_file():
+            raise ConfigError("trainer.resume", str(resume), "not a run folder (no .hydra/config.yaml in it); give outputs/<date>/<time> of the run to continue")
+    saved_file = found / ".hydra" / "config.yaml"
+    if saved_file.is_file() and found != run_dir:
+        saved, now = OmegaConf.load(saved_file), OmegaConf.to_container(cfg)
+        saved = OmegaConf.to_container(saved)
+        saved["trainer"].pop("resume", None)
+        now["trainer"].pop("resume", None)
+        if saved != now:
+            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+            raise ConfigError("trainer.resume", str(resume), f"the run in {found} was started with another config (differs in: {', '.join(diff)}); resume it with the same overrides")
+    return found
+
+
 def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict:
     """Run the whole experiment into ``run_dir``; return the metrics written to metrics.json."""
     validate(cfg)
     run_start = time.perf_counter()
     run_dir = Path(run_dir)
+    if cfg.trainer.get("resume", False):
+        run_dir = resume_dir(cfg, run_dir, list(overrides or []))
+        log.info("resuming the run in %s", run_dir)
     device = engine.resolve_device(cfg.trainer.device)
     precision = engine.resolve_precision(cfg.trainer.precision, device, cfg.trainer.device)
     if device.type == "cuda":
