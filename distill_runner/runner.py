@@ -41,6 +41,8 @@ def build_data(cfg: DictConfig) -> DataBundle:
     data = build(cfg.dataset, "dataset", seed=cfg.seed)
     log.info("data %s: %d classes, image %dx%d, train/val/test %s", data.name, data.num_classes, data.image_size, data.image_size,
              "/".join(str(sum(c)) for c in data.class_counts.values()))
+    names = ", ".join(data.class_names) if data.num_classes <= 20 else f"{data.num_classes} classes"
+    log.info("class counts (%s): %s", names, "; ".join(f"{s} {c}" for s, c in data.class_counts.items()))
     return data
 
 
@@ -104,7 +106,7 @@ def run_stage(ctx: RunContext, stage: engine.Stage, checkpoint_name: str) -> dic
 def prepare_teacher(ctx: RunContext, node: DictConfig, key: str = "teacher") -> tuple[nn.Module, dict]:
     """Build the teacher configured at ``node`` and fine-tune it with cross-entropy (``node.epochs``)."""
     teacher = build_teacher(node, key, ctx.data, ctx.cfg.seed)
-    stage = engine.Stage(key, teacher, CrossEntropy(), **schedule(node, key))
+    stage = engine.Stage(key, teacher, CrossEntropy(class_weights=ctx.data.class_weights), **schedule(node, key))
     return teacher, run_stage(ctx, stage, key)
 
 
@@ -134,7 +136,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
 
     data = build_data(cfg)
     ctx = RunContext(cfg, data, device, precision, run_dir)
-    recipe = build(cfg.distill, "distill")
+    recipe = build(cfg.distill, "distill", **({"class_weights": data.class_weights} if data.class_weights is not None else {}))
     student_init = build_model(cfg.student, "student", data, cfg.seed)
 
     teacher, teacher_info = prepare_teacher(ctx, cfg.teacher)
@@ -143,7 +145,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     stage_info = {
         "teacher": teacher_info,
         "distill": run_stage(ctx, engine.Stage("distill", student, recipe, teacher=OnlineTeacher(teacher), **students), "student"),
-        "baseline": run_stage(ctx, engine.Stage("baseline", baseline, CrossEntropy(), **students), "baseline"),
+        "baseline": run_stage(ctx, engine.Stage("baseline", baseline, CrossEntropy(class_weights=data.class_weights), **students), "baseline"),
     }
     models = {"teacher": teacher, "student": student, "baseline": baseline}
 
