@@ -100,6 +100,8 @@ def _load(cls, root: Path, download: bool):
         f"put {archive} (from {url}) or its extracted {folder}/ folder in {root.resolve()}"
         f" (so that {root.resolve() / folder}/ exists)"
     )
+    if not download and (root / archive).is_file() and not (root / folder).is_dir():
+        _extract(root / archive, cls.tgz_md5)
     if download:
         try:
             cls(str(root), train=True, download=True)
@@ -109,8 +111,17 @@ def _load(cls, root: Path, download: bool):
             ) from None
     try:
         return cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
-    except RuntimeError as exc:  # missing or corrupted files (torchvision checks MD5 sums)
-        state = "are incomplete or corrupted (MD5 mismatch)" if (root / folder).is_dir() else "are missing"
-        raise ConfigError(
-            "root", str(root), f"the {cls.__name__} files {state} ({exc}); {where}, or set dataset.download=true to fetch them"
-        ) from None
+    except RuntimeError:  # missing or corrupted files (torchvision checks MD5 sums)
+        state = "in it are incomplete or corrupted (MD5 mismatch)" if (root / folder).is_dir() else "are missing"
+        raise ConfigError("root", str(root), f"the {cls.__name__} files {state}: {where}, or set dataset.download=true to fetch them") from None
+
+
+def _extract(path: Path, md5: str) -> None:
+    """Unpack a CIFAR archive the user placed by hand (download=false), after checking its MD5."""
+    import torchvision.datasets.cifar as tv_cifar  # check_integrity looked up here, as torchvision does
+    from torchvision.datasets.utils import extract_archive
+
+    if not tv_cifar.check_integrity(str(path), md5):
+        raise ConfigError("root", str(path.parent), f"{path.name} is incomplete or corrupted (MD5 mismatch): download it again")
+    log.info("extracting %s", path)
+    extract_archive(str(path), str(path.parent))

@@ -132,6 +132,17 @@ def test_cifar_bundle_in_memory_at_32px(tmp_path, monkeypatch, variant, classes)
     assert batch["image"].shape[1:] == (3, 32, 32) and batch["image"].abs().max() < 5
 
 
+def test_cifar_archive_placed_by_hand_is_extracted_offline(tmp_path, monkeypatch):
+    import tarfile
+
+    skip_cifar_md5(monkeypatch)
+    make_cifar(tmp_path / "made")
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "made" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    data = runner.build_data(compose_config(["dataset=cifar10", f"dataset.root={tmp_path}", "dataset.download=false"]))
+    assert (tmp_path / "cifar-10-batches-py" / "test_batch").is_file() and data.class_counts["test"] == [2] * 10
+
+
 def test_cifar_offline_errors_say_where_the_files_go(tmp_path, monkeypatch):
     import torchvision.datasets.cifar
 
