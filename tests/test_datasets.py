@@ -108,6 +108,22 @@ def test_balance_options(xray):
     assert len(drawn) == 20 * 16 and 0.4 < np.mean(drawn) < 0.6  # balanced draws, not 11/16
 
 
+def test_balance_options_for_in_memory_data():
+    from distill_runner.data import Augment, in_memory_bundle
+
+    targets = torch.tensor([0] * 30 + [1] * 10)
+    splits = {"train": np.arange(40), "val": np.arange(4), "test": np.arange(4)}
+    bundle = lambda balance: in_memory_bundle(torch.zeros(40, 3, 8, 8, dtype=torch.uint8), targets, splits, ["a", "b"], 40, 8,
+                                              Augment(), 0, "toy", [0.5] * 3, [0.5] * 3, balance=balance)
+    assert bundle("class_weights").class_weights == pytest.approx([40 / 60, 40 / 20]) and bundle("none").class_weights is None
+    train = bundle("weighted_sampler").train
+    drawn = []
+    for epoch in range(20):
+        train.set_epoch(epoch)
+        drawn += [t for b in train for t in b["target"].tolist()]
+    assert len(drawn) == 800 and 0.4 < np.mean(drawn) < 0.6  # balanced draws, not 10/40
+
+
 def test_cifar10_kd_runs_end_to_end_offline(tmp_path, monkeypatch):
     skip_cifar_md5(monkeypatch)
     make_cifar(tmp_path / "data")
