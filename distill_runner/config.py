@@ -10,6 +10,7 @@ from pathlib import Path
 import torchvision
 from omegaconf import DictConfig, OmegaConf
 
+from distill_runner.data import BALANCE
 from distill_runner.engine import PRECISIONS
 from distill_runner.errors import ConfigError
 
@@ -46,6 +47,14 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "dataset._target_", lambda v: isinstance(v, str), "pick a data set: dataset=digits")
     _check(cfg, "dataset.batch_size", lambda v: _is_int(v) and v >= 1, "use a positive integer, e.g. dataset.batch_size=64")
     _check(cfg, "dataset.image_size", lambda v: _is_int(v) and v >= 8, "use an integer >= 8, e.g. dataset.image_size=32", required=False)
+    _check(cfg, "dataset.root", lambda v: v is None or isinstance(v, str), "use a folder path, e.g. dataset.root=data/chest_xray", required=False)
+    _check(cfg, "dataset.download", lambda v: isinstance(v, bool), "use true or false", required=False)
+    _check(cfg, "dataset.val_from_train", lambda v: v is None or (_is_number(v) and 0 < v < 1), "use null or a fraction in (0, 1), e.g. dataset.val_from_train=0.1", required=False)
+    _check(cfg, "dataset.balance", lambda v: v in BALANCE, f"use one of {', '.join(BALANCE)}", required=False)
+    _check(cfg, "dataset.on_bad_image", lambda v: v in ("skip", "error"), "use skip (skip unreadable images with a warning) or error", required=False)
+    _check(cfg, "dataset.num_workers", lambda v: v == "auto" or (_is_int(v) and v >= 0), "use auto or an integer >= 0 (0 = load in the main process)", required=False)
+    _check(cfg, "dataset.pin_memory", lambda v: v == "auto" or isinstance(v, bool), "use auto, true or false", required=False)
+    _check(cfg, "dataset.limit", lambda v: v is None or (_is_int(v) and v >= 1), "use null or a positive integer", required=False)
 
     for node in ("teacher", "student"):
         _check(cfg, f"{node}.model._target_", lambda v: isinstance(v, str), f"pick one: {node}=<name> (see conf/{node}/)")

@@ -1,8 +1,12 @@
 """Data sets and loaders.
 
 A data set factory (named by ``dataset._target_``) returns a :class:`DataBundle`: train/val/test
-loaders that yield ``{"image": float tensor [B,C,H,W], "target": long tensor [B]}`` batches, plus
-what the models need to know (class count, image size, channels).
+loaders that yield ``{"image": float tensor [B,C,H,W], "target": long tensor [B], "index": long
+tensor [B]}`` batches (``index``: the sample's position in its split), plus what the models need to
+know (class count, image size, channels) and the class-imbalance handling (``class_weights``).
+
+Factories: :func:`digits` (here), :mod:`distill_runner.cifar` (CIFAR-10/100, in memory) and
+:mod:`distill_runner.imagefolder` (chest X-ray and any ImageFolder, decoded by DataLoader workers).
 
 Small data sets are held in memory as one uint8 tensor and batched by indexing
 (:class:`TensorBatches`); augmentation runs on whole batches as tensor ops with parameters drawn
@@ -12,7 +16,7 @@ from (seed, epoch), so an epoch's batches are reproducible.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,17 +28,25 @@ from distill_runner.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+BALANCE = ("none", "weighted_sampler", "class_weights")
+
+
 @dataclass
 class DataBundle:
-    train: "TensorBatches"
-    val: "TensorBatches"
-    test: "TensorBatches"
+    """``train`` may have ``set_epoch(epoch)`` (called before each epoch); every loader has ``len()``
+    and ``batch_size``. ``class_weights`` (one per class) is set when ``balance=class_weights``:
+    the runner passes it to every cross-entropy term."""
+
+    train: Iterable
+    val: Iterable
+    test: Iterable
     num_classes: int
     class_names: list[str]
     image_size: int
     in_channels: int = 3
     name: str = "dataset"
     class_counts: dict[str, list[int]] = field(default_factory=dict)
+    class_weights: list[float] | None = None
 
 
 @dataclass
@@ -63,6 +75,7 @@ class Augment:
 
 class TensorBatches:
     """Batches from an in-memory uint8 image tensor: shuffled and augmented per (seed, epoch).
+    With ``sample_weights`` (one per image) the epoch's images are drawn with replacement.
 
     Call :meth:`set_epoch` before iterating (like ``DistributedSampler``) to get that epoch's
     order and augmentation; iterating again without it repeats the same epoch. Because an epoch
@@ -83,9 +96,10 @@ class TensorBatches:
         augment: Augment | None = None,
         seed: int = 0,
         drop_last: bool = False,
+        sample_weights: torch.Tensor | None = None,
     ):
         assert images.dtype == torch.uint8 and images.ndim == 4, "images must be uint8 [N,C,H,W]"
-        self.images, self.targets = images, targets
+        self.images, self.targets, self.sample_weights = images, targets, sample_weights
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.seed, self.epoch, self.drop_last = seed, 0, drop_last
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
@@ -112,7 +126,10 @@ class TensorBatches:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         n = len(self.targets)
-        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        if self.sample_weights is not None:  # balance=weighted_sampler: draw with replacement
+            order = torch.multinomial(self.sample_weights, n, replacement=True, generator=gen)
+        else:
+            order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         for i in range(len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
             images = self.images[index]
@@ -133,6 +150,37 @@ def stratified_split(targets: np.ndarray, fractions: Sequence[float], seed: int)
         parts.append(np.sort(take))
         remaining -= frac
     return parts + [np.sort(rest)]
+
+
+def balance_weights(balance: str, train_targets: torch.Tensor, num_classes: int) -> tuple[list[float] | None, torch.Tensor | None]:
+    """``(class_weights, sample_weights)`` for ``balance``: ``class_weights`` = N / (K * n_c) (mean
+    1 over the training images) for the cross-entropy terms; ``sample_weights`` = 1 / n_c per
+    training image, so a weighted sampler draws every class equally often. One of them or neither."""
+    if balance not in BALANCE:
+        raise ConfigError("balance", balance, f"use one of {', '.join(BALANCE)}")
+    counts = torch.bincount(train_targets, minlength=num_classes).double().clamp_min(1)
+    if balance == "class_weights":
+        return (len(train_targets) / (num_classes * counts)).tolist(), None
+    if balance == "weighted_sampler":
+        return None, (1.0 / counts)[train_targets]
+    return None, None
+
+
+def take_per_class(targets: np.ndarray, limit: int | None) -> np.ndarray:
+    """Positions of the first ``limit`` samples taken round-robin over the classes (smoke tests:
+    every class stays represented), in their original order."""
+    targets = np.asarray(targets)
+    if limit is None or limit >= len(targets):
+        return np.arange(len(targets))
+    rank = np.zeros(len(targets), dtype=np.int64)
+    for c in np.unique(targets):
+        rank[targets == c] = np.arange((targets == c).sum())
+    return np.sort(np.lexsort((targets, rank))[:limit])
+
+
+def check_choice(key: str, value: object, choices: Sequence) -> None:
+    if value not in choices:
+        raise ConfigError(key, value, f"use one of {', '.join(map(str, choices))}")
 
 
 def _check_fraction(key: str, value: float) -> None:
@@ -196,8 +244,10 @@ def in_memory_bundle(
     name: str,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    balance: str = "none",
 ) -> DataBundle:
-    """Loaders over one uint8 tensor; normalization statistics from the training split unless given."""
+    """Loaders over one uint8 tensor; normalization statistics from the training split unless given;
+    ``balance`` (none | weighted_sampler | class_weights) as in :func:`balance_weights`."""
     if batch_size < 1 or eval_batch_size < 1:
         raise ConfigError("batch_size", batch_size, "must be a positive integer")
     train = images[torch.as_tensor(splits["train"])]
@@ -205,6 +255,7 @@ def in_memory_bundle(
         pixels = train.float().div(255).transpose(0, 1).reshape(images.shape[1], -1)
         mean, std = pixels.mean(1).tolist(), pixels.std(1).clamp_min(1e-3).tolist()
     num_classes = len(class_names)
+    class_weights, sample_weights = balance_weights(balance, targets[torch.as_tensor(splits["train"])], num_classes)
 
     def loader(split: str, train_mode: bool) -> TensorBatches:
         idx = torch.as_tensor(splits[split])
@@ -217,6 +268,7 @@ def in_memory_bundle(
             shuffle=train_mode,
             augment=augment if train_mode else None,
             seed=seed,
+            sample_weights=sample_weights if train_mode else None,
         )
 
     counts = {s: torch.bincount(targets[torch.as_tensor(i)], minlength=num_classes).tolist() for s, i in splits.items()}
@@ -230,4 +282,5 @@ def in_memory_bundle(
         in_channels=images.shape[1],
         name=name,
         class_counts=counts,
+        class_weights=class_weights,
     )

@@ -192,6 +192,12 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, key: str = "teach
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
         hint = "the checkpoint was saved from a different architecture, stem or class count"
+        head = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]
+        weight = f"{head[0]}.weight" if head else None
+        if weight in state and weight in own and state[weight].shape[0] != own[weight].shape[0]:
+            classes = f"the checkpoint has {state[weight].shape[0]} classes, the data set has {own[weight].shape[0]}"
+            hint = "train the teacher on this data set or load a checkpoint saved from it"
+            parts.insert(0, classes)
         raise ConfigError(key, str(path), f"does not fit the model: {'; '.join(parts)} ({hint})")
     model.load_state_dict(state)
 

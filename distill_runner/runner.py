@@ -51,6 +51,8 @@ def build_data(cfg: DictConfig) -> DataBundle:
     data = build(cfg.dataset, "dataset", seed=cfg.seed)
     log.info("data %s: %d classes, image %dx%d, train/val/test %s", data.name, data.num_classes, data.image_size, data.image_size,
              "/".join(str(sum(c)) for c in data.class_counts.values()))
+    names = ", ".join(data.class_names) if data.num_classes <= 20 else f"{data.num_classes} classes"
+    log.info("class counts (%s): %s", names, "; ".join(f"{s} {c}" for s, c in data.class_counts.items()))
     return data
 
 
@@ -136,7 +138,7 @@ def prepare_teacher(ctx: RunContext, node: DictConfig, key: str = "teacher") -> 
     instead; parallel jobs asking for the same teacher wait for the one that trains it.
     """
     teacher = build_teacher(node, key, ctx.data, ctx.cfg.seed)
-    stage = engine.Stage(key, teacher, CrossEntropy(), **schedule(node, key))
+    stage = engine.Stage(key, teacher, CrossEntropy(class_weights=ctx.data.class_weights), **schedule(node, key))
     if node.epochs == 0:
         return teacher, run_stage(ctx, stage, key)
     return teacher, run_or_reuse(ctx, stage, key, "teachers", teacher_key(ctx.cfg, node), verb="fine-tuning")
@@ -175,11 +177,12 @@ def teacher_signal(ctx: RunContext, online: OnlineTeacher, teacher_id: str, reci
         why_not = "the training loader cannot replay its augmentation"
     elif getattr(recipe, "teacher_layers", None):
         why_not = "the recipe needs teacher features, which are not cached"
-    views = min(cfg.trainer.epochs, getattr(train, "distinct_epochs", None) or cfg.trainer.epochs)
-    dtype = getattr(torch, cfg.cache.teacher_outputs_dtype)
-    size_mb = views * train.num_samples * ctx.data.num_classes * dtype.itemsize / 2**20
-    if why_not is None and size_mb > cfg.cache.max_teacher_outputs_mb:
-        why_not = f"they would take {size_mb:.0f} MB > cache.max_teacher_outputs_mb={cfg.cache.max_teacher_outputs_mb}"
+    else:
+        views = min(cfg.trainer.epochs, getattr(train, "distinct_epochs", None) or cfg.trainer.epochs)
+        dtype = getattr(torch, cfg.cache.teacher_outputs_dtype)
+        size_mb = views * train.num_samples * ctx.data.num_classes * dtype.itemsize / 2**20
+        if size_mb > cfg.cache.max_teacher_outputs_mb:
+            why_not = f"they would take {size_mb:.0f} MB > cache.max_teacher_outputs_mb={cfg.cache.max_teacher_outputs_mb}"
     if why_not is not None:
         log.info("teacher outputs: online (%s)", why_not)
         return online
@@ -276,7 +279,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
 
     data = build_data(cfg)
     ctx = RunContext(cfg, data, device, precision, run_dir)
-    recipe = build(recipe_node(cfg), "distill")
+    recipe = build(recipe_node(cfg), "distill", **({"class_weights": data.class_weights} if data.class_weights is not None else {}))
     student_init = build_model(cfg.student, "student", data, cfg.seed)
 
     teacher, teacher_info = prepare_teacher(ctx, cfg.teacher)
@@ -287,7 +290,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
         "teacher": teacher_info,
         "distill": run_stage(ctx, engine.Stage("distill", student, recipe, teacher=signal, **students), "student"),
         # The baseline does not depend on the recipe: a sweep over KD settings trains it once.
-        "baseline": run_or_reuse(ctx, engine.Stage("baseline", baseline, CrossEntropy(), **students), "baseline", "baselines", baseline_key(cfg)),
+        "baseline": run_or_reuse(ctx, engine.Stage("baseline", baseline, CrossEntropy(class_weights=data.class_weights), **students), "baseline", "baselines", baseline_key(cfg)),
     }
     models = {"teacher": teacher, "student": student, "baseline": baseline}
 

@@ -8,6 +8,7 @@ import torch
 
 from conftest import compose_config
 from distill_runner import runner
+from fake_data import make_cifar, make_xray_folder, skip_cifar_md5
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -20,13 +21,25 @@ def test_no_argument_run_is_the_quickstart():
     assert cfg.distill._target_.endswith("HintonKD")
 
 
+def data_overrides(experiment: str, tmp_path, monkeypatch) -> list[str]:
+    """Experiments on real data sets get a tiny copy in the real on-disk format (and no downloads)."""
+    if experiment.startswith("xray"):
+        return [f"dataset.root={make_xray_folder(tmp_path / 'chest_xray')}", "teacher.weights=null", "dataset.num_workers=0"]
+    if experiment.startswith("cifar"):
+        skip_cifar_md5(monkeypatch)
+        variant = experiment.split("_")[0]
+        make_cifar(tmp_path, variant, per_class=10)
+        return [f"dataset.root={tmp_path}", "dataset.download=false"]
+    return []
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_composes_and_builds(experiment):
-    cfg = compose_config(["dataset.limit=8", "dataset.image_size=16"], experiment=experiment)
+def test_experiment_composes_and_builds(experiment, tmp_path, monkeypatch):
+    cfg = compose_config(["dataset.limit=8", "dataset.image_size=16", *data_overrides(experiment, tmp_path, monkeypatch)], experiment=experiment)
     data = runner.build_data(cfg)
     teacher = runner.build_teacher(cfg.teacher, "teacher", data, cfg.seed)
     student = runner.build_model(cfg.student, "student", data, cfg.seed)
-    runner.build(cfg.distill, "distill")
+    runner.build(runner.recipe_node(cfg), "distill")
     batch = next(iter(data.train))
     assert batch["image"].shape[1:] == (data.in_channels, data.image_size, data.image_size)
     for model in (teacher, student):

@@ -1,0 +1,127 @@
+"""CIFAR-10 and CIFAR-100 through torchvision, held in memory as one uint8 tensor.
+
+torchvision's ``CIFAR10``/``CIFAR100`` classes read (and, with ``download``, fetch) the official
+python-pickle files and check their MD5 sums. The 50,000 + 10,000 images (32x32x3 uint8, 180 MB)
+are then batched by :class:`distill_runner.data.TensorBatches` with the standard augmentation
+(random crop 32 with padding 4, horizontal flip) drawn per (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from distill_runner.data import Augment, DataBundle, in_memory_bundle, stratified_split, take_per_class
+from distill_runner.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+VARIANTS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+
+
+def cifar(
+    variant: str = "cifar10",
+    root: str = "data",
+    download: bool = True,
+    image_size: int = 32,
+    batch_size: int = 128,
+    eval_batch_size: int = 512,
+    val_from_train: float = 0.1,
+    balance: str = "none",
+    crop_padding: int = 4,
+    hflip: bool = True,
+    mean: Sequence[float] = (0.4914, 0.4822, 0.4465),
+    std: Sequence[float] = (0.2470, 0.2435, 0.2616),
+    limit: int | None = None,
+    seed: int = 0,
+    name: str | None = None,
+) -> DataBundle:
+    """CIFAR-10/100: train/test as published; ``val_from_train`` (a fraction, stratified, seeded)
+    of the training images become the validation split. Images are resized in memory when
+    ``image_size`` is not 32. ``limit`` keeps N images per split, every class represented."""
+    import torchvision.datasets
+
+    if variant not in VARIANTS:
+        raise ConfigError("variant", variant, f"use one of {', '.join(VARIANTS)}")
+    if not isinstance(val_from_train, (int, float)) or not 0 < val_from_train < 1:
+        raise ConfigError("val_from_train", val_from_train, "CIFAR has no validation split: carve one from train with a fraction in (0, 1), e.g. 0.1")
+    cls = getattr(torchvision.datasets, VARIANTS[variant])
+    train_set, test_set = _load(cls, Path(root).expanduser(), download)
+
+    train_targets = np.asarray(train_set.targets)
+    try:
+        val_idx, train_idx = stratified_split(train_targets, [val_from_train], seed)
+    except ValueError as exc:  # too few images per class (only with partial files)
+        raise ConfigError("val_from_train", val_from_train, f"cannot carve a stratified validation split: {exc}") from None
+    test_idx = np.arange(len(test_set.targets))
+    if limit is not None:
+        train_idx = train_idx[take_per_class(train_targets[train_idx], limit)]
+        val_idx = val_idx[take_per_class(train_targets[val_idx], limit)]
+        test_idx = test_idx[take_per_class(np.asarray(test_set.targets), limit)]
+    n_train = len(train_targets)
+    log.info("%s: validation split = %.0f%% of train (stratified, seed %d): %d images", variant, 100 * val_from_train, seed, len(val_idx))
+    images = torch.from_numpy(np.concatenate([train_set.data, test_set.data])).permute(0, 3, 1, 2)
+    targets = torch.as_tensor(np.concatenate([train_targets, np.asarray(test_set.targets)]), dtype=torch.long)
+    splits = {"train": train_idx, "val": val_idx, "test": test_idx + n_train}
+    keep = np.concatenate(list(splits.values()))
+    if len(keep) < len(targets):  # limit: drop what no split uses before any resizing
+        remap = np.full(len(targets), -1)
+        remap[keep] = np.arange(len(keep))
+        images, targets = images[torch.as_tensor(keep)], targets[torch.as_tensor(keep)]
+        splits = {s: remap[i] for s, i in splits.items()}
+    if image_size != images.shape[-1]:
+        resized = F.interpolate(images.float(), size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+        images = resized.round().clamp(0, 255).to(torch.uint8)
+    return in_memory_bundle(
+        images.contiguous(),
+        targets,
+        splits,
+        class_names=list(train_set.classes),
+        batch_size=batch_size,
+        eval_batch_size=eval_batch_size,
+        augment=Augment(crop_padding, hflip),
+        seed=seed,
+        name=name or variant,
+        mean=list(mean),
+        std=list(std),
+        balance=balance,
+    )
+
+
+def _load(cls, root: Path, download: bool):
+    """torchvision's train and test sets, or a ConfigError saying where the files go."""
+    folder, archive, url = cls.base_folder, cls.filename, cls.url
+    where = (
+        f"put {archive} (from {url}) or its extracted {folder}/ folder in {root.resolve()}"
+        f" (so that {root.resolve() / folder}/ exists)"
+    )
+    if not download and (root / archive).is_file() and not (root / folder).is_dir():
+        _extract(root / archive, cls.tgz_md5)
+    if download:
+        try:
+            cls(str(root), train=True, download=True)
+        except Exception as exc:  # URLError, timeouts, a bad MD5 after download, a full disk, ...
+            raise ConfigError(
+                "download", True, f"downloading {url} failed ({type(exc).__name__}: {exc}); offline, {where}, then run with dataset.download=false"
+            ) from None
+    try:
+        return cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
+    except RuntimeError:  # missing or corrupted files (torchvision checks MD5 sums)
+        state = "in it are incomplete or corrupted (MD5 mismatch)" if (root / folder).is_dir() else "are missing"
+        raise ConfigError("root", str(root), f"the {cls.__name__} files {state}: {where}, or set dataset.download=true to fetch them") from None
+
+
+def _extract(path: Path, md5: str) -> None:
+    """Unpack a CIFAR archive the user placed by hand (download=false), after checking its MD5."""
+    import torchvision.datasets.cifar as tv_cifar  # check_integrity looked up here, as torchvision does
+    from torchvision.datasets.utils import extract_archive
+
+    if not tv_cifar.check_integrity(str(path), md5):
+        raise ConfigError("root", str(path.parent), f"{path.name} is incomplete or corrupted (MD5 mismatch): download it again")
+    log.info("extracting %s", path)
+    extract_archive(str(path), str(path.parent))

@@ -1,0 +1,248 @@
+"""Real data sets in their real on-disk formats: the chest X-ray ImageFolder, CIFAR-10/100, any
+ImageFolder; their bad-input errors; balance options; reproducible ImageFolder epochs."""
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY, compose_config
+from distill_runner import runner
+from distill_runner.config import validate
+from distill_runner.errors import ConfigError
+from distill_runner.imagefolder import BadImageError, imagefolder
+from distill_runner.models import load_checkpoint, tiny_cnn
+from fake_data import make_cifar, make_xray_folder, skip_cifar_md5
+
+
+@pytest.fixture
+def xray(tmp_path):
+    return make_xray_folder(tmp_path / "chest_xray")
+
+
+def xray_cfg(root, *extra):
+    return compose_config(["dataset.image_size=32", "teacher.weights=null", f"dataset.root={root}", "dataset.num_workers=0", *extra], experiment="xray_kd")
+
+
+def test_xray_kd_runs_end_to_end_and_reports_skipped_files_and_class_counts(xray, tmp_path, caplog, monkeypatch):
+    weights_seen = []
+    real_ce = runner.CrossEntropy
+    monkeypatch.setattr(runner, "CrossEntropy", lambda **kw: weights_seen.append(kw.get("class_weights")) or real_ce(**kw))
+    cfg = compose_config([*TINY, "dataset.image_size=32", "teacher.weights=null", f"dataset.root={xray}", "dataset.num_workers=0",
+                          "dataset.eval_batch_size=8", "dataset.balance=class_weights"], experiment="xray_kd")
+    with caplog.at_level(logging.INFO):
+        metrics = runner.run(cfg, tmp_path / "run")
+
+    assert metrics["dataset"] == "chest_xray" and metrics["class_names"] == ["NORMAL", "PNEUMONIA"]
+    # train/: 10 JPEGs + rgb.png | 10 JPEGs + rgba.png + corrupt.jpeg; 10% carved for val; val/ unused
+    assert metrics["class_counts"] == {"train": [10, 10], "val": [1, 1], "test": [3, 3]}
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["class_counts"] == metrics["class_counts"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("skipped 1 unreadable image file(s)" in w and "corrupt.jpeg" in w for w in warnings), warnings
+    assert "class counts (NORMAL, PNEUMONIA): train [10, 10]; val [1, 1]; test [3, 3]" in caplog.text
+    assert "val = 10% of train (stratified, seed 0)" in caplog.text and "val/ is not used" in caplog.text
+    assert weights_seen == [[1.0, 1.0]] * 2  # the teacher's and the baseline's cross-entropy
+    assert "student" in metrics["models"] and 0 <= metrics["models"]["student"]["test_acc"] <= 1
+
+
+def test_xray_images_are_3_channel_resized_and_normalized(xray):
+    data = runner.build_data(xray_cfg(xray))
+    assert (data.num_classes, data.in_channels, data.image_size) == (2, 3, 32)
+    batch = next(iter(data.test))
+    assert batch["image"].shape == (6, 3, 32, 32) and batch["image"].dtype == torch.float32
+    assert batch["target"].tolist() == [0, 0, 0, 1, 1, 1] and batch["index"].tolist() == list(range(6))
+    gray = batch["image"][0]
+    assert torch.allclose(gray[0] * 0.229 + 0.485, gray[1] * 0.224 + 0.456, atol=1e-5)  # grayscale -> equal channels
+
+
+def test_imagefolder_epochs_are_reproducible_with_or_without_workers(xray):
+    def epochs(workers):
+        data = imagefolder(root=str(xray), image_size=16, batch_size=5, num_workers=workers, device="cpu")
+        out = []
+        for epoch in (0, 0, 1):
+            data.train.set_epoch(epoch)
+            out.append([(b["index"], b["image"]) for b in data.train])
+        return out
+
+    a, b = epochs(0), epochs(1)
+    same = lambda x, y: all(torch.equal(i, j) and torch.equal(u, v) for (i, u), (j, v) in zip(x, y))
+    assert same(a[0], a[1]) and same(a[0], b[0]) and same(a[2], b[2])
+    assert not same(a[0], a[2])
+    assert sorted(torch.cat([i for i, _ in a[0]]).tolist()) == list(range(22))
+    # the flip is drawn per sample and epoch: some image looks different in another epoch
+    e0 = {int(i): x for idx, img in a[0] for i, x in zip(idx, img)}
+    e1 = {int(i): x for idx, img in a[2] for i, x in zip(idx, img)}
+    assert any(not torch.equal(e0[i], e1[i]) for i in e0)
+
+
+def test_single_folder_is_split_stratified_and_seeded(tmp_path):
+    for cls, n in (("cats", 10), ("dogs", 20)):
+        (tmp_path / cls).mkdir()
+        for i in range(n):
+            Image.new("RGB", (20, 20), (i * 10, 0, 0)).save(tmp_path / cls / f"{i}.png")
+    data = imagefolder(root=str(tmp_path), image_size=16, val_from_train=0.25, test_fraction=0.2, num_workers=0)
+    assert data.class_names == ["cats", "dogs"]
+    assert data.class_counts == {"train": [6, 12], "val": [2, 4], "test": [2, 4]}
+    again = imagefolder(root=str(tmp_path), image_size=16, val_from_train=0.25, test_fraction=0.2, num_workers=0)
+    assert [p for p, _ in data.test.dataset.samples] == [p for p, _ in again.test.dataset.samples]
+
+
+def test_balance_options(xray):
+    for p in sorted((xray / "train" / "NORMAL").glob("train-*.jpeg"))[:6]:
+        p.unlink()  # train: NORMAL 5, PNEUMONIA 11 (after the corrupt file is skipped)
+    data = imagefolder(root=str(xray), image_size=16, num_workers=0, balance="class_weights")
+    assert data.class_counts["train"] == [5, 11]
+    assert data.class_weights == pytest.approx([16 / (2 * 5), 16 / (2 * 11)])
+    data = imagefolder(root=str(xray), image_size=16, num_workers=0, balance="weighted_sampler", batch_size=16)
+    assert data.class_weights is None
+    drawn = []
+    for epoch in range(20):
+        data.train.set_epoch(epoch)
+        drawn += [t for b in data.train for t in b["target"].tolist()]
+    assert len(drawn) == 20 * 16 and 0.4 < np.mean(drawn) < 0.6  # balanced draws, not 11/16
+
+
+def test_balance_options_for_in_memory_data():
+    from distill_runner.data import Augment, in_memory_bundle
+
+    targets = torch.tensor([0] * 30 + [1] * 10)
+    splits = {"train": np.arange(40), "val": np.arange(4), "test": np.arange(4)}
+    bundle = lambda balance: in_memory_bundle(torch.zeros(40, 3, 8, 8, dtype=torch.uint8), targets, splits, ["a", "b"], 40, 8,
+                                              Augment(), 0, "toy", [0.5] * 3, [0.5] * 3, balance=balance)
+    assert bundle("class_weights").class_weights == pytest.approx([40 / 60, 40 / 20]) and bundle("none").class_weights is None
+    train = bundle("weighted_sampler").train
+    drawn = []
+    for epoch in range(20):
+        train.set_epoch(epoch)
+        drawn += [t for b in train for t in b["target"].tolist()]
+    assert len(drawn) == 800 and 0.4 < np.mean(drawn) < 0.6  # balanced draws, not 10/40
+
+
+def test_cifar10_kd_runs_end_to_end_offline(tmp_path, monkeypatch):
+    skip_cifar_md5(monkeypatch)
+    make_cifar(tmp_path / "data")
+    cfg = compose_config([*TINY, f"dataset.root={tmp_path / 'data'}", "dataset.download=false", "dataset.eval_batch_size=16"], experiment="cifar10_kd")
+    metrics = runner.run(cfg, tmp_path / "run")
+    assert metrics["dataset"] == "cifar10" and metrics["num_classes"] == 10
+    assert metrics["class_counts"]["test"] == [2] * 10 and sum(metrics["class_counts"]["train"]) == 48  # dataset.limit=48
+    assert (tmp_path / "run" / "report.md").is_file()
+
+
+@pytest.mark.parametrize("variant,classes", [("cifar10", 10), ("cifar100", 100)])
+def test_cifar_bundle_in_memory_at_32px(tmp_path, monkeypatch, variant, classes):
+    skip_cifar_md5(monkeypatch)
+    make_cifar(tmp_path, variant, per_class=2 if classes == 100 else 10)  # 500 / 200 training images
+    fraction = 0.1 if classes == 10 else 0.5  # at least one validation image per class
+    cfg = compose_config([f"dataset={variant}", f"dataset.root={tmp_path}", "dataset.download=false", f"dataset.val_from_train={fraction}"])
+    data = runner.build_data(cfg)
+    assert data.num_classes == classes and data.image_size == 32 and data.train.augment.crop_padding == 4 and data.train.augment.hflip
+    assert data.train.images.dtype == torch.uint8 and data.train.images.shape[1:] == (3, 32, 32)
+    assert data.class_counts["val"] == [5 if classes == 10 else 1] * classes  # stratified
+    batch = next(iter(data.val))
+    assert batch["image"].shape[1:] == (3, 32, 32) and batch["image"].abs().max() < 5
+
+
+def test_cifar_archive_placed_by_hand_is_extracted_offline(tmp_path, monkeypatch):
+    import tarfile
+
+    skip_cifar_md5(monkeypatch)
+    make_cifar(tmp_path / "made")
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "made" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    data = runner.build_data(compose_config(["dataset=cifar10", f"dataset.root={tmp_path}", "dataset.download=false"]))
+    assert (tmp_path / "cifar-10-batches-py" / "test_batch").is_file() and data.class_counts["test"] == [2] * 10
+
+
+def test_cifar_offline_errors_say_where_the_files_go(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar
+
+    cfg = compose_config(["dataset=cifar10", f"dataset.root={tmp_path}", "dataset.download=false"])
+    with pytest.raises(ConfigError, match=r"^dataset\.root=") as err:
+        runner.build_data(cfg)
+    assert "cifar-10-python.tar.gz" in str(err.value) and "cifar-10-batches-py/" in str(err.value) and "download=true" in str(err.value)
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
+    cfg = compose_config(["dataset=cifar10", f"dataset.root={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"^dataset\.download=True: downloading https://") as err:
+        runner.build_data(cfg)
+    assert "cifar-10-python.tar.gz" in str(err.value) and str(tmp_path) in str(err.value) and "dataset.download=false" in str(err.value)
+
+
+def _error(cfg) -> str:
+    with pytest.raises(ConfigError) as err:
+        runner.build_data(cfg)
+    return str(err.value)
+
+
+def test_missing_root_prints_the_expected_tree_and_the_source(tmp_path):
+    msg = _error(xray_cfg(tmp_path / "nowhere"))
+    assert msg.startswith(f"dataset.root='{tmp_path / 'nowhere'}': no such folder")
+    assert "train/{NORMAL,PNEUMONIA}/*.jpeg" in msg and "test/{NORMAL,PNEUMONIA}/*.jpeg" in msg and "Chest X-Ray Images (Pneumonia)" in msg
+    make_xray_folder(tmp_path / "chest_xray")  # the zip's outer folder given as root
+    assert f"use dataset.root={tmp_path}/chest_xray" in _error(xray_cfg(tmp_path))
+    assert "dataset=imagefolder needs dataset.root=PATH" in _error(compose_config(["dataset=imagefolder"]))
+
+
+def test_missing_split_names_it(xray):
+    shutil.rmtree(xray / "val")
+    assert "the val/ split is missing; or set dataset.val_from_train=0.1" in _error(xray_cfg(xray, "dataset.val_from_train=null"))
+    runner.build_data(xray_cfg(xray))  # the default carves val from train: no val/ needed
+    shutil.rmtree(xray / "test")
+    assert "the test/ split is missing. Expected:" in _error(xray_cfg(xray))
+
+
+def test_class_folders_differing_between_splits(xray):
+    shutil.rmtree(xray / "test" / "PNEUMONIA")
+    msg = _error(xray_cfg(xray))
+    assert "class folders differ between splits" in msg and "missing in test: ['PNEUMONIA']" in msg
+
+
+def test_empty_class_folder(xray):
+    for p in (xray / "val" / "NORMAL").iterdir():
+        p.unlink()
+    (xray / "val" / "NORMAL" / ".DS_Store").write_bytes(b"\x00")  # not an image: still empty
+    msg = _error(xray_cfg(xray, "dataset.val_from_train=null"))
+    assert "class folder" in msg and "val/NORMAL is empty" in msg
+
+
+def test_on_bad_image_error_lists_the_files(xray):
+    msg = _error(xray_cfg(xray, "dataset.on_bad_image=error"))
+    assert msg.startswith("dataset.on_bad_image='error': 1 unreadable image file(s)") and "train/PNEUMONIA/corrupt.jpeg" in msg
+    assert "dataset.on_bad_image=skip" in msg
+
+
+def test_truncated_jpeg_that_passes_the_check_fails_naming_the_file(xray):
+    victim = next((xray / "test" / "NORMAL").glob("*.jpeg"))
+    data = victim.read_bytes()
+    victim.write_bytes(data[: data.index(b"\xff\xda") + 40])  # headers intact, pixel data cut
+    data = runner.build_data(xray_cfg(xray))
+    with pytest.raises(BadImageError, match=victim.name):
+        list(data.test)
+
+
+def test_checkpoint_with_another_class_count_says_so(tmp_path):
+    torch.save(tiny_cnn(num_classes=10).state_dict(), tmp_path / "t.pt")
+    with pytest.raises(ConfigError, match="the checkpoint has 10 classes, the data set has 2"):
+        load_checkpoint(tiny_cnn(num_classes=2), tmp_path / "t.pt")
+
+
+@pytest.mark.parametrize("dataset,override", [
+    ("chest_xray", "dataset.balance=oversample"),
+    ("chest_xray", "dataset.on_bad_image=ignore"),
+    ("chest_xray", "dataset.val_from_train=1.5"),
+    ("imagefolder", "dataset.num_workers=-1"),
+    ("cifar10", "dataset.download=maybe"),
+])
+def test_dataset_keys_are_validated(dataset, override):
+    cfg = compose_config([f"dataset={dataset}", override])
+    with pytest.raises(ConfigError, match=f"^{override.split('=')[0]}="):
+        validate(cfg)
