@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from distill_runner.errors import ConfigError
+from distill_runner.features import FeatureTap
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,8 @@ def fit(
 
     A recipe that is an ``nn.Module`` (adapters, auxiliary heads) is trained with the model; one
     with ``set_epoch(epoch, epochs)`` gets called before each epoch and may return the current
-    values of its schedules (temperature, weights), which are logged.
+    values of its schedules (temperature, weights), which are logged; one with
+    ``student_layers`` (module paths) gets their outputs in ``student_outputs["features"]``.
 
     Returns one dict per epoch: mean of each loss term, learning rate, validation accuracy.
     """
@@ -135,6 +137,14 @@ def fit(
     optimizer = stage.optimizer(params=[p for p in params if p.requires_grad])
     scheduler = stage.scheduler(optimizer, epochs=stage.epochs, steps_per_epoch=len(train))
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
+    forward = FeatureTap(model, getattr(recipe, "student_layers", ()))
+    try:
+        return _fit_epochs(stage, model, recipe, teacher, forward, optimizer, scheduler, scaler, train, val, device, precision, writer, checkpoint_dir, progress)
+    finally:
+        forward.remove()
+
+
+def _fit_epochs(stage, model, recipe, teacher, forward, optimizer, scheduler, scaler, train, val, device, precision, writer, checkpoint_dir, progress) -> list[dict]:
     history = []
     for epoch in range(stage.epochs):
         start = time.perf_counter()
@@ -148,7 +158,7 @@ def fit(
         for step, batch in enumerate(bar):
             batch = to_device(batch, device)
             with precision.autocast():
-                student_out = {"logits": model(batch["image"])}
+                student_out = forward(batch["image"])
                 teacher_out = teacher(batch) if teacher is not None else None
                 terms = recipe(batch, student_out, teacher_out)
             loss = sum(terms.values())

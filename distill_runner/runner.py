@@ -14,14 +14,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from distill_runner import engine, metrics as measure
+from distill_runner import engine, metrics as measure, recipes
 from distill_runner.config import validate
 from distill_runner.data import DataBundle
 from distill_runner.errors import ConfigError
 from distill_runner.losses import CrossEntropy
 from distill_runner.models import clone, count_parameters, load_checkpoint
 from distill_runner.report import ROLES, write_report
-from distill_runner.teacher import OnlineTeacher
+from distill_runner.teacher import teacher_signal
 
 log = logging.getLogger(__name__)
 
@@ -134,17 +134,24 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
 
     data = build_data(cfg)
     ctx = RunContext(cfg, data, device, precision, run_dir)
-    recipe = build(cfg.distill, "distill")
+    recipe_node, extra_teachers, teacher_weights = recipes.split_distill_node(cfg.distill)  # multi_teacher: distill.teachers
+    recipe = build(recipe_node, "distill")
     student_init = build_model(cfg.student, "student", data, cfg.seed)
+    # layer names checked, adapters/heads built, before any training (the teacher's architecture only)
+    recipes.bind(recipe, student_init, lambda: build_model(cfg.teacher, "teacher", data, cfg.seed), data)
 
     teacher, teacher_info = prepare_teacher(ctx, cfg.teacher)
+    stage_info = {"teacher": teacher_info}
+    teachers = [teacher]
+    for key, node in extra_teachers.items():
+        extra, stage_info[key] = prepare_teacher(ctx, node, key)
+        teachers.append(extra)
     student, baseline = clone(student_init), clone(student_init)  # identical initial weights
     students = schedule(cfg.trainer, "trainer")
-    stage_info = {
-        "teacher": teacher_info,
-        "distill": run_stage(ctx, engine.Stage("distill", student, recipe, teacher=OnlineTeacher(teacher), **students), "student"),
-        "baseline": run_stage(ctx, engine.Stage("baseline", baseline, CrossEntropy(), **students), "baseline"),
-    }
+    signal = teacher_signal(teachers, teacher_weights, getattr(recipe, "teacher_layers", ()))
+    stage_info["distill"] = run_stage(ctx, engine.Stage("distill", student, recipe, teacher=signal, **students), "student")
+    stage_info["distill"]["recipe_params"] = count_parameters(recipe) if isinstance(recipe, nn.Module) else 0  # adapters/heads, not shipped
+    stage_info["baseline"] = run_stage(ctx, engine.Stage("baseline", baseline, CrossEntropy(), **students), "baseline")
     models = {"teacher": teacher, "student": student, "baseline": baseline}
 
     results = evaluate(cfg, data, models, device, precision)
