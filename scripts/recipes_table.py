@@ -6,7 +6,8 @@ Each seed's ResNet-18 teacher is fine-tuned once (in the `kd` run) and reused by
 with teacher.checkpoint=<that run>/checkpoints/teacher.pt teacher.epochs=0, which gives the same
 teacher weights. Every run also trains the scratch baseline (same student init, same schedule), so
 "gain" is the KD student's test accuracy minus the baseline's, per seed, then averaged.
-Extra arguments are Hydra overrides applied to every run (e.g. trainer.epochs=2 for a smoke test).
+Extra arguments are Hydra overrides applied to every run (e.g. trainer.epochs=2 for a smoke test);
+`<recipe>:<override>` applies to that recipe's runs only (multi_teacher:distill.teachers.cnn.epochs=1).
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def main() -> None:
     for seed in args.seeds:
         teacher_ckpt = None
         for recipe in ["kd", *[r for r in args.recipes if r != "kd"]]:
-            overrides = [f"seed={seed}", f"distill={recipe}", "trainer.progress=false", *args.overrides]
+            own = [o.split(":", 1)[1] for o in args.overrides if o.startswith(f"{recipe}:")]
+            common = [o for o in args.overrides if o.split(":", 1)[0] not in RECIPES]
+            overrides = [f"seed={seed}", f"distill={recipe}", "trainer.progress=false", *common, *own]
             if teacher_ckpt is not None:
                 overrides += [f"teacher.checkpoint={teacher_ckpt}", "teacher.epochs=0"]
             run_dir = out / f"seed{seed}" / recipe
