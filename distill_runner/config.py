@@ -41,6 +41,13 @@ def _check_arch(cfg: DictConfig, node: str) -> None:
         raise ConfigError(f"{node}.model.arch", arch, "not a torchvision classification model; e.g. resnet18, mobilenet_v2, mobilenet_v3_small, or pick a config: " + node + "=<name>")
 
 
+def _decoupled_kd(cfg: DictConfig) -> bool:
+    terms = OmegaConf.select(cfg, "distill.terms", default=None)
+    if not isinstance(terms, DictConfig):
+        return False
+    return any(name == "dkd" if not isinstance(t, DictConfig) else t.get("type", name) == "dkd" for name, t in terms.items())
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first bad user-facing value."""
     _check(cfg, "seed", _is_int, "use an integer, e.g. seed=0")
@@ -74,7 +81,8 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "cache.teacher_outputs_dtype", lambda v: v in ("float16", "bfloat16", "float32"), "use float16, bfloat16 or float32")
     _check(cfg, "cache.max_teacher_outputs_mb", lambda v: _is_number(v) and v >= 0, "use a size in MB >= 0 (0 = never cache teacher outputs)")
     _check(cfg, "distill.temperature", lambda v: _is_number(v) and v > 0, "must be a number > 0 (typical values 1-8), e.g. distill.temperature=4", required=False)
-    _check(cfg, "distill.alpha", lambda v: _is_number(v) and 0 <= v <= 1, "must be in [0, 1]: the weight of the KD term (1 - alpha weights cross-entropy), e.g. distill.alpha=0.5", required=False)
+    if not _decoupled_kd(cfg):  # in DKD, alpha weights the target-class term and may exceed 1 (the recipe checks it)
+        _check(cfg, "distill.alpha", lambda v: _is_number(v) and 0 <= v <= 1, "must be in [0, 1]: the weight of the KD term (1 - alpha weights cross-entropy), e.g. distill.alpha=0.5", required=False)
 
     _check(cfg, "trainer.epochs", lambda v: _is_int(v) and v >= 1, "use an integer >= 1, e.g. trainer.epochs=10")
     _check(cfg, "trainer.device", lambda v: bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(v))), "use auto, cpu, cuda or cuda:N")

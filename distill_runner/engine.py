@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from distill_runner.errors import ConfigError
+from distill_runner.features import FeatureTap
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,8 @@ def fit(
 
     A recipe that is an ``nn.Module`` (adapters, auxiliary heads) is trained with the model; one
     with ``set_epoch(epoch, epochs)`` gets called before each epoch and may return the current
-    values of its schedules (temperature, weights), which are logged.
+    values of its schedules (temperature, weights), which are logged; one with
+    ``student_layers`` (module paths) gets their outputs in ``student_outputs["features"]``.
 
     Returns one dict per epoch: mean of each loss term, learning rate, validation accuracy.
     """
@@ -154,58 +156,62 @@ def fit(
         torch.set_rng_state(state["rng"])
         history = state["history"]
         log.info("%s: resuming after epoch %d/%d from %s", stage.name, state["epoch"], stage.epochs, last)
-    for epoch in range(len(history), stage.epochs):
-        start = time.perf_counter()
-        if hasattr(train, "set_epoch"):
-            train.set_epoch(epoch)
-        model.train()
-        schedule = recipe.set_epoch(epoch, stage.epochs) if hasattr(recipe, "set_epoch") else None
-        if hasattr(teacher, "set_epoch"):  # a replayed teacher signal follows the epoch
-            teacher.set_epoch(epoch)
-        sums: dict[str, float] = defaultdict(float)
-        seen = 0
-        bar = tqdm(train, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", leave=False, disable=not progress, dynamic_ncols=True)
-        for step, batch in enumerate(bar):
-            batch = to_device(batch, device)
-            with precision.autocast():
-                student_out = {"logits": model(batch["image"])}
-                teacher_out = teacher(batch) if teacher is not None else None
-                terms = recipe(batch, student_out, teacher_out)
-            loss = sum(terms.values())
-            if not torch.isfinite(loss):
-                values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-                raise FloatingPointError(f"non-finite loss in stage {stage.name}, epoch {epoch + 1}, batch {step}: {values}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            n = len(batch["target"])
-            seen += n
-            for k, v in terms.items():
-                sums[k] += v.item() * n
-            sums["total"] += loss.item() * n
-            bar.set_postfix(loss=f"{sums['total'] / seen:.4f}")
-        record = {f"loss/{k}": v / seen for k, v in sums.items()}
-        record["lr"] = optimizer.param_groups[0]["lr"]
-        record.update({f"schedule/{k}": v for k, v in (schedule or {}).items()})
-        record["val/acc"] = accuracy(*predict(model, val, device, precision))
-        record["epoch_time_s"] = time.perf_counter() - start
-        history.append(record)
-        if writer is not None:
-            for k, v in record.items():
-                writer.add_scalar(k, v, epoch + 1)
-            writer.flush()
-        if last is not None:
-            state = {
-                "stage": stage.name, "epoch": epoch + 1, "history": history,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": torch.get_rng_state(),
-                "recipe": recipe.state_dict() if isinstance(recipe, nn.Module) else None,
-            }
-            atomic_save(state, last)
-        losses = " ".join(f"{k.removeprefix('loss/')}={v:.4f}" for k, v in record.items() if k.startswith("loss/"))
-        log.info("%s epoch %d/%d  %s  lr=%.3g  val_acc=%.4f  (%.1fs)", stage.name, epoch + 1, stage.epochs, losses, record["lr"], record["val/acc"], record["epoch_time_s"])
+    forward = FeatureTap(model, getattr(recipe, "student_layers", ()))  # {"logits", "features"}
+    try:
+        for epoch in range(len(history), stage.epochs):
+            start = time.perf_counter()
+            if hasattr(train, "set_epoch"):
+                train.set_epoch(epoch)
+            model.train()
+            schedule = recipe.set_epoch(epoch, stage.epochs) if hasattr(recipe, "set_epoch") else None
+            if hasattr(teacher, "set_epoch"):  # a replayed teacher signal follows the epoch
+                teacher.set_epoch(epoch)
+            sums: dict[str, float] = defaultdict(float)
+            seen = 0
+            bar = tqdm(train, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", leave=False, disable=not progress, dynamic_ncols=True)
+            for step, batch in enumerate(bar):
+                batch = to_device(batch, device)
+                with precision.autocast():
+                    student_out = forward(batch["image"])
+                    teacher_out = teacher(batch) if teacher is not None else None
+                    terms = recipe(batch, student_out, teacher_out)
+                loss = sum(terms.values())
+                if not torch.isfinite(loss):
+                    values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+                    raise FloatingPointError(f"non-finite loss in stage {stage.name}, epoch {epoch + 1}, batch {step}: {values}")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                n = len(batch["target"])
+                seen += n
+                for k, v in terms.items():
+                    sums[k] += v.item() * n
+                sums["total"] += loss.item() * n
+                bar.set_postfix(loss=f"{sums['total'] / seen:.4f}")
+            record = {f"loss/{k}": v / seen for k, v in sums.items()}
+            record["lr"] = optimizer.param_groups[0]["lr"]
+            record.update({f"schedule/{k}": v for k, v in (schedule or {}).items()})
+            record["val/acc"] = accuracy(*predict(model, val, device, precision))
+            record["epoch_time_s"] = time.perf_counter() - start
+            history.append(record)
+            if writer is not None:
+                for k, v in record.items():
+                    writer.add_scalar(k, v, epoch + 1)
+                writer.flush()
+            if last is not None:
+                state = {
+                    "stage": stage.name, "epoch": epoch + 1, "history": history,
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": torch.get_rng_state(),
+                    "recipe": recipe.state_dict() if isinstance(recipe, nn.Module) else None,
+                }
+                atomic_save(state, last)
+            losses = " ".join(f"{k.removeprefix('loss/')}={v:.4f}" for k, v in record.items() if k.startswith("loss/"))
+            log.info("%s epoch %d/%d  %s  lr=%.3g  val_acc=%.4f  (%.1fs)", stage.name, epoch + 1, stage.epochs, losses, record["lr"], record["val/acc"], record["epoch_time_s"])
+    finally:
+        forward.remove()
     return history
 
 

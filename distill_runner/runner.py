@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from distill_runner import engine, metrics as measure
+from distill_runner import engine, metrics as measure, recipes
 from distill_runner.cache import Cache, CachedTeacher, baseline_key, compute_teacher_logits, digest, teacher_key
 from distill_runner.config import validate
 from distill_runner.data import DataBundle
@@ -24,7 +24,7 @@ from distill_runner.errors import ConfigError
 from distill_runner.losses import CrossEntropy
 from distill_runner.models import clone, count_parameters, load_checkpoint
 from distill_runner.report import ROLES, write_report
-from distill_runner.teacher import OnlineTeacher
+from distill_runner.teacher import teacher_signal
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +165,12 @@ def run_or_reuse(ctx: RunContext, stage: engine.Stage, checkpoint_name: str, kin
     return dict(info, cache_key=cache_key)
 
 
-def teacher_signal(ctx: RunContext, online: OnlineTeacher, teacher_id: str, recipe) -> object:
+def replayed_teacher_signal(ctx: RunContext, online, teacher_id: str, recipe) -> object:
     """The teacher signal for the distill stage: replayed from cached logits where that is exact
     (``distill.teacher_outputs=cached``), else the online teacher."""
     cfg, train = ctx.cfg, ctx.data.train
     mode = cfg.distill.get("teacher_outputs", "online")
-    if mode == "online":
+    if mode == "online" or not getattr(recipe, "needs_teacher", True):
         return online
     why_not = None
     if not getattr(train, "replayable", False):
@@ -279,19 +279,27 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
 
     data = build_data(cfg)
     ctx = RunContext(cfg, data, device, precision, run_dir)
-    recipe = build(recipe_node(cfg), "distill", **({"class_weights": data.class_weights} if data.class_weights is not None else {}))
+    recipe_cfg, extra_teachers, teacher_weights = recipes.split_distill_node(recipe_node(cfg))  # multi_teacher: distill.teachers
+    recipe = build(recipe_cfg, "distill", **({"class_weights": data.class_weights} if data.class_weights is not None else {}))
     student_init = build_model(cfg.student, "student", data, cfg.seed)
+    # layer names checked, adapters/heads built, before any training (the teacher's architecture only)
+    recipes.bind(recipe, student_init, lambda: build_model(cfg.teacher, "teacher", data, cfg.seed), data)
 
     teacher, teacher_info = prepare_teacher(ctx, cfg.teacher)
-    signal = teacher_signal(ctx, OnlineTeacher(teacher), teacher_info.get("cache_key") or teacher_key(cfg, cfg.teacher), recipe)
+    stage_info = {"teacher": teacher_info}
+    teachers, teacher_ids = [teacher], [teacher_info.get("cache_key") or teacher_key(cfg, cfg.teacher)]
+    for key, node in extra_teachers.items():
+        extra, stage_info[key] = prepare_teacher(ctx, node, key)
+        teachers.append(extra)
+        teacher_ids.append(stage_info[key].get("cache_key") or teacher_key(cfg, node))
     student, baseline = clone(student_init), clone(student_init)  # identical initial weights
     students = schedule(cfg.trainer, "trainer")
-    stage_info = {
-        "teacher": teacher_info,
-        "distill": run_stage(ctx, engine.Stage("distill", student, recipe, teacher=signal, **students), "student"),
-        # The baseline does not depend on the recipe: a sweep over KD settings trains it once.
-        "baseline": run_or_reuse(ctx, engine.Stage("baseline", baseline, CrossEntropy(class_weights=data.class_weights), **students), "baseline", "baselines", baseline_key(cfg)),
-    }
+    online = teacher_signal(teachers, teacher_weights, getattr(recipe, "teacher_layers", ()))
+    signal = replayed_teacher_signal(ctx, online, digest([teacher_ids, teacher_weights]), recipe)
+    stage_info["distill"] = run_stage(ctx, engine.Stage("distill", student, recipe, teacher=signal, **students), "student")
+    stage_info["distill"]["recipe_params"] = count_parameters(recipe) if isinstance(recipe, nn.Module) else 0  # adapters/heads, not shipped
+    # The baseline does not depend on the recipe: a sweep over KD settings trains it once.
+    stage_info["baseline"] = run_or_reuse(ctx, engine.Stage("baseline", baseline, CrossEntropy(class_weights=data.class_weights), **students), "baseline", "baselines", baseline_key(cfg))
     models = {"teacher": teacher, "student": student, "baseline": baseline}
 
     results = evaluate(cfg, data, models, device, precision)
