@@ -167,7 +167,7 @@ def export_section(export: dict) -> list[str]:
         else:
             rows.append([fmt, f"`{e['path']}`" if e.get("path") else "-", "-", "-", "-", e.get("status", "skipped")])
     return [
-        f"The {ROLE_LABELS.get(export['model'], export['model'])} exported on the CPU in fp32 and run on the whole test split "
+        f"The {ROLE_LABELS.get(export['model'], export['model'])} was exported on the CPU in fp32 and run on the whole test split "
         f"({export['runtime']}); differences are against the same model in PyTorch (fp32, CPU, test accuracy {export['reference_test_acc']:.4f}).",
         "",
         markdown_table(["format", "file", "size", "max abs logit diff", "test acc after export", "same prediction"], rows, left=2),

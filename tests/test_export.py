@@ -97,4 +97,4 @@ def test_run_with_export_then_distill_export(tmp_path, capsys):
     updated = json.loads((run_dir / "metrics.json").read_text())
     assert updated["export"]["model"] == "baseline" and updated["models"] == metrics["models"]
     assert (run_dir / "export" / "baseline.onnx").is_file()
-    assert "student (scratch) exported" in (run_dir / "report.md").read_text()
+    assert "student (scratch) was exported" in (run_dir / "report.md").read_text()
