@@ -190,7 +190,11 @@ def export_run(run_dir: str | Path, role: str = "student") -> dict:
         metrics["export"] = result
         overrides_path = run_dir / ".hydra" / "overrides.yaml"
         overrides = list(OmegaConf.load(overrides_path)) if overrides_path.is_file() else []
-        write_report(run_dir, metrics, overrides)
+        try:
+            write_report(run_dir, metrics, overrides)
+        except KeyError as exc:  # metrics.json of a run from before the current report
+            metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+            log.warning("metrics.json updated; report.md not rewritten: the run's metrics.json has no %s (written by an older distill-run)", exc)
     return result
 
 
