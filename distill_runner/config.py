@@ -89,3 +89,8 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "trainer.precision", lambda v: str(v) in PRECISIONS, f"use one of {', '.join(PRECISIONS)}")
     _check(cfg, "trainer.progress", lambda v: isinstance(v, bool), "use true or false")
     _check(cfg, "trainer.resume", lambda v: isinstance(v, (bool, str)), "use false, true (the newest unfinished run with these overrides) or a run folder", required=False)
+
+    _check(cfg, "export", lambda v: v is None or v == "onnx", "use null (no export) or onnx (ONNX + TorchScript of the KD student, checked on the test split)", required=False)
+    _check(cfg, "eval.latency_budget_s", lambda v: _is_number(v) and v > 0, "use a number of seconds > 0, e.g. eval.latency_budget_s=0.5", required=False)
+    _check(cfg, "eval.throughput_budget_s", lambda v: _is_number(v) and v > 0, "use a number of seconds > 0, e.g. eval.throughput_budget_s=2", required=False)
+    _check(cfg, "eval.cka_samples", lambda v: _is_int(v) and v >= 2, "use an integer >= 2, e.g. eval.cka_samples=2048", required=False)

@@ -1,13 +1,40 @@
-"""The run's comparison: metrics.json, report.md and the table printed at the end of a run."""
+"""The run's comparison: metrics.json, report.md (+ curves.png, confusion.png), TensorBoard and the
+table printed at the end of a run.
+
+Everything here is a function of the metrics dict, so ``distill-export`` can rewrite the report
+of a finished run from its metrics.json.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 ROLES = ("teacher", "student", "baseline")
 ROLE_LABELS = {"teacher": "teacher", "student": "student (KD)", "baseline": "student (scratch)"}
+STUDENTS = ("student", "baseline")
+MAX_CLASSES_IN_TABLES = 20  # larger confusion matrices only go to confusion.png and metrics.json
+
+
+def count(n: float) -> str:
+    """12.3G, 4.56M, 789k: multiply-adds and the like."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def megabytes(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n < 1e8 else f"{n / 1e6:.0f} MB"
+
+
+def num(v, fmt: str = ".4f") -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+HEADER = ["model", "architecture", "parameters", "size", "MACs/image", "test acc", "macro-F1", "ECE", "latency", "images/s", "speed-up"]
 
 
 def comparison_rows(metrics: dict) -> list[list[str]]:
@@ -18,18 +45,20 @@ def comparison_rows(metrics: dict) -> list[list[str]]:
             ROLE_LABELS[role],
             m["name"],
             f"{m['params']:,}",
+            megabytes(m["size_bytes"]),
+            count(m["macs"]),
             f"{m['test_acc']:.4f}",
+            num(m["macro_f1"]),
+            num(m["ece"], ".3f"),
+            f"{m['latency_ms']:.2f} ms",
             f"{m['images_per_s']:,.0f}",
             f"{m['speedup']:.1f}x",
         ])
     return rows
 
 
-HEADER = ["model", "architecture", "parameters", "test acc", "images/s", "speed-up"]
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|"]
+def markdown_table(header: list[str], rows: list[list[str]], left: int = 2) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < left else "---:" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -40,35 +69,179 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, rows)])
 
 
+def _gain_images(metrics: dict) -> str:
+    n = metrics.get("test_size")
+    if not n:
+        return ""
+    images = round(metrics["kd_gain"] * n)
+    return f" ({images:+d} of {n} test images)"
+
+
 def summary_line(metrics: dict) -> str:
-    return (
-        f"retention (student/teacher accuracy) {metrics['retention']:.3f}; "
-        f"KD gain over scratch baseline {metrics['kd_gain']:+.4f}"
+    line = (
+        f"retention (student/teacher accuracy) {num(metrics['retention'], '.3f')}; "
+        f"KD gain over scratch baseline {metrics['kd_gain']:+.4f}{_gain_images(metrics)}"
     )
+    cka = [f"{ROLE_LABELS[r]} {metrics['models'][r]['cka']['penultimate']:.3f}" for r in STUDENTS if "penultimate" in metrics["models"][r].get("cka", {})]
+    if cka:
+        line += "\nlinear CKA to the teacher (penultimate features): " + ", ".join(cka)
+    if "export" in metrics:
+        line += "\n" + export_line(metrics["export"])
+    return line
 
 
-def write_report(run_dir: str | os.PathLike, metrics: dict, overrides: list[str]) -> str:
-    """Write metrics.json and report.md into ``run_dir``; return the console table."""
-    run_dir = Path(run_dir)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    rows = comparison_rows(metrics)
+def export_line(export: dict, prefix: bool = True) -> str:
+    parts = []
+    for fmt in ("onnx", "torchscript"):
+        e = export.get(fmt, {})
+        if "max_abs_diff" in e:
+            parts.append(f"{fmt} max |logit diff| {e['max_abs_diff']:.2g}, test acc {e['test_acc']:.4f}")
+        elif e:
+            parts.append(f"{fmt} {e.get('status', 'skipped')}")
+    return (f"export ({export['model']}): " if prefix else "") + "; ".join(parts)
+
+
+def verdict(metrics: dict) -> list[str]:
+    """The answer to "should I ship the student?" as bullet points of numbers."""
+    t, s, b = (metrics["models"][r] for r in ROLES)
+    lines = [
+        f"- **Accuracy**: the KD student keeps **{num(metrics['retention'] * 100, '.1f')}%** of the teacher's test accuracy "
+        f"({s['test_acc']:.4f} vs {t['test_acc']:.4f}; macro-F1 {num(s['macro_f1'])} vs {num(t['macro_f1'])}).",
+        f"- **KD vs scratch**: accuracy {metrics['kd_gain']:+.4f}{_gain_images(metrics)}, macro-F1 {metrics['kd_gain_macro_f1']:+.4f} "
+        "over the same student trained without the teacher.",
+        f"- **Cost**: {t['params'] / s['params']:.1f}x fewer parameters, {t['size_bytes'] / s['size_bytes']:.1f}x smaller on disk, "
+        f"{t['macs'] / max(s['macs'], 1):.1f}x fewer multiply-adds per image than the teacher.",
+        f"- **Speed on {metrics['device']}**: {s['speedup']:.1f}x the teacher's throughput at batch {metrics.get('eval_batch_size', '?')}, "
+        f"{s['latency_speedup']:.1f}x lower latency at batch 1 ({s['latency_ms']:.2f} ms vs {t['latency_ms']:.2f} ms).",
+        f"- **Calibration**: ECE {num(s['ece'], '.3f')} (teacher {num(t['ece'], '.3f')}, scratch {num(b['ece'], '.3f')}).",
+    ]
+    if "penultimate" in s.get("cka", {}):
+        lines.append(f"- **Representations**: linear CKA to the teacher's penultimate features {s['cka']['penultimate']:.3f} "
+                     f"(scratch {b['cka'].get('penultimate', float('nan')):.3f}).")
+    if "export" in metrics:
+        e = metrics["export"]
+        lines.append(f"- **Export** ({ROLE_LABELS.get(e['model'], e['model'])}, PyTorch fp32 test acc {e['reference_test_acc']:.4f}): {export_line(e, prefix=False)}.")
+    else:
+        lines.append("- **Export**: not exported in this run (`export=onnx`, or `distill-export RUN_DIR` afterwards).")
+    return lines
+
+
+def per_class_table(metrics: dict) -> str:
+    names = metrics["class_names"]
+    support = metrics["models"]["teacher"]["per_class"]["support"]
+    header = ["class", "support"] + [f"{ROLE_LABELS[r]} {k}" for r in ROLES for k in ("P", "R", "F1")]
+    rows = []
+    for c, name in enumerate(names):
+        row = [str(name), str(support[c])]
+        for r in ROLES:
+            pc = metrics["models"][r]["per_class"]
+            row += [f"{pc['precision'][c]:.3f}", f"{pc['recall'][c]:.3f}", f"{pc['f1'][c]:.3f}"]
+        rows.append(row)
+    rows.append(["macro", str(sum(support))] + [x for r in ROLES for x in ("", "", num(metrics["models"][r]["macro_f1"], ".3f"))])
+    return markdown_table(header, rows, left=1)
+
+
+def confusion_table(matrix: list[list[int]], names: list[str]) -> str:
+    header = ["true \\ predicted"] + [str(n) for n in names]
+    return markdown_table(header, [[str(names[i])] + [str(v) for v in row] for i, row in enumerate(matrix)], left=1)
+
+
+def cka_table(metrics: dict) -> str:
+    keys = list(metrics["models"]["student"].get("cka", {}))
+    s_head, t_head = metrics["models"]["student"].get("penultimate_layer"), metrics["models"]["teacher"].get("penultimate_layer")
+    rows = []
+    for key in keys:
+        label = f"penultimate (input of teacher `{t_head}` ~ student `{s_head}`)" if key == "penultimate" else f"`{key}`"
+        rows.append([label] + [num(metrics["models"][r]["cka"].get(key), ".3f") for r in STUDENTS])
+    return markdown_table(["teacher ~ student features", ROLE_LABELS["student"], ROLE_LABELS["baseline"]], rows, left=1)
+
+
+def export_section(export: dict) -> list[str]:
+    rows = []
+    for fmt in ("onnx", "torchscript"):
+        e = export.get(fmt)
+        if not e:
+            continue
+        if "max_abs_diff" in e:
+            rows.append([fmt, f"`{e['path']}`", megabytes(e["size_bytes"]), f"{e['max_abs_diff']:.2g}", f"{e['test_acc']:.4f}", f"{e['agreement']:.4f}"])
+        else:
+            rows.append([fmt, f"`{e['path']}`" if e.get("path") else "-", "-", "-", "-", e.get("status", "skipped")])
+    return [
+        f"The {ROLE_LABELS.get(export['model'], export['model'])} was exported on the CPU in fp32 and run on the whole test split "
+        f"({export['runtime']}); differences are against the same model in PyTorch (fp32, CPU, test accuracy {export['reference_test_acc']:.4f}).",
+        "",
+        markdown_table(["format", "file", "size", "max abs logit diff", "test acc after export", "same prediction"], rows, left=2),
+        "",
+    ]
+
+
+DEFINITIONS = """\
+- **test acc**: share of test images whose top logit is the true class. **retention** = student / teacher
+  test accuracy; **KD gain** = KD student - scratch baseline test accuracy.
+- **P / R / F1**: per-class precision, recall and F1 on the test split; **macro-F1** is their unweighted
+  mean over the classes present in the labels or predictions. **ROC-AUC** (two-class data sets only) is
+  that of the softmax probability of class 1.
+- **ECE**: expected calibration error, 15 equal-width confidence bins: sum over bins of
+  (bin share of images) x |accuracy - mean top-softmax probability| in the bin; 0 = calibrated.
+- **size**: bytes of the saved state_dict in `checkpoints/<model>.pt` (1 MB = 10^6 bytes).
+- **MACs/image**: multiply-adds of matmuls and convolutions in one forward pass on one image, counted with
+  `torch.utils.flop_counter.FlopCounterMode` (FLOPs = 2 x MACs; elementwise ops, normalisation and pooling
+  are not counted).
+- **latency**: median wall time of a batch-1 forward pass after warm-up, repeated for a time budget
+  (`eval.latency_budget_s`); **images/s**: throughput at the evaluation batch size (median of timed
+  batches); **speed-up**: images/s relative to the teacher (the summary also gives the latency ratio).
+- **linear CKA** (Kornblith et al. 2019): similarity of the teacher's and a student's features on the same
+  test images, ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) for column-centred feature matrices;
+  1 = the same up to rotation and scale. Penultimate features are the input of each model's last
+  `nn.Linear`.
+"""
+
+
+def render_markdown(metrics: dict, overrides: list[str]) -> str:
     counts = metrics.get("class_counts", {})
+    names = metrics["class_names"]
     md = [
         f"# distill-runner report: {metrics['dataset']}",
         "",
         f"Overrides: `{' '.join(overrides) or '(none)'}`  ",
-        f"Device: {metrics['device']}, precision: {metrics['precision']}, seed: {metrics['seed']}",
+        f"Device: {metrics['device']}" + (f" ({metrics['torch_threads']} torch threads)" if "cpu" in metrics["device"] and metrics.get("torch_threads") else "")
+        + f", precision: {metrics['precision']}, seed: {metrics['seed']}",
         "",
-        markdown_table(HEADER, rows),
+        markdown_table(HEADER, comparison_rows(metrics)),
         "",
-        summary_line(metrics) + ".",
+        summary_line(metrics).replace("\n", "  \n") + ".",
         "",
-        "images/s: inference throughput at the evaluation batch size on the run's device; "
-        "speed-up: images/s relative to the teacher.",
+        "## Should you ship the student?",
         "",
+        *verdict(metrics),
+        "",
+        "## Plots",
+        "",
+        "![Training loss and validation accuracy per epoch](curves.png)",
+        "",
+        "![Confusion matrices on the test split](confusion.png)",
+        "",
+        "## Per-class metrics (test split)",
+        "",
+        per_class_table(metrics),
+        "",
+    ]
+    if metrics["num_classes"] == 2:
+        md += ["ROC-AUC: " + ", ".join(f"{ROLE_LABELS[r]} {num(metrics['models'][r]['roc_auc'])}" for r in ROLES), ""]
+    md += ["## Confusion matrices (test split; rows: true class, columns: predicted class)", ""]
+    if len(names) <= MAX_CLASSES_IN_TABLES:
+        for r in ROLES:
+            md += [f"### {ROLE_LABELS[r]}", "", confusion_table(metrics["models"][r]["confusion"], names), ""]
+    else:
+        md += [f"{len(names)} classes: see `confusion.png` and `metrics.json`.", ""]
+    if metrics["models"]["student"].get("cka"):
+        md += ["## Representation similarity (linear CKA to the teacher, test split)", "", cka_table(metrics), ""]
+    if "export" in metrics:
+        md += ["## Export", "", *export_section(metrics["export"])]
+    md += [
         "## Data",
         "",
-        f"{metrics['num_classes']} classes; images per split and class ({', '.join(metrics['class_names'])}):",
+        f"{metrics['num_classes']} classes; images per split and class ({', '.join(map(str, names))}):",
         "",
         *[f"- {split}: {c} (total {sum(c)})" for split, c in counts.items()],
         "",
@@ -79,6 +252,52 @@ def write_report(run_dir: str | os.PathLike, metrics: dict, overrides: list[str]
             for s, v in metrics["stages"].items()
         ]),
         "",
+        "## Definitions",
+        "",
+        DEFINITIONS,
     ]
-    (run_dir / "report.md").write_text("\n".join(md))
-    return text_table(HEADER, rows) + "\n" + summary_line(metrics)
+    return "\n".join(md)
+
+
+def write_report(run_dir: str | os.PathLike, metrics: dict, overrides: list[str]) -> str:
+    """Write metrics.json, report.md, curves.png and confusion.png into ``run_dir``; return the
+    console table."""
+    from distill_runner import plots
+
+    run_dir = Path(run_dir)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plots.save_curves(run_dir / "curves.png", metrics["stages"])
+    plots.save_confusions(run_dir / "confusion.png", {ROLE_LABELS[r]: metrics["models"][r]["confusion"] for r in ROLES}, metrics["class_names"])
+    (run_dir / "report.md").write_text(render_markdown(metrics, overrides))
+    return text_table(HEADER, comparison_rows(metrics)) + "\n" + summary_line(metrics)
+
+
+def final_scalars(metrics: dict) -> dict[str, float]:
+    """The run's final numbers for TensorBoard's HParams tab, as ``test/...`` tags."""
+    out = {}
+    for role in ROLES:
+        m = metrics["models"][role]
+        for key in ("test_acc", "macro_f1", "ece", "roc_auc", "latency_ms", "images_per_s", "macs", "params", "size_bytes", "speedup"):
+            out[f"test/{role}_{key.removeprefix('test_')}"] = m.get(key)
+        if role in STUDENTS:
+            out[f"test/{role}_cka"] = m.get("cka", {}).get("penultimate")
+    out.update({"test/retention": metrics["retention"], "test/kd_gain": metrics["kd_gain"]})
+    for fmt in ("onnx", "torchscript"):
+        e = metrics.get("export", {}).get(fmt, {})
+        out[f"export/{fmt}_max_abs_diff"], out[f"export/{fmt}_acc"] = e.get("max_abs_diff"), e.get("test_acc")
+    return {k: float(v) for k, v in out.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+
+
+def write_tensorboard(tb_dir: str | os.PathLike, metrics: dict, hparams: dict, overrides: list[str]) -> None:
+    """Into ``tb_dir`` itself: the run's hyperparameters and final numbers (HParams), a confusion
+    matrix figure per model (``confusion/<model>``) and the report as text (``report``)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from distill_runner import plots
+
+    with SummaryWriter(tb_dir) as writer:
+        for role in ROLES:
+            figure = plots.confusion_figure(metrics["models"][role]["confusion"], metrics["class_names"], ROLE_LABELS[role])
+            writer.add_figure(f"confusion/{role}", figure, close=False)
+        writer.add_text("report", render_markdown(metrics, overrides))
+        writer.add_hparams(hparams, final_scalars(metrics), run_name=".")

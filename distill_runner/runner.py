@@ -16,17 +16,20 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from distill_runner import engine, metrics as measure, recipes
+from distill_runner import engine, export, metrics as measure, recipes
 from distill_runner.cache import Cache, CachedTeacher, baseline_key, compute_teacher_logits, digest, teacher_key
 from distill_runner.config import validate
 from distill_runner.data import DataBundle
 from distill_runner.errors import ConfigError
 from distill_runner.losses import CrossEntropy
 from distill_runner.models import clone, count_parameters, load_checkpoint
-from distill_runner.report import ROLES, write_report
+from distill_runner.report import write_report, write_tensorboard
 from distill_runner.teacher import teacher_signal
 
 log = logging.getLogger(__name__)
+
+# eval.* keys (conf/config.yaml); configs written before they existed get these values
+EVAL_DEFAULTS = {"latency_budget_s": 0.5, "throughput_budget_s": 2.0, "cka_samples": 2048}
 
 
 def build(node: DictConfig, key: str, **kwargs):
@@ -302,7 +305,8 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     stage_info["baseline"] = run_or_reuse(ctx, engine.Stage("baseline", baseline, CrossEntropy(class_weights=data.class_weights), **students), "baseline", "baselines", baseline_key(cfg))
     models = {"teacher": teacher, "student": student, "baseline": baseline}
 
-    results = evaluate(cfg, data, models, device, precision)
+    start = time.perf_counter()
+    results = evaluate(cfg, data, models, device, precision, ctx.checkpoint_dir, measure.feature_layers(recipe))
     metrics = {
         "dataset": data.name,
         "num_classes": data.num_classes,
@@ -311,33 +315,89 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
         "device": str(device),
         "precision": precision.name,
         "seed": cfg.seed,
+        "eval_batch_size": data.test.batch_size,
+        "torch_threads": torch.get_num_threads(),
         "models": results,
-        "retention": results["student"]["test_acc"] / results["teacher"]["test_acc"],
-        "kd_gain": results["student"]["test_acc"] - results["baseline"]["test_acc"],
+        **comparison(results),
         "stages": stage_info,
-        "wall_time_s": time.perf_counter() - run_start,
     }
-    with SummaryWriter(ctx.tb_dir) as writer:
-        final = {f"test/{role}_acc": results[role]["test_acc"] for role in ROLES}
-        final.update({"test/retention": metrics["retention"], "test/kd_gain": metrics["kd_gain"]})
-        writer.add_hparams(_hparams(cfg), final, run_name=".")
+    if OmegaConf.select(cfg, "export", default=None) == "onnx":
+        metrics["export"] = export.export_and_check(student, data, run_dir / "export", "student")
+    metrics["eval_time_s"] = time.perf_counter() - start
+    metrics["wall_time_s"] = time.perf_counter() - run_start
     table = write_report(run_dir, metrics, overrides or [])
-    log.info("results on the test split:\n%s\nreport: %s", table, run_dir / "report.md")
+    write_tensorboard(ctx.tb_dir, metrics, _hparams(cfg), overrides or [])
+    log.info("results on the test split:\n%s\nreport: %s (evaluation %.1fs)", table, run_dir / "report.md", metrics["eval_time_s"])
     return metrics
 
 
-def evaluate(cfg: DictConfig, data: DataBundle, models: dict[str, nn.Module], device: torch.device, precision: engine.Precision) -> dict:
+def evaluate(
+    cfg: DictConfig,
+    data: DataBundle,
+    models: dict[str, nn.Module],
+    device: torch.device,
+    precision: engine.Precision,
+    checkpoint_dir: Path | None = None,
+    layer_pairs: list[tuple[str, str]] = (),
+) -> dict:
+    """Every model on the test split: prediction quality, size, FLOPs, speed; CKA of each student
+    to the teacher (penultimate features and each (teacher, student) layer pair of the recipe).
+
+    Sizes are those of ``checkpoint_dir/<role>.pt`` when it exists, else of a serialized state_dict.
+    """
     names = {"teacher": cfg.teacher.name, "student": cfg.student.name, "baseline": cfg.student.name}
+    settings = {k: OmegaConf.select(cfg, f"eval.{k}", default=v) for k, v in EVAL_DEFAULTS.items()}
     shape = (data.in_channels, data.image_size, data.image_size)
-    results = {}
+    results, features = {}, {}
     for role, model in models.items():
-        logits, targets = engine.predict(model.to(device), data.test, device, precision)
+        model = model.to(device)
+        layers = [pair[0 if role == "teacher" else 1] for pair in layer_pairs]
+        try:
+            head = measure.last_linear(model)[0]  # its input is the penultimate feature
+        except ValueError:  # no nn.Linear head: no penultimate CKA for this model
+            head = None
+        with measure.capture(model, layers, penultimate=head is not None, max_samples=settings["cka_samples"]) as found:
+            logits, targets = engine.predict(model, data.test, device, precision)
+        features[role] = {k: torch.cat(v) for k, v in found.items()}
+        quality = measure.classification_report(logits, targets, data.num_classes)
+        checkpoint = Path(checkpoint_dir) / f"{role}.pt" if checkpoint_dir is not None else None
+        flops = measure.flops_per_image(model, shape, device)
+        latency_s, repeats = measure.latency(model, shape, device, precision, budget_s=settings["latency_budget_s"])
         results[role] = {
             "name": names[role],
             "params": count_parameters(model),
-            "test_acc": engine.accuracy(logits, targets),
-            "images_per_s": measure.throughput(model, data.test.batch_size, shape, device, precision),
+            "size_bytes": checkpoint.stat().st_size if checkpoint is not None and checkpoint.is_file() else measure.saved_size_bytes(model),
+            "flops": flops,
+            "macs": flops // 2,
+            "test_acc": quality["accuracy"],
+            "macro_f1": quality["macro_f1"],
+            "ece": quality["ece"],
+            "roc_auc": quality["roc_auc"],
+            "per_class": quality["per_class"],
+            "confusion": quality["confusion"],
+            "latency_ms": latency_s * 1e3,
+            "latency_repeats": repeats,
+            "images_per_s": measure.throughput(model, data.test.batch_size, shape, device, precision, budget_s=settings["throughput_budget_s"]),
+            "penultimate_layer": head,
         }
-    for role in results:
-        results[role]["speedup"] = results[role]["images_per_s"] / results["teacher"]["images_per_s"]
+    teacher = results["teacher"]
+    for role, r in results.items():
+        r["speedup"] = r["images_per_s"] / teacher["images_per_s"]
+        r["latency_speedup"] = teacher["latency_ms"] / r["latency_ms"]
+        r["compression"] = teacher["params"] / r["params"]
+        if role != "teacher":  # linear CKA to the teacher, on the same test images
+            ours, theirs = features[role], features["teacher"]
+            r["cka"] = {"penultimate": measure.linear_cka(theirs["penultimate"], ours["penultimate"])} if "penultimate" in ours and "penultimate" in theirs else {}
+            r["cka"].update({f"{t} ~ {s}": measure.linear_cka(theirs[t], ours[s]) for t, s in layer_pairs})
     return results
+
+
+def comparison(results: dict) -> dict:
+    """Run-level numbers: retention = student / teacher accuracy, KD gain = student - baseline."""
+    student, baseline, teacher = results["student"], results["baseline"], results["teacher"]
+    return {
+        "retention": student["test_acc"] / teacher["test_acc"] if teacher["test_acc"] else float("nan"),
+        "kd_gain": student["test_acc"] - baseline["test_acc"],
+        "kd_gain_macro_f1": student["macro_f1"] - baseline["macro_f1"],
+        "test_size": sum(student["per_class"]["support"]),
+    }

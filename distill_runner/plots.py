@@ -1,0 +1,81 @@
+"""Figures for the run folder and TensorBoard: training curves and confusion matrices.
+
+Matplotlib is used through ``Figure`` objects and the Agg canvas only: no pyplot state, no
+display, nothing that depends on the machine's default backend.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+STAGE_LABELS = {"teacher": "teacher", "distill": "student (KD)", "baseline": "student (scratch)"}
+ANNOTATE_MAX_CLASSES = 20
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def curves_figure(stages: dict[str, dict]) -> Figure:
+    """Train loss (the sum of the stage's loss terms) and validation accuracy per epoch."""
+    fig = _figure(10, 3.8)
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for stage, info in stages.items():
+        history = info.get("history") or []
+        if not history:
+            continue
+        epochs = range(1, len(history) + 1)
+        label = STAGE_LABELS.get(stage, stage)
+        loss_ax.plot(epochs, [h.get("loss/total", float("nan")) for h in history], marker="o", label=label)
+        acc_ax.plot(epochs, [h.get("val/acc", float("nan")) for h in history], marker="o", label=label)
+    loss_ax.set(title="train loss (sum of the stage's loss terms)", xlabel="epoch", ylabel="loss")
+    acc_ax.set(title="validation accuracy", xlabel="epoch", ylabel="accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+            ax.xaxis.get_major_locator().set_params(integer=True)
+    return fig
+
+
+def _draw_confusion(ax, matrix, class_names, title: str) -> None:
+    cm = np.asarray(matrix, dtype=float)
+    rows = cm.sum(1, keepdims=True)
+    share = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)  # colour: share of the true class
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    n = len(cm)
+    if n <= ANNOTATE_MAX_CLASSES:
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    ax.text(j, i, f"{cm[i, j]:.0f}", ha="center", va="center", fontsize=7, color="white" if share[i, j] > 0.5 else "black")
+        ax.set_xticks(range(n), [str(c) for c in class_names], rotation=90 if max(map(len, map(str, class_names))) > 3 else 0)
+        ax.set_yticks(range(n), [str(c) for c in class_names])
+    ax.set(title=title, xlabel="predicted", ylabel="true")
+
+
+def confusion_figure(matrix, class_names, title: str) -> Figure:
+    size = 3 + 0.25 * min(len(matrix), 40)
+    fig = _figure(size, size)
+    _draw_confusion(fig.subplots(), matrix, class_names, title)
+    return fig
+
+
+def save_curves(path: str | os.PathLike, stages: dict[str, dict]) -> None:
+    curves_figure(stages).savefig(path, dpi=100, bbox_inches="tight")
+
+
+def save_confusions(path: str | os.PathLike, matrices: dict[str, list], class_names) -> None:
+    """One panel per model, side by side; counts in the cells, colour = share of the true class."""
+    size = 3 + 0.25 * min(len(class_names), 40)
+    fig = _figure(size * len(matrices), size)
+    axes = np.atleast_1d(fig.subplots(1, len(matrices)))
+    for ax, (title, matrix) in zip(axes, matrices.items()):
+        _draw_confusion(ax, matrix, class_names, title)
+    fig.savefig(path, dpi=100, bbox_inches="tight")

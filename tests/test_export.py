@@ -1,0 +1,100 @@
+"""Export: ONNX and TorchScript round trips, the fallback without onnxruntime, `distill-run export=onnx`
+and `distill-export RUN_DIR`."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import TINY
+from distill_runner import export
+from distill_runner.models import tiny_cnn
+from test_report import two_class_data
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return tiny_cnn(num_classes=2, hidden=16).eval(), two_class_data()
+
+
+def test_torchscript_round_trip_agrees(tiny, tmp_path):
+    model, data = tiny
+    result = export.export_and_check(model, data, tmp_path / "export", "student", formats=("torchscript",))
+    ts = result["torchscript"]
+    assert ts["path"] == "export/student.torchscript.pt" and (tmp_path / ts["path"]).is_file()
+    assert ts["max_abs_diff"] < 1e-4 and ts["agreement"] == 1.0 and ts["test_acc"] == result["reference_test_acc"]
+
+
+def test_onnx_round_trip_agrees_within_1e_4(tiny, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model, data = tiny
+    result = export.export_and_check(model, data, tmp_path / "export", "student", formats=("onnx",))
+    onnx = result["onnx"]
+    assert "status" not in onnx, onnx
+    assert onnx["max_abs_diff"] < 1e-4 and onnx["agreement"] == 1.0 and onnx["test_acc"] == result["reference_test_acc"]
+    run = export.onnx_runner(tmp_path / onnx["path"])  # the batch dimension is dynamic
+    for n in (1, 5):
+        x = torch.randn(n, 3, 16, 16)
+        with torch.inference_mode():
+            assert torch.allclose(run(x), model(x), atol=1e-4)
+
+
+def test_without_the_export_extra_torchscript_still_runs_and_onnx_says_what_to_install(tiny, tmp_path, monkeypatch):
+    model, data = tiny
+    monkeypatch.setattr(export, "missing_modules", lambda *names: list(names))  # nothing optional is installed
+    result = export.export_and_check(model, data, tmp_path / "export", "student")
+    assert result["onnx"]["path"] is None and "pip install 'distill-runner[export]'" in result["onnx"]["status"]
+    assert result["torchscript"]["max_abs_diff"] < 1e-4
+    from distill_runner.report import export_line
+
+    assert "onnx skipped: onnx, onnxscript not installed" in export_line(result)
+
+
+def test_export_failure_is_reported_not_raised(tiny, tmp_path, monkeypatch):
+    model, data = tiny
+
+    def broken(*args):
+        raise RuntimeError("unsupported operator aten::foo\nmore details")
+
+    monkeypatch.setattr(export, "export_torchscript", broken)
+    result = export.export_and_check(model, data, tmp_path / "export", "student", formats=("torchscript",))
+    assert result["torchscript"]["status"] == "failed: RuntimeError: unsupported operator aten::foo"
+
+
+def test_distill_export_on_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert export.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("distill-export: error: RUN_DIR=") and "no .hydra/config.yaml" in err and "\n" not in err
+
+
+def test_run_with_export_then_distill_export(tmp_path, capsys):
+    """One tiny `distill-run export=onnx`, then `distill-export RUN_DIR --model baseline` on its folder."""
+    pytest.importorskip("onnxruntime")
+    run_dir = tmp_path / "run"
+    small_teacher = ["teacher.model._target_=distill_runner.models.tiny_cnn", "~teacher.model.arch", "~teacher.model.small_input", "+teacher.model.hidden=64"]
+    args = [*TINY, *small_teacher, "dataset.eval_batch_size=16", "eval.latency_budget_s=0.05", "eval.throughput_budget_s=0.05", "export=onnx", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run([sys.executable, "-m", "distill_runner", *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for fmt in ("onnx", "torchscript"):
+        e = metrics["export"][fmt]
+        assert e["max_abs_diff"] < 1e-4 and e["test_acc"] == pytest.approx(metrics["export"]["reference_test_acc"])
+        assert (run_dir / e["path"]).is_file()
+    assert metrics["export"]["model"] == "student"
+    assert metrics["export"]["reference_test_acc"] == pytest.approx(metrics["models"]["student"]["test_acc"])
+    assert metrics["models"]["student"]["size_bytes"] == (run_dir / "checkpoints" / "student.pt").stat().st_size
+    assert "## Export" in (run_dir / "report.md").read_text()
+    assert (run_dir / "curves.png").is_file() and (run_dir / "confusion.png").is_file()
+    log = proc.stdout + proc.stderr
+    assert "onnxscript." not in log and "onnx_ir" not in log and "Warning" not in log  # the exporters' chatter stays out
+
+    assert export.main([str(run_dir), "--model", "baseline"]) == 0  # what the distill-export console script runs
+    assert "export (baseline): onnx max |logit diff|" in capsys.readouterr().out
+    updated = json.loads((run_dir / "metrics.json").read_text())
+    assert updated["export"]["model"] == "baseline" and updated["models"] == metrics["models"]
+    assert (run_dir / "export" / "baseline.onnx").is_file()
+    assert "student (scratch) was exported" in (run_dir / "report.md").read_text()

@@ -1,0 +1,87 @@
+"""The end-of-run evaluation on tiny models (no training) and the report written from it."""
+
+import json
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import compose_config
+from distill_runner import engine, report, runner
+from distill_runner.data import DataBundle, TensorBatches
+from distill_runner.models import clone, tiny_cnn
+
+CPU = torch.device("cpu")
+
+
+def two_class_data(n=40, size=16):
+    """Images whose class is whether their top half is brighter: learnable, and two classes for ROC-AUC."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 128, (n, 3, size, size), generator=gen, dtype=torch.uint8)
+    targets = torch.arange(n) % 2
+    images[targets == 1, :, : size // 2] += 100
+    split = lambda: TensorBatches(images, targets, batch_size=16, mean=[0.5] * 3, std=[0.25] * 3)
+    return DataBundle(split(), split(), split(), num_classes=2, class_names=["dim", "bright"], image_size=size, name="halves",
+                      class_counts={"test": [n // 2, n // 2]})
+
+
+@pytest.fixture(scope="module")
+def evaluated():
+    cfg = compose_config(["eval.latency_budget_s=0.01", "eval.throughput_budget_s=0.01"])
+    data = two_class_data()
+    torch.manual_seed(0)
+    student = tiny_cnn(num_classes=2, hidden=32)
+    models = {"teacher": clone(student), "student": student, "baseline": tiny_cnn(num_classes=2, hidden=32)}
+    pairs = [("features.1", "features.1"), ("features.0", "features.1")]
+    results = runner.evaluate(cfg, data, models, CPU, engine.resolve_precision("32", CPU), layer_pairs=pairs)
+    return cfg, data, results
+
+
+def test_evaluate_measures_every_model(evaluated):
+    cfg, data, results = evaluated
+    teacher, student, baseline = results["teacher"], results["student"], results["baseline"]
+    for r in results.values():
+        assert 0 <= r["test_acc"] <= 1 and 0 <= r["macro_f1"] <= 1 and 0 <= r["ece"] <= 1 and r["roc_auc"] is not None
+        assert r["macs"] * 2 == r["flops"] > 0 and r["size_bytes"] > 4 * r["params"] * 0.9
+        assert r["latency_ms"] > 0 and r["latency_repeats"] >= 5 and r["images_per_s"] > 0
+        assert sum(map(sum, r["confusion"])) == 40 and r["per_class"]["support"] == [20, 20]
+        assert r["penultimate_layer"] == "classifier.4"
+    # the "teacher" is a copy of the student: the same predictions and identical features
+    assert student["test_acc"] == teacher["test_acc"] and student["confusion"] == teacher["confusion"]
+    assert student["cka"]["penultimate"] == pytest.approx(1.0) and student["cka"]["features.1 ~ features.1"] == pytest.approx(1.0)
+    assert set(baseline["cka"]) == {"penultimate", "features.1 ~ features.1", "features.0 ~ features.1"}
+    assert baseline["cka"]["penultimate"] < 1 and "cka" not in teacher
+    assert teacher["speedup"] == 1 and student["compression"] == 1
+    assert json.loads(json.dumps(results)) == results  # JSON-ready
+
+
+def test_report_files_tables_and_tensorboard(evaluated, tmp_path):
+    cfg, data, results = evaluated
+    history = [{"loss/total": 1.0 - 0.1 * e, "val/acc": 0.5 + 0.1 * e} for e in range(3)]
+    stages = {s: {"epochs": 3, "final_val_acc": 0.7, "wall_time_s": 1.0, "history": history} for s in ("teacher", "distill", "baseline")}
+    metrics = {"dataset": data.name, "num_classes": 2, "class_names": data.class_names, "class_counts": data.class_counts,
+               "device": "cpu", "precision": "32", "seed": 0, "eval_batch_size": 16, "torch_threads": 2,
+               "models": results, **runner.comparison(results), "stages": stages}
+    table = report.write_report(tmp_path, metrics, ["seed=0"])
+    assert "student (KD)" in table and "MACs/image" in table and "latency" in table
+    assert "of 40 test images)" in table  # the KD gain in images
+
+    md = (tmp_path / "report.md").read_text()
+    assert "](curves.png)" in md and "](confusion.png)" in md
+    assert "## Should you ship the student?" in md and "ROC-AUC:" in md
+    assert "| true \\ predicted | dim | bright |" in md and "| bright |" in md
+    assert "`features.0 ~ features.1`" in md and "penultimate (input of teacher `classifier.4`" in md
+    assert "not exported in this run" in md
+    for png in ("curves.png", "confusion.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "metrics.json").read_text())["models"]["student"]["confusion"] == results["student"]["confusion"]
+
+    report.write_tensorboard(tmp_path / "tb", metrics, {"seed": 0}, [])
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = acc.Tags()
+    assert set(tags["images"]) == {"confusion/teacher", "confusion/student", "confusion/baseline"}
+    assert {"test/student_acc", "test/student_macro_f1", "test/student_ece", "test/student_cka", "test/teacher_latency_ms",
+            "test/student_macs", "test/student_roc_auc", "test/retention", "test/kd_gain"} <= set(tags["scalars"])
+    assert "report/text_summary" in tags["tensors"]
+
