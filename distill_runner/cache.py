@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -155,3 +156,50 @@ def compute_teacher_logits(
             bar.update()
     bar.close()
     return logits
+
+
+def replayed_teacher_signal(ctx, online, teacher_id: str, recipe) -> object:
+    """The teacher signal for the distill stage: replayed from cached logits where that is exact
+    (``distill.teacher_outputs=cached``), else the online teacher."""
+    cfg, train = ctx.cfg, ctx.data.train
+    mode = cfg.distill.get("teacher_outputs", "online")
+    if mode == "online" or not getattr(recipe, "needs_teacher", True):
+        return online
+    why_not = None
+    if not getattr(train, "replayable", False):
+        why_not = "the training loader cannot replay its augmentation"
+    elif getattr(recipe, "teacher_layers", None):
+        why_not = "the recipe needs teacher features, which are not cached"
+    else:
+        views = min(cfg.trainer.epochs, getattr(train, "distinct_epochs", None) or cfg.trainer.epochs)
+        dtype = getattr(torch, cfg.cache.teacher_outputs_dtype)
+        size_mb = views * train.num_samples * ctx.data.num_classes * dtype.itemsize / 2**20
+        if size_mb > cfg.cache.max_teacher_outputs_mb:
+            why_not = f"they would take {size_mb:.0f} MB > cache.max_teacher_outputs_mb={cfg.cache.max_teacher_outputs_mb}"
+    if why_not is not None:
+        log.info("teacher outputs: online (%s)", why_not)
+        return online
+
+    def compute() -> torch.Tensor:
+        return compute_teacher_logits(online, train, views, ctx.device, ctx.precision, dtype, progress=cfg.trainer.progress)
+
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    key = digest({"teacher": teacher_id, "dataset": dataset, "seed": cfg.seed, "views": views, "dtype": str(dtype), "precision": ctx.precision.name})
+    cache = Cache.from_config(cfg)
+    start = time.perf_counter()
+    if cache is None:
+        logits = compute()
+        source = "computed"
+    else:
+        with cache.locked("teacher_outputs", key) as path:
+            entry = cache.load(path)
+            if entry is None:
+                logits = compute()
+                cache.store(path, {"logits": logits})
+                source = f"computed and stored in {path}"
+            else:
+                logits = entry["logits"]
+                source = f"reused from {path}"
+    log.info("teacher outputs: cached, %d augmented views x %d images x %d classes as %s = %.1f MB, %s (%.1fs)",
+             views, train.num_samples, ctx.data.num_classes, cfg.cache.teacher_outputs_dtype, size_mb, source, time.perf_counter() - start)
+    return CachedTeacher(logits)

@@ -99,7 +99,7 @@ def torchvision_model(
     ImageNet stem for the small-image one: stride-1 first conv, no max-pool (3x3 conv for ResNets).
     """
     if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise ConfigError("arch", arch, f"use a torchvision classification model, e.g. resnet18, mobilenet_v2, mobilenet_v3_small")
+        raise ConfigError("arch", arch, "use a torchvision classification model, e.g. resnet18, mobilenet_v2, mobilenet_v3_small")
     if weights is not None:
         model = torchvision.models.get_model(arch, weights=None, **kwargs)
         model.load_state_dict(_pretrained_state_dict(arch, weights))

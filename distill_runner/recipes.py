@@ -31,7 +31,7 @@ from torch import nn
 
 from distill_runner.errors import ConfigError
 from distill_runner.schedules import Schedule, parse_schedule
-from distill_runner.terms import BALANCE_METHODS, TERM_TYPES, CETerm, Term, class_balance_weights, teacher_confidence_weights
+from distill_runner.terms import BALANCE_METHODS, TERM_TYPES, class_balance_weights, teacher_confidence_weights
 
 log = logging.getLogger(__name__)
 

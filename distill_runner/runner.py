@@ -17,19 +17,18 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from distill_runner import engine, export, metrics as measure, recipes
-from distill_runner.cache import Cache, CachedTeacher, baseline_key, compute_teacher_logits, digest, teacher_key
+from distill_runner.cache import Cache, baseline_key, digest, replayed_teacher_signal, teacher_key
 from distill_runner.config import validate
 from distill_runner.data import DataBundle
 from distill_runner.errors import ConfigError
 from distill_runner.losses import CrossEntropy
 from distill_runner.models import clone, count_parameters, load_checkpoint
+from distill_runner.evaluate import comparison, evaluate
 from distill_runner.report import write_report, write_tensorboard
 from distill_runner.teacher import teacher_signal
 
 log = logging.getLogger(__name__)
 
-# eval.* keys (conf/config.yaml); configs written before they existed get these values
-EVAL_DEFAULTS = {"latency_budget_s": 0.5, "throughput_budget_s": 2.0, "cka_samples": 2048}
 
 
 def build(node: DictConfig, key: str, **kwargs):
@@ -168,53 +167,6 @@ def run_or_reuse(ctx: RunContext, stage: engine.Stage, checkpoint_name: str, kin
     return dict(info, cache_key=cache_key)
 
 
-def replayed_teacher_signal(ctx: RunContext, online, teacher_id: str, recipe) -> object:
-    """The teacher signal for the distill stage: replayed from cached logits where that is exact
-    (``distill.teacher_outputs=cached``), else the online teacher."""
-    cfg, train = ctx.cfg, ctx.data.train
-    mode = cfg.distill.get("teacher_outputs", "online")
-    if mode == "online" or not getattr(recipe, "needs_teacher", True):
-        return online
-    why_not = None
-    if not getattr(train, "replayable", False):
-        why_not = "the training loader cannot replay its augmentation"
-    elif getattr(recipe, "teacher_layers", None):
-        why_not = "the recipe needs teacher features, which are not cached"
-    else:
-        views = min(cfg.trainer.epochs, getattr(train, "distinct_epochs", None) or cfg.trainer.epochs)
-        dtype = getattr(torch, cfg.cache.teacher_outputs_dtype)
-        size_mb = views * train.num_samples * ctx.data.num_classes * dtype.itemsize / 2**20
-        if size_mb > cfg.cache.max_teacher_outputs_mb:
-            why_not = f"they would take {size_mb:.0f} MB > cache.max_teacher_outputs_mb={cfg.cache.max_teacher_outputs_mb}"
-    if why_not is not None:
-        log.info("teacher outputs: online (%s)", why_not)
-        return online
-
-    def compute() -> torch.Tensor:
-        return compute_teacher_logits(online, train, views, ctx.device, ctx.precision, dtype, progress=cfg.trainer.progress)
-
-    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
-    key = digest({"teacher": teacher_id, "dataset": dataset, "seed": cfg.seed, "views": views, "dtype": str(dtype), "precision": ctx.precision.name})
-    cache = Cache.from_config(cfg)
-    start = time.perf_counter()
-    if cache is None:
-        logits = compute()
-        source = "computed"
-    else:
-        with cache.locked("teacher_outputs", key) as path:
-            entry = cache.load(path)
-            if entry is None:
-                logits = compute()
-                cache.store(path, {"logits": logits})
-                source = f"computed and stored in {path}"
-            else:
-                logits = entry["logits"]
-                source = f"reused from {path}"
-    log.info("teacher outputs: cached, %d augmented views x %d images x %d classes as %s = %.1f MB, %s (%.1fs)",
-             views, train.num_samples, ctx.data.num_classes, cfg.cache.teacher_outputs_dtype, size_mb, source, time.perf_counter() - start)
-    return CachedTeacher(logits)
-
-
 def _hparams(cfg: DictConfig) -> dict:
     flat = {}
 
@@ -306,7 +258,8 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     models = {"teacher": teacher, "student": student, "baseline": baseline}
 
     start = time.perf_counter()
-    results = evaluate(cfg, data, models, device, precision, ctx.checkpoint_dir, measure.feature_layers(recipe))
+    cache_keys = {"teacher": teacher_info.get("cache_key") if not extra_teachers else None, "baseline": stage_info["baseline"].get("cache_key")}
+    results = evaluate(cfg, data, models, device, precision, ctx.checkpoint_dir, measure.feature_layers(recipe), Cache.from_config(cfg), cache_keys)
     metrics = {
         "dataset": data.name,
         "num_classes": data.num_classes,
@@ -329,75 +282,3 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     write_tensorboard(ctx.tb_dir, metrics, _hparams(cfg), overrides or [])
     log.info("results on the test split:\n%s\nreport: %s (evaluation %.1fs)", table, run_dir / "report.md", metrics["eval_time_s"])
     return metrics
-
-
-def evaluate(
-    cfg: DictConfig,
-    data: DataBundle,
-    models: dict[str, nn.Module],
-    device: torch.device,
-    precision: engine.Precision,
-    checkpoint_dir: Path | None = None,
-    layer_pairs: list[tuple[str, str]] = (),
-) -> dict:
-    """Every model on the test split: prediction quality, size, FLOPs, speed; CKA of each student
-    to the teacher (penultimate features and each (teacher, student) layer pair of the recipe).
-
-    Sizes are those of ``checkpoint_dir/<role>.pt`` when it exists, else of a serialized state_dict.
-    """
-    names = {"teacher": cfg.teacher.name, "student": cfg.student.name, "baseline": cfg.student.name}
-    settings = {k: OmegaConf.select(cfg, f"eval.{k}", default=v) for k, v in EVAL_DEFAULTS.items()}
-    shape = (data.in_channels, data.image_size, data.image_size)
-    results, features = {}, {}
-    for role, model in models.items():
-        model = model.to(device)
-        layers = [pair[0 if role == "teacher" else 1] for pair in layer_pairs]
-        try:
-            head = measure.last_linear(model)[0]  # its input is the penultimate feature
-        except ValueError:  # no nn.Linear head: no penultimate CKA for this model
-            head = None
-        with measure.capture(model, layers, penultimate=head is not None, max_samples=settings["cka_samples"]) as found:
-            logits, targets = engine.predict(model, data.test, device, precision)
-        features[role] = {k: torch.cat(v) for k, v in found.items()}
-        quality = measure.classification_report(logits, targets, data.num_classes)
-        checkpoint = Path(checkpoint_dir) / f"{role}.pt" if checkpoint_dir is not None else None
-        flops = measure.flops_per_image(model, shape, device)
-        latency_s, repeats = measure.latency(model, shape, device, precision, budget_s=settings["latency_budget_s"])
-        results[role] = {
-            "name": names[role],
-            "params": count_parameters(model),
-            "size_bytes": checkpoint.stat().st_size if checkpoint is not None and checkpoint.is_file() else measure.saved_size_bytes(model),
-            "flops": flops,
-            "macs": flops // 2,
-            "test_acc": quality["accuracy"],
-            "macro_f1": quality["macro_f1"],
-            "ece": quality["ece"],
-            "roc_auc": quality["roc_auc"],
-            "per_class": quality["per_class"],
-            "confusion": quality["confusion"],
-            "latency_ms": latency_s * 1e3,
-            "latency_repeats": repeats,
-            "images_per_s": measure.throughput(model, data.test.batch_size, shape, device, precision, budget_s=settings["throughput_budget_s"]),
-            "penultimate_layer": head,
-        }
-    teacher = results["teacher"]
-    for role, r in results.items():
-        r["speedup"] = r["images_per_s"] / teacher["images_per_s"]
-        r["latency_speedup"] = teacher["latency_ms"] / r["latency_ms"]
-        r["compression"] = teacher["params"] / r["params"]
-        if role != "teacher":  # linear CKA to the teacher, on the same test images
-            ours, theirs = features[role], features["teacher"]
-            r["cka"] = {"penultimate": measure.linear_cka(theirs["penultimate"], ours["penultimate"])} if "penultimate" in ours and "penultimate" in theirs else {}
-            r["cka"].update({f"{t} ~ {s}": measure.linear_cka(theirs[t], ours[s]) for t, s in layer_pairs})
-    return results
-
-
-def comparison(results: dict) -> dict:
-    """Run-level numbers: retention = student / teacher accuracy, KD gain = student - baseline."""
-    student, baseline, teacher = results["student"], results["baseline"], results["teacher"]
-    return {
-        "retention": student["test_acc"] / teacher["test_acc"] if teacher["test_acc"] else float("nan"),
-        "kd_gain": student["test_acc"] - baseline["test_acc"],
-        "kd_gain_macro_f1": student["macro_f1"] - baseline["macro_f1"],
-        "test_size": sum(student["per_class"]["support"]),
-    }

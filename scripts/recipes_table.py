@@ -73,7 +73,7 @@ def main() -> None:
 
     seeds = ",".join(map(str, args.seeds))
     lines = [
-        f"| recipe | what it does | paper | config keys (`distill.`) | student acc | baseline acc | gain |",
+        "| recipe | what it does | paper | config keys (`distill.`) | student acc | baseline acc | gain |",
         "|---|---|---|---|---:|---:|---:|",
     ]
     for recipe, rows in results.items():

@@ -71,6 +71,10 @@ def test_run_reuses_teacher_and_outputs_and_reports_it(tmp_path, caplog):
     assert "computed and stored" in caplog.text and "reused from" in caplog.text
     assert first["stages"]["teacher"]["reused"] is False and second["stages"]["teacher"]["reused"] is True
     assert first["stages"]["baseline"]["reused"] is False and second["stages"]["baseline"]["reused"] is True
+    assert "reusing the evaluation of teacher" in caplog.text
+    for role in ("teacher", "baseline"):  # reused results are the stored ones, not new timings
+        assert first["models"][role]["images_per_s"] == second["models"][role]["images_per_s"]
+        assert first["models"][role]["latency_ms"] == second["models"][role]["latency_ms"]
     for role in ("teacher", "student", "baseline"):
         assert first["models"][role]["test_acc"] == second["models"][role]["test_acc"]
     a = torch.load(tmp_path / "a" / "checkpoints" / "teacher.pt", weights_only=True)
@@ -140,6 +144,7 @@ def test_multirun_trains_the_teacher_once_and_writes_the_summary(tmp_path):
     logs = "\n".join(p.read_text() for p in sweep.glob("*/*.log"))
     assert logs.count("fine-tuning teacher") == 1 and logs.count("reusing teacher") == 3
     assert logs.count("training baseline") == 1 and logs.count("reusing baseline") == 3
+    assert logs.count("reusing the evaluation of teacher") == 3 and logs.count("reusing the evaluation of baseline") == 3
     assert logs.count("stage distill:") == 4
     assert logs.count("computed and stored") == 1 and logs.count("teacher outputs: cached") == 4
     rows = (sweep / "summary.csv").read_text().splitlines()

@@ -4,7 +4,6 @@ ImageFolder; their bad-input errors; balance options; reproducible ImageFolder e
 import json
 import logging
 import shutil
-from pathlib import Path
 from urllib.error import URLError
 
 import numpy as np

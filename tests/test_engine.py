@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from distill_runner import engine
-from distill_runner.data import Augment, TensorBatches, digits, stratified_split
+from distill_runner.data import Augment, digits, stratified_split
 from distill_runner.errors import ConfigError
 from distill_runner.losses import CrossEntropy
 from distill_runner.models import tiny_cnn

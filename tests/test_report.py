@@ -7,7 +7,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import compose_config
-from distill_runner import engine, report, runner
+from distill_runner import engine, evaluate, report
 from distill_runner.data import DataBundle, TensorBatches
 from distill_runner.models import clone, tiny_cnn
 
@@ -33,7 +33,7 @@ def evaluated():
     student = tiny_cnn(num_classes=2, hidden=32)
     models = {"teacher": clone(student), "student": student, "baseline": tiny_cnn(num_classes=2, hidden=32)}
     pairs = [("features.1", "features.1"), ("features.0", "features.1")]
-    results = runner.evaluate(cfg, data, models, CPU, engine.resolve_precision("32", CPU), layer_pairs=pairs)
+    results = evaluate.evaluate(cfg, data, models, CPU, engine.resolve_precision("32", CPU), layer_pairs=pairs)
     return cfg, data, results
 
 
@@ -61,7 +61,7 @@ def test_report_files_tables_and_tensorboard(evaluated, tmp_path):
     stages = {s: {"epochs": 3, "final_val_acc": 0.7, "wall_time_s": 1.0, "history": history} for s in ("teacher", "distill", "baseline")}
     metrics = {"dataset": data.name, "num_classes": 2, "class_names": data.class_names, "class_counts": data.class_counts,
                "device": "cpu", "precision": "32", "seed": 0, "eval_batch_size": 16, "torch_threads": 2,
-               "models": results, **runner.comparison(results), "stages": stages}
+               "models": results, **evaluate.comparison(results), "stages": stages}
     table = report.write_report(tmp_path, metrics, ["seed=0"])
     assert "student (KD)" in table and "MACs/image" in table and "latency" in table
     assert "of 40 test images)" in table  # the KD gain in images

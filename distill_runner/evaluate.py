@@ -1,0 +1,115 @@
+"""The evaluate step: every model of a run on the test split (quality, size, FLOPs, speed, CKA)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from distill_runner import engine, metrics as measure
+from distill_runner.cache import Cache, digest
+from distill_runner.data import DataBundle
+from distill_runner.models import count_parameters
+
+log = logging.getLogger(__name__)
+
+# eval.* keys (conf/config.yaml); configs written before they existed get these values
+EVAL_DEFAULTS = {"latency_budget_s": 0.5, "throughput_budget_s": 2.0, "cka_samples": 2048}
+
+
+def evaluate(
+    cfg: DictConfig,
+    data: DataBundle,
+    models: dict[str, nn.Module],
+    device: torch.device,
+    precision: engine.Precision,
+    checkpoint_dir: Path | None = None,
+    layer_pairs: list[tuple[str, str]] = (),
+    cache: Cache | None = None,
+    cache_keys: dict[str, str | None] | None = None,
+) -> dict:
+    """Every model on the test split: prediction quality, size, FLOPs, speed; CKA of each student
+    to the teacher (penultimate features and each (teacher, student) layer pair of the recipe).
+
+    Sizes are those of ``checkpoint_dir/<role>.pt`` when it exists, else of a serialized state_dict.
+    A model with a cache key (a cached teacher or baseline) is evaluated once per key, device and
+    evaluation settings; the jobs of a sweep reuse its results and test-split features.
+    """
+    settings = {k: OmegaConf.select(cfg, f"eval.{k}", default=v) for k, v in EVAL_DEFAULTS.items()}
+    results, features = {}, {}
+    for role, model in models.items():
+        model = model.to(device)
+        layers = [pair[0 if role == "teacher" else 1] for pair in layer_pairs]
+        model_key = (cache_keys or {}).get(role)
+        if cache is not None and model_key is not None:
+            key = digest({"model": model_key, "role": role, "layers": layers, "settings": settings, "device": str(device), "precision": precision.name,
+                          "eval_batch_size": data.test.batch_size, "threads": torch.get_num_threads()})
+            with cache.locked("evals", key) as path:
+                entry = cache.load(path)
+                if entry is None:
+                    results[role], features[role] = _evaluate_one(cfg, role, model, data, device, precision, checkpoint_dir, layers, settings)
+                    cache.store(path, {"result": results[role], "features": features[role]})
+                else:
+                    results[role], features[role] = entry["result"], entry["features"]
+                    log.info("reusing the evaluation of %s (%s) from %s", role, model_key, path)
+        else:
+            results[role], features[role] = _evaluate_one(cfg, role, model, data, device, precision, checkpoint_dir, layers, settings)
+    teacher = results["teacher"]
+    for role, r in results.items():
+        r["speedup"] = r["images_per_s"] / teacher["images_per_s"]
+        r["latency_speedup"] = teacher["latency_ms"] / r["latency_ms"]
+        r["compression"] = teacher["params"] / r["params"]
+        if role != "teacher":  # linear CKA to the teacher, on the same test images
+            ours, theirs = features[role], features["teacher"]
+            r["cka"] = {"penultimate": measure.linear_cka(theirs["penultimate"], ours["penultimate"])} if "penultimate" in ours and "penultimate" in theirs else {}
+            r["cka"].update({f"{t} ~ {s}": measure.linear_cka(theirs[t], ours[s]) for t, s in layer_pairs})
+    return results
+
+
+def _evaluate_one(cfg, role, model, data, device, precision, checkpoint_dir, layers, settings) -> tuple[dict, dict]:
+    """One model's results and its captured test-split features."""
+    names = {"teacher": cfg.teacher.name, "student": cfg.student.name, "baseline": cfg.student.name}
+    shape = (data.in_channels, data.image_size, data.image_size)
+    try:
+        head = measure.last_linear(model)[0]  # its input is the penultimate feature
+    except ValueError:  # no nn.Linear head: no penultimate CKA for this model
+        head = None
+    with measure.capture(model, layers, penultimate=head is not None, max_samples=settings["cka_samples"]) as found:
+        logits, targets = engine.predict(model, data.test, device, precision)
+    features = {k: torch.cat(v) for k, v in found.items()}
+    quality = measure.classification_report(logits, targets, data.num_classes)
+    checkpoint = Path(checkpoint_dir) / f"{role}.pt" if checkpoint_dir is not None else None
+    flops = measure.flops_per_image(model, shape, device)
+    latency_s, repeats = measure.latency(model, shape, device, precision, budget_s=settings["latency_budget_s"])
+    result = {
+        "name": names[role],
+        "params": count_parameters(model),
+        "size_bytes": checkpoint.stat().st_size if checkpoint is not None and checkpoint.is_file() else measure.saved_size_bytes(model),
+        "flops": flops,
+        "macs": flops // 2,
+        "test_acc": quality["accuracy"],
+        "macro_f1": quality["macro_f1"],
+        "ece": quality["ece"],
+        "roc_auc": quality["roc_auc"],
+        "per_class": quality["per_class"],
+        "confusion": quality["confusion"],
+        "latency_ms": latency_s * 1e3,
+        "latency_repeats": repeats,
+        "images_per_s": measure.throughput(model, data.test.batch_size, shape, device, precision, budget_s=settings["throughput_budget_s"]),
+        "penultimate_layer": head,
+    }
+    return result, features
+
+
+def comparison(results: dict) -> dict:
+    """Run-level numbers: retention = student / teacher accuracy, KD gain = student - baseline."""
+    student, baseline, teacher = results["student"], results["baseline"], results["teacher"]
+    return {
+        "retention": student["test_acc"] / teacher["test_acc"] if teacher["test_acc"] else float("nan"),
+        "kd_gain": student["test_acc"] - baseline["test_acc"],
+        "kd_gain_macro_f1": student["macro_f1"] - baseline["macro_f1"],
+        "test_size": sum(student["per_class"]["support"]),
+    }
