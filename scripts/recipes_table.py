@@ -2,10 +2,10 @@
 
     nice -n 10 python scripts/recipes_table.py [--seeds 0 1 2] [--out outputs/recipes_table] [override ...]
 
-Each seed's ResNet-18 teacher is fine-tuned once (in the `kd` run) and reused by the other recipes
-with teacher.checkpoint=<that run>/checkpoints/teacher.pt teacher.epochs=0, which gives the same
-teacher weights. Every run also trains the scratch baseline (same student init, same schedule), so
-"gain" is the KD student's test accuracy minus the baseline's, per seed, then averaged.
+Each seed's ResNet-18 teacher, its replayable outputs and the scratch baseline (same student init,
+same schedule) are trained once and reused by the other recipes through the runner's cache
+(outputs/cache/), exactly as in a sweep. "gain" is the KD student's test accuracy minus the
+baseline's, per seed, then averaged.
 Extra arguments are Hydra overrides applied to every run (e.g. trainer.epochs=2 for a smoke test);
 `<recipe>:<override>` applies to that recipe's runs only (multi_teacher:distill.teachers.cnn.epochs=1).
 """
@@ -53,17 +53,13 @@ def main() -> None:
     results: dict[str, list[dict]] = {r: [] for r in args.recipes}
     start = time.perf_counter()
     for seed in args.seeds:
-        teacher_ckpt = None
         for recipe in ["kd", *[r for r in args.recipes if r != "kd"]]:
             own = [o.split(":", 1)[1] for o in args.overrides if o.startswith(f"{recipe}:")]
             common = [o for o in args.overrides if o.split(":", 1)[0] not in RECIPES]
             overrides = [f"seed={seed}", f"distill={recipe}", "trainer.progress=false", *common, *own]
-            if teacher_ckpt is not None:
-                overrides += [f"teacher.checkpoint={teacher_ckpt}", "teacher.epochs=0"]
             run_dir = out / f"seed{seed}" / recipe
             t0 = time.perf_counter()
             metrics = runner.run(compose_cfg(overrides), run_dir, overrides)
-            teacher_ckpt = teacher_ckpt or (run_dir / "checkpoints" / "teacher.pt").resolve()
             m = metrics["models"]
             row = {"seed": seed, "teacher": m["teacher"]["test_acc"], "student": m["student"]["test_acc"], "baseline": m["baseline"]["test_acc"]}
             if recipe in results:

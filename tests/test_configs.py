@@ -63,6 +63,23 @@ def test_user_facing_keys_exist():
     assert cfg.teacher.weights == "IMAGENET1K_V1" and cfg.teacher.checkpoint == "/tmp/x.pt"
 
 
+def test_the_wheel_ships_every_config_file(tmp_path):
+    """A plain `pip install .` must find conf/ too: build the wheel and look inside."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = CONF.parent
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(root), "-w", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("distill_runner-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for path in CONF.rglob("*.yaml"):
+        assert "distill_runner/conf/" + path.relative_to(CONF).as_posix() in names, f"{path} is not in the wheel"
+    assert "distill_runner/conf/__init__.py" in names
+
+
 def test_every_config_file_ships_in_the_package():
     shipped = resources.files("distill_runner.conf")
     for path in CONF.rglob("*.yaml"):
