@@ -22,6 +22,9 @@ def main(cfg: DictConfig) -> float:
         # One line, no traceback: the message names the key, the bad value and the fix.
         print(f"distill-run: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as exc:  # a NaN/inf loss: say where, keep the checkpoints, no traceback
+        print(f"distill-run: error: {exc}", file=sys.stderr)
+        sys.exit(3)
     # The objective for sweepers such as Optuna: validation, never test, accuracy.
     return metrics["stages"]["distill"]["final_val_acc"]
 

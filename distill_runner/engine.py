@@ -176,9 +176,10 @@ def fit(
                     teacher_out = teacher(batch) if teacher is not None else None
                     terms = recipe(batch, student_out, teacher_out)
                 loss = sum(terms.values())
-                if not torch.isfinite(loss):
+                if not torch.isfinite(loss) and not precision.use_scaler:  # fp16: the scaler skips the step
                     values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-                    raise FloatingPointError(f"non-finite loss in stage {stage.name}, epoch {epoch + 1}, batch {step}: {values}")
+                    where = f"; the last good checkpoint is {last}" if last is not None and last.is_file() else ""
+                    raise FloatingPointError(f"non-finite loss in stage {stage.name}, epoch {epoch + 1}, batch {step}: {values}{where}")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)

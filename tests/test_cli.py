@@ -86,3 +86,12 @@ def test_user_config_dir_adds_an_experiment(tmp_path):
     proc = distill_run("--config-dir", str(tmp_path / "my_conf"), "experiment=mine", "--cfg", "job", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "temperature: 7.0" in proc.stdout and "arch: mobilenet_v3_small" in proc.stdout
+
+
+def test_nan_loss_stops_with_one_line_naming_stage_epoch_batch_and_terms(tmp_path):
+    # A learning rate this large makes the KD student's loss non-finite within its first epochs.
+    proc = distill_run(*TINY, "trainer.epochs=3", "trainer.optimizer.lr=1e30", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    (line,) = [l for l in proc.stderr.splitlines() if "error" in l]
+    assert "non-finite loss in stage distill" in line and "batch" in line and "kd=" in line and "Traceback" not in proc.stderr
+    assert (tmp_path / "run" / "checkpoints" / "teacher.pt").is_file()  # finished stages are kept
