@@ -162,7 +162,7 @@ def replayed_teacher_signal(ctx, online, teacher_id: str, recipe) -> object:
     """The teacher signal for the distill stage: replayed from cached logits where that is exact
     (``distill.teacher_outputs=cached``), else the online teacher."""
     cfg, train = ctx.cfg, ctx.data.train
-    mode = cfg.distill.get("teacher_outputs", "online")
+    mode = cfg.distill.get("teacher_outputs", "cached")  # cached wherever it is exact
     if mode == "online" or not getattr(recipe, "needs_teacher", True):
         return online
     why_not = None

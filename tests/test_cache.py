@@ -162,3 +162,13 @@ def test_without_augmentation_one_view_serves_every_epoch(tmp_path, caplog):
     with caplog.at_level("INFO"):
         runner.run(compose_config(TINY + ["dataset.crop_padding=0", "trainer.epochs=3"]), tmp_path / "run")
     assert "cached, 1 augmented views" in caplog.text
+
+
+def test_logit_recipes_replay_cached_outputs_by_default_and_feature_recipes_stay_online(tmp_path, caplog):
+    with caplog.at_level("INFO"):
+        runner.run(compose_config(TINY + ["distill=dkd"]), tmp_path / "dkd")
+    assert "teacher outputs: cached" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        runner.run(compose_config(TINY + ["distill=attention", "teacher.epochs=1"]), tmp_path / "attention")
+    assert "teacher outputs: online (the recipe needs teacher features" in caplog.text
