@@ -21,8 +21,8 @@ from distill_runner.cache import Cache, baseline_key, digest, replayed_teacher_s
 from distill_runner.config import validate
 from distill_runner.data import DataBundle
 from distill_runner.errors import ConfigError
-from distill_runner.losses import CrossEntropy
 from distill_runner.evaluate import comparison, evaluate
+from distill_runner.losses import CrossEntropy
 from distill_runner.models import clone, count_parameters, load_checkpoint
 from distill_runner.report import write_report, write_tensorboard
 from distill_runner.teacher import teacher_signal
