@@ -69,10 +69,19 @@ def resolve_precision(name: str, device: torch.device, device_requested: str = "
 
 def atomic_save(obj: object, path: str | os.PathLike) -> None:
     """Write to a temp file then rename, so a crash never leaves a half-written checkpoint."""
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Text written like :func:`atomic_save`: a reader sees the old file or the whole new one."""
+    _atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
+    write(tmp)
     os.replace(tmp, path)
 
 

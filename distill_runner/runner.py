@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,14 +121,8 @@ def run_stage(ctx: RunContext, stage: engine.Stage, checkpoint_name: str) -> dic
         log.info("stage %s: skipped (0 epochs), using the model as loaded", stage.name)
     info = {"epochs": stage.epochs, "final_val_acc": history[-1]["val/acc"] if history else None, "wall_time_s": time.perf_counter() - start, "history": history}
     engine.atomic_save(stage.model.state_dict(), weights)
-    atomic_write_text(done, json.dumps(info))
+    engine.atomic_write_text(done, json.dumps(info))
     return info
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def prepare_teacher(ctx: RunContext, node: DictConfig, key: str = "teacher") -> tuple[nn.Module, dict]:
