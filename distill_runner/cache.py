@@ -22,6 +22,7 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from distill_runner import distributed
 from distill_runner.engine import Precision, atomic_save
 from distill_runner.losses import Batch, Outputs
 
@@ -42,6 +43,13 @@ def _file_identity(path: str | None) -> dict | None:
     return {"path": str(Path(path).expanduser().resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def _processes() -> dict:
+    """Training on N processes (torchrun) sees N times the batch: another result. One process adds
+    nothing, so keys of single-process runs stay as they were."""
+    n = distributed.world_size()
+    return {"processes": n} if n > 1 else {}
+
+
 def teacher_key(cfg: DictConfig, node: DictConfig) -> str:
     """What determines a fine-tuned teacher: its config (architecture, weights, checkpoint file,
     schedule), the data set and its transforms, the seed and the numeric precision."""
@@ -56,6 +64,7 @@ def teacher_key(cfg: DictConfig, node: DictConfig) -> str:
         "dataset": dataset,
         "seed": cfg.seed,
         "precision": str(cfg.trainer.precision),
+        **_processes(),
     })
 
 
@@ -67,7 +76,7 @@ def baseline_key(cfg: DictConfig) -> str:
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     dataset.pop("eval_batch_size", None)
     student = OmegaConf.to_container(cfg.student.model, resolve=True)
-    return digest({"format": FORMAT, "student": student, "trainer": trainer, "dataset": dataset, "seed": cfg.seed})
+    return digest({"format": FORMAT, "student": student, "trainer": trainer, "dataset": dataset, "seed": cfg.seed, **_processes()})
 
 
 class Cache:
@@ -86,8 +95,12 @@ class Cache:
 
     @contextmanager
     def locked(self, kind: str, key: str) -> Iterator[Path]:
-        """Hold the lock of one entry (waiting for another process that holds it)."""
+        """Hold the lock of one entry (waiting for another process that holds it). Under torchrun
+        rank 0 holds it for the group: the other ranks follow rank 0 (:meth:`load_shared`)."""
         path = self.path(kind, key)
+        if not distributed.is_main():
+            yield path
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
             yield path
@@ -102,8 +115,16 @@ class Cache:
             log.warning("cache entry %s is unreadable (%s); rebuilding it", path, exc)
             return None
 
+    def load_shared(self, path: Path) -> dict | None:
+        """:meth:`load` as rank 0 sees it, in every process (a collective under torchrun)."""
+        entry = self.load(path) if distributed.is_main() else None
+        if distributed.broadcast(entry is not None) and entry is None:
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+        return entry
+
     def store(self, path: Path, content: dict) -> None:
-        atomic_save(content, path)
+        if distributed.is_main():
+            atomic_save(content, path)
 
 
 class CachedTeacher:
@@ -144,18 +165,23 @@ def compute_teacher_logits(
     [views, N, classes]. Runs in ``precision`` (mixed precision where enabled)."""
     teacher = teacher.to(device)
     logits = None
-    bar = tqdm(total=views * len(train), desc="teacher outputs", leave=False, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=views * len(train), desc="teacher outputs", leave=False, disable=not (progress and distributed.is_main()), dynamic_ncols=True)
     for view in range(views):
         train.set_epoch(view)
-        for batch in train:
+        for batch in train:  # under torchrun: this process's shard
             with precision.autocast():
                 out = teacher({"image": batch["image"].to(device, non_blocking=True)})["logits"].float()
             if logits is None:
-                logits = torch.empty(views, train.num_samples, out.shape[1], dtype=dtype)
-            logits[view, batch["index"]] = out.to("cpu", dtype)
+                logits = torch.zeros(views, train.num_samples, out.shape[1], dtype=torch.float32)
+                filled = torch.zeros(views, train.num_samples, dtype=torch.float32)
+            logits[view, batch["index"].cpu()] = out.cpu()
+            filled[view, batch["index"].cpu()] = 1.0
             bar.update()
     bar.close()
-    return logits
+    if distributed.active():  # every process computed its shard: put them together
+        logits, filled = distributed.sum_over_processes(logits), distributed.sum_over_processes(filled)
+        logits = logits / filled.clamp_min(1)[..., None]  # shards overlap where the last one was padded
+    return logits.to(dtype)
 
 
 def replayed_teacher_signal(ctx, online, teacher_id: str, recipe) -> object:
@@ -192,7 +218,7 @@ def replayed_teacher_signal(ctx, online, teacher_id: str, recipe) -> object:
         source = "computed"
     else:
         with cache.locked("teacher_outputs", key) as path:
-            entry = cache.load(path)
+            entry = cache.load_shared(path)
             if entry is None:
                 logits = compute()
                 cache.store(path, {"logits": logits})

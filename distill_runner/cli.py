@@ -1,4 +1,9 @@
-"""``distill-run``: the Hydra entry point. Thin on purpose: the work is in :mod:`distill_runner.runner`."""
+"""``distill-run``: the Hydra entry point. Thin on purpose: the work is in :mod:`distill_runner.runner`.
+
+Under torchrun (``torchrun --nproc_per_node=N -m distill_runner ...``) every process runs this;
+processes other than rank 0 get Hydra overrides that keep them from writing anything (no run
+folder, no log file): rank 0 owns the run folder and tells the others where it is.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +13,19 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from distill_runner import distributed
 from distill_runner.errors import ConfigError
+
+SILENT_RANK = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
 
 @hydra.main(config_path="pkg://distill_runner.conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float:
+def run_from_config(cfg: DictConfig) -> float | None:
     from distill_runner.runner import run  # imported here so --help and --cfg stay fast
 
     hydra_cfg = HydraConfig.get()
     try:
-        metrics = run(cfg, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
+        metrics = run(cfg, hydra_cfg.runtime.output_dir, [o for o in hydra_cfg.overrides.task if o not in SILENT_RANK])
     except ConfigError as exc:
         # One line, no traceback: the message names the key, the bad value and the fix.
         print(f"distill-run: error: {exc}", file=sys.stderr)
@@ -25,8 +33,21 @@ def main(cfg: DictConfig) -> float:
     except FloatingPointError as exc:  # a NaN/inf loss: say where, keep the checkpoints, no traceback
         print(f"distill-run: error: {exc}", file=sys.stderr)
         sys.exit(3)
+    finally:
+        distributed.shutdown()
     # The objective for sweepers such as Optuna: validation, never test, accuracy.
-    return metrics["stages"]["distill"]["final_val_acc"]
+    return metrics["stages"]["distill"]["final_val_acc"] if metrics is not None else None
+
+
+def main() -> None:
+    if distributed.launched():
+        if {"-m", "--multirun"} & set(sys.argv[1:]):
+            print("distill-run: error: a sweep (-m) cannot run under torchrun: run the sweep with distill-run -m and one device per job, "
+                  "or launch torchrun once per configuration (see the README, 'More than one GPU')", file=sys.stderr)
+            sys.exit(2)
+        if distributed.env_rank() != 0:
+            sys.argv += SILENT_RANK
+    run_from_config()
 
 
 if __name__ == "__main__":

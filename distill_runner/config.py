@@ -15,6 +15,7 @@ from distill_runner.engine import PRECISIONS
 from distill_runner.errors import ConfigError
 
 _MISSING = object()
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _is_int(v) -> bool:
@@ -53,6 +54,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "seed", _is_int, "use an integer, e.g. seed=0")
     _check(cfg, "dataset._target_", lambda v: isinstance(v, str), "pick a data set: dataset=digits")
     _check(cfg, "dataset.batch_size", lambda v: _is_int(v) and v >= 1, "use a positive integer, e.g. dataset.batch_size=64")
+    _check(cfg, "dataset.eval_batch_size", lambda v: _is_int(v) and v >= 1, "use a positive integer, e.g. dataset.eval_batch_size=256", required=False)
     _check(cfg, "dataset.image_size", lambda v: _is_int(v) and v >= 8, "use an integer >= 8, e.g. dataset.image_size=32", required=False)
     _check(cfg, "dataset.root", lambda v: v is None or isinstance(v, str), "use a folder path, e.g. dataset.root=data/chest_xray", required=False)
     _check(cfg, "dataset.download", lambda v: isinstance(v, bool), "use true or false", required=False)
@@ -85,9 +87,16 @@ def validate(cfg: DictConfig) -> None:
         _check(cfg, "distill.alpha", lambda v: _is_number(v) and 0 <= v <= 1, "must be in [0, 1]: the weight of the KD term (1 - alpha weights cross-entropy), e.g. distill.alpha=0.5", required=False)
 
     _check(cfg, "trainer.epochs", lambda v: _is_int(v) and v >= 1, "use an integer >= 1, e.g. trainer.epochs=10")
+    for node in ("teacher", "trainer"):
+        _check(cfg, f"{node}.optimizer.lr", lambda v: _is_number(v) and v > 0, f"use a learning rate > 0, e.g. {node}.optimizer.lr=1e-3", required=False)
+        _check(cfg, f"{node}.optimizer.weight_decay", lambda v: _is_number(v) and v >= 0, f"use a number >= 0, e.g. {node}.optimizer.weight_decay=1e-4", required=False)
+        _check(cfg, f"{node}.scheduler.warmup_epochs", lambda v: _is_number(v) and 0 <= v <= cfg[node].epochs,
+               f"use a number of epochs in [0, {node}.epochs={cfg[node].epochs}], e.g. {node}.scheduler.warmup_epochs=1", required=False)
     _check(cfg, "trainer.device", lambda v: bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(v))), "use auto, cpu, cuda or cuda:N")
     _check(cfg, "trainer.precision", lambda v: str(v) in PRECISIONS, f"use one of {', '.join(PRECISIONS)}")
     _check(cfg, "trainer.progress", lambda v: isinstance(v, bool), "use true or false")
+    _check(cfg, "trainer.channels_last", lambda v: isinstance(v, bool), "use true or false", required=False)
+    _check(cfg, "trainer.compile", lambda v: isinstance(v, bool) or v in COMPILE_MODES, f"use false, true or a torch.compile mode: {', '.join(COMPILE_MODES)}", required=False)
     _check(cfg, "trainer.resume", lambda v: isinstance(v, (bool, str)), "use false, true (the newest unfinished run with these overrides) or a run folder", required=False)
 
     _check(cfg, "export", lambda v: v is None or v == "onnx", "use null (no export) or onnx (ONNX + TorchScript of the KD student, checked on the test split)", required=False)

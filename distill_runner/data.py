@@ -102,11 +102,16 @@ class TensorBatches:
         self.images, self.targets, self.sample_weights = images, targets, sample_weights
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.seed, self.epoch, self.drop_last = seed, 0, drop_last
+        self.rank, self.world_size, self.pad = 0, 1, True
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def shard(self, rank: int, world_size: int, pad: bool = True) -> None:
+        """Yield only this process's part of every epoch (see :func:`shard_order`)."""
+        self.rank, self.world_size, self.pad = rank, world_size, pad
 
     @property
     def num_samples(self) -> int:
@@ -120,7 +125,7 @@ class TensorBatches:
         return 1 if identity else None
 
     def __len__(self) -> int:
-        n = len(self.targets)
+        n = shard_size(len(self.targets), self.rank, self.world_size, self.pad)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -130,12 +135,30 @@ class TensorBatches:
             order = torch.multinomial(self.sample_weights, n, replacement=True, generator=gen)
         else:
             order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
+        order = shard_order(order, self.rank, self.world_size, self.pad)
         for i in range(len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
             images = self.images[index]
             if self.augment is not None:
                 images = self.augment(images, gen)
             yield {"image": (images.float() - self.mean) / self.std, "target": self.targets[index], "index": index}
+
+
+def shard_order(order: torch.Tensor, rank: int, world_size: int, pad: bool = True) -> torch.Tensor:
+    """This process's part of an epoch's ``order``, split as ``DistributedSampler`` splits it: every
+    process computes the same order (same seed and epoch) and takes every ``world_size``-th sample.
+    Training pads by wrapping around, so every process gets as many samples (and steps: DDP's
+    collectives line up); evaluation does not (``pad=False``), so every sample counts once."""
+    if world_size == 1:
+        return order
+    if pad:
+        total = -(-len(order) // world_size) * world_size
+        order = order[torch.arange(total) % len(order)]
+    return order[rank::world_size]
+
+
+def shard_size(n: int, rank: int, world_size: int, pad: bool = True) -> int:
+    return -(-n // world_size) if pad else len(range(rank, n, world_size))
 
 
 def stratified_split(targets: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from distill_runner import distributed
 from distill_runner.errors import ConfigError
 from distill_runner.features import FeatureTap
 
@@ -116,8 +117,27 @@ class Stage:
     teacher: Callable | None = None  # teacher signal, batch -> outputs (see distill_runner.teacher)
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def to_device(batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool = False) -> dict[str, torch.Tensor]:
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if channels_last:
+        batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+@dataclass(frozen=True)
+class Speed:
+    """Optional ways to run the same training faster (``trainer.channels_last``, ``trainer.compile``)."""
+
+    channels_last: bool = False  # NHWC activations: faster convolutions on tensor cores
+    compile: bool | str = False  # torch.compile: true, or a mode such as "max-autotune"
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """The module to call in training steps (``model`` keeps the weights either way)."""
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if self.compile:
+            return torch.compile(model, **({"mode": self.compile} if isinstance(self.compile, str) else {}))
+        return model
 
 
 def fit(
@@ -130,6 +150,7 @@ def fit(
     checkpoint_dir: Path | None = None,
     progress: bool = True,
     resume: bool = False,
+    speed: Speed = Speed(),
 ) -> list[dict]:
     """Train ``stage.model`` with ``stage.recipe``; validate and checkpoint after every epoch.
 
@@ -142,6 +163,10 @@ def fit(
     with ``set_epoch(epoch, epochs)`` gets called before each epoch and may return the current
     values of its schedules (temperature, weights), which are logged; one with
     ``student_layers`` (module paths) gets their outputs in ``student_outputs["features"]``.
+
+    Under torchrun (:mod:`distill_runner.distributed`) the model and a recipe with parameters are
+    wrapped in DistributedDataParallel, the loaders are already sharded, logged values are summed
+    over the processes and only rank 0 writes checkpoints and TensorBoard.
 
     Returns one dict per epoch: mean of each loss term, learning rate, validation accuracy.
     """
@@ -165,7 +190,10 @@ def fit(
         torch.set_rng_state(state["rng"])
         history = state["history"]
         log.info("%s: resuming after epoch %d/%d from %s", stage.name, state["epoch"], stage.epochs, last)
-    forward = FeatureTap(model, getattr(recipe, "student_layers", ()))  # {"logits", "features"}
+    step_model = distributed.wrap(speed.apply(model), device)
+    step_recipe = distributed.wrap(recipe, device) if isinstance(recipe, nn.Module) else recipe
+    forward = FeatureTap(model, getattr(recipe, "student_layers", ()), call=step_model)  # {"logits", "features"}
+    main = distributed.is_main()
     try:
         for epoch in range(len(history), stage.epochs):
             start = time.perf_counter()
@@ -177,15 +205,15 @@ def fit(
                 teacher.set_epoch(epoch)
             sums: dict[str, float] = defaultdict(float)
             seen = 0
-            bar = tqdm(train, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", leave=False, disable=not progress, dynamic_ncols=True)
+            bar = tqdm(train, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", leave=False, disable=not (progress and main), dynamic_ncols=True)
             for step, batch in enumerate(bar):
-                batch = to_device(batch, device)
+                batch = to_device(batch, device, speed.channels_last)
                 with precision.autocast():
                     student_out = forward(batch["image"])
                     teacher_out = teacher(batch) if teacher is not None else None
-                    terms = recipe(batch, student_out, teacher_out)
+                    terms = step_recipe(batch, student_out, teacher_out)
                 loss = sum(terms.values())
-                if not torch.isfinite(loss) and not precision.use_scaler:  # fp16: the scaler skips the step
+                if not precision.use_scaler and not _finite_everywhere(loss):  # fp16: the scaler skips the step
                     values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
                     where = f"; the last good checkpoint is {last}" if last is not None and last.is_file() else ""
                     raise FloatingPointError(f"non-finite loss in stage {stage.name}, epoch {epoch + 1}, batch {step}: {values}{where}")
@@ -200,17 +228,18 @@ def fit(
                     sums[k] += v.item() * n
                 sums["total"] += loss.item() * n
                 bar.set_postfix(loss=f"{sums['total'] / seen:.4f}")
-            record = {f"loss/{k}": v / seen for k, v in sums.items()}
+            totals = distributed.sum_over_processes(torch.tensor([*sums.values(), seen], dtype=torch.float64)).tolist()
+            record = {f"loss/{k}": v / totals[-1] for k, v in zip(sums, totals)}
             record["lr"] = optimizer.param_groups[0]["lr"]
             record.update({f"schedule/{k}": v for k, v in (schedule or {}).items()})
-            record["val/acc"] = accuracy(*predict(model, val, device, precision))
+            record["val/acc"] = accuracy(*predict(model, val, device, precision), over_processes=True)
             record["epoch_time_s"] = time.perf_counter() - start
             history.append(record)
-            if writer is not None:
+            if writer is not None and main:
                 for k, v in record.items():
                     writer.add_scalar(k, v, epoch + 1)
                 writer.flush()
-            if last is not None:
+            if last is not None and main:
                 state = {
                     "stage": stage.name, "epoch": epoch + 1, "history": history,
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -223,6 +252,13 @@ def fit(
     finally:
         forward.remove()
     return history
+
+
+def _finite_everywhere(loss: torch.Tensor) -> bool:
+    """The loss is finite here and, under torchrun, in every process (so that all of them stop
+    together instead of leaving the others waiting in the next gradient all-reduce)."""
+    finite = torch.isfinite(loss.detach()).float()
+    return bool(distributed.sum_over_processes(finite.cpu()).item() == distributed.world_size())
 
 
 @torch.inference_mode()
@@ -242,5 +278,9 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, precision:
     return torch.cat(logits), torch.cat(targets)
 
 
-def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    return (logits.argmax(1) == targets).float().mean().item() if len(targets) else float("nan")
+def accuracy(logits: torch.Tensor, targets: torch.Tensor, over_processes: bool = False) -> float:
+    """Top-1 accuracy; ``over_processes``: of the samples of all processes (each predicted its shard)."""
+    counts = torch.tensor([(logits.argmax(1) == targets).sum().item() if len(targets) else 0, len(targets)], dtype=torch.float64)
+    if over_processes:
+        counts = distributed.sum_over_processes(counts)
+    return (counts[0] / counts[1]).item() if counts[1] else float("nan")

@@ -31,8 +31,9 @@ def check_layer(model: nn.Module, name: str, key: str, role: str) -> None:
 class FeatureTap:
     """Call the model and collect the outputs of the named modules."""
 
-    def __init__(self, model: nn.Module, layers: Sequence[str] = ()):
-        self.model, self.layers = model, tuple(dict.fromkeys(layers))
+    def __init__(self, model: nn.Module, layers: Sequence[str] = (), call: nn.Module | None = None):
+        """``call``: what to run instead of ``model`` itself, e.g. it wrapped in DDP or compiled."""
+        self.model, self.layers = (call if call is not None else model), tuple(dict.fromkeys(layers))
         self._store: dict[str, torch.Tensor] | None = None
         self._handles = []
         modules = dict(model.named_modules())

@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from torchvision import datasets, transforms
 
-from distill_runner.data import BALANCE, DataBundle, balance_weights, check_choice, stratified_split, take_per_class
+from distill_runner.data import BALANCE, DataBundle, balance_weights, check_choice, shard_order, shard_size, stratified_split, take_per_class
 from distill_runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -91,9 +91,10 @@ class _EpochSampler(Sampler):
 
     def __init__(self, n: int, shuffle: bool, seed: int, weights: torch.Tensor | None = None):
         self.n, self.shuffle, self.seed, self.weights, self.epoch = n, shuffle, seed, weights, 0
+        self.rank, self.world_size, self.pad = 0, 1, True
 
     def __len__(self) -> int:
-        return self.n
+        return shard_size(self.n, self.rank, self.world_size, self.pad)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -104,7 +105,8 @@ class _EpochSampler(Sampler):
         else:
             order = torch.arange(self.n)
         seeds = torch.randint(0, 2**62, (self.n,), generator=gen)
-        return iter(zip(order.tolist(), seeds.tolist()))
+        mine = shard_order(torch.arange(self.n), self.rank, self.world_size, self.pad)  # DDP: this process's positions
+        return iter(zip(order[mine].tolist(), seeds[mine].tolist()))
 
 
 class FolderBatches:
@@ -129,6 +131,10 @@ class FolderBatches:
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.epoch = epoch
+
+    def shard(self, rank: int, world_size: int, pad: bool = True) -> None:
+        """Load only this process's part of every epoch (DDP; see :func:`data.shard_order`)."""
+        self.sampler.rank, self.sampler.world_size, self.sampler.pad = rank, world_size, pad
 
     def __len__(self) -> int:
         return len(self.loader)

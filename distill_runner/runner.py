@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from distill_runner import engine, export, metrics as measure, recipes
+from distill_runner import distributed, engine, export, metrics as measure, recipes, storage
 from distill_runner.cache import Cache, baseline_key, digest, replayed_teacher_signal, teacher_key
 from distill_runner.config import validate
 from distill_runner.data import DataBundle
@@ -83,6 +84,7 @@ class RunContext:
     device: torch.device
     precision: engine.Precision
     run_dir: Path
+    speed: engine.Speed = engine.Speed()
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -107,7 +109,7 @@ def run_stage(ctx: RunContext, stage: engine.Stage, checkpoint_name: str) -> dic
     start = time.perf_counter()
     weights, done = ctx.checkpoint_dir / f"{checkpoint_name}.pt", ctx.checkpoint_dir / f"{checkpoint_name}.json"
     resume = bool(ctx.cfg.trainer.get("resume", False))
-    if resume and done.is_file() and weights.is_file():
+    if resume and distributed.broadcast(done.is_file() and weights.is_file()):
         stage.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         log.info("stage %s: finished before, loaded from %s", stage.name, weights)
         return json.loads(done.read_text())
@@ -115,13 +117,15 @@ def run_stage(ctx: RunContext, stage: engine.Stage, checkpoint_name: str) -> dic
     if stage.epochs > 0:
         log.info("stage %s: %d epochs, %s, %s parameters", stage.name, stage.epochs, type(stage.recipe).__name__, f"{count_parameters(stage.model):,}")
         torch.manual_seed(ctx.cfg.seed)
-        with SummaryWriter(ctx.tb_dir / stage.name) as writer:
-            history = engine.fit(stage, ctx.data.train, ctx.data.val, ctx.device, ctx.precision, writer, ctx.checkpoint_dir, progress=ctx.cfg.trainer.progress, resume=resume)
+        with SummaryWriter(ctx.tb_dir / stage.name) if distributed.is_main() else nullcontext() as writer:
+            history = engine.fit(stage, ctx.data.train, ctx.data.val, ctx.device, ctx.precision, writer, ctx.checkpoint_dir,
+                                 progress=ctx.cfg.trainer.progress, resume=resume, speed=ctx.speed)
     else:
         log.info("stage %s: skipped (0 epochs), using the model as loaded", stage.name)
     info = {"epochs": stage.epochs, "final_val_acc": history[-1]["val/acc"] if history else None, "wall_time_s": time.perf_counter() - start, "history": history}
-    engine.atomic_save(stage.model.state_dict(), weights)
-    engine.atomic_write_text(done, json.dumps(info))
+    if distributed.is_main():
+        engine.atomic_save(stage.model.state_dict(), weights)
+        engine.atomic_write_text(done, json.dumps(info))
     return info
 
 
@@ -145,11 +149,12 @@ def run_or_reuse(ctx: RunContext, stage: engine.Stage, checkpoint_name: str, kin
     if cache is None:
         return run_stage(ctx, stage, checkpoint_name)
     start = time.perf_counter()
-    with cache.locked(kind, cache_key) as path:
-        entry = cache.load(path)
+    with cache.locked(kind, cache_key) as path:  # under torchrun: rank 0 looks, all train or load
+        entry = cache.load_shared(path)
         if entry is not None:
             stage.model.load_state_dict(entry["model"])
-            engine.atomic_save(stage.model.state_dict(), ctx.checkpoint_dir / f"{checkpoint_name}.pt")
+            if distributed.is_main():
+                engine.atomic_save(stage.model.state_dict(), ctx.checkpoint_dir / f"{checkpoint_name}.pt")
             info = dict(entry["info"], reused=True, wall_time_s=time.perf_counter() - start)
             log.info("reusing %s %s from %s (trained before: same config, data and seed)", stage.name, cache_key, path)
         else:
@@ -157,6 +162,22 @@ def run_or_reuse(ctx: RunContext, stage: engine.Stage, checkpoint_name: str, kin
             info = dict(run_stage(ctx, stage, checkpoint_name), reused=False)
             cache.store(path, {"model": stage.model.state_dict(), "info": info})
     return dict(info, cache_key=cache_key)
+
+
+def check_room(ctx: RunContext, student: nn.Module, extra_teachers: dict) -> None:
+    """Before training: the run folder and the cache are writable and their disks hold what the run
+    will write (checkpoints of every stage, cached teachers and teacher outputs)."""
+    cfg = ctx.cfg
+    teacher_params = count_parameters(build_model(cfg.teacher, "teacher", ctx.data, cfg.seed))
+    teachers = teacher_params * (1 + len(extra_teachers))
+    run_bytes = storage.checkpoint_bytes(teachers) + 2 * storage.checkpoint_bytes(count_parameters(student))
+    storage.check_writable(ctx.run_dir, "hydra.run.dir")
+    storage.check_free_space(ctx.run_dir, run_bytes, "hydra.run.dir", "checkpoints of the teacher, the student and the baseline")
+    cache = Cache.from_config(cfg)
+    if cache is not None:
+        outputs_mb = min(cfg.cache.max_teacher_outputs_mb, getattr(ctx.data.train, "num_samples", 0) * cfg.trainer.epochs * ctx.data.num_classes * 4 / 2**20)
+        storage.check_writable(cache.root, "cache.dir")
+        storage.check_free_space(cache.root, 4 * teachers + int(outputs_mb * 2**20), "cache.dir", "fine-tuned teachers and their outputs")
 
 
 def _hparams(cfg: DictConfig) -> dict:
@@ -210,27 +231,44 @@ def resume_dir(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
     return found
 
 
-def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict:
-    """Run the whole experiment into ``run_dir``; return the metrics written to metrics.json."""
+def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> dict | None:
+    """Run the whole experiment into ``run_dir``; return the metrics written to metrics.json.
+
+    Under torchrun every process trains; rank 0 alone evaluates and writes (the others return None).
+    """
     validate(cfg)
     run_start = time.perf_counter()
+    device = distributed.init(engine.resolve_device(cfg.trainer.device))
     run_dir = Path(run_dir)
-    if cfg.trainer.get("resume", False):
+    if cfg.trainer.get("resume", False) and distributed.is_main():
         run_dir = resume_dir(cfg, run_dir, list(overrides or []))
         log.info("resuming the run in %s", run_dir)
-    device = engine.resolve_device(cfg.trainer.device)
+    run_dir = distributed.broadcast(run_dir)  # the folders of ranks > 0 are not used
     precision = engine.resolve_precision(cfg.trainer.precision, device, cfg.trainer.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     log.info("run folder %s; device %s, precision %s, seed %d", run_dir, device, precision.name, cfg.seed)
 
     data = build_data(cfg)
-    ctx = RunContext(cfg, data, device, precision, run_dir)
+    if distributed.active():  # every process trains on its part of each epoch and validates on its part of val
+        data.train.shard(distributed.rank(), distributed.world_size(), pad=True)
+        data.val.shard(distributed.rank(), distributed.world_size(), pad=False)
+    speed = engine.Speed(channels_last=cfg.trainer.get("channels_last", False), compile=cfg.trainer.get("compile", False))
+    ctx = RunContext(cfg, data, device, precision, run_dir, speed)
     recipe_cfg, extra_teachers, teacher_weights = recipes.split_distill_node(recipe_node(cfg))  # multi_teacher: distill.teachers
     recipe = build(recipe_cfg, "distill", **({"class_weights": data.class_weights} if data.class_weights is not None else {}))
     student_init = build_model(cfg.student, "student", data, cfg.seed)
     # layer names checked, adapters/heads built, before any training (the teacher's architecture only)
     recipes.bind(recipe, student_init, lambda: build_model(cfg.teacher, "teacher", data, cfg.seed), data)
+    problem = None
+    if distributed.is_main():
+        try:
+            check_room(ctx, student_init, extra_teachers)
+        except ConfigError as exc:
+            problem = (exc.key, exc.value, exc.fix)
+    problem = distributed.broadcast(problem)
+    if problem is not None:  # every process stops, not only rank 0
+        raise ConfigError(*problem)
 
     teacher, teacher_info = prepare_teacher(ctx, cfg.teacher)
     stage_info = {"teacher": teacher_info}
@@ -248,6 +286,8 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     # The baseline does not depend on the recipe: a sweep over KD settings trains it once.
     stage_info["baseline"] = run_or_reuse(ctx, engine.Stage("baseline", baseline, CrossEntropy(class_weights=data.class_weights), **students), "baseline", "baselines", baseline_key(cfg))
     models = {"teacher": teacher, "student": student, "baseline": baseline}
+    if not distributed.is_main():
+        return None
 
     start = time.perf_counter()
     cache_keys = {"teacher": teacher_info.get("cache_key") if not extra_teachers else None, "baseline": stage_info["baseline"].get("cache_key")}
@@ -258,6 +298,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
         "class_names": data.class_names,
         "class_counts": data.class_counts,
         "device": str(device),
+        "processes": distributed.world_size(),
         "precision": precision.name,
         "seed": cfg.seed,
         "eval_batch_size": data.test.batch_size,

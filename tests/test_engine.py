@@ -126,3 +126,15 @@ def test_digits_split_is_stratified_seeded_and_disjoint():
     data = digits()
     assert sum(map(sum, data.class_counts.values())) == 1797
     assert data.train.images.shape[1:] == (3, 32, 32) and data.num_classes == 10
+
+
+@pytest.mark.parametrize("speed", [engine.Speed(channels_last=True), engine.Speed(compile=True)], ids=["channels_last", "compile"])
+def test_speed_options_train_the_same_model(small_digits, speed):
+    plain = engine.fit(_stage(small_digits, epochs=2), small_digits.train, small_digits.val, CPU, engine.resolve_precision("32", CPU), progress=False)
+    stage = _stage(small_digits, epochs=2)
+    fast = engine.fit(stage, small_digits.train, small_digits.val, CPU, engine.resolve_precision("32", CPU), progress=False, speed=speed)
+    for a, b in zip(plain, fast):  # same arithmetic up to kernel order
+        assert b["loss/ce"] == pytest.approx(a["loss/ce"], rel=1e-3)
+        assert b["val/acc"] == pytest.approx(a["val/acc"], abs=0.02)
+    if speed.channels_last:
+        assert stage.model.features[0][0].weight.is_contiguous(memory_format=torch.channels_last)
