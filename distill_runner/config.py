@@ -97,7 +97,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "trainer.progress", lambda v: isinstance(v, bool), "use true or false")
     _check(cfg, "trainer.channels_last", lambda v: isinstance(v, bool), "use true or false", required=False)
     _check(cfg, "trainer.compile", lambda v: isinstance(v, bool) or v in COMPILE_MODES, f"use false, true or a torch.compile mode: {', '.join(COMPILE_MODES)}", required=False)
-    _check(cfg, "trainer.resume", lambda v: isinstance(v, (bool, str)), "use false, true (the newest unfinished run with these overrides) or a run folder", required=False)
+    _check(cfg, "trainer.resume", lambda v: isinstance(v, (bool, str)), "use false, true (the newest unfinished run with these overrides), auto (this run folder: continue it if it holds checkpoints, else start) or a run folder", required=False)
 
     _check(cfg, "export", lambda v: v is None or v == "onnx", "use null (no export) or onnx (ONNX + TorchScript of the KD student, checked on the test split)", required=False)
     _check(cfg, "eval.latency_budget_s", lambda v: _is_number(v) and v > 0, "use a number of seconds > 0, e.g. eval.latency_budget_s=0.5", required=False)

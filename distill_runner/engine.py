@@ -155,7 +155,8 @@ def fit(
     """Train ``stage.model`` with ``stage.recipe``; validate and checkpoint after every epoch.
 
     The checkpoint ``<checkpoint_dir>/<stage>_last.pt`` holds everything needed to continue:
-    model, recipe modules, optimizer, LR scheduler, gradient scaler, RNG state, epoch and history.
+    model, recipe modules, optimizer, LR scheduler, gradient scaler, RNG state, epoch and history;
+    ``<stage>_best.pt`` the weights of the epoch with the best validation accuracy so far.
     With ``resume``, training continues after the last completed epoch it records; batch order
     and augmentation come from (seed, epoch), so the result equals an uninterrupted run.
 
@@ -247,6 +248,8 @@ def fit(
                     "recipe": recipe.state_dict() if isinstance(recipe, nn.Module) else None,
                 }
                 atomic_save(state, last)
+                if record["val/acc"] >= max(h["val/acc"] for h in history):  # the best epoch so far (ties: the later)
+                    atomic_save({"model": model.state_dict(), "epoch": epoch + 1, "val_acc": record["val/acc"]}, last.with_name(f"{stage.name}_best.pt"))
             losses = " ".join(f"{k.removeprefix('loss/')}={v:.4f}" for k, v in record.items() if k.startswith("loss/"))
             log.info("%s epoch %d/%d  %s  lr=%.3g  val_acc=%.4f  (%.1fs)", stage.name, epoch + 1, stage.epochs, losses, record["lr"], record["val/acc"], record["epoch_time_s"])
     finally:

@@ -201,8 +201,11 @@ def _without_resume(items) -> list:
 def resume_dir(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
     """The run folder to continue: ``trainer.resume=PATH``, or with ``true`` this run's folder if it
     holds checkpoints, else the newest unfinished run under the same outputs folder started with
-    the same overrides. Its config must equal this one (but for ``trainer.resume``)."""
+    the same overrides. Its config must equal this one (but for ``trainer.resume``). With ``auto``:
+    this run's folder, whatever it holds (a fixed ``hydra.run.dir``, a requeued Slurm job)."""
     resume = cfg.trainer.get("resume", False)
+    if resume == "auto":
+        return run_dir
     if resume is True:
         if (run_dir / "checkpoints").is_dir():
             found = run_dir
@@ -242,7 +245,8 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     run_dir = Path(run_dir)
     if cfg.trainer.get("resume", False) and distributed.is_main():
         run_dir = resume_dir(cfg, run_dir, list(overrides or []))
-        log.info("resuming the run in %s", run_dir)
+        has_checkpoints = (run_dir / "checkpoints").is_dir()
+        log.info("%s %s", "resuming the run in" if has_checkpoints else "nothing to resume yet (trainer.resume=auto): starting in", run_dir)
     run_dir = distributed.broadcast(run_dir)  # the folders of ranks > 0 are not used
     precision = engine.resolve_precision(cfg.trainer.precision, device, cfg.trainer.device)
     if device.type == "cuda":

@@ -52,6 +52,8 @@ def test_fit_learns_and_logs_every_epoch(small_digits, precision, tmp_path):
     assert set(history[0]) >= {"loss/ce", "loss/total", "lr", "val/acc"}
     state = torch.load(tmp_path / "test_last.pt", weights_only=True)
     assert state["epoch"] == 3 and {"model", "optimizer", "scheduler", "scaler"} <= set(state)
+    best = torch.load(tmp_path / "test_best.pt", weights_only=True)
+    assert best["val_acc"] == max(h["val/acc"] for h in history) and 1 <= best["epoch"] <= 3
 
 
 def test_non_finite_loss_stops_with_stage_epoch_batch_and_terms(small_digits):

@@ -60,3 +60,16 @@ def test_resume_with_another_config_is_refused(tmp_path):
 def test_resume_true_without_an_unfinished_run_says_how(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "distill_runner", *TINY, "trainer.resume=true"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode != 0 and "trainer.resume=True: no unfinished run" in proc.stderr
+
+
+def test_resume_auto_starts_fresh_then_continues_the_same_folder(tmp_path):
+    """What a requeued Slurm job does: the same command, the same fixed run folder."""
+    cmd = [sys.executable, "-m", "distill_runner", *TINY, "trainer.resume=auto", f"hydra.run.dir={tmp_path / 'run'}"]
+    first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    log = next((tmp_path / "run").glob("*.log"))
+    assert "nothing to resume yet (trainer.resume=auto)" in log.read_text()
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    text = log.read_text()
+    assert "resuming the run in" in text and "stage distill: finished before" in text and "reusing baseline" in text
