@@ -152,7 +152,7 @@ def compute_teacher_logits(
                 out = teacher({"image": batch["image"].to(device, non_blocking=True)})["logits"].float()
             if logits is None:
                 logits = torch.empty(views, train.num_samples, out.shape[1], dtype=dtype)
-            logits[view, batch["index"]] = out.to("cpu", dtype)
+            logits[view, batch["index"].cpu()] = out.to("cpu", dtype)  # the loader may serve batches on the device
             bar.update()
     bar.close()
     return logits

@@ -49,6 +49,7 @@ def recipe_node(cfg: DictConfig) -> DictConfig:
 
 def build_data(cfg: DictConfig) -> DataBundle:
     data = build(cfg.dataset, "dataset", seed=cfg.seed)
+    data.place(engine.resolve_device(cfg.trainer.device), OmegaConf.select(cfg, "data.on_device", default="auto"))
     log.info("data %s: %d classes, image %dx%d, train/val/test %s", data.name, data.num_classes, data.image_size, data.image_size,
              "/".join(str(sum(c)) for c in data.class_counts.values()))
     names = ", ".join(data.class_names) if data.num_classes <= 20 else f"{data.num_classes} classes"

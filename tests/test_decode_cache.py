@@ -1,6 +1,7 @@
 """The decoded-image store: the same pixels as PIL decoding, invalidated by changed files,
-rebuilt when damaged, built once by concurrent jobs."""
+rebuilt when damaged, built once by concurrent jobs, and a fallback to PIL when the disk is full."""
 
+import errno
 import logging
 import multiprocessing as mp
 import os
@@ -12,8 +13,13 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from distill_runner import decode_cache
-
+from conftest import TINY, compose_config
+from distill_runner import decode_cache, runner
+from distill_runner.config import validate
+from distill_runner.data import TensorBatches
+from distill_runner.errors import ConfigError
+from distill_runner.imagefolder import FolderBatches, imagefolder
+from fake_data import make_xray_folder
 
 SIZE = 24
 
@@ -58,6 +64,18 @@ def test_store_holds_the_pixels_pil_decodes(tmp_path, color):
             assert np.array_equal(got, expected), f
         else:  # the same decoder: JPEG decoding tolerance (exact in practice)
             assert np.abs(got.astype(int) - expected).max() <= 1, f
+
+
+def test_store_backed_bundle_equals_the_pil_path(tmp_path):
+    root = make_xray_folder(tmp_path / "xray")
+    stored = imagefolder(root=str(root), image_size=SIZE, num_workers=0, progress=False)
+    pil = imagefolder(root=str(root), image_size=SIZE, num_workers=0, decode_cache=False)
+    assert isinstance(stored.train, TensorBatches) and isinstance(pil.train, FolderBatches)
+    assert stored.train.images.shape[1] == 1  # gray JPEGs and the equal-channel RGB/RGBA PNGs
+    assert stored.class_counts == pil.class_counts and stored.fingerprint == pil.fingerprint
+    for split in ("val", "test"):
+        a, b = [torch.cat([batch[k] for batch in getattr(d, split)]) for d in (stored, pil) for k in ("image",)]
+        assert a.shape[1] == 3 and torch.equal(a, b)
 
 
 def test_changed_added_or_removed_files_give_a_new_store(tmp_path, caplog):
@@ -134,3 +152,78 @@ def test_two_processes_building_the_same_store_make_one(tmp_path):
     left = sorted(p.name for p in (tmp_path / "store").iterdir())
     key = outcomes[0][1]
     assert left == [f"{key}.json", f"{key}.lock", f"{key}.u8"]
+
+
+@pytest.mark.parametrize("how", ["while_writing", "up_front"])
+def test_full_disk_warns_and_falls_back_to_pil_leaving_nothing(tmp_path, monkeypatch, caplog, how):
+    root = make_xray_folder(tmp_path / "xray")
+    if how == "while_writing":
+        def full(f, chunk):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(decode_cache, "_write", full)
+    else:
+        real = decode_cache.shutil.disk_usage
+        monkeypatch.setattr(decode_cache.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with caplog.at_level(logging.INFO):
+        data = imagefolder(root=str(root), image_size=SIZE, num_workers=0, store_dir=str(tmp_path / "store"), progress=False)
+    assert isinstance(data.train, FolderBatches)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "decoded-image store" in r.getMessage()]
+    assert str(tmp_path / "store") in warning and "it needs 0.0 MB" in warning and "are free" in warning and "decoding with PIL on the fly" in warning
+    assert [p.suffix for p in (tmp_path / "store").iterdir()] == [".lock"]  # no partial store, no temp file
+    assert next(iter(data.test))["image"].shape == (6, 3, SIZE, SIZE)
+
+
+def xray_cfg(root, *extra):
+    return compose_config([*TINY, "dataset.image_size=24", "teacher.weights=null", f"dataset.root={root}", "dataset.num_workers=0", *extra], experiment="xray_kd")
+
+
+def test_decode_cache_switch_picks_the_loader(tmp_path):
+    root = make_xray_folder(tmp_path / "xray")
+    assert isinstance(runner.build_data(xray_cfg(root)).train, TensorBatches)
+    assert isinstance(runner.build_data(xray_cfg(root, "data.decode_cache=false")).train, FolderBatches)
+    assert list((tmp_path / "outputs" / "cache" / "decoded").glob("*.u8"))  # under ${cache.dir}/decoded
+
+
+def test_store_backed_xray_runs_replay_teacher_outputs(tmp_path, caplog):
+    root = make_xray_folder(tmp_path / "xray")
+    with caplog.at_level(logging.INFO):
+        runner.run(xray_cfg(root), tmp_path / "a")
+    assert "decoding 28 images once" in caplog.text and "teacher outputs: cached" in caplog.text and "fine-tuning teacher" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        runner.run(xray_cfg(root), tmp_path / "b")
+    assert "decoded-image store reused" in caplog.text and "reusing teacher" in caplog.text and "teacher outputs: cached" in caplog.text
+    assert "teacher outputs: cached" in caplog.text and "reused from" in caplog.text
+
+
+def test_resident_store_and_memory_map_give_the_same_batches(tmp_path):
+    root = make_xray_folder(tmp_path / "xray")
+
+    def epochs(on_device):
+        data = runner.build_data(xray_cfg(root, f"data.on_device={on_device}", "dataset.batch_size=8"))
+        assert (data.train.rows is None) == (on_device == "true")  # resident: copied out of the memory map
+        out = []
+        for e in (0, 1):
+            data.train.set_epoch(e)
+            out += [(b["index"], b["image"]) for b in data.train]
+        return out
+
+    a, b = epochs("true"), epochs("false")
+    assert len(a) == 6 and all(torch.equal(i, j) and torch.equal(x, y) for (i, x), (j, y) in zip(a, b))
+
+
+@pytest.mark.parametrize("override", ["data.on_device=sometimes", "data.decode_cache=maybe", "dataset.resized_crop_scale=[0.5]",
+                                      "dataset.resized_crop_scale=[0.9,0.5]"])
+def test_data_keys_are_validated(override):
+    with pytest.raises(ConfigError, match=f"^{override.split('=')[0]}="):
+        validate(compose_config(["dataset=chest_xray", override]))
+
+
+def test_pil_fallback_trains_the_same_augmentation_ranges(tmp_path):
+    root = make_xray_folder(tmp_path / "xray")
+    data = runner.build_data(xray_cfg(root, "data.decode_cache=false"))
+    (crop,) = [t for t in data.train.dataset.transform.transforms if isinstance(t, v2.RandomResizedCrop)]
+    assert tuple(crop.scale) == (0.8, 1.0) and tuple(crop.ratio) == pytest.approx((3 / 4, 4 / 3))
+    stored = runner.build_data(xray_cfg(root)).train.augment
+    assert stored.resized_crop_scale == (0.8, 1.0) and stored.resized_crop_ratio == pytest.approx((3 / 4, 4 / 3)) and stored.hflip
