@@ -136,7 +136,7 @@ def prepare_teacher(ctx: RunContext, node: DictConfig, key: str = "teacher") -> 
     stage = engine.Stage(key, teacher, CrossEntropy(class_weights=ctx.data.class_weights), **schedule(node, key))
     if node.epochs == 0:
         return teacher, run_stage(ctx, stage, key)
-    return teacher, run_or_reuse(ctx, stage, key, "teachers", teacher_key(ctx.cfg, node), verb="fine-tuning")
+    return teacher, run_or_reuse(ctx, stage, key, "teachers", teacher_key(ctx.cfg, node, ctx.data.fingerprint), verb="fine-tuning")
 
 
 def run_or_reuse(ctx: RunContext, stage: engine.Stage, checkpoint_name: str, kind: str, cache_key: str, verb: str = "training") -> dict:
@@ -235,11 +235,11 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
 
     teacher, teacher_info = prepare_teacher(ctx, cfg.teacher)
     stage_info = {"teacher": teacher_info}
-    teachers, teacher_ids = [teacher], [teacher_info.get("cache_key") or teacher_key(cfg, cfg.teacher)]
+    teachers, teacher_ids = [teacher], [teacher_info.get("cache_key") or teacher_key(cfg, cfg.teacher, data.fingerprint)]
     for key, node in extra_teachers.items():
         extra, stage_info[key] = prepare_teacher(ctx, node, key)
         teachers.append(extra)
-        teacher_ids.append(stage_info[key].get("cache_key") or teacher_key(cfg, node))
+        teacher_ids.append(stage_info[key].get("cache_key") or teacher_key(cfg, node, data.fingerprint))
     student, baseline = clone(student_init), clone(student_init)  # identical initial weights
     students = schedule(cfg.trainer, "trainer")
     online = teacher_signal(teachers, teacher_weights, getattr(recipe, "teacher_layers", ()))
@@ -247,7 +247,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     stage_info["distill"] = run_stage(ctx, engine.Stage("distill", student, recipe, teacher=signal, **students), "student")
     stage_info["distill"]["recipe_params"] = count_parameters(recipe) if isinstance(recipe, nn.Module) else 0  # adapters/heads, not shipped
     # The baseline does not depend on the recipe: a sweep over KD settings trains it once.
-    stage_info["baseline"] = run_or_reuse(ctx, engine.Stage("baseline", baseline, CrossEntropy(class_weights=data.class_weights), **students), "baseline", "baselines", baseline_key(cfg))
+    stage_info["baseline"] = run_or_reuse(ctx, engine.Stage("baseline", baseline, CrossEntropy(class_weights=data.class_weights), **students), "baseline", "baselines", baseline_key(cfg, data.fingerprint))
     models = {"teacher": teacher, "student": student, "baseline": baseline}
 
     start = time.perf_counter()

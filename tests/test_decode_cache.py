@@ -185,7 +185,7 @@ def test_decode_cache_switch_picks_the_loader(tmp_path):
     assert list((tmp_path / "outputs" / "cache" / "decoded").glob("*.u8"))  # under ${cache.dir}/decoded
 
 
-def test_store_backed_xray_runs_replay_teacher_outputs(tmp_path, caplog):
+def test_store_backed_xray_runs_replay_teacher_outputs_and_follow_file_changes(tmp_path, caplog):
     root = make_xray_folder(tmp_path / "xray")
     with caplog.at_level(logging.INFO):
         runner.run(xray_cfg(root), tmp_path / "a")
@@ -195,6 +195,12 @@ def test_store_backed_xray_runs_replay_teacher_outputs(tmp_path, caplog):
         runner.run(xray_cfg(root), tmp_path / "b")
     assert "decoded-image store reused" in caplog.text and "reusing teacher" in caplog.text and "teacher outputs: cached" in caplog.text
     assert "teacher outputs: cached" in caplog.text and "reused from" in caplog.text
+    caplog.clear()
+    victim = next((root / "train" / "NORMAL").glob("*.jpeg"))
+    Image.fromarray(np.full((40, 48), 255, np.uint8), "L").save(victim)  # the image set changed
+    with caplog.at_level(logging.INFO):
+        runner.run(xray_cfg(root), tmp_path / "c")
+    assert "decoding 28 images once" in caplog.text and "fine-tuning teacher" in caplog.text and "computed and stored" in caplog.text
 
 
 def test_resident_store_and_memory_map_give_the_same_batches(tmp_path):
@@ -227,3 +233,12 @@ def test_pil_fallback_trains_the_same_augmentation_ranges(tmp_path):
     assert tuple(crop.scale) == (0.8, 1.0) and tuple(crop.ratio) == pytest.approx((3 / 4, 4 / 3))
     stored = runner.build_data(xray_cfg(root)).train.augment
     assert stored.resized_crop_scale == (0.8, 1.0) and stored.resized_crop_ratio == pytest.approx((3 / 4, 4 / 3)) and stored.hflip
+
+
+def test_cache_keys_follow_the_image_files_not_where_the_store_lives(tmp_path):
+    from distill_runner.cache import baseline_key, teacher_key
+
+    cfg, moved = xray_cfg(tmp_path), xray_cfg(tmp_path, "cache.dir=elsewhere", "trainer.progress=true")
+    for key in (lambda c, fp: teacher_key(c, c.teacher, fp), baseline_key):
+        assert key(cfg, "files-a") == key(moved, "files-a")  # store_dir and progress say nothing about the images
+        assert key(cfg, "files-a") != key(cfg, "files-b") != key(cfg, None)
