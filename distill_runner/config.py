@@ -67,8 +67,10 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "dataset.pin_memory", lambda v: v == "auto" or isinstance(v, bool), "use auto, true or false", required=False)
     _check(cfg, "dataset.limit", lambda v: v is None or (_is_int(v) and v >= 1), "use null or a positive integer", required=False)
     _check(cfg, "dataset.resized_crop_scale", _is_crop_scale, "use null or [lo, hi] with 0 < lo <= hi <= 1, e.g. dataset.resized_crop_scale=[0.8,1.0]", required=False)
+    _check(cfg, "dataset.store_dir", lambda v: isinstance(v, str) and v != "", "give a folder, e.g. dataset.store_dir=outputs/cache/decoded", required=False)
     _check(cfg, "data.decode_cache", lambda v: isinstance(v, bool), "use true (decode ImageFolder images once into a store under cache.dir) or false (PIL every epoch)", required=False)
     _check(cfg, "data.on_device", lambda v: v == "auto" or isinstance(v, bool), "use auto, true (the whole training set as one tensor on the training device) or false (batches copied per step)", required=False)
+    _check(cfg, "dataset.decode_cache", lambda v: isinstance(v, bool), "use true or false (normally set through data.decode_cache)", required=False)
 
     for node in ("teacher", "student"):
         _check(cfg, f"{node}.model._target_", lambda v: isinstance(v, str), f"pick one: {node}=<name> (see conf/{node}/)")

@@ -150,9 +150,9 @@ class TensorBatches:
         there and copied (on CUDA from pinned memory, asynchronously). Augmentation and
         normalization run on ``device`` either way, from the same draws: the batches are equal."""
         self.device = torch.device(device)
-        if resident:
+        if resident:  # a private copy: gathered from the shared rows, or copied as a whole
             images = self.images if self.rows is None else self.images[self.rows]
-            self.images, self.rows = images.to(self.device), None
+            self.images, self.rows = images.to(self.device, copy=self.rows is None), None
         self.mean, self.std = self.mean.to(self.device), self.std.to(self.device)
         return self
 

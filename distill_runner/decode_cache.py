@@ -61,7 +61,7 @@ GRAY_MODES = ("1", "L", "LA")  # PIL modes whose RGB conversion repeats one chan
 FULL_CHECK_BYTES = 1 << 30
 BLOCK, SAMPLED_BLOCKS = 1 << 20, 64
 CHUNK = 32  # images per decoding task
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space, over quota
 
 
 @dataclass
@@ -254,6 +254,8 @@ def _build(files: list[str], image_size: int, data: Path, header: Path, key: str
         if not done:
             for path in (tmp_data, tmp_header, data, header):  # what was there before was damaged
                 path.unlink(missing_ok=True)
-    log.info("decoded-image store built: %s, %d images in %.1fs (%.0f images/s, %d decoding workers)", data, len(files), seconds,
-             len(files) / seconds, workers)
+    others = [p for p in data.parent.glob("*.u8") if p != data]
+    log.info("decoded-image store built: %s, %d images in %.1fs (%.0f images/s, %d decoding workers)%s", data, len(files), seconds,
+             len(files) / seconds, workers, f"; {data.parent} also holds {len(others)} other store(s), {sum(p.stat().st_size for p in others) / 2**20:.0f} MB"
+             " (other sizes or file lists, or files changed since): delete those no run needs" if others else "")
     return True

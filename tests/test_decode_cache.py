@@ -219,7 +219,7 @@ def test_resident_store_and_memory_map_give_the_same_batches(tmp_path):
     assert len(a) == 6 and all(torch.equal(i, j) and torch.equal(x, y) for (i, x), (j, y) in zip(a, b))
 
 
-@pytest.mark.parametrize("override", ["data.on_device=sometimes", "data.decode_cache=maybe", "dataset.resized_crop_scale=[0.5]",
+@pytest.mark.parametrize("override", ["data.on_device=sometimes", "data.decode_cache=maybe", "dataset.decode_cache=1", "dataset.resized_crop_scale=[0.5]",
                                       "dataset.resized_crop_scale=[0.9,0.5]"])
 def test_data_keys_are_validated(override):
     with pytest.raises(ConfigError, match=f"^{override.split('=')[0]}="):
