@@ -21,8 +21,7 @@ decoded, converted and resized once into a memory-mapped uint8 store under ``sto
 (:mod:`distill_runner.decode_cache`; 1 channel when every image is grayscale), and the splits are
 :class:`distill_runner.data.TensorBatches` over it: batches by indexing, augmentation
 (``resized_crop_scale``, ``hflip``) as batched tensor ops drawn from (seed, epoch), no worker
-processes; epochs replay exactly, so cached teacher outputs work. A file that passes the check but
-fails to decode (a truncated JPEG) stops the build with an error naming it.
+processes; epochs replay exactly, so cached teacher outputs work.
 
 Without the store (``decode_cache=false``, or a full disk) loading is torchvision's
 ``ImageFolder`` (PIL, converted to RGB: grayscale becomes 3 channels, alpha is dropped) with a
