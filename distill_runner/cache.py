@@ -50,33 +50,42 @@ def _processes() -> dict:
     return {"processes": n} if n > 1 else {}
 
 
-def teacher_key(cfg: DictConfig, node: DictConfig) -> str:
+def dataset_identity(cfg: DictConfig, fingerprint: str | None = None) -> dict:
+    """The dataset config without the keys that do not change the images (where the decoded-image
+    store lives, progress bars, the evaluation batch size), plus ``fingerprint`` (the image files'
+    identity, :attr:`distill_runner.data.DataBundle.fingerprint`) when there is one."""
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    for irrelevant in ("eval_batch_size", "store_dir", "progress"):
+        dataset.pop(irrelevant, None)
+    if fingerprint is not None:
+        dataset["files"] = fingerprint
+    return dataset
+
+
+def teacher_key(cfg: DictConfig, node: DictConfig, fingerprint: str | None = None) -> str:
     """What determines a fine-tuned teacher: its config (architecture, weights, checkpoint file,
-    schedule), the data set and its transforms, the seed and the numeric precision."""
+    schedule), the data set (its image files when ``fingerprint`` is given) and its transforms,
+    the seed and the numeric precision."""
     teacher = OmegaConf.to_container(node, resolve=True)
     teacher.pop("name", None)
-    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
-    dataset.pop("eval_batch_size", None)
     return digest({
         "format": FORMAT,
         "teacher": teacher,
         "checkpoint": _file_identity(node.checkpoint),
-        "dataset": dataset,
+        "dataset": dataset_identity(cfg, fingerprint),
         "seed": cfg.seed,
         "precision": str(cfg.trainer.precision),
         **_processes(),
     })
 
 
-def baseline_key(cfg: DictConfig) -> str:
+def baseline_key(cfg: DictConfig, fingerprint: str | None = None) -> str:
     """What determines the scratch baseline: the student, its schedule, the data, seed, precision."""
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     for irrelevant in ("device", "progress"):
         trainer.pop(irrelevant, None)
-    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
-    dataset.pop("eval_batch_size", None)
     student = OmegaConf.to_container(cfg.student.model, resolve=True)
-    return digest({"format": FORMAT, "student": student, "trainer": trainer, "dataset": dataset, "seed": cfg.seed, **_processes()})
+    return digest({"format": FORMAT, "student": student, "trainer": trainer, "dataset": dataset_identity(cfg, fingerprint), "seed": cfg.seed, **_processes()})
 
 
 class Cache:
@@ -209,7 +218,7 @@ def replayed_teacher_signal(ctx, online, teacher_id: str, recipe) -> object:
     def compute() -> torch.Tensor:
         return compute_teacher_logits(online, train, views, ctx.device, ctx.precision, dtype, progress=cfg.trainer.progress)
 
-    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    dataset = dataset_identity(cfg, ctx.data.fingerprint)
     key = digest({"teacher": teacher_id, "dataset": dataset, "seed": cfg.seed, "views": views, "dtype": str(dtype), "precision": ctx.precision.name})
     cache = Cache.from_config(cfg)
     start = time.perf_counter()

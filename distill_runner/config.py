@@ -4,7 +4,7 @@ value fails with one line naming the key, the value and the fix."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torchvision
@@ -24,6 +24,10 @@ def _is_int(v) -> bool:
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_crop_scale(v) -> bool:
+    return v is None or (isinstance(v, Sequence) and not isinstance(v, str) and len(v) == 2 and all(map(_is_number, v)) and 0 < v[0] <= v[1] <= 1)
 
 
 def _check(cfg: DictConfig, key: str, ok: Callable[[object], bool], fix: str, required: bool = True) -> None:
@@ -64,6 +68,11 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "dataset.num_workers", lambda v: v == "auto" or (_is_int(v) and v >= 0), "use auto or an integer >= 0 (0 = load in the main process)", required=False)
     _check(cfg, "dataset.pin_memory", lambda v: v == "auto" or isinstance(v, bool), "use auto, true or false", required=False)
     _check(cfg, "dataset.limit", lambda v: v is None or (_is_int(v) and v >= 1), "use null or a positive integer", required=False)
+    _check(cfg, "dataset.resized_crop_scale", _is_crop_scale, "use null or [lo, hi] with 0 < lo <= hi <= 1, e.g. dataset.resized_crop_scale=[0.8,1.0]", required=False)
+    _check(cfg, "dataset.store_dir", lambda v: isinstance(v, str) and v != "", "give a folder, e.g. dataset.store_dir=outputs/cache/decoded", required=False)
+    _check(cfg, "data.decode_cache", lambda v: isinstance(v, bool), "use true (decode ImageFolder images once into a store under cache.dir) or false (PIL every epoch)", required=False)
+    _check(cfg, "data.on_device", lambda v: v == "auto" or isinstance(v, bool), "use auto, true (the whole training set as one tensor on the training device) or false (batches copied per step)", required=False)
+    _check(cfg, "dataset.decode_cache", lambda v: isinstance(v, bool), "use true or false (normally set through data.decode_cache)", required=False)
 
     for node in ("teacher", "student"):
         _check(cfg, f"{node}.model._target_", lambda v: isinstance(v, str), f"pick one: {node}=<name> (see conf/{node}/)")

@@ -6,11 +6,14 @@ tensor [B]}`` batches (``index``: the sample's position in its split), plus what
 know (class count, image size, channels) and the class-imbalance handling (``class_weights``).
 
 Factories: :func:`digits` (here), :mod:`distill_runner.cifar` (CIFAR-10/100, in memory) and
-:mod:`distill_runner.imagefolder` (chest X-ray and any ImageFolder, decoded by DataLoader workers).
+:mod:`distill_runner.imagefolder` (chest X-ray and any ImageFolder: decoded once into a
+memory-mapped uint8 store, :mod:`distill_runner.decode_cache`, or by DataLoader workers).
 
-Small data sets are held in memory as one uint8 tensor and batched by indexing
-(:class:`TensorBatches`); augmentation runs on whole batches as tensor ops with parameters drawn
-from (seed, epoch), so an epoch's batches are reproducible.
+Images held as one uint8 tensor (in memory or memory-mapped) are batched by indexing
+(:class:`TensorBatches`); augmentation (:mod:`distill_runner.augment`) runs on whole batches as
+tensor ops with parameters drawn from (seed, epoch), so an epoch's batches are reproducible. The
+runner then places the training set (:meth:`DataBundle.place`, ``data.on_device``): the whole set
+on the training device, or batches copied there one by one.
 """
 
 from __future__ import annotations
@@ -23,19 +26,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from distill_runner.augment import Augment
 from distill_runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
 BALANCE = ("none", "weighted_sampler", "class_weights")
+GPU_SHARE = 0.25  # data.on_device=auto: the training set may take this share of the free GPU memory
 
 
 @dataclass
 class DataBundle:
     """``train`` may have ``set_epoch(epoch)`` (called before each epoch); every loader has ``len()``
     and ``batch_size``. ``class_weights`` (one per class) is set when ``balance=class_weights``:
-    the runner passes it to every cross-entropy term."""
+    the runner passes it to every cross-entropy term. ``fingerprint`` identifies image files read
+    from disk (ImageFolder: their paths, sizes and modification times), for the cache keys; None
+    when the config alone determines the data."""
 
     train: Iterable
     val: Iterable
@@ -47,35 +54,44 @@ class DataBundle:
     name: str = "dataset"
     class_counts: dict[str, list[int]] = field(default_factory=dict)
     class_weights: list[float] | None = None
+    fingerprint: str | None = None
 
-
-@dataclass
-class Augment:
-    """Batch augmentation on tensors: random translation by up to ``crop_padding`` pixels
-    (zero-padded random crop) and random horizontal flip."""
-
-    crop_padding: int = 0
-    hflip: bool = False
-
-    def __call__(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        b, _, h, w = images.shape
-        if self.crop_padding > 0:
-            p = self.crop_padding
-            padded = F.pad(images, (p, p, p, p))
-            dy = torch.randint(0, 2 * p + 1, (b,), generator=gen)
-            dx = torch.randint(0, 2 * p + 1, (b,), generator=gen)
-            rows = (dy[:, None] + torch.arange(h))[:, :, None]  # [B,H,1]
-            cols = (dx[:, None] + torch.arange(w))[:, None, :]  # [B,1,W]
-            images = padded[torch.arange(b)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
-        if self.hflip:
-            flip = torch.rand(b, generator=gen) < 0.5
-            images = torch.where(flip[:, None, None, None], images.flip(3), images)
-        return images
+    def place(self, device: torch.device | str, on_device: bool | str = "auto") -> None:
+        """Serve the training batches on ``device`` (:meth:`TensorBatches.place`); val/test stay on
+        the host (evaluation moves each batch). ``on_device``: true = the whole training set as one
+        tensor on the device; false = each batch gathered on the host and copied; auto = true on
+        CUDA when the set takes at most a quarter of the free GPU memory, false on a CPU, where the
+        images already are in host memory (a memory-mapped store's pages are shared by the OS
+        between the parallel jobs of a sweep; a private copy would only add memory). Loaders that
+        decode on the fly (``dataset.decode_cache=false``) are left as they are."""
+        if not (on_device == "auto" or isinstance(on_device, bool)):
+            raise ConfigError("data.on_device", on_device, "use auto, true or false")
+        device = torch.device(device)
+        if not hasattr(self.train, "place"):
+            if on_device is True:
+                log.info("data.on_device=true ignored: %s is decoded on the fly, not held as a tensor", self.name)
+            return
+        nbytes = self.train.nbytes
+        if on_device != "auto":
+            resident, why = on_device, f"data.on_device={str(on_device).lower()}"
+        elif device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0]
+            resident = nbytes <= GPU_SHARE * free
+            why = f"data.on_device=auto: {nbytes / 2**20:.0f} MB {'<=' if resident else '>'} {GPU_SHARE:.0%} of the {free / 2**30:.1f} GiB free"
+        else:
+            resident, why = False, "data.on_device=auto: on a CPU they stay where they are"
+        self.train.place(device, resident)
+        where = f"held on {device} as one tensor" if resident else "in host memory" + (f", each batch copied to {device}" if device.type != "cpu" else "")
+        log.info("training images (%d, %.0f MB): %s; batches by indexing, no loader workers (%s)", self.train.num_samples, nbytes / 2**20, where, why)
 
 
 class TensorBatches:
-    """Batches from an in-memory uint8 image tensor: shuffled and augmented per (seed, epoch).
+    """Batches from one uint8 image tensor: shuffled and augmented per (seed, epoch).
     With ``sample_weights`` (one per image) the epoch's images are drawn with replacement.
+
+    ``images`` may hold more than this split (a memory-mapped store of every split): ``rows``
+    then says which row holds the split's image i. 1-channel (grayscale) images become
+    ``channels`` channels in the normalization step, after augmentation (3x less work).
 
     Call :meth:`set_epoch` before iterating (like ``DistributedSampler``) to get that epoch's
     order and augmentation; iterating again without it repeats the same epoch. Because an epoch
@@ -97,14 +113,18 @@ class TensorBatches:
         seed: int = 0,
         drop_last: bool = False,
         sample_weights: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+        channels: int | None = None,
     ):
         assert images.dtype == torch.uint8 and images.ndim == 4, "images must be uint8 [N,C,H,W]"
         self.images, self.targets, self.sample_weights = images, targets, sample_weights
+        self.rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long)
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.seed, self.epoch, self.drop_last = seed, 0, drop_last
+        channels = channels or images.shape[1]
+        self.mean, self.std = (_per_channel(v, channels) * 255 for v in (mean, std))
+        self.device = images.device
         self.rank, self.world_size, self.pad = 0, 1, True
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -118,11 +138,28 @@ class TensorBatches:
         return len(self.targets)
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of this split's images (uint8)."""
+        return self.num_samples * self.images[:1].numel()
+
+    @property
     def distinct_epochs(self) -> int | None:
         """How many epochs differ in their images: 1 without random augmentation (only the order
         changes), else None (every epoch draws new augmentation)."""
-        identity = self.augment is None or (self.augment.crop_padding == 0 and not self.augment.hflip)
-        return 1 if identity else None
+        return 1 if self.augment is None or self.augment.is_identity else None
+
+    def place(self, device: torch.device | str, resident: bool) -> "TensorBatches":
+        """Yield batches on ``device``. ``resident``: this split's images move there once, as one
+        tensor (on a CPU: copied out of a memory map into process memory), and batches are indexed
+        there. Else they stay where they are (host memory or a memory map): each batch is gathered
+        there and copied (on CUDA from pinned memory, asynchronously). Augmentation and
+        normalization run on ``device`` either way, from the same draws: the batches are equal."""
+        self.device = torch.device(device)
+        if resident:  # a private copy: gathered from the shared rows, or copied as a whole
+            images = self.images if self.rows is None else self.images[self.rows]
+            self.images, self.rows = images.to(self.device, copy=self.rows is None), None
+        self.mean, self.std = self.mean.to(self.device), self.std.to(self.device)
+        return self
 
     def __len__(self) -> int:
         n = shard_size(len(self.targets), self.rank, self.world_size, self.pad)
@@ -138,10 +175,39 @@ class TensorBatches:
         order = shard_order(order, self.rank, self.world_size, self.pad)
         for i in range(len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
-            images = self.images[index]
-            if self.augment is not None:
-                images = self.augment(images, gen)
-            yield {"image": (images.float() - self.mean) / self.std, "target": self.targets[index], "index": index}
+            yield self.batch(index, gen)
+
+    def batch(self, index: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """The images at ``index`` (positions in this split), augmented with ``gen``'s next draws,
+        normalized, on ``self.device``."""
+        images = self.gather(index)
+        if self.augment is not None:
+            images = self.augment(images, gen)
+        return {
+            "image": (images.float() - self.mean) / self.std,  # [B,1,H,W] broadcasts to the model's channels
+            "target": self.targets[index].to(self.device, non_blocking=True),
+            "index": index.to(self.device, non_blocking=True),
+        }
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """uint8 images at ``index``, indexed where they are held, then on ``self.device``."""
+        rows = index if self.rows is None else self.rows[index]
+        images = self.images[rows.to(self.images.device)]
+        if images.device != self.device:
+            if self.device.type == "cuda":
+                images = images.pin_memory()
+            images = images.to(self.device, non_blocking=True)
+        return images
+
+
+def _per_channel(values: Sequence[float], channels: int) -> torch.Tensor:
+    """[1, channels, 1, 1] float tensor of per-channel statistics (one value serves every channel)."""
+    t = torch.as_tensor(list(values), dtype=torch.float32).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(channels)
+    if t.numel() != channels:
+        raise ConfigError("mean", list(values), f"give one value per channel ({channels}) or one for all")
+    return t.reshape(1, channels, 1, 1).clone()
 
 
 def shard_order(order: torch.Tensor, rank: int, world_size: int, pad: bool = True) -> torch.Tensor:
@@ -268,22 +334,27 @@ def in_memory_bundle(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     balance: str = "none",
+    channels: int | None = None,
+    fingerprint: str | None = None,
 ) -> DataBundle:
-    """Loaders over one uint8 tensor; normalization statistics from the training split unless given;
-    ``balance`` (none | weighted_sampler | class_weights) as in :func:`balance_weights`."""
+    """Loaders over one uint8 tensor (every split; each loader indexes its own rows, nothing is
+    copied); normalization statistics from the training split unless given; ``balance`` (none |
+    weighted_sampler | class_weights) as in :func:`balance_weights`. ``channels``: what the model
+    sees (1-channel images are broadcast to it when normalized); ``fingerprint``: see
+    :class:`DataBundle`."""
     if batch_size < 1 or eval_batch_size < 1:
         raise ConfigError("batch_size", batch_size, "must be a positive integer")
-    train = images[torch.as_tensor(splits["train"])]
     if mean is None or std is None:
+        train = images[torch.as_tensor(splits["train"])]
         pixels = train.float().div(255).transpose(0, 1).reshape(images.shape[1], -1)
         mean, std = pixels.mean(1).tolist(), pixels.std(1).clamp_min(1e-3).tolist()
     num_classes = len(class_names)
     class_weights, sample_weights = balance_weights(balance, targets[torch.as_tensor(splits["train"])], num_classes)
 
     def loader(split: str, train_mode: bool) -> TensorBatches:
-        idx = torch.as_tensor(splits[split])
+        idx = torch.as_tensor(splits[split], dtype=torch.long)
         return TensorBatches(
-            images[idx],
+            images,
             targets[idx],
             batch_size if train_mode else eval_batch_size,
             mean,
@@ -292,9 +363,11 @@ def in_memory_bundle(
             augment=augment if train_mode else None,
             seed=seed,
             sample_weights=sample_weights if train_mode else None,
+            rows=idx,
+            channels=channels,
         )
 
-    counts = {s: torch.bincount(targets[torch.as_tensor(i)], minlength=num_classes).tolist() for s, i in splits.items()}
+    counts = {s: torch.bincount(targets[torch.as_tensor(i, dtype=torch.long)], minlength=num_classes).tolist() for s, i in splits.items()}
     return DataBundle(
         train=loader("train", True),
         val=loader("val", False),
@@ -302,8 +375,9 @@ def in_memory_bundle(
         num_classes=num_classes,
         class_names=class_names,
         image_size=images.shape[-1],
-        in_channels=images.shape[1],
+        in_channels=channels or images.shape[1],
         name=name,
         class_counts=counts,
         class_weights=class_weights,
+        fingerprint=fingerprint,
     )

@@ -17,3 +17,7 @@ class ConfigError(ValueError):
     def under(self, prefix: str) -> "ConfigError":
         """The same error with its key placed under a config node: 'arch' -> 'student.model.arch'."""
         return ConfigError(f"{prefix}.{self.key}", self.value, self.fix)
+
+
+class BadImageError(RuntimeError):
+    """An image file that passed the up-front check failed to decode."""

@@ -16,10 +16,20 @@ the pixels). Files that fail are skipped with one warning listing them (``on_bad
 stop the run (``on_bad_image=error``). A file that passes the check but fails to decode later (a
 truncated JPEG) stops the run with an error naming it.
 
-Loading is torchvision's ``ImageFolder`` (PIL, converted to RGB: grayscale becomes 3 channels,
-alpha is dropped) with a ``DataLoader``. The training sampler draws the order and one
-augmentation seed per sample from (seed, epoch), so an epoch's batches and augmentations are the
-same whatever the number of workers (:meth:`FolderBatches.set_epoch`).
+Loading (``decode_cache``, on by default; ``data.decode_cache`` in the config): the files are
+decoded, converted and resized once into a memory-mapped uint8 store under ``store_dir``
+(:mod:`distill_runner.decode_cache`; 1 channel when every image is grayscale), and the splits are
+:class:`distill_runner.data.TensorBatches` over it: batches by indexing, augmentation
+(``resized_crop_scale``, ``hflip``) as batched tensor ops drawn from (seed, epoch), no worker
+processes; epochs replay exactly, so cached teacher outputs work.
+
+Without the store (``decode_cache=false``, or a full disk) loading is torchvision's
+``ImageFolder`` (PIL, converted to RGB: grayscale becomes 3 channels, alpha is dropped) with a
+``DataLoader``, the same resize and the equivalent torchvision transforms (``RandomResizedCrop``
+with the same ranges, then the flip). Its sampler draws the order and one augmentation seed per
+sample from (seed, epoch), so an epoch's batches and augmentations are the same whatever the
+number of workers (:meth:`FolderBatches.set_epoch`), but they are not replayable as a batch, so
+the teacher runs online. Both paths normalize each batch with ``mean``/``std``.
 """
 
 from __future__ import annotations
@@ -34,20 +44,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
-from torchvision import datasets, transforms
+from torchvision import datasets
+from torchvision.transforms import v2
 
-from distill_runner.data import BALANCE, DataBundle, balance_weights, check_choice, shard_order, shard_size, stratified_split, take_per_class
-from distill_runner.errors import ConfigError
+from distill_runner.augment import RATIO, Augment
+from distill_runner.data import BALANCE, DataBundle, balance_weights, check_choice, in_memory_bundle, shard_order, shard_size, stratified_split, take_per_class
+from distill_runner.decode_cache import INTERPOLATION, Store, fingerprint, open_or_build
+from distill_runner.errors import BadImageError, ConfigError
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SPLITS = ("train", "val", "test")
 MAX_LISTED = 10  # bad files named in one warning or error
-
-
-class BadImageError(RuntimeError):
-    """An image file that passed the up-front check failed to decode."""
 
 
 class _Folder(datasets.ImageFolder):
@@ -177,14 +186,25 @@ def imagefolder(
     limit: int | None = None,
     source: str | None = None,
     classes_hint: Sequence[str] | None = None,
+    resized_crop_scale: Sequence[float] | None = None,
+    decode_cache: bool = True,
+    store_dir: str = "outputs/cache/decoded",
+    progress: bool = True,
     seed: int = 0,
     name: str = "imagefolder",
 ) -> DataBundle:
-    """Any ImageFolder: resize to ``image_size`` square, random horizontal flip for training
-    (``hflip``), normalize with ``mean``/``std`` (ImageNet's by default). ``source`` and
+    """Any ImageFolder: resize to ``image_size`` square; for training a random resized crop
+    (``resized_crop_scale``: [lo, hi] area fraction, aspect ratio in [3/4, 4/3]; null: none) and
+    a random horizontal flip (``hflip``); normalize with ``mean``/``std`` (ImageNet's by default).
+    ``decode_cache``: decode once into a store under ``store_dir`` (``progress``: its tqdm bar),
+    else with PIL every epoch by ``num_workers`` DataLoader workers. ``source`` and
     ``classes_hint`` only word the error messages (where the data comes from, its class folders).
     ``limit`` keeps N images per split, every class represented (smoke tests)."""
     check_choice("balance", balance, BALANCE)
+    try:
+        augment = Augment(hflip=hflip, resized_crop_scale=resized_crop_scale)
+    except ValueError:
+        raise ConfigError("resized_crop_scale", resized_crop_scale, "use null or [lo, hi] with 0 < lo <= hi <= 1, e.g. [0.8, 1.0]") from None
     check_choice("on_bad_image", on_bad_image, ("skip", "error"))
     if val_from_train is not None and not (isinstance(val_from_train, (int, float)) and 0 < val_from_train < 1):
         raise ConfigError("val_from_train", val_from_train, "use null (use the val/ split) or a fraction in (0, 1), e.g. 0.1")
@@ -212,10 +232,17 @@ def imagefolder(
         if split == "train" and (counts == 0).any():  # a class lost all its training images to the check
             raise ConfigError("root", layout.display, f"class {classes[int(np.argmin(counts))]} has no readable training images left")
 
-    # per sample: PIL resize (+ flip) to uint8 tensors; per batch: float and normalization (FolderBatches)
-    resize = transforms.Resize((image_size, image_size))
-    train_tf = transforms.Compose([resize, *([transforms.RandomHorizontalFlip()] if hflip else []), transforms.PILToTensor()])
-    eval_tf = transforms.Compose([resize, transforms.PILToTensor()])
+    files = sorted({p for items in samples.values() for p, _ in items})
+    store = open_or_build(files, image_size, store_dir, progress=progress) if decode_cache else None
+    if store is not None:
+        return _store_bundle(store, files, samples, classes, layout.describe(val_from_train, test_fraction, seed), augment, batch_size,
+                             eval_batch_size, mean, std, balance, seed, name)
+
+    # per sample: PIL resize (+ resized crop, flip) to uint8 tensors; per batch: float and normalization (FolderBatches)
+    resize = v2.Resize((image_size, image_size), interpolation=INTERPOLATION)
+    crop = [v2.RandomResizedCrop(image_size, scale=augment.resized_crop_scale, ratio=RATIO, interpolation=INTERPOLATION)] if resized_crop_scale else []
+    train_tf = v2.Compose([resize, *crop, *([v2.RandomHorizontalFlip()] if hflip else []), v2.PILToTensor()])
+    eval_tf = v2.Compose([resize, v2.PILToTensor()])
     folders = {}
     for split, items in samples.items():  # torchvision's ImageFolder over the split's folder, restricted to its files
         folder = _Folder(Path(items[0][0]).parent.parent, classes, {p for p, _ in items}, eval_tf)
@@ -225,8 +252,8 @@ def imagefolder(
     train_targets = torch.as_tensor(folders["train"].targets, dtype=torch.long)
     class_weights, sample_weights = balance_weights(balance, train_targets, len(classes))
     counts = {s: np.bincount(f.targets, minlength=len(classes)).tolist() for s, f in folders.items()}
-    log.info("%s: %s, %d loader workers, pin_memory=%s, balance=%s%s", name, layout.describe(val_from_train, test_fraction, seed), workers, pin, balance,
-             f" (class weights {[round(w, 3) for w in class_weights]})" if class_weights else "")
+    log.info("%s: %s, decoded with PIL every epoch by %d loader workers, pin_memory=%s, balance=%s%s", name, layout.describe(val_from_train, test_fraction, seed),
+             workers, pin, balance, f" (class weights {[round(w, 3) for w in class_weights]})" if class_weights else "")
     return DataBundle(
         train=FolderBatches(folders["train"], batch_size, True, seed, workers, pin, mean, std, sample_weights),
         val=FolderBatches(folders["val"], eval_batch_size, False, seed, workers, pin, mean, std),
@@ -238,7 +265,24 @@ def imagefolder(
         name=name,
         class_counts={s: counts[s] for s in SPLITS},
         class_weights=class_weights,
+        fingerprint=fingerprint(files),
     )
+
+
+def _store_bundle(store: Store, files: list[str], samples: dict, classes: list[str], layout: str, augment: Augment, batch_size: int,
+                  eval_batch_size: int, mean, std, balance: str, seed: int, name: str) -> DataBundle:
+    """Every split as TensorBatches over the store's rows (3 channels for the model either way)."""
+    row = {p: i for i, p in enumerate(files)}
+    targets = torch.zeros(len(files), dtype=torch.long)
+    splits = {}
+    for split, items in samples.items():
+        splits[split] = np.array([row[p] for p, _ in items], dtype=np.int64)
+        targets[torch.from_numpy(splits[split])] = torch.tensor([t for _, t in items], dtype=torch.long)
+    data = in_memory_bundle(store.images, targets, splits, list(classes), batch_size, eval_batch_size, augment, seed, name, list(mean), list(std),
+                            balance, channels=3, fingerprint=fingerprint(files))
+    log.info("%s: %s, from the decoded-image store (%d channel%s), balance=%s%s", name, layout, store.images.shape[1], "" if store.images.shape[1] == 1 else "s",
+             balance, f" (class weights {[round(w, 3) for w in data.class_weights]})" if data.class_weights else "")
+    return data
 
 
 def chest_xray(root: str = "data/chest_xray", val_from_train: float | None = 0.1, name: str = "chest_xray", **kwargs) -> DataBundle:

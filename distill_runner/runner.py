@@ -48,8 +48,10 @@ def recipe_node(cfg: DictConfig) -> DictConfig:
     return OmegaConf.create(node)
 
 
-def build_data(cfg: DictConfig) -> DataBundle:
+def build_data(cfg: DictConfig, device: torch.device | None = None) -> DataBundle:
+    """The data set, its training batches served on ``device`` (default: ``trainer.device``)."""
     data = build(cfg.dataset, "dataset", seed=cfg.seed)
+    data.place(device or engine.resolve_device(cfg.trainer.device), OmegaConf.select(cfg, "data.on_device", default="auto"))
     log.info("data %s: %d classes, image %dx%d, train/val/test %s", data.name, data.num_classes, data.image_size, data.image_size,
              "/".join(str(sum(c)) for c in data.class_counts.values()))
     names = ", ".join(data.class_names) if data.num_classes <= 20 else f"{data.num_classes} classes"
@@ -139,7 +141,7 @@ def prepare_teacher(ctx: RunContext, node: DictConfig, key: str = "teacher") -> 
     stage = engine.Stage(key, teacher, CrossEntropy(class_weights=ctx.data.class_weights), **schedule(node, key))
     if node.epochs == 0:
         return teacher, run_stage(ctx, stage, key)
-    return teacher, run_or_reuse(ctx, stage, key, "teachers", teacher_key(ctx.cfg, node), verb="fine-tuning")
+    return teacher, run_or_reuse(ctx, stage, key, "teachers", teacher_key(ctx.cfg, node, ctx.data.fingerprint), verb="fine-tuning")
 
 
 def run_or_reuse(ctx: RunContext, stage: engine.Stage, checkpoint_name: str, kind: str, cache_key: str, verb: str = "training") -> dict:
@@ -253,7 +255,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
         torch.backends.cudnn.benchmark = True
     log.info("run folder %s; device %s, precision %s, seed %d", run_dir, device, precision.name, cfg.seed)
 
-    data = build_data(cfg)
+    data = build_data(cfg, device)
     if distributed.active():  # every process trains on its part of each epoch and validates on its part of val
         data.train.shard(distributed.rank(), distributed.world_size(), pad=True)
         data.val.shard(distributed.rank(), distributed.world_size(), pad=False)
@@ -276,11 +278,11 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
 
     teacher, teacher_info = prepare_teacher(ctx, cfg.teacher)
     stage_info = {"teacher": teacher_info}
-    teachers, teacher_ids = [teacher], [teacher_info.get("cache_key") or teacher_key(cfg, cfg.teacher)]
+    teachers, teacher_ids = [teacher], [teacher_info.get("cache_key") or teacher_key(cfg, cfg.teacher, data.fingerprint)]
     for key, node in extra_teachers.items():
         extra, stage_info[key] = prepare_teacher(ctx, node, key)
         teachers.append(extra)
-        teacher_ids.append(stage_info[key].get("cache_key") or teacher_key(cfg, node))
+        teacher_ids.append(stage_info[key].get("cache_key") or teacher_key(cfg, node, data.fingerprint))
     student, baseline = clone(student_init), clone(student_init)  # identical initial weights
     students = schedule(cfg.trainer, "trainer")
     online = teacher_signal(teachers, teacher_weights, getattr(recipe, "teacher_layers", ()))
@@ -288,7 +290,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     stage_info["distill"] = run_stage(ctx, engine.Stage("distill", student, recipe, teacher=signal, **students), "student")
     stage_info["distill"]["recipe_params"] = count_parameters(recipe) if isinstance(recipe, nn.Module) else 0  # adapters/heads, not shipped
     # The baseline does not depend on the recipe: a sweep over KD settings trains it once.
-    stage_info["baseline"] = run_or_reuse(ctx, engine.Stage("baseline", baseline, CrossEntropy(class_weights=data.class_weights), **students), "baseline", "baselines", baseline_key(cfg))
+    stage_info["baseline"] = run_or_reuse(ctx, engine.Stage("baseline", baseline, CrossEntropy(class_weights=data.class_weights), **students), "baseline", "baselines", baseline_key(cfg, data.fingerprint))
     models = {"teacher": teacher, "student": student, "baseline": baseline}
     if not distributed.is_main():
         return None

@@ -1,4 +1,4 @@
-"""What distillation costs compared with training the student alone.
+"""What distillation costs compared with training the student alone, and what the data path costs.
 
 Measures, with the runner's own training loop (``engine.fit``), one epoch of:
   - ce:      the student with cross-entropy only (the cost of training the student alone),
@@ -7,11 +7,20 @@ Measures, with the runner's own training loop (``engine.fit``), one epoch of:
 and the teacher's inference images/s, at 32 px (small-image ResNet-18 stem) and 224 px (ImageNet
 stem), on synthetic tensors, plus the same three epochs on the quickstart's digits data.
 
-    python scripts/bench.py              # ~3 min on 2 CPU cores
+The ``speed`` section (:mod:`bench_speed`, on CUDA; ``--speed`` on a CPU) trains the student and
+the teacher at 224 px per precision x channels_last x torch.compile configuration (images/s).
+
+The ``data`` section (:mod:`bench_data`) generates X-ray-sized grayscale JPEGs once and compares, at
+224 px, torchvision's ImageFolder + PIL transforms with a DataLoader against the decode-once store
++ tensor augmentation, alone and feeding the student's CE step, plus the store's build cost.
+
+    python scripts/bench.py              # ~7 min on 2 CPU cores (the first run also generates 1,000 JPEGs)
+    python scripts/bench.py --only data  # the data section alone (~4 min)
     python scripts/bench.py --quick      # fewer images, for a smoke test
 
 The last line printed is one JSON object: for each image size, the images/s figures and the
-epoch-time ratios ``cached_over_ce`` and ``online_over_ce`` (1.0 = as cheap as CE alone).
+epoch-time ratios ``cached_over_ce`` and ``online_over_ce`` (1.0 = as cheap as CE alone); under
+``data``, the data-path figures and ``share_of_ce_epoch`` / ``speedup_vs_pil`` against the goals.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import json
 import platform
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -109,6 +119,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer images and repeats (smoke test)")
     parser.add_argument("--precision", default="32", choices=engine.PRECISIONS)
+    parser.add_argument("--only", choices=("all", "kd", "data", "speed"), default="all", help="kd: the distillation epochs; data: the data path; speed: GPU options")
+    parser.add_argument("--speed", action="store_true", help="run the speed section (precision x channels_last x compile) on a CPU too")
+    parser.add_argument("--data-dir", default="outputs/bench", help="where the generated JPEGs and the store go (kept between runs)")
     args = parser.parse_args()
     device = CPU_OR_GPU
     precision = engine.resolve_precision(args.precision, device)
@@ -117,10 +130,19 @@ def main() -> None:
     print(f"device {device}, precision {precision.name}, torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print("images/s of one training epoch (median of %d) with the runner's loop; ratios are epoch times over the CE-only epoch" % repeats)
     results = {"device": str(device), "precision": precision.name, "torch": torch.__version__, "threads": torch.get_num_threads()}
-    for size, n in sizes.items():
-        results[f"{size}px"] = measure("synthetic", synthetic(size, n, 32, 2 if size == 224 else 10), 2 if size == 224 else 10, size, device, precision, repeats)
-    data: DataBundle = digits(image_size=32, batch_size=32, limit=256 if args.quick else None)
-    results["quickstart_32px"] = measure("quickstart (digits)", data.train, data.num_classes, 32, device, precision, repeats)
+    if args.only in ("all", "kd"):
+        for size, n in sizes.items():
+            results[f"{size}px"] = measure("synthetic", synthetic(size, n, 32, 2 if size == 224 else 10), 2 if size == 224 else 10, size, device, precision, repeats)
+        data: DataBundle = digits(image_size=32, batch_size=32, limit=256 if args.quick else None)
+        results["quickstart_32px"] = measure("quickstart (digits)", data.train, data.num_classes, 32, device, precision, repeats)
+    if args.only in ("all", "data"):
+        import bench_data  # scripts/ is on sys.path when this file runs as a script
+
+        results["data"] = bench_data.measure_data_path(Path(args.data_dir), device, precision, quick=args.quick)
+    if args.only == "speed" or (args.only == "all" and (device.type == "cuda" or args.speed)):
+        import bench_speed
+
+        results["speed"] = bench_speed.speed_section(device, images=128 if args.quick else 2048, repeats=1 if args.quick else 3, compile_too=not args.quick)
     print(json.dumps(results))
 
 

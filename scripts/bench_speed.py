@@ -1,7 +1,7 @@
 """Training images/s per speed configuration: precision x channels_last x torch.compile.
 
 Part of ``scripts/bench.py``: on a CUDA machine it adds a ``speed`` section to its JSON (on a CPU,
-``python scripts/bench.py --speed`` forces it, fp32/bf16 only). Each configuration trains the same
+``python scripts/bench.py --only speed`` runs it, fp32/bf16 only). Each configuration trains the same
 models with the runner's loop (``engine.fit``) on synthetic 224 px images held on the device, so
 the figure is the model step, not the data path (that is the ``data`` section):
 
@@ -38,9 +38,9 @@ def _epoch_seconds(model_init, train, device, precision, speed, repeats: int) ->
 
 def speed_section(device: torch.device, images: int, repeats: int, compile_too: bool = True) -> dict:
     gen = torch.Generator().manual_seed(0)
-    pixels = torch.randint(0, 256, (images, 3, 224, 224), dtype=torch.uint8, generator=gen).to(device)
-    targets = torch.randint(0, 2, (images,), generator=gen).to(device)
-    train = TensorBatches(pixels, targets, 64, [0.5] * 3, [0.25] * 3, shuffle=True)
+    pixels = torch.randint(0, 256, (images, 3, 224, 224), dtype=torch.uint8, generator=gen)
+    targets = torch.randint(0, 2, (images,), generator=gen)
+    train = TensorBatches(pixels, targets, 64, [0.5] * 3, [0.25] * 3, shuffle=True).place(device, resident=True)
     torch.manual_seed(0)
     models = {"student": tiny_cnn(num_classes=2), "teacher": torchvision_model("resnet18", num_classes=2, image_size=224)}
     precisions = ["32", "bf16-mixed"] + (["16-mixed"] if device.type == "cuda" else [])

@@ -61,8 +61,8 @@ def test_xray_images_are_3_channel_resized_and_normalized(xray):
 
 
 def test_imagefolder_epochs_are_reproducible_with_or_without_workers(xray):
-    def epochs(workers):
-        data = imagefolder(root=str(xray), image_size=16, batch_size=5, num_workers=workers, device="cpu")
+    def epochs(workers):  # the PIL path (no decoded-image store): DataLoader workers
+        data = imagefolder(root=str(xray), image_size=16, batch_size=5, num_workers=workers, device="cpu", decode_cache=False)
         out = []
         for epoch in (0, 0, 1):
             data.train.set_epoch(epoch)
@@ -85,10 +85,12 @@ def test_single_folder_is_split_stratified_and_seeded(tmp_path):
         (tmp_path / cls).mkdir()
         for i in range(n):
             Image.new("RGB", (20, 20), (i * 10, 0, 0)).save(tmp_path / cls / f"{i}.png")
-    data = imagefolder(root=str(tmp_path), image_size=16, val_from_train=0.25, test_fraction=0.2, num_workers=0)
+    # the store goes outside the data root (here the working folder), or it would be read as a class folder
+    split = lambda: imagefolder(root=str(tmp_path), image_size=16, val_from_train=0.25, test_fraction=0.2, num_workers=0, decode_cache=False)
+    data = split()
     assert data.class_names == ["cats", "dogs"]
     assert data.class_counts == {"train": [6, 12], "val": [2, 4], "test": [2, 4]}
-    again = imagefolder(root=str(tmp_path), image_size=16, val_from_train=0.25, test_fraction=0.2, num_workers=0)
+    again = split()
     assert [p for p, _ in data.test.dataset.samples] == [p for p, _ in again.test.dataset.samples]
 
 
@@ -219,11 +221,18 @@ def test_on_bad_image_error_lists_the_files(xray):
     assert "dataset.on_bad_image=skip" in msg
 
 
-def test_truncated_jpeg_that_passes_the_check_fails_naming_the_file(xray):
+@pytest.mark.parametrize("decode_cache", [True, False])
+def test_truncated_jpeg_that_passes_the_check_fails_naming_the_file(xray, decode_cache):
     victim = next((xray / "test" / "NORMAL").glob("*.jpeg"))
     data = victim.read_bytes()
     victim.write_bytes(data[: data.index(b"\xff\xda") + 40])  # headers intact, pixel data cut
-    data = runner.build_data(xray_cfg(xray))
+    cfg = xray_cfg(xray, f"data.decode_cache={str(decode_cache).lower()}")
+    if decode_cache:  # decoded while the store is built, which is not kept
+        with pytest.raises(ConfigError, match=f"{victim.name} could not be decoded"):
+            runner.build_data(cfg)
+        assert not [p for p in (xray.parent / "outputs" / "cache" / "decoded").iterdir() if p.suffix != ".lock"]
+        return
+    data = runner.build_data(cfg)
     with pytest.raises(BadImageError, match=victim.name):
         list(data.test)
 

@@ -1,0 +1,261 @@
+"""Decode once: an ImageFolder's images decoded, converted and resized into one uint8 store.
+
+Decoding a chest X-ray JPEG costs more than the student's training step on it, and every epoch of
+every run would decode the same files again. So they are decoded once, by PIL exactly as the
+on-the-fly path does it (``convert``, then ``Resize((size, size))``, bilinear), into
+``<store_dir>/<key>.u8``: raw uint8 ``[N, C, size, size]``, one row per file in the order given.
+C is 1 when every image is grayscale (PIL mode 1/L/LA, or RGB whose three channels are equal
+after resizing), else 3; the model's 3 channels come from broadcasting when the batch is
+normalized (:class:`distill_runner.data.TensorBatches`). Later epochs, runs and sweep jobs
+memory-map the file (parallel jobs share its pages through the OS page cache).
+
+``<key>.json``, renamed into place after the data file, describes it: format, key, shape, the
+sha256 of the data file, and the file list with sizes and mtimes. A data file without its header
+is never used. The key is a digest of the resolved file paths in order, their sizes and
+``mtime_ns``, the size, the channel rule and the resampling: touching, adding, removing or
+replacing an image, or another ``image_size``, gives another key, so another store.
+
+Checked on every open: the header parses and names this key and format; the data file is exactly
+N*C*size*size bytes (a truncated or extended file fails); its sha256 equals the header's. Up to
+``FULL_CHECK_BYTES`` (1 GiB) the hash covers the whole file (about 0.2 s for 280 MB on this
+project's machines), so any changed byte is detected. Above that it covers 64 evenly spaced
+1 MiB blocks (first and last included): size changes and damage inside those blocks are detected,
+damage elsewhere is not. A store that fails a check is named in a warning and rebuilt.
+
+Building holds ``<key>.lock`` (a parallel sweep job waits on it, then finds the finished store)
+and writes temp files that are renamed into place. If the disk lacks the space (checked up front,
+or ENOSPC/EDQUOT while writing), a warning names the folder, the bytes needed and free, nothing
+partial is left, and :func:`open_or_build` returns None: the caller decodes on the fly instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from filelock import FileLock
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+from tqdm.auto import tqdm
+
+from distill_runner.cache import digest
+from distill_runner.errors import BadImageError
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when the layout or the decoding changes
+INTERPOLATION = InterpolationMode.BILINEAR  # the on-the-fly path's transforms.Resize uses the same
+GRAY_MODES = ("1", "L", "LA")  # PIL modes whose RGB conversion repeats one channel
+FULL_CHECK_BYTES = 1 << 30
+BLOCK, SAMPLED_BLOCKS = 1 << 20, 64
+CHUNK = 32  # images per decoding task
+DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space, over quota
+
+
+@dataclass
+class Store:
+    images: torch.Tensor  # uint8 [N, C, S, S], memory-mapped (copy-on-write: never written back)
+    path: Path
+    key: str
+    built: bool  # False: an existing store was reused
+
+
+def file_identity(files: list[str]) -> list[list]:
+    """``[resolved path, size, mtime_ns]`` of each file, in order."""
+    out = []
+    for f in files:
+        st = os.stat(f)
+        out.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def fingerprint(files: list[str]) -> str:
+    """A digest of the files' identities: changes when a file is touched, added or removed."""
+    return digest(file_identity(files))
+
+
+def store_key(files: list[str], image_size: int) -> str:
+    return digest({"format": FORMAT, "files": file_identity(files), "image_size": image_size,
+                   "channels": "1 if every image is grayscale else 3", "resize": f"PIL {INTERPOLATION.value}"})
+
+
+def decode(path: str, image_size: int, channels: int) -> np.ndarray:
+    """One file as uint8 ``[channels, S, S]``, as the on-the-fly path sees it (channels=3: PIL
+    ``convert("RGB")`` then resize; channels=1: the same image's single gray channel)."""
+    try:
+        with Image.open(path) as im:
+            gray = channels == 1 and im.mode in GRAY_MODES
+            im = im.convert("L" if gray else "RGB")
+    except Exception as exc:  # truncated JPEG and other decode errors
+        raise BadImageError(f"{path} could not be decoded ({type(exc).__name__}: {exc}); remove or replace the file") from None
+    pixels = np.array(TF.resize(im, [image_size, image_size], interpolation=INTERPOLATION))
+    if gray:
+        return pixels[None]
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1)[:channels])
+
+
+def channels_needed(files: list[str], image_size: int) -> int:
+    """1 if every image is grayscale (by its PIL mode, which costs a header read, or, for other
+    modes, by decoding it and comparing its channels), else 3."""
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                mode = im.mode
+        except Exception as exc:
+            raise BadImageError(f"{path} could not be opened ({type(exc).__name__}: {exc}); remove or replace the file") from None
+        if mode not in GRAY_MODES:
+            rgb = decode(path, image_size, 3)
+            if not ((rgb[0] == rgb[1]).all() and (rgb[1] == rgb[2]).all()):
+                return 3
+    return 1
+
+
+class _Decode(Dataset):
+    def __init__(self, files: list[str], image_size: int, channels: int):
+        self.files, self.image_size, self.channels = files, image_size, channels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return decode(self.files[i], self.image_size, self.channels)
+
+
+def _write(f, chunk: np.ndarray) -> None:
+    f.write(memoryview(chunk).cast("B"))
+
+
+def _checksum(path: Path, size: int) -> tuple[str, str]:
+    """(sha256 hex digest, what it covers): the whole file up to FULL_CHECK_BYTES, else sampled blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= FULL_CHECK_BYTES:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+            return h.hexdigest(), "whole file"
+        for i in range(SAMPLED_BLOCKS):
+            f.seek(i * (size - BLOCK) // (SAMPLED_BLOCKS - 1))
+            h.update(f.read(BLOCK))
+    return h.hexdigest(), f"{SAMPLED_BLOCKS} evenly spaced {BLOCK >> 20} MiB blocks"
+
+
+def _open(data: Path, header: Path, key: str) -> tuple[torch.Tensor | None, str | None]:
+    """(images, None) for a store that passes every check; (None, what is wrong) otherwise, the
+    problem being None when there is simply no store yet."""
+    if not header.is_file():
+        return None, "has no header (an unfinished build?)" if data.exists() else None
+    try:
+        meta = json.loads(header.read_text())
+        shape, expected = tuple(int(n) for n in meta["shape"]), meta["checksum"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return None, f"has an unreadable header ({type(exc).__name__}: {exc})"
+    if meta.get("format") != FORMAT or meta.get("key") != key:
+        return None, f"has a header for another store (format {meta.get('format')}, key {meta.get('key')})"
+    if not data.is_file():
+        return None, "has a header but no data file"
+    size, want = data.stat().st_size, math.prod(shape)
+    if size != want:
+        return None, f"is {size:,} bytes where its header says {want:,} (truncated or damaged)"
+    if _checksum(data, size)[0] != expected:
+        return None, "fails its sha256 check (damaged)"
+    return torch.from_numpy(np.memmap(data, dtype=np.uint8, mode="c", shape=shape)), None
+
+
+def _warn_cannot_store(folder: Path, needed: int, why: str) -> None:
+    free = shutil.disk_usage(folder).free if folder.is_dir() else 0
+    log.warning("decoded-image store not written in %s: %s (it needs %.1f MB, %.1f MB are free); decoding with PIL on the fly "
+                "instead, every epoch (slower). Free some space or point cache.dir at another disk; data.decode_cache=false skips the store",
+                folder, why, needed / 2**20, free / 2**20)
+
+
+def open_or_build(files: list[str], image_size: int, store_dir: str | os.PathLike, progress: bool = True, workers: int | None = None) -> Store | None:
+    """The store of ``files`` at ``image_size``: reused when a valid one exists, else built (one
+    builder at a time per key). None when it cannot be written (disk full): decode on the fly.
+    ``workers``: decoding processes (None: every core for large sets, none for small ones)."""
+    key = store_key(files, image_size)
+    folder = Path(store_dir).expanduser()
+    data, header = folder / f"{key}.u8", folder / f"{key}.json"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        _warn_cannot_store(folder, 0, f"cannot create the folder ({exc.strerror})")
+        return None
+    with FileLock(str(folder / f"{key}.lock")):
+        start = time.perf_counter()
+        images, problem = _open(data, header, key)
+        if images is not None:
+            log.info("decoded-image store reused: %s (%d images, %s uint8, checked in %.1fs)", data, len(images),
+                     "x".join(map(str, images.shape[1:])), time.perf_counter() - start)
+            return Store(images, data, key, built=False)
+        if problem is not None:
+            log.warning("decoded-image store %s %s; rebuilding it", data, problem)
+        if not _build(files, image_size, data, header, key, progress, workers):
+            return None
+        images, problem = _open(data, header, key)
+        if images is None:
+            raise RuntimeError(f"the decoded-image store {data} just built {problem}")
+        return Store(images, data, key, built=True)
+
+
+def _build(files: list[str], image_size: int, data: Path, header: Path, key: str, progress: bool, workers: int | None) -> bool:
+    """Decode ``files`` into ``data`` + ``header`` (temp files, renamed; the header last). False
+    (after a warning, with nothing left behind) when the disk is full."""
+    start = time.perf_counter()
+    channels = channels_needed(files, image_size)
+    shape = (len(files), channels, image_size, image_size)
+    needed = math.prod(shape)
+    free = shutil.disk_usage(data.parent).free
+    if free < needed + (1 << 20):  # + headroom for the header
+        _warn_cannot_store(data.parent, needed, "not enough free space")
+        return False
+    if workers is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = min(8, cores) if len(files) >= 4 * CHUNK and cores > 1 else 0
+    log.info("decoding %d images once into %s (%s uint8, %.0f MB; later epochs, runs and sweep jobs reuse it)",
+             len(files), data, "x".join(map(str, shape[1:])), needed / 2**20)
+    tmp_data, tmp_header = (p.with_name(f".{p.name}.tmp{os.getpid()}") for p in (data, header))
+    done = False
+    try:
+        loader = DataLoader(_Decode(files, image_size, channels), batch_size=CHUNK, num_workers=workers)
+        with open(tmp_data, "wb") as f, tqdm(total=len(files), desc="decoding images (once)", unit="img", leave=False,
+                                             disable=not progress, dynamic_ncols=True) as bar:
+            for chunk in loader:
+                _write(f, chunk.numpy())
+                bar.update(len(chunk))
+        checksum, covers = _checksum(tmp_data, needed)
+        seconds = time.perf_counter() - start
+        meta = {"format": FORMAT, "key": key, "shape": list(shape), "dtype": "uint8", "checksum": checksum, "checksum_covers": covers,
+                "image_size": image_size, "resize": f"PIL {INTERPOLATION.value}", "build_s": round(seconds, 2),
+                "files": file_identity(files)}
+        tmp_header.write_text(json.dumps(meta))
+        os.replace(tmp_data, data)
+        os.replace(tmp_header, header)  # last: only now is the store valid
+        done = True
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        _warn_cannot_store(data.parent, needed, f"the disk filled up while writing ({exc.strerror})")
+        return False
+    finally:
+        if not done:
+            for path in (tmp_data, tmp_header, data, header):  # what was there before was damaged
+                path.unlink(missing_ok=True)
+    others = [p for p in data.parent.glob("*.u8") if p != data]
+    log.info("decoded-image store built: %s, %d images in %.1fs (%.0f images/s, %d decoding workers)%s", data, len(files), seconds,
+             len(files) / seconds, workers, f"; {data.parent} also holds {len(others)} other store(s), {sum(p.stat().st_size for p in others) / 2**20:.0f} MB"
+             " (other sizes or file lists, or files changed since): delete those no run needs" if others else "")
+    return True
