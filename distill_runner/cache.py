@@ -36,7 +36,8 @@ def digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _file_identity(path: str | None) -> dict | None:
+def file_identity(path: str | None) -> dict | None:
+    """What tells a file's content has changed without reading it: resolved path, size, mtime."""
     if path is None:
         return None
     stat = Path(path).expanduser().stat()
@@ -71,7 +72,7 @@ def teacher_key(cfg: DictConfig, node: DictConfig, fingerprint: str | None = Non
     return digest({
         "format": FORMAT,
         "teacher": teacher,
-        "checkpoint": _file_identity(node.checkpoint),
+        "checkpoint": file_identity(node.checkpoint),
         "dataset": dataset_identity(cfg, fingerprint),
         "seed": cfg.seed,
         "precision": str(cfg.trainer.precision),
@@ -132,8 +133,7 @@ class Cache:
         return entry
 
     def store(self, path: Path, content: dict) -> None:
-        if distributed.is_main():
-            atomic_save(content, path)
+        atomic_save(content, path)  # rank 0 alone writes under torchrun
 
 
 class CachedTeacher:

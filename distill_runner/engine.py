@@ -79,6 +79,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
+    if not distributed.is_main():  # under torchrun rank 0 alone writes; the other ranks hold the same state
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -236,11 +238,11 @@ def fit(
             record["val/acc"] = accuracy(*predict(model, val, device, precision), over_processes=True)
             record["epoch_time_s"] = time.perf_counter() - start
             history.append(record)
-            if writer is not None and main:
+            if writer is not None:  # the runner gives ranks > 0 none
                 for k, v in record.items():
                     writer.add_scalar(k, v, epoch + 1)
                 writer.flush()
-            if last is not None and main:
+            if last is not None:
                 state = {
                     "stage": stage.name, "epoch": epoch + 1, "history": history,
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),

@@ -125,9 +125,8 @@ def run_stage(ctx: RunContext, stage: engine.Stage, checkpoint_name: str) -> dic
     else:
         log.info("stage %s: skipped (0 epochs), using the model as loaded", stage.name)
     info = {"epochs": stage.epochs, "final_val_acc": history[-1]["val/acc"] if history else None, "wall_time_s": time.perf_counter() - start, "history": history}
-    if distributed.is_main():
-        engine.atomic_save(stage.model.state_dict(), weights)
-        engine.atomic_write_text(done, json.dumps(info))
+    engine.atomic_save(stage.model.state_dict(), weights)
+    engine.atomic_write_text(done, json.dumps(info))
     return info
 
 
@@ -155,8 +154,7 @@ def run_or_reuse(ctx: RunContext, stage: engine.Stage, checkpoint_name: str, kin
         entry = cache.load_shared(path)
         if entry is not None:
             stage.model.load_state_dict(entry["model"])
-            if distributed.is_main():
-                engine.atomic_save(stage.model.state_dict(), ctx.checkpoint_dir / f"{checkpoint_name}.pt")
+            engine.atomic_save(stage.model.state_dict(), ctx.checkpoint_dir / f"{checkpoint_name}.pt")
             info = dict(entry["info"], reused=True, wall_time_s=time.perf_counter() - start)
             log.info("reusing %s %s from %s (trained before: same config, data and seed)", stage.name, cache_key, path)
         else:
@@ -248,7 +246,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     if cfg.trainer.get("resume", False) and distributed.is_main():
         run_dir = resume_dir(cfg, run_dir, list(overrides or []))
         has_checkpoints = (run_dir / "checkpoints").is_dir()
-        log.info("%s %s", "resuming the run in" if has_checkpoints else "nothing to resume yet (trainer.resume=auto): starting in", run_dir)
+        log.info("%s %s", "resuming the run in" if has_checkpoints else f"nothing to resume yet (trainer.resume={cfg.trainer.resume}): starting in", run_dir)
     run_dir = distributed.broadcast(run_dir)  # the folders of ranks > 0 are not used
     precision = engine.resolve_precision(cfg.trainer.precision, device, cfg.trainer.device)
     if device.type == "cuda":
