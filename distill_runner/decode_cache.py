@@ -50,7 +50,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from distill_runner.cache import digest
+from distill_runner.cache import digest, file_identity
 from distill_runner.errors import BadImageError
 
 log = logging.getLogger(__name__)
@@ -69,25 +69,22 @@ class Store:
     images: torch.Tensor  # uint8 [N, C, S, S], memory-mapped (copy-on-write: never written back)
     path: Path
     key: str
+    fingerprint: str  # of the image files alone (:func:`fingerprint`)
     built: bool  # False: an existing store was reused
 
 
-def file_identity(files: list[str]) -> list[list]:
-    """``[resolved path, size, mtime_ns]`` of each file, in order."""
-    out = []
-    for f in files:
-        st = os.stat(f)
-        out.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
-    return out
+def files_identity(files: list[str]) -> list[dict]:
+    """Resolved path, size and mtime_ns of each file, in order (one ``stat`` each)."""
+    return [file_identity(f) for f in files]
 
 
 def fingerprint(files: list[str]) -> str:
     """A digest of the files' identities: changes when a file is touched, added or removed."""
-    return digest(file_identity(files))
+    return digest(files_identity(files))
 
 
-def store_key(files: list[str], image_size: int) -> str:
-    return digest({"format": FORMAT, "files": file_identity(files), "image_size": image_size,
+def store_key(identity: list[dict], image_size: int) -> str:
+    return digest({"format": FORMAT, "files": identity, "image_size": image_size,
                    "channels": "1 if every image is grayscale else 3", "resize": f"PIL {INTERPOLATION.value}"})
 
 
@@ -184,7 +181,8 @@ def open_or_build(files: list[str], image_size: int, store_dir: str | os.PathLik
     """The store of ``files`` at ``image_size``: reused when a valid one exists, else built (one
     builder at a time per key). None when it cannot be written (disk full): decode on the fly.
     ``workers``: decoding processes (None: every core for large sets, none for small ones)."""
-    key = store_key(files, image_size)
+    identity = files_identity(files)  # the files are stat'ed once: key, fingerprint and header
+    key = store_key(identity, image_size)
     folder = Path(store_dir).expanduser()
     data, header = folder / f"{key}.u8", folder / f"{key}.json"
     try:
@@ -200,18 +198,18 @@ def open_or_build(files: list[str], image_size: int, store_dir: str | os.PathLik
         if images is not None:
             log.info("decoded-image store reused: %s (%d images, %s uint8, checked in %.1fs)", data, len(images),
                      "x".join(map(str, images.shape[1:])), time.perf_counter() - start)
-            return Store(images, data, key, built=False)
+            return Store(images, data, key, digest(identity), built=False)
         if problem is not None:
             log.warning("decoded-image store %s %s; rebuilding it", data, problem)
-        if not _build(files, image_size, data, header, key, progress, workers):
+        if not _build(files, identity, image_size, data, header, key, progress, workers):
             return None
         images, problem = _open(data, header, key)
         if images is None:
             raise RuntimeError(f"the decoded-image store {data} just built {problem}")
-        return Store(images, data, key, built=True)
+        return Store(images, data, key, digest(identity), built=True)
 
 
-def _build(files: list[str], image_size: int, data: Path, header: Path, key: str, progress: bool, workers: int | None) -> bool:
+def _build(files: list[str], identity: list[dict], image_size: int, data: Path, header: Path, key: str, progress: bool, workers: int | None) -> bool:
     """Decode ``files`` into ``data`` + ``header`` (temp files, renamed; the header last). False
     (after a warning, with nothing left behind) when the disk is full."""
     start = time.perf_counter()
@@ -240,7 +238,7 @@ def _build(files: list[str], image_size: int, data: Path, header: Path, key: str
         seconds = time.perf_counter() - start
         meta = {"format": FORMAT, "key": key, "shape": list(shape), "dtype": "uint8", "checksum": checksum, "checksum_covers": covers,
                 "image_size": image_size, "resize": f"PIL {INTERPOLATION.value}", "build_s": round(seconds, 2),
-                "files": file_identity(files)}
+                "files": identity}
         tmp_header.write_text(json.dumps(meta))
         os.replace(tmp_data, data)
         os.replace(tmp_header, header)  # last: only now is the store valid

@@ -279,7 +279,7 @@ def _store_bundle(store: Store, files: list[str], samples: dict, classes: list[s
         splits[split] = np.array([row[p] for p, _ in items], dtype=np.int64)
         targets[torch.from_numpy(splits[split])] = torch.tensor([t for _, t in items], dtype=torch.long)
     data = in_memory_bundle(store.images, targets, splits, list(classes), batch_size, eval_batch_size, augment, seed, name, list(mean), list(std),
-                            balance, channels=3, fingerprint=fingerprint(files))
+                            balance, channels=3, fingerprint=store.fingerprint)
     log.info("%s: %s, from the decoded-image store (%d channel%s), balance=%s%s", name, layout, store.images.shape[1], "" if store.images.shape[1] == 1 else "s",
              balance, f" (class weights {[round(w, 3) for w in data.class_weights]})" if data.class_weights else "")
     return data

@@ -146,7 +146,7 @@ def measure_data_path(data_dir: Path, device: torch.device, precision, quick: bo
     files = [path for path, _ in folder.samples]
     targets = torch.tensor([t for _, t in folder.samples])
     store_dir = data_dir / "store"
-    key = decode_cache.store_key(files, SIZE)
+    key = decode_cache.store_key(decode_cache.files_identity(files), SIZE)
     for old in store_dir.glob(f"{key}.*"):
         old.unlink()
     start = time.perf_counter()
