@@ -22,9 +22,9 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from distill_runner import distributed
-from distill_runner.engine import Precision, atomic_save
-from distill_runner.losses import Batch, Outputs
+from distill_runner.distill.losses import Batch, Outputs
+from distill_runner.train import distributed
+from distill_runner.train.engine import Precision, atomic_save
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _processes() -> dict:
 def dataset_identity(cfg: DictConfig, fingerprint: str | None = None) -> dict:
     """The dataset config without the keys that do not change the images (where the decoded-image
     store lives, progress bars, the evaluation batch size), plus ``fingerprint`` (the image files'
-    identity, :attr:`distill_runner.data.DataBundle.fingerprint`) when there is one."""
+    identity, :attr:`distill_runner.data.bundle.DataBundle.fingerprint`) when there is one."""
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     for irrelevant in ("eval_batch_size", "store_dir", "progress"):
         dataset.pop(irrelevant, None)
@@ -69,15 +69,17 @@ def teacher_key(cfg: DictConfig, node: DictConfig, fingerprint: str | None = Non
     the seed and the numeric precision."""
     teacher = OmegaConf.to_container(node, resolve=True)
     teacher.pop("name", None)
-    return digest({
-        "format": FORMAT,
-        "teacher": teacher,
-        "checkpoint": file_identity(node.checkpoint),
-        "dataset": dataset_identity(cfg, fingerprint),
-        "seed": cfg.seed,
-        "precision": str(cfg.trainer.precision),
-        **_processes(),
-    })
+    return digest(
+        {
+            "format": FORMAT,
+            "teacher": teacher,
+            "checkpoint": file_identity(node.checkpoint),
+            "dataset": dataset_identity(cfg, fingerprint),
+            "seed": cfg.seed,
+            "precision": str(cfg.trainer.precision),
+            **_processes(),
+        }
+    )
 
 
 def baseline_key(cfg: DictConfig, fingerprint: str | None = None) -> str:
@@ -86,7 +88,16 @@ def baseline_key(cfg: DictConfig, fingerprint: str | None = None) -> str:
     for irrelevant in ("device", "progress"):
         trainer.pop(irrelevant, None)
     student = OmegaConf.to_container(cfg.student.model, resolve=True)
-    return digest({"format": FORMAT, "student": student, "trainer": trainer, "dataset": dataset_identity(cfg, fingerprint), "seed": cfg.seed, **_processes()})
+    return digest(
+        {
+            "format": FORMAT,
+            "student": student,
+            "trainer": trainer,
+            "dataset": dataset_identity(cfg, fingerprint),
+            "seed": cfg.seed,
+            **_processes(),
+        }
+    )
 
 
 class Cache:
@@ -96,7 +107,7 @@ class Cache:
         self.root = Path(root)
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> "Cache | None":
+    def from_config(cls, cfg: DictConfig) -> Cache | None:
         node = cfg.get("cache")
         return cls(node.dir) if node is not None and node.enabled else None
 
@@ -147,7 +158,7 @@ class CachedTeacher:
         self.logits = logits  # [views, N, classes]
         self.view = 0
 
-    def to(self, device: torch.device) -> "CachedTeacher":
+    def to(self, device: torch.device) -> CachedTeacher:
         self.logits = self.logits.to(device)
         return self
 
@@ -174,7 +185,13 @@ def compute_teacher_logits(
     [views, N, classes]. Runs in ``precision`` (mixed precision where enabled)."""
     teacher = teacher.to(device)
     logits = None
-    bar = tqdm(total=views * len(train), desc="teacher outputs", leave=False, disable=not (progress and distributed.is_main()), dynamic_ncols=True)
+    bar = tqdm(
+        total=views * len(train),
+        desc="teacher outputs",
+        leave=False,
+        disable=not (progress and distributed.is_main()),
+        dynamic_ncols=True,
+    )
     for view in range(views):
         train.set_epoch(view)
         for batch in train:  # under torchrun: this process's shard
@@ -210,16 +227,29 @@ def replayed_teacher_signal(ctx, online, teacher_id: str, recipe) -> object:
         dtype = getattr(torch, cfg.cache.teacher_outputs_dtype)
         size_mb = views * train.num_samples * ctx.data.num_classes * dtype.itemsize / 2**20
         if size_mb > cfg.cache.max_teacher_outputs_mb:
-            why_not = f"they would take {size_mb:.0f} MB > cache.max_teacher_outputs_mb={cfg.cache.max_teacher_outputs_mb}"
+            why_not = (
+                f"they would take {size_mb:.0f} MB > cache.max_teacher_outputs_mb={cfg.cache.max_teacher_outputs_mb}"
+            )
     if why_not is not None:
         log.info("teacher outputs: online (%s)", why_not)
         return online
 
     def compute() -> torch.Tensor:
-        return compute_teacher_logits(online, train, views, ctx.device, ctx.precision, dtype, progress=cfg.trainer.progress)
+        return compute_teacher_logits(
+            online, train, views, ctx.device, ctx.precision, dtype, progress=cfg.trainer.progress
+        )
 
     dataset = dataset_identity(cfg, ctx.data.fingerprint)
-    key = digest({"teacher": teacher_id, "dataset": dataset, "seed": cfg.seed, "views": views, "dtype": str(dtype), "precision": ctx.precision.name})
+    key = digest(
+        {
+            "teacher": teacher_id,
+            "dataset": dataset,
+            "seed": cfg.seed,
+            "views": views,
+            "dtype": str(dtype),
+            "precision": ctx.precision.name,
+        }
+    )
     cache = Cache.from_config(cfg)
     start = time.perf_counter()
     if cache is None:
@@ -235,6 +265,14 @@ def replayed_teacher_signal(ctx, online, teacher_id: str, recipe) -> object:
             else:
                 logits = entry["logits"]
                 source = f"reused from {path}"
-    log.info("teacher outputs: cached, %d augmented views x %d images x %d classes as %s = %.1f MB, %s (%.1fs)",
-             views, train.num_samples, ctx.data.num_classes, cfg.cache.teacher_outputs_dtype, size_mb, source, time.perf_counter() - start)
+    log.info(
+        "teacher outputs: cached, %d augmented views x %d images x %d classes as %s = %.1f MB, %s (%.1fs)",
+        views,
+        train.num_samples,
+        ctx.data.num_classes,
+        cfg.cache.teacher_outputs_dtype,
+        size_mb,
+        source,
+        time.perf_counter() - start,
+    )
     return CachedTeacher(logits)

@@ -13,10 +13,15 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from distill_runner import distributed
 from distill_runner.errors import ConfigError
+from distill_runner.train import distributed
 
-SILENT_RANK = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+SILENT_RANK = [
+    "hydra.run.dir=.",
+    "hydra.output_subdir=null",
+    "hydra/job_logging=disabled",
+    "hydra/hydra_logging=disabled",
+]
 
 
 @hydra.main(config_path="pkg://distill_runner.conf", config_name="config", version_base="1.3")
@@ -42,8 +47,11 @@ def run_from_config(cfg: DictConfig) -> float | None:
 def main() -> None:
     if distributed.launched():
         if {"-m", "--multirun"} & set(sys.argv[1:]):
-            print("distill-run: error: a sweep (-m) cannot run under torchrun: run the sweep with distill-run -m and one device per job, "
-                  "or launch torchrun once per configuration (see the README, 'More than one GPU')", file=sys.stderr)
+            print(
+                "distill-run: error: a sweep (-m) cannot run under torchrun: run the sweep with distill-run -m and one device per job, "
+                "or launch torchrun once per configuration (see the README, 'More than one GPU')",
+                file=sys.stderr,
+            )
             sys.exit(2)
         if distributed.env_rank() != 0:
             sys.argv += SILENT_RANK

@@ -10,9 +10,9 @@ from pathlib import Path
 import torchvision
 from omegaconf import DictConfig, OmegaConf
 
-from distill_runner.data import BALANCE
-from distill_runner.engine import PRECISIONS
+from distill_runner.data.bundle import BALANCE
 from distill_runner.errors import ConfigError
+from distill_runner.train.engine import PRECISIONS
 
 _MISSING = object()
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -27,7 +27,13 @@ def _is_number(v) -> bool:
 
 
 def _is_crop_scale(v) -> bool:
-    return v is None or (isinstance(v, Sequence) and not isinstance(v, str) and len(v) == 2 and all(map(_is_number, v)) and 0 < v[0] <= v[1] <= 1)
+    return v is None or (
+        isinstance(v, Sequence)
+        and not isinstance(v, str)
+        and len(v) == 2
+        and all(map(_is_number, v))
+        and 0 < v[0] <= v[1] <= 1
+    )
 
 
 def _check(cfg: DictConfig, key: str, ok: Callable[[object], bool], fix: str, required: bool = True) -> None:
@@ -43,72 +49,271 @@ def _check(cfg: DictConfig, key: str, ok: Callable[[object], bool], fix: str, re
 def _check_arch(cfg: DictConfig, node: str) -> None:
     arch = OmegaConf.select(cfg, f"{node}.model.arch")
     if arch is not None and arch not in torchvision.models.list_models(module=torchvision.models):
-        raise ConfigError(f"{node}.model.arch", arch, "not a torchvision classification model; e.g. resnet18, mobilenet_v2, mobilenet_v3_small, or pick a config: " + node + "=<name>")
+        raise ConfigError(
+            f"{node}.model.arch",
+            arch,
+            "not a torchvision classification model; e.g. resnet18, mobilenet_v2, mobilenet_v3_small, or pick a config: "
+            + node
+            + "=<name>",
+        )
 
 
 def _decoupled_kd(cfg: DictConfig) -> bool:
     terms = OmegaConf.select(cfg, "distill.terms", default=None)
     if not isinstance(terms, DictConfig):
         return False
-    return any(name == "dkd" if not isinstance(t, DictConfig) else t.get("type", name) == "dkd" for name, t in terms.items())
+    return any(
+        name == "dkd" if not isinstance(t, DictConfig) else t.get("type", name) == "dkd" for name, t in terms.items()
+    )
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first bad user-facing value."""
     _check(cfg, "seed", _is_int, "use an integer, e.g. seed=0")
     _check(cfg, "dataset._target_", lambda v: isinstance(v, str), "pick a data set: dataset=digits")
-    _check(cfg, "dataset.batch_size", lambda v: _is_int(v) and v >= 1, "use a positive integer, e.g. dataset.batch_size=64")
-    _check(cfg, "dataset.eval_batch_size", lambda v: _is_int(v) and v >= 1, "use a positive integer, e.g. dataset.eval_batch_size=256", required=False)
-    _check(cfg, "dataset.image_size", lambda v: _is_int(v) and v >= 8, "use an integer >= 8, e.g. dataset.image_size=32", required=False)
-    _check(cfg, "dataset.root", lambda v: v is None or isinstance(v, str), "use a folder path, e.g. dataset.root=data/chest_xray", required=False)
+    _check(
+        cfg, "dataset.batch_size", lambda v: _is_int(v) and v >= 1, "use a positive integer, e.g. dataset.batch_size=64"
+    )
+    _check(
+        cfg,
+        "dataset.eval_batch_size",
+        lambda v: _is_int(v) and v >= 1,
+        "use a positive integer, e.g. dataset.eval_batch_size=256",
+        required=False,
+    )
+    _check(
+        cfg,
+        "dataset.image_size",
+        lambda v: _is_int(v) and v >= 8,
+        "use an integer >= 8, e.g. dataset.image_size=32",
+        required=False,
+    )
+    _check(
+        cfg,
+        "dataset.root",
+        lambda v: v is None or isinstance(v, str),
+        "use a folder path, e.g. dataset.root=data/chest_xray",
+        required=False,
+    )
     _check(cfg, "dataset.download", lambda v: isinstance(v, bool), "use true or false", required=False)
-    _check(cfg, "dataset.val_from_train", lambda v: v is None or (_is_number(v) and 0 < v < 1), "use null or a fraction in (0, 1), e.g. dataset.val_from_train=0.1", required=False)
+    _check(
+        cfg,
+        "dataset.val_from_train",
+        lambda v: v is None or (_is_number(v) and 0 < v < 1),
+        "use null or a fraction in (0, 1), e.g. dataset.val_from_train=0.1",
+        required=False,
+    )
     _check(cfg, "dataset.balance", lambda v: v in BALANCE, f"use one of {', '.join(BALANCE)}", required=False)
-    _check(cfg, "dataset.on_bad_image", lambda v: v in ("skip", "error"), "use skip (skip unreadable images with a warning) or error", required=False)
-    _check(cfg, "dataset.num_workers", lambda v: v == "auto" or (_is_int(v) and v >= 0), "use auto or an integer >= 0 (0 = load in the main process)", required=False)
-    _check(cfg, "dataset.pin_memory", lambda v: v == "auto" or isinstance(v, bool), "use auto, true or false", required=False)
-    _check(cfg, "dataset.limit", lambda v: v is None or (_is_int(v) and v >= 1), "use null or a positive integer", required=False)
-    _check(cfg, "dataset.resized_crop_scale", _is_crop_scale, "use null or [lo, hi] with 0 < lo <= hi <= 1, e.g. dataset.resized_crop_scale=[0.8,1.0]", required=False)
-    _check(cfg, "dataset.store_dir", lambda v: isinstance(v, str) and v != "", "give a folder, e.g. dataset.store_dir=outputs/cache/decoded", required=False)
-    _check(cfg, "data.decode_cache", lambda v: isinstance(v, bool), "use true (decode ImageFolder images once into a store under cache.dir) or false (PIL every epoch)", required=False)
-    _check(cfg, "data.on_device", lambda v: v == "auto" or isinstance(v, bool), "use auto, true (the whole training set as one tensor on the training device) or false (batches copied per step)", required=False)
-    _check(cfg, "dataset.decode_cache", lambda v: isinstance(v, bool), "use true or false (normally set through data.decode_cache)", required=False)
+    _check(
+        cfg,
+        "dataset.on_bad_image",
+        lambda v: v in ("skip", "error"),
+        "use skip (skip unreadable images with a warning) or error",
+        required=False,
+    )
+    _check(
+        cfg,
+        "dataset.num_workers",
+        lambda v: v == "auto" or (_is_int(v) and v >= 0),
+        "use auto or an integer >= 0 (0 = load in the main process)",
+        required=False,
+    )
+    _check(
+        cfg,
+        "dataset.pin_memory",
+        lambda v: v == "auto" or isinstance(v, bool),
+        "use auto, true or false",
+        required=False,
+    )
+    _check(
+        cfg,
+        "dataset.limit",
+        lambda v: v is None or (_is_int(v) and v >= 1),
+        "use null or a positive integer",
+        required=False,
+    )
+    _check(
+        cfg,
+        "dataset.resized_crop_scale",
+        _is_crop_scale,
+        "use null or [lo, hi] with 0 < lo <= hi <= 1, e.g. dataset.resized_crop_scale=[0.8,1.0]",
+        required=False,
+    )
+    _check(
+        cfg,
+        "dataset.store_dir",
+        lambda v: isinstance(v, str) and v != "",
+        "give a folder, e.g. dataset.store_dir=outputs/cache/decoded",
+        required=False,
+    )
+    _check(
+        cfg,
+        "data.decode_cache",
+        lambda v: isinstance(v, bool),
+        "use true (decode ImageFolder images once into a store under cache.dir) or false (PIL every epoch)",
+        required=False,
+    )
+    _check(
+        cfg,
+        "data.on_device",
+        lambda v: v == "auto" or isinstance(v, bool),
+        "use auto, true (the whole training set as one tensor on the training device) or false (batches copied per step)",
+        required=False,
+    )
+    _check(
+        cfg,
+        "dataset.decode_cache",
+        lambda v: isinstance(v, bool),
+        "use true or false (normally set through data.decode_cache)",
+        required=False,
+    )
 
     for node in ("teacher", "student"):
-        _check(cfg, f"{node}.model._target_", lambda v: isinstance(v, str), f"pick one: {node}=<name> (see conf/{node}/)")
+        _check(
+            cfg, f"{node}.model._target_", lambda v: isinstance(v, str), f"pick one: {node}=<name> (see conf/{node}/)"
+        )
         _check_arch(cfg, node)
-    _check(cfg, "teacher.epochs", lambda v: _is_int(v) and v >= 0, "use an integer >= 0 (0 = use the teacher as loaded), e.g. teacher.epochs=3")
-    _check(cfg, "teacher.weights", lambda v: v is None or isinstance(v, str), "use null or a torchvision weights name, e.g. teacher.weights=IMAGENET1K_V1")
-    _check(cfg, "teacher.checkpoint", lambda v: v is None or Path(str(v)).expanduser().is_file(), "no such file; give the path of a saved state_dict or null")
+    _check(
+        cfg,
+        "teacher.epochs",
+        lambda v: _is_int(v) and v >= 0,
+        "use an integer >= 0 (0 = use the teacher as loaded), e.g. teacher.epochs=3",
+    )
+    _check(
+        cfg,
+        "teacher.weights",
+        lambda v: v is None or isinstance(v, str),
+        "use null or a torchvision weights name, e.g. teacher.weights=IMAGENET1K_V1",
+    )
+    _check(
+        cfg,
+        "teacher.checkpoint",
+        lambda v: v is None or Path(str(v)).expanduser().is_file(),
+        "no such file; give the path of a saved state_dict or null",
+    )
     if cfg.teacher.epochs == 0 and cfg.teacher.weights is None and cfg.teacher.checkpoint is None:
-        raise ConfigError("teacher.epochs", 0, "a teacher used as loaded needs teacher.checkpoint=PATH or teacher.weights; or train it: teacher.epochs=3")
+        raise ConfigError(
+            "teacher.epochs",
+            0,
+            "a teacher used as loaded needs teacher.checkpoint=PATH or teacher.weights; or train it: teacher.epochs=3",
+        )
     if cfg.teacher.weights is not None and cfg.teacher.epochs == 0 and cfg.teacher.checkpoint is None:
-        raise ConfigError("teacher.epochs", 0, "ImageNet weights come with a new head for this data set's classes and must be fine-tuned; use teacher.epochs>=1")
+        raise ConfigError(
+            "teacher.epochs",
+            0,
+            "ImageNet weights come with a new head for this data set's classes and must be fine-tuned; use teacher.epochs>=1",
+        )
 
     _check(cfg, "distill._target_", lambda v: isinstance(v, str), "pick a recipe: distill=kd")
-    _check(cfg, "distill.teacher_outputs", lambda v: v in ("cached", "online"), "use cached (replay the teacher's logits) or online (run the teacher every batch)", required=False)
+    _check(
+        cfg,
+        "distill.teacher_outputs",
+        lambda v: v in ("cached", "online"),
+        "use cached (replay the teacher's logits) or online (run the teacher every batch)",
+        required=False,
+    )
     _check(cfg, "cache.enabled", lambda v: isinstance(v, bool), "use true or false")
     _check(cfg, "cache.dir", lambda v: isinstance(v, str) and v != "", "give a folder, e.g. cache.dir=outputs/cache")
-    _check(cfg, "cache.teacher_outputs_dtype", lambda v: v in ("float16", "bfloat16", "float32"), "use float16, bfloat16 or float32")
-    _check(cfg, "cache.max_teacher_outputs_mb", lambda v: _is_number(v) and v >= 0, "use a size in MB >= 0 (0 = never cache teacher outputs)")
-    _check(cfg, "distill.temperature", lambda v: _is_number(v) and v > 0, "must be a number > 0 (typical values 1-8), e.g. distill.temperature=4", required=False)
+    _check(
+        cfg,
+        "cache.teacher_outputs_dtype",
+        lambda v: v in ("float16", "bfloat16", "float32"),
+        "use float16, bfloat16 or float32",
+    )
+    _check(
+        cfg,
+        "cache.max_teacher_outputs_mb",
+        lambda v: _is_number(v) and v >= 0,
+        "use a size in MB >= 0 (0 = never cache teacher outputs)",
+    )
+    _check(
+        cfg,
+        "distill.temperature",
+        lambda v: _is_number(v) and v > 0,
+        "must be a number > 0 (typical values 1-8), e.g. distill.temperature=4",
+        required=False,
+    )
     if not _decoupled_kd(cfg):  # in DKD, alpha weights the target-class term and may exceed 1 (the recipe checks it)
-        _check(cfg, "distill.alpha", lambda v: _is_number(v) and 0 <= v <= 1, "must be in [0, 1]: the weight of the KD term (1 - alpha weights cross-entropy), e.g. distill.alpha=0.5", required=False)
+        _check(
+            cfg,
+            "distill.alpha",
+            lambda v: _is_number(v) and 0 <= v <= 1,
+            "must be in [0, 1]: the weight of the KD term (1 - alpha weights cross-entropy), e.g. distill.alpha=0.5",
+            required=False,
+        )
 
     _check(cfg, "trainer.epochs", lambda v: _is_int(v) and v >= 1, "use an integer >= 1, e.g. trainer.epochs=10")
     for node in ("teacher", "trainer"):
-        _check(cfg, f"{node}.optimizer.lr", lambda v: _is_number(v) and v > 0, f"use a learning rate > 0, e.g. {node}.optimizer.lr=1e-3", required=False)
-        _check(cfg, f"{node}.optimizer.weight_decay", lambda v: _is_number(v) and v >= 0, f"use a number >= 0, e.g. {node}.optimizer.weight_decay=1e-4", required=False)
-        _check(cfg, f"{node}.scheduler.warmup_epochs", lambda v: _is_number(v) and 0 <= v <= cfg[node].epochs,
-               f"use a number of epochs in [0, {node}.epochs={cfg[node].epochs}], e.g. {node}.scheduler.warmup_epochs=1", required=False)
-    _check(cfg, "trainer.device", lambda v: bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(v))), "use auto, cpu, cuda or cuda:N")
+        _check(
+            cfg,
+            f"{node}.optimizer.lr",
+            lambda v: _is_number(v) and v > 0,
+            f"use a learning rate > 0, e.g. {node}.optimizer.lr=1e-3",
+            required=False,
+        )
+        _check(
+            cfg,
+            f"{node}.optimizer.weight_decay",
+            lambda v: _is_number(v) and v >= 0,
+            f"use a number >= 0, e.g. {node}.optimizer.weight_decay=1e-4",
+            required=False,
+        )
+        _check(
+            cfg,
+            f"{node}.scheduler.warmup_epochs",
+            lambda v: _is_number(v) and 0 <= v <= cfg[node].epochs,
+            f"use a number of epochs in [0, {node}.epochs={cfg[node].epochs}], e.g. {node}.scheduler.warmup_epochs=1",
+            required=False,
+        )
+    _check(
+        cfg,
+        "trainer.device",
+        lambda v: bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(v))),
+        "use auto, cpu, cuda or cuda:N",
+    )
     _check(cfg, "trainer.precision", lambda v: str(v) in PRECISIONS, f"use one of {', '.join(PRECISIONS)}")
     _check(cfg, "trainer.progress", lambda v: isinstance(v, bool), "use true or false")
     _check(cfg, "trainer.channels_last", lambda v: isinstance(v, bool), "use true or false", required=False)
-    _check(cfg, "trainer.compile", lambda v: isinstance(v, bool) or v in COMPILE_MODES, f"use false, true or a torch.compile mode: {', '.join(COMPILE_MODES)}", required=False)
-    _check(cfg, "trainer.resume", lambda v: isinstance(v, (bool, str)), "use false, true (the newest unfinished run with these overrides), auto (this run folder: continue it if it holds checkpoints, else start) or a run folder", required=False)
+    _check(
+        cfg,
+        "trainer.compile",
+        lambda v: isinstance(v, bool) or v in COMPILE_MODES,
+        f"use false, true or a torch.compile mode: {', '.join(COMPILE_MODES)}",
+        required=False,
+    )
+    _check(
+        cfg,
+        "trainer.resume",
+        lambda v: isinstance(v, (bool, str)),
+        "use false, true (the newest unfinished run with these overrides), auto (this run folder: continue it if it holds checkpoints, else start) or a run folder",
+        required=False,
+    )
 
-    _check(cfg, "export", lambda v: v is None or v == "onnx", "use null (no export) or onnx (ONNX + TorchScript of the KD student, checked on the test split)", required=False)
-    _check(cfg, "eval.latency_budget_s", lambda v: _is_number(v) and v > 0, "use a number of seconds > 0, e.g. eval.latency_budget_s=0.5", required=False)
-    _check(cfg, "eval.throughput_budget_s", lambda v: _is_number(v) and v > 0, "use a number of seconds > 0, e.g. eval.throughput_budget_s=2", required=False)
-    _check(cfg, "eval.cka_samples", lambda v: _is_int(v) and v >= 2, "use an integer >= 2, e.g. eval.cka_samples=2048", required=False)
+    _check(
+        cfg,
+        "export",
+        lambda v: v is None or v == "onnx",
+        "use null (no export) or onnx (ONNX + TorchScript of the KD student, checked on the test split)",
+        required=False,
+    )
+    _check(
+        cfg,
+        "eval.latency_budget_s",
+        lambda v: _is_number(v) and v > 0,
+        "use a number of seconds > 0, e.g. eval.latency_budget_s=0.5",
+        required=False,
+    )
+    _check(
+        cfg,
+        "eval.throughput_budget_s",
+        lambda v: _is_number(v) and v > 0,
+        "use a number of seconds > 0, e.g. eval.throughput_budget_s=2",
+        required=False,
+    )
+    _check(
+        cfg,
+        "eval.cka_samples",
+        lambda v: _is_int(v) and v >= 2,
+        "use an integer >= 2, e.g. eval.cka_samples=2048",
+        required=False,
+    )

@@ -14,7 +14,7 @@ class ConfigError(ValueError):
         self.key, self.value, self.fix = key, value, fix
         super().__init__(f"{key}={value!r}: {fix}")
 
-    def under(self, prefix: str) -> "ConfigError":
+    def under(self, prefix: str) -> ConfigError:
         """The same error with its key placed under a config node: 'arch' -> 'student.model.arch'."""
         return ConfigError(f"{prefix}.{self.key}", self.value, self.fix)
 

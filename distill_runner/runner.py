@@ -16,16 +16,20 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from distill_runner import distributed, engine, export, metrics as measure, recipes, storage
+from distill_runner import storage
 from distill_runner.cache import Cache, baseline_key, digest, replayed_teacher_signal, teacher_key
 from distill_runner.config import validate
-from distill_runner.data import DataBundle
+from distill_runner.data.bundle import DataBundle
+from distill_runner.distill import recipes
+from distill_runner.distill.losses import CrossEntropy
+from distill_runner.distill.teacher import teacher_signal
 from distill_runner.errors import ConfigError
-from distill_runner.evaluate import comparison, evaluate
-from distill_runner.losses import CrossEntropy
-from distill_runner.models import clone, count_parameters, load_checkpoint
-from distill_runner.report import write_report, write_tensorboard
-from distill_runner.teacher import teacher_signal
+from distill_runner.evaluation import export
+from distill_runner.evaluation import metrics as measure
+from distill_runner.evaluation.evaluate import comparison, evaluate
+from distill_runner.models.factories import clone, count_parameters, load_checkpoint
+from distill_runner.reporting.report import write_report, write_tensorboard
+from distill_runner.train import distributed, engine
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +55,17 @@ def recipe_node(cfg: DictConfig) -> DictConfig:
 def build_data(cfg: DictConfig, device: torch.device | None = None) -> DataBundle:
     """The data set, its training batches served on ``device`` (default: ``trainer.device``)."""
     data = build(cfg.dataset, "dataset", seed=cfg.seed)
-    data.place(device or engine.resolve_device(cfg.trainer.device), OmegaConf.select(cfg, "data.on_device", default="auto"))
-    log.info("data %s: %d classes, image %dx%d, train/val/test %s", data.name, data.num_classes, data.image_size, data.image_size,
-             "/".join(str(sum(c)) for c in data.class_counts.values()))
+    data.place(
+        device or engine.resolve_device(cfg.trainer.device), OmegaConf.select(cfg, "data.on_device", default="auto")
+    )
+    log.info(
+        "data %s: %d classes, image %dx%d, train/val/test %s",
+        data.name,
+        data.num_classes,
+        data.image_size,
+        data.image_size,
+        "/".join(str(sum(c)) for c in data.class_counts.values()),
+    )
     names = ", ".join(data.class_names) if data.num_classes <= 20 else f"{data.num_classes} classes"
     log.info("class counts (%s): %s", names, "; ".join(f"{s} {c}" for s, c in data.class_counts.items()))
     return data
@@ -62,7 +74,14 @@ def build_data(cfg: DictConfig, device: torch.device | None = None) -> DataBundl
 def build_model(node: DictConfig, key: str, data: DataBundle, seed: int, **kwargs) -> nn.Module:
     """Build ``node.model`` for the data set; the same seed gives the same initial weights."""
     torch.manual_seed(seed)
-    return build(node.model, f"{key}.model", num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size, **kwargs)
+    return build(
+        node.model,
+        f"{key}.model",
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        image_size=data.image_size,
+        **kwargs,
+    )
 
 
 def build_teacher(node: DictConfig, key: str, data: DataBundle, seed: int) -> nn.Module:
@@ -99,7 +118,11 @@ class RunContext:
 
 def schedule(node: DictConfig, key: str) -> dict:
     """The Stage fields a config node with epochs/optimizer/scheduler keys sets."""
-    return {"epochs": node.epochs, "optimizer": build(node.optimizer, f"{key}.optimizer"), "scheduler": build(node.scheduler, f"{key}.scheduler")}
+    return {
+        "epochs": node.epochs,
+        "optimizer": build(node.optimizer, f"{key}.optimizer"),
+        "scheduler": build(node.scheduler, f"{key}.scheduler"),
+    }
 
 
 def run_stage(ctx: RunContext, stage: engine.Stage, checkpoint_name: str) -> dict:
@@ -117,14 +140,35 @@ def run_stage(ctx: RunContext, stage: engine.Stage, checkpoint_name: str) -> dic
         return json.loads(done.read_text())
     history = []
     if stage.epochs > 0:
-        log.info("stage %s: %d epochs, %s, %s parameters", stage.name, stage.epochs, type(stage.recipe).__name__, f"{count_parameters(stage.model):,}")
+        log.info(
+            "stage %s: %d epochs, %s, %s parameters",
+            stage.name,
+            stage.epochs,
+            type(stage.recipe).__name__,
+            f"{count_parameters(stage.model):,}",
+        )
         torch.manual_seed(ctx.cfg.seed)
         with SummaryWriter(ctx.tb_dir / stage.name) if distributed.is_main() else nullcontext() as writer:
-            history = engine.fit(stage, ctx.data.train, ctx.data.val, ctx.device, ctx.precision, writer, ctx.checkpoint_dir,
-                                 progress=ctx.cfg.trainer.progress, resume=resume, speed=ctx.speed)
+            history = engine.fit(
+                stage,
+                ctx.data.train,
+                ctx.data.val,
+                ctx.device,
+                ctx.precision,
+                writer,
+                ctx.checkpoint_dir,
+                progress=ctx.cfg.trainer.progress,
+                resume=resume,
+                speed=ctx.speed,
+            )
     else:
         log.info("stage %s: skipped (0 epochs), using the model as loaded", stage.name)
-    info = {"epochs": stage.epochs, "final_val_acc": history[-1]["val/acc"] if history else None, "wall_time_s": time.perf_counter() - start, "history": history}
+    info = {
+        "epochs": stage.epochs,
+        "final_val_acc": history[-1]["val/acc"] if history else None,
+        "wall_time_s": time.perf_counter() - start,
+        "history": history,
+    }
     engine.atomic_save(stage.model.state_dict(), weights)
     engine.atomic_write_text(done, json.dumps(info))
     return info
@@ -140,10 +184,14 @@ def prepare_teacher(ctx: RunContext, node: DictConfig, key: str = "teacher") -> 
     stage = engine.Stage(key, teacher, CrossEntropy(class_weights=ctx.data.class_weights), **schedule(node, key))
     if node.epochs == 0:
         return teacher, run_stage(ctx, stage, key)
-    return teacher, run_or_reuse(ctx, stage, key, "teachers", teacher_key(ctx.cfg, node, ctx.data.fingerprint), verb="fine-tuning")
+    return teacher, run_or_reuse(
+        ctx, stage, key, "teachers", teacher_key(ctx.cfg, node, ctx.data.fingerprint), verb="fine-tuning"
+    )
 
 
-def run_or_reuse(ctx: RunContext, stage: engine.Stage, checkpoint_name: str, kind: str, cache_key: str, verb: str = "training") -> dict:
+def run_or_reuse(
+    ctx: RunContext, stage: engine.Stage, checkpoint_name: str, kind: str, cache_key: str, verb: str = "training"
+) -> dict:
     """:func:`run_stage`, unless the cache holds this stage's result under ``cache_key`` (then
     load it). The entry's lock makes parallel jobs wait for the one that trains."""
     cache = Cache.from_config(ctx.cfg)
@@ -172,12 +220,19 @@ def check_room(ctx: RunContext, student: nn.Module, extra_teachers: dict) -> Non
     teachers = teacher_params * (1 + len(extra_teachers))
     run_bytes = storage.checkpoint_bytes(teachers) + 2 * storage.checkpoint_bytes(count_parameters(student))
     storage.check_writable(ctx.run_dir, "hydra.run.dir")
-    storage.check_free_space(ctx.run_dir, run_bytes, "hydra.run.dir", "checkpoints of the teacher, the student and the baseline")
+    storage.check_free_space(
+        ctx.run_dir, run_bytes, "hydra.run.dir", "checkpoints of the teacher, the student and the baseline"
+    )
     cache = Cache.from_config(cfg)
     if cache is not None:
-        outputs_mb = min(cfg.cache.max_teacher_outputs_mb, getattr(ctx.data.train, "num_samples", 0) * cfg.trainer.epochs * ctx.data.num_classes * 4 / 2**20)
+        outputs_mb = min(
+            cfg.cache.max_teacher_outputs_mb,
+            getattr(ctx.data.train, "num_samples", 0) * cfg.trainer.epochs * ctx.data.num_classes * 4 / 2**20,
+        )
         storage.check_writable(cache.root, "cache.dir")
-        storage.check_free_space(cache.root, 4 * teachers + int(outputs_mb * 2**20), "cache.dir", "fine-tuned teachers and their outputs")
+        storage.check_free_space(
+            cache.root, 4 * teachers + int(outputs_mb * 2**20), "cache.dir", "fine-tuned teachers and their outputs"
+        )
 
 
 def _hparams(cfg: DictConfig) -> dict:
@@ -211,17 +266,29 @@ def resume_dir(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
             found = run_dir
         else:
             root = run_dir.parent.parent  # outputs/<date>/<time> -> outputs
-            candidates = [p.parent.parent for p in root.glob("*/*/.hydra/overrides.yaml")
-                          if p.parent.parent != run_dir and not (p.parent.parent / "metrics.json").exists()
-                          and (p.parent.parent / "checkpoints").is_dir()
-                          and _without_resume(OmegaConf.load(p)) == _without_resume(overrides)]
+            candidates = [
+                p.parent.parent
+                for p in root.glob("*/*/.hydra/overrides.yaml")
+                if p.parent.parent != run_dir
+                and not (p.parent.parent / "metrics.json").exists()
+                and (p.parent.parent / "checkpoints").is_dir()
+                and _without_resume(OmegaConf.load(p)) == _without_resume(overrides)
+            ]
             if not candidates:
-                raise ConfigError("trainer.resume", True, f"no unfinished run with the same overrides under {root}/; name the run folder: trainer.resume=outputs/<date>/<time>")
+                raise ConfigError(
+                    "trainer.resume",
+                    True,
+                    f"no unfinished run with the same overrides under {root}/; name the run folder: trainer.resume=outputs/<date>/<time>",
+                )
             found = max(candidates, key=lambda p: p.stat().st_mtime)
     else:
         found = Path(str(resume)).expanduser()
         if not (found / ".hydra" / "config.yaml").is_file():
-            raise ConfigError("trainer.resume", str(resume), "not a run folder (no .hydra/config.yaml in it); give outputs/<date>/<time> of the run to continue")
+            raise ConfigError(
+                "trainer.resume",
+                str(resume),
+                "not a run folder (no .hydra/config.yaml in it); give outputs/<date>/<time> of the run to continue",
+            )
     saved_file = found / ".hydra" / "config.yaml"
     if saved_file.is_file() and found != run_dir:
         saved, now = OmegaConf.load(saved_file), OmegaConf.to_container(cfg)
@@ -230,7 +297,11 @@ def resume_dir(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
         now["trainer"].pop("resume", None)
         if saved != now:
             diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-            raise ConfigError("trainer.resume", str(resume), f"the run in {found} was started with another config (differs in: {', '.join(diff)}); resume it with the same overrides")
+            raise ConfigError(
+                "trainer.resume",
+                str(resume),
+                f"the run in {found} was started with another config (differs in: {', '.join(diff)}); resume it with the same overrides",
+            )
     return found
 
 
@@ -246,7 +317,13 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     if cfg.trainer.get("resume", False) and distributed.is_main():
         run_dir = resume_dir(cfg, run_dir, list(overrides or []))
         has_checkpoints = (run_dir / "checkpoints").is_dir()
-        log.info("%s %s", "resuming the run in" if has_checkpoints else f"nothing to resume yet (trainer.resume={cfg.trainer.resume}): starting in", run_dir)
+        log.info(
+            "%s %s",
+            "resuming the run in"
+            if has_checkpoints
+            else f"nothing to resume yet (trainer.resume={cfg.trainer.resume}): starting in",
+            run_dir,
+        )
     run_dir = distributed.broadcast(run_dir)  # the folders of ranks > 0 are not used
     precision = engine.resolve_precision(cfg.trainer.precision, device, cfg.trainer.device)
     if device.type == "cuda":
@@ -257,10 +334,16 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     if distributed.active():  # every process trains on its part of each epoch and validates on its part of val
         data.train.shard(distributed.rank(), distributed.world_size(), pad=True)
         data.val.shard(distributed.rank(), distributed.world_size(), pad=False)
-    speed = engine.Speed(channels_last=cfg.trainer.get("channels_last", False), compile=cfg.trainer.get("compile", False))
+    speed = engine.Speed(
+        channels_last=cfg.trainer.get("channels_last", False), compile=cfg.trainer.get("compile", False)
+    )
     ctx = RunContext(cfg, data, device, precision, run_dir, speed)
-    recipe_cfg, extra_teachers, teacher_weights = recipes.split_distill_node(recipe_node(cfg))  # multi_teacher: distill.teachers
-    recipe = build(recipe_cfg, "distill", **({"class_weights": data.class_weights} if data.class_weights is not None else {}))
+    recipe_cfg, extra_teachers, teacher_weights = recipes.split_distill_node(
+        recipe_node(cfg)
+    )  # multi_teacher: distill.teachers
+    recipe = build(
+        recipe_cfg, "distill", **({"class_weights": data.class_weights} if data.class_weights is not None else {})
+    )
     student_init = build_model(cfg.student, "student", data, cfg.seed)
     # layer names checked, adapters/heads built, before any training (the teacher's architecture only)
     recipes.bind(recipe, student_init, lambda: build_model(cfg.teacher, "teacher", data, cfg.seed), data)
@@ -276,7 +359,10 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
 
     teacher, teacher_info = prepare_teacher(ctx, cfg.teacher)
     stage_info = {"teacher": teacher_info}
-    teachers, teacher_ids = [teacher], [teacher_info.get("cache_key") or teacher_key(cfg, cfg.teacher, data.fingerprint)]
+    teachers, teacher_ids = (
+        [teacher],
+        [teacher_info.get("cache_key") or teacher_key(cfg, cfg.teacher, data.fingerprint)],
+    )
     for key, node in extra_teachers.items():
         extra, stage_info[key] = prepare_teacher(ctx, node, key)
         teachers.append(extra)
@@ -285,17 +371,40 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     students = schedule(cfg.trainer, "trainer")
     online = teacher_signal(teachers, teacher_weights, getattr(recipe, "teacher_layers", ()))
     signal = replayed_teacher_signal(ctx, online, digest([teacher_ids, teacher_weights]), recipe)
-    stage_info["distill"] = run_stage(ctx, engine.Stage("distill", student, recipe, teacher=signal, **students), "student")
-    stage_info["distill"]["recipe_params"] = count_parameters(recipe) if isinstance(recipe, nn.Module) else 0  # adapters/heads, not shipped
+    stage_info["distill"] = run_stage(
+        ctx, engine.Stage("distill", student, recipe, teacher=signal, **students), "student"
+    )
+    stage_info["distill"]["recipe_params"] = (
+        count_parameters(recipe) if isinstance(recipe, nn.Module) else 0
+    )  # adapters/heads, not shipped
     # The baseline does not depend on the recipe: a sweep over KD settings trains it once.
-    stage_info["baseline"] = run_or_reuse(ctx, engine.Stage("baseline", baseline, CrossEntropy(class_weights=data.class_weights), **students), "baseline", "baselines", baseline_key(cfg, data.fingerprint))
+    stage_info["baseline"] = run_or_reuse(
+        ctx,
+        engine.Stage("baseline", baseline, CrossEntropy(class_weights=data.class_weights), **students),
+        "baseline",
+        "baselines",
+        baseline_key(cfg, data.fingerprint),
+    )
     models = {"teacher": teacher, "student": student, "baseline": baseline}
     if not distributed.is_main():
         return None
 
     start = time.perf_counter()
-    cache_keys = {"teacher": teacher_info.get("cache_key") if not extra_teachers else None, "baseline": stage_info["baseline"].get("cache_key")}
-    results = evaluate(cfg, data, models, device, precision, ctx.checkpoint_dir, measure.feature_layers(recipe), Cache.from_config(cfg), cache_keys)
+    cache_keys = {
+        "teacher": teacher_info.get("cache_key") if not extra_teachers else None,
+        "baseline": stage_info["baseline"].get("cache_key"),
+    }
+    results = evaluate(
+        cfg,
+        data,
+        models,
+        device,
+        precision,
+        ctx.checkpoint_dir,
+        measure.feature_layers(recipe),
+        Cache.from_config(cfg),
+        cache_keys,
+    )
     metrics = {
         "dataset": data.name,
         "num_classes": data.num_classes,
@@ -317,5 +426,10 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     metrics["wall_time_s"] = time.perf_counter() - run_start
     table = write_report(run_dir, metrics, overrides or [])
     write_tensorboard(ctx.tb_dir, metrics, _hparams(cfg), overrides or [])
-    log.info("results on the test split:\n%s\nreport: %s (evaluation %.1fs)", table, run_dir / "report.md", metrics["eval_time_s"])
+    log.info(
+        "results on the test split:\n%s\nreport: %s (evaluation %.1fs)",
+        table,
+        run_dir / "report.md",
+        metrics["eval_time_s"],
+    )
     return metrics

@@ -46,8 +46,12 @@ def check_free_space(folder: str | os.PathLike, needed_bytes: int, key: str, wha
     base = existing_ancestor(Path(folder))
     free = shutil.disk_usage(base).free
     if free < needed_bytes + HEADROOM_BYTES:
-        raise ConfigError(key, str(folder), f"{free / MB:.0f} MB free on the disk holding {base}, the run needs about "
-                          f"{(needed_bytes + HEADROOM_BYTES) / MB:.0f} MB ({what}); free space or choose another folder: {key}=PATH")
+        raise ConfigError(
+            key,
+            str(folder),
+            f"{free / MB:.0f} MB free on the disk holding {base}, the run needs about "
+            f"{(needed_bytes + HEADROOM_BYTES) / MB:.0f} MB ({what}); free space or choose another folder: {key}=PATH",
+        )
 
 
 def checkpoint_bytes(parameter_count: int) -> int:

@@ -35,12 +35,13 @@ from pathlib import Path
 
 import torch
 
-from distill_runner import engine
 from distill_runner.cache import CachedTeacher, compute_teacher_logits
-from distill_runner.data import Augment, DataBundle, TensorBatches, digits
-from distill_runner.losses import CrossEntropy, HintonKD
-from distill_runner.models import count_parameters, tiny_cnn, torchvision_model
-from distill_runner.teacher import OnlineTeacher
+from distill_runner.data.bundle import Augment, DataBundle, TensorBatches
+from distill_runner.data.digits import digits
+from distill_runner.distill.losses import CrossEntropy, HintonKD
+from distill_runner.distill.teacher import OnlineTeacher
+from distill_runner.models.factories import count_parameters, tiny_cnn, torchvision_model
+from distill_runner.train import engine
 
 CPU_OR_GPU = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -49,7 +50,9 @@ def synthetic(image_size: int, n: int, batch_size: int, num_classes: int) -> Ten
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 3, image_size, image_size), dtype=torch.uint8, generator=gen)
     targets = torch.randint(0, num_classes, (n,), generator=gen)
-    return TensorBatches(images, targets, batch_size, [0.5] * 3, [0.25] * 3, shuffle=True, augment=Augment(crop_padding=4, hflip=True))
+    return TensorBatches(
+        images, targets, batch_size, [0.5] * 3, [0.25] * 3, shuffle=True, augment=Augment(crop_padding=4, hflip=True)
+    )
 
 
 def epoch_seconds(model_init: torch.nn.Module, recipe, teacher, train, device, precision, repeats: int) -> float:
@@ -57,7 +60,9 @@ def epoch_seconds(model_init: torch.nn.Module, recipe, teacher, train, device, p
     times = []
     for i in range(repeats + 1):
         model = copy.deepcopy(model_init)
-        stage = engine.Stage("bench", model, recipe, 1, partial(torch.optim.AdamW, lr=1e-3), partial(engine.constant_lr), teacher=teacher)
+        stage = engine.Stage(
+            "bench", model, recipe, 1, partial(torch.optim.AdamW, lr=1e-3), partial(engine.constant_lr), teacher=teacher
+        )
         start = time.perf_counter()
         engine.fit(stage, train, [], device, precision, progress=False)
         if device.type == "cuda":
@@ -90,7 +95,9 @@ def measure(name: str, train, num_classes: int, image_size: int, device, precisi
     student = tiny_cnn(num_classes=num_classes)
     online = OnlineTeacher(teacher)
     start = time.perf_counter()
-    cached = CachedTeacher(compute_teacher_logits(online, train, views=1, device=device, precision=precision, progress=False))
+    cached = CachedTeacher(
+        compute_teacher_logits(online, train, views=1, device=device, precision=precision, progress=False)
+    )
     build_s = time.perf_counter() - start
     kd = HintonKD(temperature=4.0, alpha=0.5)
     n = train.num_samples
@@ -109,9 +116,12 @@ def measure(name: str, train, num_classes: int, image_size: int, device, precisi
         "cached_over_ce": cached_s / ce_s,
         "online_over_ce": online_s / ce_s,
     }
-    print(f"{name:<22} {image_size:>4}px  teacher fwd {result['teacher_forward_images_per_s']:8.0f}  CE {result['ce_images_per_s']:8.0f}  "
-          f"online KD {result['online_kd_images_per_s']:8.0f}  cached KD {result['cached_kd_images_per_s']:8.0f} images/s   "
-          f"online/CE {result['online_over_ce']:5.2f}x  cached/CE {result['cached_over_ce']:5.2f}x", flush=True)
+    print(
+        f"{name:<22} {image_size:>4}px  teacher fwd {result['teacher_forward_images_per_s']:8.0f}  CE {result['ce_images_per_s']:8.0f}  "
+        f"online KD {result['online_kd_images_per_s']:8.0f}  cached KD {result['cached_kd_images_per_s']:8.0f} images/s   "
+        f"online/CE {result['online_over_ce']:5.2f}x  cached/CE {result['cached_over_ce']:5.2f}x",
+        flush=True,
+    )
     return result
 
 
@@ -119,22 +129,51 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer images and repeats (smoke test)")
     parser.add_argument("--precision", default="32", choices=engine.PRECISIONS)
-    parser.add_argument("--only", choices=("all", "kd", "data", "speed"), default="all", help="kd: the distillation epochs; data: the data path; speed: GPU options")
-    parser.add_argument("--speed", action="store_true", help="run the speed section (precision x channels_last x compile) on a CPU too")
-    parser.add_argument("--data-dir", default="outputs/bench", help="where the generated JPEGs and the store go (kept between runs)")
+    parser.add_argument(
+        "--only",
+        choices=("all", "kd", "data", "speed"),
+        default="all",
+        help="kd: the distillation epochs; data: the data path; speed: GPU options",
+    )
+    parser.add_argument(
+        "--speed", action="store_true", help="run the speed section (precision x channels_last x compile) on a CPU too"
+    )
+    parser.add_argument(
+        "--data-dir", default="outputs/bench", help="where the generated JPEGs and the store go (kept between runs)"
+    )
     args = parser.parse_args()
     device = CPU_OR_GPU
     precision = engine.resolve_precision(args.precision, device)
     repeats = 1 if args.quick else 3
     sizes = {32: 256 if args.quick else 1024, 224: 64 if args.quick else 192}
-    print(f"device {device}, precision {precision.name}, torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print("images/s of one training epoch (median of %d) with the runner's loop; ratios are epoch times over the CE-only epoch" % repeats)
-    results = {"device": str(device), "precision": precision.name, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    print(
+        f"device {device}, precision {precision.name}, torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    )
+    print(
+        "images/s of one training epoch (median of %d) with the runner's loop; ratios are epoch times over the CE-only epoch"
+        % repeats
+    )
+    results = {
+        "device": str(device),
+        "precision": precision.name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     if args.only in ("all", "kd"):
         for size, n in sizes.items():
-            results[f"{size}px"] = measure("synthetic", synthetic(size, n, 32, 2 if size == 224 else 10), 2 if size == 224 else 10, size, device, precision, repeats)
+            results[f"{size}px"] = measure(
+                "synthetic",
+                synthetic(size, n, 32, 2 if size == 224 else 10),
+                2 if size == 224 else 10,
+                size,
+                device,
+                precision,
+                repeats,
+            )
         data: DataBundle = digits(image_size=32, batch_size=32, limit=256 if args.quick else None)
-        results["quickstart_32px"] = measure("quickstart (digits)", data.train, data.num_classes, 32, device, precision, repeats)
+        results["quickstart_32px"] = measure(
+            "quickstart (digits)", data.train, data.num_classes, 32, device, precision, repeats
+        )
     if args.only in ("all", "data"):
         import bench_data  # scripts/ is on sys.path when this file runs as a script
 
@@ -142,7 +181,9 @@ def main() -> None:
     if args.only == "speed" or (args.only == "all" and (device.type == "cuda" or args.speed)):
         import bench_speed
 
-        results["speed"] = bench_speed.speed_section(device, images=128 if args.quick else 2048, repeats=1 if args.quick else 3, compile_too=not args.quick)
+        results["speed"] = bench_speed.speed_section(
+            device, images=128 if args.quick else 2048, repeats=1 if args.quick else 3, compile_too=not args.quick
+        )
     print(json.dumps(results))
 
 

@@ -8,7 +8,7 @@ generated once under ``<data-dir>/xray_<N>x<SIDE>/`` and reused. Every figure is
 - ``pil_*``: ``torchvision.datasets.ImageFolder`` with Resize((224, 224)), RandomHorizontalFlip,
   ToTensor, Normalize and a ``DataLoader`` (batch 32, shuffled, ``num_workers``/``pin_memory`` as
   the runner picks them: ``imagefolder.loader_settings('auto', 'auto', device)``).
-- ``store_*``: the decode-once store (:mod:`distill_runner.decode_cache`) read by ``TensorBatches``
+- ``store_*``: the decode-once store (:mod:`distill_runner.data.decode_cache`) read by ``TensorBatches``
   with random resized crop [0.8, 1] + flip, normalized into 3 channels, placed as the runner does
   (``data.on_device=auto``). ``store_build_s``: building it from scratch (all cores decode);
   ``store_open_s``: opening the built store again (header, size and sha256 checks).
@@ -35,12 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill_runner import decode_cache, engine
-from distill_runner.augment import Augment
-from distill_runner.data import TensorBatches
-from distill_runner.imagefolder import IMAGENET_MEAN, IMAGENET_STD, loader_settings
-from distill_runner.losses import CrossEntropy
-from distill_runner.models import tiny_cnn
+from distill_runner.data import decode_cache
+from distill_runner.data.augment import Augment
+from distill_runner.data.bundle import TensorBatches
+from distill_runner.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, loader_settings
+from distill_runner.distill.losses import CrossEntropy
+from distill_runner.models.factories import tiny_cnn
+from distill_runner.train import engine
 
 SIZE, BATCH = 224, 32
 CLASSES = ("NORMAL", "PNEUMONIA")
@@ -53,8 +54,14 @@ def _xray_like(args: tuple[int, int, str]) -> int:
     seed, side, path = args
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:side, 0:side].astype(np.float32) / side
-    img = 70 + 70 * np.exp(-((x - 0.3) ** 2 + (y - 0.5) ** 2) / 0.05) + 70 * np.exp(-((x - 0.7) ** 2 + (y - 0.5) ** 2) / 0.05)  # lungs
-    img += 25 * np.sin(2 * np.pi * rng.uniform(8, 20) * y + rng.uniform(0, 6.3)) * np.exp(-((x - 0.5) ** 2) / 0.1)  # ribs
+    img = (
+        70
+        + 70 * np.exp(-((x - 0.3) ** 2 + (y - 0.5) ** 2) / 0.05)
+        + 70 * np.exp(-((x - 0.7) ** 2 + (y - 0.5) ** 2) / 0.05)
+    )  # lungs
+    img += (
+        25 * np.sin(2 * np.pi * rng.uniform(8, 20) * y + rng.uniform(0, 6.3)) * np.exp(-((x - 0.5) ** 2) / 0.1)
+    )  # ribs
     for _ in range(6 + 6 * (seed % 2)):  # the second class is cloudier
         cx, cy, r = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.02, 0.15)
         img += rng.uniform(-40, 40) * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (r * r))
@@ -76,7 +83,10 @@ def make_xray_jpegs(data_dir: Path, n: int, side: int) -> Path:
     with Pool() as pool:
         sizes = pool.map(_xray_like, jobs, chunksize=8)
     marker.write_text(json.dumps({"images": n, "side": side, "mean_kb": sum(sizes) / n / 1024}))
-    print(f"generated {n} {side}x{side} grayscale JPEGs in {root} ({sum(sizes) / n / 1024:.0f} KB each on average, {time.perf_counter() - start:.0f}s)", flush=True)
+    print(
+        f"generated {n} {side}x{side} grayscale JPEGs in {root} ({sum(sizes) / n / 1024:.0f} KB each on average, {time.perf_counter() - start:.0f}s)",
+        flush=True,
+    )
     return root
 
 
@@ -117,7 +127,14 @@ def _interleaved_ce_epoch_s(feeds: dict, device: torch.device, precision, repeat
     times = {name: [] for name in feeds}
     for round_ in range(repeats + 1):  # the first round is a warm-up
         for name, train in feeds.items():
-            stage = engine.Stage("bench", copy.deepcopy(init), CrossEntropy(), 1, partial(torch.optim.AdamW, lr=1e-3), partial(engine.constant_lr))
+            stage = engine.Stage(
+                "bench",
+                copy.deepcopy(init),
+                CrossEntropy(),
+                1,
+                partial(torch.optim.AdamW, lr=1e-3),
+                partial(engine.constant_lr),
+            )
             start = time.perf_counter()
             engine.fit(stage, train, [], device, precision, progress=False)
             if device.type == "cuda":
@@ -136,10 +153,20 @@ def measure_data_path(data_dir: Path, device: torch.device, precision, quick: bo
     workers, pin = loader_settings("auto", "auto", str(device))
 
     # (a) torchvision ImageFolder + PIL transforms, DataLoader as the runner would set it up
-    tf = transforms.Compose([transforms.Resize((SIZE, SIZE)), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-                             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    tf = transforms.Compose(
+        [
+            transforms.Resize((SIZE, SIZE)),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
     folder = datasets.ImageFolder(str(root), transform=tf)
-    pil = _DictBatches(DataLoader(folder, batch_size=BATCH, shuffle=True, num_workers=workers, pin_memory=pin, persistent_workers=workers > 0))
+    pil = _DictBatches(
+        DataLoader(
+            folder, batch_size=BATCH, shuffle=True, num_workers=workers, pin_memory=pin, persistent_workers=workers > 0
+        )
+    )
     pil_alone_s = _median_epoch_s(pil, repeats, device)
 
     # (b) building the store from scratch, then opening it again
@@ -159,7 +186,9 @@ def measure_data_path(data_dir: Path, device: torch.device, precision, quick: bo
 
     # (c) the store + tensor augmentation, placed as data.on_device=auto places it
     augment = Augment(hflip=True, resized_crop_scale=(0.8, 1.0))
-    tensor = TensorBatches(store.images, targets, BATCH, IMAGENET_MEAN, IMAGENET_STD, shuffle=True, augment=augment, channels=3)
+    tensor = TensorBatches(
+        store.images, targets, BATCH, IMAGENET_MEAN, IMAGENET_STD, shuffle=True, augment=augment, channels=3
+    )
     tensor.place(device, resident=device.type == "cuda")
     store_alone_s = _median_epoch_s(tensor, repeats, device)
 
@@ -172,8 +201,15 @@ def measure_data_path(data_dir: Path, device: torch.device, precision, quick: bo
 
     mean_kb = json.loads((root / ".complete").read_text())["mean_kb"]
     result = {
-        "images": n, "source_side": side, "jpeg_mean_kb": round(mean_kb), "image_size": SIZE, "batch_size": BATCH, "repeats": repeats,
-        "loader_workers": workers, "store_channels": store.images.shape[1], "store_mb": store.images.numel() / 2**20,
+        "images": n,
+        "source_side": side,
+        "jpeg_mean_kb": round(mean_kb),
+        "image_size": SIZE,
+        "batch_size": BATCH,
+        "repeats": repeats,
+        "loader_workers": workers,
+        "store_channels": store.images.shape[1],
+        "store_mb": store.images.numel() / 2**20,
         "pil_alone_images_per_s": n / pil_alone_s,
         "store_build_s": build_s,
         "store_build_images_per_s": n / build_s,
@@ -189,10 +225,16 @@ def measure_data_path(data_dir: Path, device: torch.device, precision, quick: bo
         "speedup_vs_pil": pil_alone_s / store_alone_s,
         "speedup_vs_pil_ce": pil_ce_s / store_ce_s,
     }
-    result["goals_met"] = {"share_of_ce_epoch<=0.05": result["share_of_ce_epoch"] <= 0.05, "speedup_vs_pil>=10": result["speedup_vs_pil"] >= 10}
-    print(f"data path {n} x {side}px JPEGs (~{mean_kb:.0f} KB) at {SIZE}px, {workers} loader workers:  "
-          f"PIL {result['pil_alone_images_per_s']:7.0f}  store {result['store_alone_images_per_s']:7.0f} images/s alone ({result['speedup_vs_pil']:.0f}x);  "
-          f"CE epoch fed by PIL {result['pil_ce_images_per_s']:5.1f}  by the store {result['store_ce_images_per_s']:5.1f}  pre-made {result['premade_ce_images_per_s']:5.1f} images/s;  "
-          f"store build {build_s:.1f}s ({result['store_build_images_per_s']:.0f} images/s), open {open_s:.2f}s;  "
-          f"data path = {100 * result['share_of_ce_epoch']:.1f}% of the CE epoch", flush=True)
+    result["goals_met"] = {
+        "share_of_ce_epoch<=0.05": result["share_of_ce_epoch"] <= 0.05,
+        "speedup_vs_pil>=10": result["speedup_vs_pil"] >= 10,
+    }
+    print(
+        f"data path {n} x {side}px JPEGs (~{mean_kb:.0f} KB) at {SIZE}px, {workers} loader workers:  "
+        f"PIL {result['pil_alone_images_per_s']:7.0f}  store {result['store_alone_images_per_s']:7.0f} images/s alone ({result['speedup_vs_pil']:.0f}x);  "
+        f"CE epoch fed by PIL {result['pil_ce_images_per_s']:5.1f}  by the store {result['store_ce_images_per_s']:5.1f}  pre-made {result['premade_ce_images_per_s']:5.1f} images/s;  "
+        f"store build {build_s:.1f}s ({result['store_build_images_per_s']:.0f} images/s), open {open_s:.2f}s;  "
+        f"data path = {100 * result['share_of_ce_epoch']:.1f}% of the CE epoch",
+        flush=True,
+    )
     return result

@@ -20,15 +20,17 @@ from functools import partial
 
 import torch
 
-from distill_runner import engine
-from distill_runner.data import TensorBatches
-from distill_runner.losses import CrossEntropy
-from distill_runner.models import tiny_cnn, torchvision_model
+from distill_runner.data.bundle import TensorBatches
+from distill_runner.distill.losses import CrossEntropy
+from distill_runner.models.factories import tiny_cnn, torchvision_model
+from distill_runner.train import engine
 
 
 def _epoch_seconds(model_init, train, device, precision, speed, repeats: int) -> float:
     model = copy.deepcopy(model_init)
-    stage = engine.Stage("bench", model, CrossEntropy(), repeats + 1, partial(torch.optim.AdamW, lr=1e-3), partial(engine.constant_lr))
+    stage = engine.Stage(
+        "bench", model, CrossEntropy(), repeats + 1, partial(torch.optim.AdamW, lr=1e-3), partial(engine.constant_lr)
+    )
     history = engine.fit(stage, train, [], device, precision, progress=False, speed=speed)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -42,11 +44,18 @@ def speed_section(device: torch.device, images: int, repeats: int, compile_too: 
     targets = torch.randint(0, 2, (images,), generator=gen)
     train = TensorBatches(pixels, targets, 64, [0.5] * 3, [0.25] * 3, shuffle=True).place(device, resident=True)
     torch.manual_seed(0)
-    models = {"student": tiny_cnn(num_classes=2), "teacher": torchvision_model("resnet18", num_classes=2, image_size=224)}
+    models = {
+        "student": tiny_cnn(num_classes=2),
+        "teacher": torchvision_model("resnet18", num_classes=2, image_size=224),
+    }
     precisions = ["32", "bf16-mixed"] + (["16-mixed"] if device.type == "cuda" else [])
     results = {}
-    print(f"training images/s at 224 px, batch 64, {images} images on {device} (median of {repeats} epochs after a warm-up epoch)")
-    for precision_name, channels_last, compiled in itertools.product(precisions, (False, True), (False, True) if compile_too else (False,)):
+    print(
+        f"training images/s at 224 px, batch 64, {images} images on {device} (median of {repeats} epochs after a warm-up epoch)"
+    )
+    for precision_name, channels_last, compiled in itertools.product(
+        precisions, (False, True), (False, True) if compile_too else (False,)
+    ):
         precision = engine.resolve_precision(precision_name, device, str(device))
         speed = engine.Speed(channels_last=channels_last, compile=compiled)
         name = f"{precision_name}{' channels_last' if channels_last else ''}{' compile' if compiled else ''}"
@@ -55,7 +64,10 @@ def speed_section(device: torch.device, images: int, repeats: int, compile_too: 
             torch.compiler.reset()
             row[f"{role}_images_per_s"] = images / _epoch_seconds(model, train, device, precision, speed, repeats)
         results[name] = row
-        print(f"  {name:<34} student {row['student_images_per_s']:9.0f}  teacher {row['teacher_images_per_s']:8.0f} images/s", flush=True)
+        print(
+            f"  {name:<34} student {row['student_images_per_s']:9.0f}  teacher {row['teacher_images_per_s']:8.0f} images/s",
+            flush=True,
+        )
     return results
 
 

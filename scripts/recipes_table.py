@@ -26,12 +26,36 @@ from distill_runner import runner
 # recipe -> (what it does, paper, config keys); the order of the table
 RECIPES = {
     "kd": ("soft teacher targets: (1-alpha)·CE + alpha·T²·KL", "Hinton et al. 2015", "`temperature`, `alpha`"),
-    "feature": ("FitNets hints: MSE of adapted student maps to teacher maps (features.0→layer2, features.1→layer3) + CE", "Romero et al., ICLR 2015", "`terms.feature.weight`, `terms.feature.pairs`, `terms.feature.adapter`"),
-    "attention": ("attention transfer: squared distance of normalized spatial attention maps, same pairs, + CE", "Zagoruyko & Komodakis, ICLR 2017", "`terms.attention.weight` (1000), `terms.attention.p`, `terms.attention.pairs`"),
-    "multi_teacher": ("KD from the averaged logits of ResNet-18 and a wide CNN teacher", "Hinton et al. 2015; You et al., KDD 2017", "`teachers.<name>` (teacher configs), `teacher_weights`, `temperature`, `alpha`"),
-    "self": ("no teacher: an auxiliary head on features.0 learns from the student's own final logits and features", "Zhang et al., ICCV 2019", "`terms.self.heads`, `terms.self.deepest`, `terms.self.hint_weight`, `alpha`, `temperature`"),
-    "balanced": ("KD with per-sample weights by class (effective number of samples)", "Cui et al., CVPR 2019", "`class_balance`, `class_balance_beta`, `alpha`, `temperature`"),
-    "dkd": ("decoupled KD: alpha·TCKD + beta·NCKD, warm-up over 10% of training, + CE", "Zhao et al., CVPR 2022", "`alpha` (1), `beta` (8), `temperature`, `schedule.dkd`"),
+    "feature": (
+        "FitNets hints: MSE of adapted student maps to teacher maps (features.0→layer2, features.1→layer3) + CE",
+        "Romero et al., ICLR 2015",
+        "`terms.feature.weight`, `terms.feature.pairs`, `terms.feature.adapter`",
+    ),
+    "attention": (
+        "attention transfer: squared distance of normalized spatial attention maps, same pairs, + CE",
+        "Zagoruyko & Komodakis, ICLR 2017",
+        "`terms.attention.weight` (1000), `terms.attention.p`, `terms.attention.pairs`",
+    ),
+    "multi_teacher": (
+        "KD from the averaged logits of ResNet-18 and a wide CNN teacher",
+        "Hinton et al. 2015; You et al., KDD 2017",
+        "`teachers.<name>` (teacher configs), `teacher_weights`, `temperature`, `alpha`",
+    ),
+    "self": (
+        "no teacher: an auxiliary head on features.0 learns from the student's own final logits and features",
+        "Zhang et al., ICCV 2019",
+        "`terms.self.heads`, `terms.self.deepest`, `terms.self.hint_weight`, `alpha`, `temperature`",
+    ),
+    "balanced": (
+        "KD with per-sample weights by class (effective number of samples)",
+        "Cui et al., CVPR 2019",
+        "`class_balance`, `class_balance_beta`, `alpha`, `temperature`",
+    ),
+    "dkd": (
+        "decoupled KD: alpha·TCKD + beta·NCKD, warm-up over 10% of training, + CE",
+        "Zhao et al., CVPR 2022",
+        "`alpha` (1), `beta` (8), `temperature`, `schedule.dkd`",
+    ),
     "combo": ("(1-alpha)·CE + alpha·KD + 1·feature + 1000·attention", "—", "`terms.<name>.weight`, `schedule.<name>`"),
 }
 
@@ -61,10 +85,18 @@ def main() -> None:
             t0 = time.perf_counter()
             metrics = runner.run(compose_cfg(overrides), run_dir, overrides)
             m = metrics["models"]
-            row = {"seed": seed, "teacher": m["teacher"]["test_acc"], "student": m["student"]["test_acc"], "baseline": m["baseline"]["test_acc"]}
+            row = {
+                "seed": seed,
+                "teacher": m["teacher"]["test_acc"],
+                "student": m["student"]["test_acc"],
+                "baseline": m["baseline"]["test_acc"],
+            }
             if recipe in results:
                 results[recipe].append(row)
-            print(f"seed {seed} {recipe:14s} student {row['student']:.4f} baseline {row['baseline']:.4f} teacher {row['teacher']:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+            print(
+                f"seed {seed} {recipe:14s} student {row['student']:.4f} baseline {row['baseline']:.4f} teacher {row['teacher']:.4f} ({time.perf_counter() - t0:.0f}s)",
+                flush=True,
+            )
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
     seeds = ",".join(map(str, args.seeds))
@@ -76,12 +108,16 @@ def main() -> None:
         what, paper, keys = RECIPES[recipe]
         mean = lambda k: statistics.mean(r[k] for r in rows)
         gain = statistics.mean(r["student"] - r["baseline"] for r in rows)
-        lines.append(f"| `{recipe}` | {what} | {paper} | {keys} | {mean('student'):.4f} | {mean('baseline'):.4f} | {gain * 100:+.2f} pts |")
+        lines.append(
+            f"| `{recipe}` | {what} | {paper} | {keys} | {mean('student'):.4f} | {mean('baseline'):.4f} | {gain * 100:+.2f} pts |"
+        )
     teacher = statistics.mean(r["teacher"] for r in results["kd" if "kd" in results else args.recipes[0]])
     print()
     print("\n".join(lines))
-    print(f"\nTest accuracy on the quickstart (359 test images), mean of seeds {seeds}; teacher (ResNet-18) {teacher:.4f}. "
-          f"Overrides: {' '.join(args.overrides) or '(none)'}. Wall time {time.perf_counter() - start:.0f} s.")
+    print(
+        f"\nTest accuracy on the quickstart (359 test images), mean of seeds {seeds}; teacher (ResNet-18) {teacher:.4f}. "
+        f"Overrides: {' '.join(args.overrides) or '(none)'}. Wall time {time.perf_counter() - start:.0f} s."
+    )
 
 
 if __name__ == "__main__":

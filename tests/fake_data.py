@@ -60,7 +60,9 @@ def _dump(obj: dict, path: Path) -> None:
         _Py2Pickler(f, protocol=2).dump(obj)
 
 
-def make_cifar(root: Path, variant: str = "cifar10", per_class: int = 2, num_classes: int | None = None, seed: int = 0) -> Path:
+def make_cifar(
+    root: Path, variant: str = "cifar10", per_class: int = 2, num_classes: int | None = None, seed: int = 0
+) -> Path:
     """The extracted python-pickle folder of CIFAR-10 (``cifar-10-batches-py/``: data_batch_1..5,
     test_batch, batches.meta) or CIFAR-100 (``cifar-100-python/``: train, test, meta) with
     ``per_class`` images per class in each file. Returns ``root``."""
@@ -71,7 +73,12 @@ def make_cifar(root: Path, variant: str = "cifar10", per_class: int = 2, num_cla
         labels = [c for c in range(k) for _ in range(per_class)]
         rng.shuffle(labels)
         data = np.stack([np.stack([_image(rng, c % 2, (32, 32))] * 3).reshape(-1) for c in labels]).astype(np.uint8)
-        entry = {b"batch_label": label, label_key: labels, b"data": data, b"filenames": [f"img_{i}.png".encode() for i in range(len(labels))]}
+        entry = {
+            b"batch_label": label,
+            label_key: labels,
+            b"data": data,
+            b"filenames": [f"img_{i}.png".encode() for i in range(len(labels))],
+        }
         if variant == "cifar100":
             entry[b"coarse_labels"] = [c // 5 for c in labels]
         return entry
@@ -82,13 +89,26 @@ def make_cifar(root: Path, variant: str = "cifar10", per_class: int = 2, num_cla
         for i in range(1, 6):
             _dump(batch(f"training batch {i} of 5".encode(), b"labels"), folder / f"data_batch_{i}")
         _dump(batch(b"testing batch 1 of 1", b"labels"), folder / "test_batch")
-        _dump({b"num_cases_per_batch": per_class * k, b"label_names": [f"class{c}".encode() for c in range(k)], b"num_vis": 3072}, folder / "batches.meta")
+        _dump(
+            {
+                b"num_cases_per_batch": per_class * k,
+                b"label_names": [f"class{c}".encode() for c in range(k)],
+                b"num_vis": 3072,
+            },
+            folder / "batches.meta",
+        )
     else:
         folder = root / "cifar-100-python"
         folder.mkdir(parents=True, exist_ok=True)
         _dump(batch(b"training batch 1 of 1", b"fine_labels"), folder / "train")
         _dump(batch(b"testing batch 1 of 1", b"fine_labels"), folder / "test")
-        _dump({b"fine_label_names": [f"fine{c}".encode() for c in range(k)], b"coarse_label_names": [f"coarse{c}".encode() for c in range(20)]}, folder / "meta")
+        _dump(
+            {
+                b"fine_label_names": [f"fine{c}".encode() for c in range(k)],
+                b"coarse_label_names": [f"coarse{c}".encode() for c in range(20)],
+            },
+            folder / "meta",
+        )
     return root
 
 

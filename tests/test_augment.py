@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from distill_runner.augment import RATIO, Augment
-from distill_runner.data import TensorBatches, digits, in_memory_bundle
+from distill_runner.data.augment import RATIO, Augment
+from distill_runner.data.bundle import TensorBatches, in_memory_bundle
+from distill_runner.data.digits import digits
 
 
 def gen(seed=0):
@@ -33,7 +34,9 @@ def test_resized_crop_boxes_match_the_documented_ranges():
     # whole pixels: the area and ratio ranges hold up to the rounding of width and height
     slack_area = (ch + cw + 1).double() / (h * w)
     assert ((area >= 0.3 - slack_area) & (area <= 0.9 + slack_area)).all()
-    assert ((ratio >= RATIO[0] * (1 - 1 / ch.double()) - 1e-9) & (ratio <= RATIO[1] * (1 + 1 / ch.double()) + 1e-9)).all()
+    assert (
+        (ratio >= RATIO[0] * (1 - 1 / ch.double()) - 1e-9) & (ratio <= RATIO[1] * (1 + 1 / ch.double()) + 1e-9)
+    ).all()
     assert (top >= 0).all() and (left >= 0).all() and (top + ch <= h).all() and (left + cw <= w).all()
     # the spread is that of torchvision's RandomResizedCrop (the same distribution, drawn batched)
     from torchvision.transforms import RandomResizedCrop
@@ -42,7 +45,9 @@ def test_resized_crop_boxes_match_the_documented_ranges():
     tv = np.array([RandomResizedCrop.get_params(torch.empty(1, h, w), [0.3, 0.9], list(RATIO)) for _ in range(4000)])
     assert area.mean().item() == pytest.approx((tv[:, 2] * tv[:, 3] / (h * w)).mean(), abs=0.01)
     assert ratio.log().mean().item() == pytest.approx(np.log(tv[:, 3] / tv[:, 2]).mean(), abs=0.02)
-    assert ((top.double() + 0.5) / (h - ch + 1).double()).mean().item() == pytest.approx(0.5, abs=0.02)  # uniform position
+    assert ((top.double() + 0.5) / (h - ch + 1).double()).mean().item() == pytest.approx(
+        0.5, abs=0.02
+    )  # uniform position
 
 
 def test_resized_crop_falls_back_to_the_largest_centered_crop():
@@ -89,8 +94,17 @@ def test_flip_is_an_exact_mirror_and_identity_crop_changes_nothing():
 
 def test_augmented_epochs_replay_from_seed_and_epoch():
     images = torch.randint(0, 256, (40, 1, 16, 16), dtype=torch.uint8, generator=gen(2))
-    make = lambda: TensorBatches(images, torch.arange(40) % 2, 8, [0.5] * 3, [0.25] * 3, shuffle=True, seed=7, channels=3,
-                                 augment=Augment(crop_padding=2, hflip=True, resized_crop_scale=(0.6, 1.0)))
+    make = lambda: TensorBatches(
+        images,
+        torch.arange(40) % 2,
+        8,
+        [0.5] * 3,
+        [0.25] * 3,
+        shuffle=True,
+        seed=7,
+        channels=3,
+        augment=Augment(crop_padding=2, hflip=True, resized_crop_scale=(0.6, 1.0)),
+    )
 
     def epoch(loader, e):
         loader.set_epoch(e)
@@ -105,7 +119,13 @@ def test_augmented_epochs_replay_from_seed_and_epoch():
 
 def test_grayscale_images_are_normalized_into_the_models_channels():
     images = torch.full((4, 1, 6, 6), 128, dtype=torch.uint8)
-    batch = next(iter(TensorBatches(images, torch.zeros(4, dtype=torch.long), 4, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], channels=3)))
+    batch = next(
+        iter(
+            TensorBatches(
+                images, torch.zeros(4, dtype=torch.long), 4, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], channels=3
+            )
+        )
+    )
     assert batch["image"].shape == (4, 3, 6, 6)
     for c, (m, s) in enumerate(zip([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])):
         assert torch.allclose(batch["image"][:, c], torch.tensor((128 / 255 - m) / s), atol=1e-5)
@@ -129,7 +149,9 @@ def test_resident_and_streamed_training_sets_give_the_same_batches():
 def test_in_memory_splits_index_one_tensor_without_copies():
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 2, 2).contiguous()
     splits = {"train": np.arange(6), "val": np.array([6, 7]), "test": np.array([8, 9])}
-    data = in_memory_bundle(images, torch.arange(10) % 2, splits, ["a", "b"], 4, 4, None, 0, "toy", [0.0] * 3, [1 / 255] * 3)
+    data = in_memory_bundle(
+        images, torch.arange(10) % 2, splits, ["a", "b"], 4, 4, None, 0, "toy", [0.0] * 3, [1 / 255] * 3
+    )
     assert data.test.images is images and data.val.images is images
     assert next(iter(data.test))["image"][:, 0, 0, 0].tolist() == [8.0, 9.0]
     assert data.train.nbytes == 6 * 12 and math.isclose(data.val.nbytes, 24)

@@ -6,15 +6,16 @@ from functools import partial
 
 import pytest
 import torch
+from conftest import TINY, compose_config
 from PIL import Image
 
-from conftest import TINY, compose_config
-from distill_runner import engine, runner
+from distill_runner import runner
 from distill_runner.cache import CachedTeacher, compute_teacher_logits
-from distill_runner.data import digits
-from distill_runner.losses import HintonKD
-from distill_runner.models import tiny_cnn, torchvision_model
-from distill_runner.teacher import OnlineTeacher
+from distill_runner.data.digits import digits
+from distill_runner.distill.losses import HintonKD
+from distill_runner.distill.teacher import OnlineTeacher
+from distill_runner.models.factories import tiny_cnn, torchvision_model
+from distill_runner.train import engine
 
 CPU = torch.device("cpu")
 FP32 = engine.resolve_precision("32", CPU)
@@ -32,7 +33,9 @@ def setup():
 def test_cached_kd_losses_match_online_per_batch(setup, dtype, tolerance):
     data, teacher = setup
     online = OnlineTeacher(teacher)
-    cached = CachedTeacher(compute_teacher_logits(online, data.train, views=3, device=CPU, precision=FP32, dtype=dtype, progress=False))
+    cached = CachedTeacher(
+        compute_teacher_logits(online, data.train, views=3, device=CPU, precision=FP32, dtype=dtype, progress=False)
+    )
     kd = HintonKD(temperature=4, alpha=0.9)
     student = tiny_cnn(num_classes=10, hidden=16).eval()
     compared = 0
@@ -50,12 +53,24 @@ def test_cached_kd_losses_match_online_per_batch(setup, dtype, tolerance):
 def test_cached_and_online_training_give_the_same_student(setup):
     data, teacher = setup
     online = OnlineTeacher(teacher)
-    cached = CachedTeacher(compute_teacher_logits(online, data.train, views=2, device=CPU, precision=FP32, dtype=torch.float32, progress=False))
+    cached = CachedTeacher(
+        compute_teacher_logits(
+            online, data.train, views=2, device=CPU, precision=FP32, dtype=torch.float32, progress=False
+        )
+    )
     students = []
     for signal in (online, cached):
         torch.manual_seed(0)
         model = tiny_cnn(num_classes=10, hidden=16)
-        stage = engine.Stage("distill", model, HintonKD(4, 0.5), 2, partial(torch.optim.SGD, lr=0.05), partial(engine.warmup_cosine), teacher=signal)
+        stage = engine.Stage(
+            "distill",
+            model,
+            HintonKD(4, 0.5),
+            2,
+            partial(torch.optim.SGD, lr=0.05),
+            partial(engine.warmup_cosine),
+            teacher=signal,
+        )
         engine.fit(stage, data.train, data.val, CPU, FP32, progress=False)
         students.append(model.state_dict())
     for key in students[0]:
@@ -84,8 +99,12 @@ def test_run_reuses_teacher_and_outputs_and_reports_it(tmp_path, caplog):
 
 def test_cached_mode_equals_online_mode_end_to_end(tmp_path):
     base = TINY + ["trainer.epochs=2", "cache.teacher_outputs_dtype=float32"]
-    online = runner.run(compose_config(base + ["distill.teacher_outputs=online", "cache.enabled=false"]), tmp_path / "online")
-    cached = runner.run(compose_config(base + ["distill.teacher_outputs=cached", "cache.enabled=false"]), tmp_path / "cached")
+    online = runner.run(
+        compose_config(base + ["distill.teacher_outputs=online", "cache.enabled=false"]), tmp_path / "online"
+    )
+    cached = runner.run(
+        compose_config(base + ["distill.teacher_outputs=cached", "cache.enabled=false"]), tmp_path / "cached"
+    )
     h_online, h_cached = online["stages"]["distill"]["history"], cached["stages"]["distill"]["history"]
     for a, b in zip(h_online, h_cached):
         assert a["loss/kd"] == pytest.approx(b["loss/kd"], rel=1e-4)
@@ -119,7 +138,13 @@ def test_corrupt_cache_entry_is_rebuilt(tmp_path, caplog):
 
 
 def _distill_run(*args, cwd):
-    return subprocess.Popen([sys.executable, "-m", "distill_runner", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "distill_runner", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_two_processes_train_one_teacher(tmp_path):
@@ -137,14 +162,28 @@ def test_two_processes_train_one_teacher(tmp_path):
 def test_multirun_trains_the_teacher_once_and_writes_the_summary(tmp_path):
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
-        [sys.executable, "-m", "distill_runner", "-m", *TINY, "distill.temperature=1,4", "distill.alpha=0.25,0.75", f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "distill_runner",
+            "-m",
+            *TINY,
+            "distill.temperature=1,4",
+            "distill.alpha=0.25,0.75",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = "\n".join(p.read_text() for p in sweep.glob("*/*.log"))
     assert logs.count("fine-tuning teacher") == 1 and logs.count("reusing teacher") == 3
     assert logs.count("training baseline") == 1 and logs.count("reusing baseline") == 3
-    assert logs.count("reusing the evaluation of teacher") == 3 and logs.count("reusing the evaluation of baseline") == 3
+    assert (
+        logs.count("reusing the evaluation of teacher") == 3 and logs.count("reusing the evaluation of baseline") == 3
+    )
     assert logs.count("stage distill:") == 4
     assert logs.count("computed and stored") == 1 and logs.count("teacher outputs: cached") == 4
     rows = (sweep / "summary.csv").read_text().splitlines()
@@ -154,7 +193,9 @@ def test_multirun_trains_the_teacher_once_and_writes_the_summary(tmp_path):
         assert png.format == "PNG" and png.size[0] > 100
     # distill-report rebuilds it
     (sweep / "summary.png").unlink()
-    rebuilt = subprocess.run([sys.executable, "-m", "distill_runner.sweep", str(sweep)], capture_output=True, text=True)
+    rebuilt = subprocess.run(
+        [sys.executable, "-m", "distill_runner.reporting.sweep", str(sweep)], capture_output=True, text=True
+    )
     assert rebuilt.returncode == 0 and (sweep / "summary.png").is_file() and "Best student" in rebuilt.stdout
 
 

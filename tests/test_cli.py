@@ -5,13 +5,14 @@ import subprocess
 import sys
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from conftest import TINY
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
 def distill_run(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "distill_runner", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "distill_runner", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
 
 
 def scalars(folder):
@@ -31,7 +32,9 @@ def test_end_to_end_writes_metrics_report_and_tensorboard(tmp_path):
         assert 0 <= m["test_acc"] <= 1 and m["params"] > 0 and m["images_per_s"] > 0
     assert metrics["models"]["student"]["params"] == metrics["models"]["baseline"]["params"]
     assert metrics["models"]["teacher"]["params"] > 50 * metrics["models"]["student"]["params"]
-    assert metrics["retention"] == pytest.approx(metrics["models"]["student"]["test_acc"] / metrics["models"]["teacher"]["test_acc"])
+    assert metrics["retention"] == pytest.approx(
+        metrics["models"]["student"]["test_acc"] / metrics["models"]["teacher"]["test_acc"]
+    )
 
     report = (run_dir / "report.md").read_text()
     assert "student (KD)" in report and "student (scratch)" in report and "| teacher |" in report
@@ -41,7 +44,12 @@ def test_end_to_end_writes_metrics_report_and_tensorboard(tmp_path):
     assert (run_dir / ".hydra" / "config.yaml").is_file()
 
     distill = scalars(run_dir / "tb" / "distill")
-    assert len(distill["loss/kd"]) == 2 and len(distill["loss/ce"]) == 2 and len(distill["val/acc"]) == 2 and "lr" in distill
+    assert (
+        len(distill["loss/kd"]) == 2
+        and len(distill["loss/ce"]) == 2
+        and len(distill["val/acc"]) == 2
+        and "lr" in distill
+    )
     assert scalars(run_dir / "tb" / "baseline")["loss/ce"]
     assert scalars(run_dir / "tb" / "teacher")["val/acc"]
     final = scalars(run_dir / "tb")
@@ -90,8 +98,15 @@ def test_user_config_dir_adds_an_experiment(tmp_path):
 
 def test_nan_loss_stops_with_one_line_naming_stage_epoch_batch_and_terms(tmp_path):
     # A learning rate this large makes the KD student's loss non-finite within its first epochs.
-    proc = distill_run(*TINY, "trainer.epochs=3", "trainer.optimizer.lr=1e30", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    proc = distill_run(
+        *TINY, "trainer.epochs=3", "trainer.optimizer.lr=1e30", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path
+    )
     assert proc.returncode == 3, proc.stderr[-2000:]
     (line,) = [l for l in proc.stderr.splitlines() if "error" in l]
-    assert "non-finite loss in stage distill" in line and "batch" in line and "kd=" in line and "Traceback" not in proc.stderr
+    assert (
+        "non-finite loss in stage distill" in line
+        and "batch" in line
+        and "kd=" in line
+        and "Traceback" not in proc.stderr
+    )
     assert (tmp_path / "run" / "checkpoints" / "teacher.pt").is_file()  # finished stages are kept

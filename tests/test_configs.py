@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import compose_config
-from distill_runner import runner
 from fake_data import make_cifar, make_xray_folder, skip_cifar_md5
+
+from distill_runner import runner
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -24,7 +24,11 @@ def test_no_argument_run_is_the_quickstart():
 def data_overrides(experiment: str, tmp_path, monkeypatch) -> list[str]:
     """Experiments on real data sets get a tiny copy in the real on-disk format (and no downloads)."""
     if experiment.startswith("xray"):
-        return [f"dataset.root={make_xray_folder(tmp_path / 'chest_xray')}", "teacher.weights=null", "dataset.num_workers=0"]
+        return [
+            f"dataset.root={make_xray_folder(tmp_path / 'chest_xray')}",
+            "teacher.weights=null",
+            "dataset.num_workers=0",
+        ]
     if experiment.startswith("cifar"):
         skip_cifar_md5(monkeypatch)
         variant = experiment.split("_")[0]
@@ -35,7 +39,10 @@ def data_overrides(experiment: str, tmp_path, monkeypatch) -> list[str]:
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_builds(experiment, tmp_path, monkeypatch):
-    cfg = compose_config(["dataset.limit=8", "dataset.image_size=16", *data_overrides(experiment, tmp_path, monkeypatch)], experiment=experiment)
+    cfg = compose_config(
+        ["dataset.limit=8", "dataset.image_size=16", *data_overrides(experiment, tmp_path, monkeypatch)],
+        experiment=experiment,
+    )
     data = runner.build_data(cfg)
     teacher = runner.build_teacher(cfg.teacher, "teacher", data, cfg.seed)
     student = runner.build_model(cfg.student, "student", data, cfg.seed)
@@ -56,9 +63,21 @@ def test_students_build_for_the_data_set(student, image_size):
 
 
 def test_user_facing_keys_exist():
-    cfg = compose_config(["distill.temperature=8", "distill.alpha=0.25", "trainer.epochs=2", "trainer.device=cpu",
-                          "trainer.precision=bf16-mixed", "teacher.epochs=0", "teacher.weights=IMAGENET1K_V1",
-                          "teacher.checkpoint=/tmp/x.pt", "dataset.root=/data", "dataset.batch_size=8", "seed=3"])
+    cfg = compose_config(
+        [
+            "distill.temperature=8",
+            "distill.alpha=0.25",
+            "trainer.epochs=2",
+            "trainer.device=cpu",
+            "trainer.precision=bf16-mixed",
+            "teacher.epochs=0",
+            "teacher.weights=IMAGENET1K_V1",
+            "teacher.checkpoint=/tmp/x.pt",
+            "dataset.root=/data",
+            "dataset.batch_size=8",
+            "seed=3",
+        ]
+    )
     assert (cfg.distill.temperature, cfg.distill.alpha, cfg.trainer.epochs, cfg.seed) == (8, 0.25, 2, 3)
     assert cfg.teacher.weights == "IMAGENET1K_V1" and cfg.teacher.checkpoint == "/tmp/x.pt"
 
@@ -70,8 +89,22 @@ def test_the_wheel_ships_every_config_file(tmp_path):
     import zipfile
 
     root = CONF.parent
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(root), "-w", str(tmp_path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            str(root),
+            "-w",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     (wheel,) = tmp_path.glob("distill_runner-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

@@ -9,15 +9,15 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, compose_config
+from fake_data import make_cifar, make_xray_folder, skip_cifar_md5
 from PIL import Image
 
-from conftest import TINY, compose_config
 from distill_runner import runner
 from distill_runner.config import validate
+from distill_runner.data.imagefolder import BadImageError, imagefolder
 from distill_runner.errors import ConfigError
-from distill_runner.imagefolder import BadImageError, imagefolder
-from distill_runner.models import load_checkpoint, tiny_cnn
-from fake_data import make_cifar, make_xray_folder, skip_cifar_md5
+from distill_runner.models.factories import load_checkpoint, tiny_cnn
 
 
 @pytest.fixture
@@ -26,15 +26,30 @@ def xray(tmp_path):
 
 
 def xray_cfg(root, *extra):
-    return compose_config(["dataset.image_size=32", "teacher.weights=null", f"dataset.root={root}", "dataset.num_workers=0", *extra], experiment="xray_kd")
+    return compose_config(
+        ["dataset.image_size=32", "teacher.weights=null", f"dataset.root={root}", "dataset.num_workers=0", *extra],
+        experiment="xray_kd",
+    )
 
 
 def test_xray_kd_runs_end_to_end_and_reports_skipped_files_and_class_counts(xray, tmp_path, caplog, monkeypatch):
     weights_seen = []
     real_ce = runner.CrossEntropy
-    monkeypatch.setattr(runner, "CrossEntropy", lambda **kw: weights_seen.append(kw.get("class_weights")) or real_ce(**kw))
-    cfg = compose_config([*TINY, "dataset.image_size=32", "teacher.weights=null", f"dataset.root={xray}", "dataset.num_workers=0",
-                          "dataset.eval_batch_size=8", "dataset.balance=class_weights"], experiment="xray_kd")
+    monkeypatch.setattr(
+        runner, "CrossEntropy", lambda **kw: weights_seen.append(kw.get("class_weights")) or real_ce(**kw)
+    )
+    cfg = compose_config(
+        [
+            *TINY,
+            "dataset.image_size=32",
+            "teacher.weights=null",
+            f"dataset.root={xray}",
+            "dataset.num_workers=0",
+            "dataset.eval_batch_size=8",
+            "dataset.balance=class_weights",
+        ],
+        experiment="xray_kd",
+    )
     with caplog.at_level(logging.INFO):
         metrics = runner.run(cfg, tmp_path / "run")
 
@@ -62,7 +77,9 @@ def test_xray_images_are_3_channel_resized_and_normalized(xray):
 
 def test_imagefolder_epochs_are_reproducible_with_or_without_workers(xray):
     def epochs(workers):  # the PIL path (no decoded-image store): DataLoader workers
-        data = imagefolder(root=str(xray), image_size=16, batch_size=5, num_workers=workers, device="cpu", decode_cache=False)
+        data = imagefolder(
+            root=str(xray), image_size=16, batch_size=5, num_workers=workers, device="cpu", decode_cache=False
+        )
         out = []
         for epoch in (0, 0, 1):
             data.train.set_epoch(epoch)
@@ -86,7 +103,9 @@ def test_single_folder_is_split_stratified_and_seeded(tmp_path):
         for i in range(n):
             Image.new("RGB", (20, 20), (i * 10, 0, 0)).save(tmp_path / cls / f"{i}.png")
     # the store goes outside the data root (here the working folder), or it would be read as a class folder
-    split = lambda: imagefolder(root=str(tmp_path), image_size=16, val_from_train=0.25, test_fraction=0.2, num_workers=0, decode_cache=False)
+    split = lambda: imagefolder(
+        root=str(tmp_path), image_size=16, val_from_train=0.25, test_fraction=0.2, num_workers=0, decode_cache=False
+    )
     data = split()
     assert data.class_names == ["cats", "dogs"]
     assert data.class_counts == {"train": [6, 12], "val": [2, 4], "test": [2, 4]}
@@ -110,13 +129,28 @@ def test_balance_options(xray):
 
 
 def test_balance_options_for_in_memory_data():
-    from distill_runner.data import Augment, in_memory_bundle
+    from distill_runner.data.bundle import Augment, in_memory_bundle
 
     targets = torch.tensor([0] * 30 + [1] * 10)
     splits = {"train": np.arange(40), "val": np.arange(4), "test": np.arange(4)}
-    bundle = lambda balance: in_memory_bundle(torch.zeros(40, 3, 8, 8, dtype=torch.uint8), targets, splits, ["a", "b"], 40, 8,
-                                              Augment(), 0, "toy", [0.5] * 3, [0.5] * 3, balance=balance)
-    assert bundle("class_weights").class_weights == pytest.approx([40 / 60, 40 / 20]) and bundle("none").class_weights is None
+    bundle = lambda balance: in_memory_bundle(
+        torch.zeros(40, 3, 8, 8, dtype=torch.uint8),
+        targets,
+        splits,
+        ["a", "b"],
+        40,
+        8,
+        Augment(),
+        0,
+        "toy",
+        [0.5] * 3,
+        [0.5] * 3,
+        balance=balance,
+    )
+    assert (
+        bundle("class_weights").class_weights == pytest.approx([40 / 60, 40 / 20])
+        and bundle("none").class_weights is None
+    )
     train = bundle("weighted_sampler").train
     drawn = []
     for epoch in range(20):
@@ -128,10 +162,15 @@ def test_balance_options_for_in_memory_data():
 def test_cifar10_kd_runs_end_to_end_offline(tmp_path, monkeypatch):
     skip_cifar_md5(monkeypatch)
     make_cifar(tmp_path / "data")
-    cfg = compose_config([*TINY, f"dataset.root={tmp_path / 'data'}", "dataset.download=false", "dataset.eval_batch_size=16"], experiment="cifar10_kd")
+    cfg = compose_config(
+        [*TINY, f"dataset.root={tmp_path / 'data'}", "dataset.download=false", "dataset.eval_batch_size=16"],
+        experiment="cifar10_kd",
+    )
     metrics = runner.run(cfg, tmp_path / "run")
     assert metrics["dataset"] == "cifar10" and metrics["num_classes"] == 10
-    assert metrics["class_counts"]["test"] == [2] * 10 and sum(metrics["class_counts"]["train"]) == 48  # dataset.limit=48
+    assert (
+        metrics["class_counts"]["test"] == [2] * 10 and sum(metrics["class_counts"]["train"]) == 48
+    )  # dataset.limit=48
     assert (tmp_path / "run" / "report.md").is_file()
 
 
@@ -140,9 +179,21 @@ def test_cifar_bundle_in_memory_at_32px(tmp_path, monkeypatch, variant, classes)
     skip_cifar_md5(monkeypatch)
     make_cifar(tmp_path, variant, per_class=2 if classes == 100 else 10)  # 500 / 200 training images
     fraction = 0.1 if classes == 10 else 0.5  # at least one validation image per class
-    cfg = compose_config([f"dataset={variant}", f"dataset.root={tmp_path}", "dataset.download=false", f"dataset.val_from_train={fraction}"])
+    cfg = compose_config(
+        [
+            f"dataset={variant}",
+            f"dataset.root={tmp_path}",
+            "dataset.download=false",
+            f"dataset.val_from_train={fraction}",
+        ]
+    )
     data = runner.build_data(cfg)
-    assert data.num_classes == classes and data.image_size == 32 and data.train.augment.crop_padding == 4 and data.train.augment.hflip
+    assert (
+        data.num_classes == classes
+        and data.image_size == 32
+        and data.train.augment.crop_padding == 4
+        and data.train.augment.hflip
+    )
     assert data.train.images.dtype == torch.uint8 and data.train.images.shape[1:] == (3, 32, 32)
     assert data.class_counts["val"] == [5 if classes == 10 else 1] * classes  # stratified
     batch = next(iter(data.val))
@@ -166,7 +217,11 @@ def test_cifar_offline_errors_say_where_the_files_go(tmp_path, monkeypatch):
     cfg = compose_config(["dataset=cifar10", f"dataset.root={tmp_path}", "dataset.download=false"])
     with pytest.raises(ConfigError, match=r"^dataset\.root=") as err:
         runner.build_data(cfg)
-    assert "cifar-10-python.tar.gz" in str(err.value) and "cifar-10-batches-py/" in str(err.value) and "download=true" in str(err.value)
+    assert (
+        "cifar-10-python.tar.gz" in str(err.value)
+        and "cifar-10-batches-py/" in str(err.value)
+        and "download=true" in str(err.value)
+    )
 
     def offline(*args, **kwargs):
         raise URLError("no network")
@@ -175,7 +230,11 @@ def test_cifar_offline_errors_say_where_the_files_go(tmp_path, monkeypatch):
     cfg = compose_config(["dataset=cifar10", f"dataset.root={tmp_path}"])
     with pytest.raises(ConfigError, match=r"^dataset\.download=True: downloading https://") as err:
         runner.build_data(cfg)
-    assert "cifar-10-python.tar.gz" in str(err.value) and str(tmp_path) in str(err.value) and "dataset.download=false" in str(err.value)
+    assert (
+        "cifar-10-python.tar.gz" in str(err.value)
+        and str(tmp_path) in str(err.value)
+        and "dataset.download=false" in str(err.value)
+    )
 
 
 def _error(cfg) -> str:
@@ -187,7 +246,11 @@ def _error(cfg) -> str:
 def test_missing_root_prints_the_expected_tree_and_the_source(tmp_path):
     msg = _error(xray_cfg(tmp_path / "nowhere"))
     assert msg.startswith(f"dataset.root='{tmp_path / 'nowhere'}': no such folder")
-    assert "train/{NORMAL,PNEUMONIA}/*.jpeg" in msg and "test/{NORMAL,PNEUMONIA}/*.jpeg" in msg and "Chest X-Ray Images (Pneumonia)" in msg
+    assert (
+        "train/{NORMAL,PNEUMONIA}/*.jpeg" in msg
+        and "test/{NORMAL,PNEUMONIA}/*.jpeg" in msg
+        and "Chest X-Ray Images (Pneumonia)" in msg
+    )
     make_xray_folder(tmp_path / "chest_xray")  # the zip's outer folder given as root
     assert f"use dataset.root={tmp_path}/chest_xray" in _error(xray_cfg(tmp_path))
     assert "dataset=imagefolder needs dataset.root=PATH" in _error(compose_config(["dataset=imagefolder"]))
@@ -195,7 +258,9 @@ def test_missing_root_prints_the_expected_tree_and_the_source(tmp_path):
 
 def test_missing_split_names_it(xray):
     shutil.rmtree(xray / "val")
-    assert "the val/ split is missing; or set dataset.val_from_train=0.1" in _error(xray_cfg(xray, "dataset.val_from_train=null"))
+    assert "the val/ split is missing; or set dataset.val_from_train=0.1" in _error(
+        xray_cfg(xray, "dataset.val_from_train=null")
+    )
     runner.build_data(xray_cfg(xray))  # the default carves val from train: no val/ needed
     shutil.rmtree(xray / "test")
     assert "the test/ split is missing. Expected:" in _error(xray_cfg(xray))
@@ -217,7 +282,10 @@ def test_empty_class_folder(xray):
 
 def test_on_bad_image_error_lists_the_files(xray):
     msg = _error(xray_cfg(xray, "dataset.on_bad_image=error"))
-    assert msg.startswith("dataset.on_bad_image='error': 1 unreadable image file(s)") and "train/PNEUMONIA/corrupt.jpeg" in msg
+    assert (
+        msg.startswith("dataset.on_bad_image='error': 1 unreadable image file(s)")
+        and "train/PNEUMONIA/corrupt.jpeg" in msg
+    )
     assert "dataset.on_bad_image=skip" in msg
 
 
@@ -243,13 +311,16 @@ def test_checkpoint_with_another_class_count_says_so(tmp_path):
         load_checkpoint(tiny_cnn(num_classes=2), tmp_path / "t.pt")
 
 
-@pytest.mark.parametrize("dataset,override", [
-    ("chest_xray", "dataset.balance=oversample"),
-    ("chest_xray", "dataset.on_bad_image=ignore"),
-    ("chest_xray", "dataset.val_from_train=1.5"),
-    ("imagefolder", "dataset.num_workers=-1"),
-    ("cifar10", "dataset.download=maybe"),
-])
+@pytest.mark.parametrize(
+    "dataset,override",
+    [
+        ("chest_xray", "dataset.balance=oversample"),
+        ("chest_xray", "dataset.on_bad_image=ignore"),
+        ("chest_xray", "dataset.val_from_train=1.5"),
+        ("imagefolder", "dataset.num_workers=-1"),
+        ("cifar10", "dataset.download=maybe"),
+    ],
+)
 def test_dataset_keys_are_validated(dataset, override):
     cfg = compose_config([f"dataset={dataset}", override])
     with pytest.raises(ConfigError, match=f"^{override.split('=')[0]}="):

@@ -10,16 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, compose_config
+from fake_data import make_xray_folder
 from PIL import Image
 from torchvision.transforms import v2
 
-from conftest import TINY, compose_config
-from distill_runner import decode_cache, runner
+from distill_runner import runner
 from distill_runner.config import validate
-from distill_runner.data import TensorBatches
+from distill_runner.data import decode_cache
+from distill_runner.data.bundle import TensorBatches
+from distill_runner.data.imagefolder import FolderBatches, imagefolder
 from distill_runner.errors import ConfigError
-from distill_runner.imagefolder import FolderBatches, imagefolder
-from fake_data import make_xray_folder
 
 SIZE = 24
 
@@ -56,7 +57,11 @@ def pil_path(file: str) -> np.ndarray:
 def test_store_holds_the_pixels_pil_decodes(tmp_path, color):
     files = make_images(tmp_path / "img", color)
     store = decode_cache.open_or_build(files, SIZE, tmp_path / "store", progress=False)
-    assert store.built and store.images.dtype == torch.uint8 and store.images.shape == (len(files), 3 if color else 1, SIZE, SIZE)
+    assert (
+        store.built
+        and store.images.dtype == torch.uint8
+        and store.images.shape == (len(files), 3 if color else 1, SIZE, SIZE)
+    )
     for i, f in enumerate(files):
         expected, got = pil_path(f), store.images[i].numpy()
         got = np.broadcast_to(got, expected.shape)  # a grayscale store's one channel is each of RGB
@@ -98,12 +103,15 @@ def test_changed_added_or_removed_files_give_a_new_store(tmp_path, caplog):
     assert decode_cache.fingerprint(files) != decode_cache.fingerprint(files[1:])
 
 
-@pytest.mark.parametrize("damage,message", [
-    ("truncate", "truncated or damaged"),
-    ("flip_byte", "fails its sha256 check"),
-    ("no_header", "has no header"),
-    ("bad_header", "unreadable header"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("truncate", "truncated or damaged"),
+        ("flip_byte", "fails its sha256 check"),
+        ("no_header", "has no header"),
+        ("bad_header", "unreadable header"),
+    ],
+)
 def test_damaged_store_is_detected_and_rebuilt(tmp_path, caplog, damage, message):
     files = make_images(tmp_path / "img")
     first = decode_cache.open_or_build(files, SIZE, tmp_path / "store", progress=False)
@@ -158,6 +166,7 @@ def test_two_processes_building_the_same_store_make_one(tmp_path):
 def test_full_disk_warns_and_falls_back_to_pil_leaving_nothing(tmp_path, monkeypatch, caplog, how):
     root = make_xray_folder(tmp_path / "xray")
     if how == "while_writing":
+
         def full(f, chunk):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -166,16 +175,37 @@ def test_full_disk_warns_and_falls_back_to_pil_leaving_nothing(tmp_path, monkeyp
         real = decode_cache.shutil.disk_usage
         monkeypatch.setattr(decode_cache.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     with caplog.at_level(logging.INFO):
-        data = imagefolder(root=str(root), image_size=SIZE, num_workers=0, store_dir=str(tmp_path / "store"), progress=False)
+        data = imagefolder(
+            root=str(root), image_size=SIZE, num_workers=0, store_dir=str(tmp_path / "store"), progress=False
+        )
     assert isinstance(data.train, FolderBatches)
-    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "decoded-image store" in r.getMessage()]
-    assert str(tmp_path / "store") in warning and "it needs 0.0 MB" in warning and "are free" in warning and "decoding with PIL on the fly" in warning
+    (warning,) = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "decoded-image store" in r.getMessage()
+    ]
+    assert (
+        str(tmp_path / "store") in warning
+        and "it needs 0.0 MB" in warning
+        and "are free" in warning
+        and "decoding with PIL on the fly" in warning
+    )
     assert [p.suffix for p in (tmp_path / "store").iterdir()] == [".lock"]  # no partial store, no temp file
     assert next(iter(data.test))["image"].shape == (6, 3, SIZE, SIZE)
 
 
 def xray_cfg(root, *extra):
-    return compose_config([*TINY, "dataset.image_size=24", "teacher.weights=null", f"dataset.root={root}", "dataset.num_workers=0", *extra], experiment="xray_kd")
+    return compose_config(
+        [
+            *TINY,
+            "dataset.image_size=24",
+            "teacher.weights=null",
+            f"dataset.root={root}",
+            "dataset.num_workers=0",
+            *extra,
+        ],
+        experiment="xray_kd",
+    )
 
 
 def test_decode_cache_switch_picks_the_loader(tmp_path):
@@ -189,18 +219,30 @@ def test_store_backed_xray_runs_replay_teacher_outputs_and_follow_file_changes(t
     root = make_xray_folder(tmp_path / "xray")
     with caplog.at_level(logging.INFO):
         runner.run(xray_cfg(root), tmp_path / "a")
-    assert "decoding 28 images once" in caplog.text and "teacher outputs: cached" in caplog.text and "fine-tuning teacher" in caplog.text
+    assert (
+        "decoding 28 images once" in caplog.text
+        and "teacher outputs: cached" in caplog.text
+        and "fine-tuning teacher" in caplog.text
+    )
     caplog.clear()
     with caplog.at_level(logging.INFO):
         runner.run(xray_cfg(root), tmp_path / "b")
-    assert "decoded-image store reused" in caplog.text and "reusing teacher" in caplog.text and "teacher outputs: cached" in caplog.text
+    assert (
+        "decoded-image store reused" in caplog.text
+        and "reusing teacher" in caplog.text
+        and "teacher outputs: cached" in caplog.text
+    )
     assert "teacher outputs: cached" in caplog.text and "reused from" in caplog.text
     caplog.clear()
     victim = next((root / "train" / "NORMAL").glob("*.jpeg"))
     Image.fromarray(np.full((40, 48), 255, np.uint8), "L").save(victim)  # the image set changed
     with caplog.at_level(logging.INFO):
         runner.run(xray_cfg(root), tmp_path / "c")
-    assert "decoding 28 images once" in caplog.text and "fine-tuning teacher" in caplog.text and "computed and stored" in caplog.text
+    assert (
+        "decoding 28 images once" in caplog.text
+        and "fine-tuning teacher" in caplog.text
+        and "computed and stored" in caplog.text
+    )
 
 
 def test_resident_store_and_memory_map_give_the_same_batches(tmp_path):
@@ -219,8 +261,16 @@ def test_resident_store_and_memory_map_give_the_same_batches(tmp_path):
     assert len(a) == 6 and all(torch.equal(i, j) and torch.equal(x, y) for (i, x), (j, y) in zip(a, b))
 
 
-@pytest.mark.parametrize("override", ["data.on_device=sometimes", "data.decode_cache=maybe", "dataset.decode_cache=1", "dataset.resized_crop_scale=[0.5]",
-                                      "dataset.resized_crop_scale=[0.9,0.5]"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "data.on_device=sometimes",
+        "data.decode_cache=maybe",
+        "dataset.decode_cache=1",
+        "dataset.resized_crop_scale=[0.5]",
+        "dataset.resized_crop_scale=[0.9,0.5]",
+    ],
+)
 def test_data_keys_are_validated(override):
     with pytest.raises(ConfigError, match=f"^{override.split('=')[0]}="):
         validate(compose_config(["dataset=chest_xray", override]))
@@ -232,7 +282,11 @@ def test_pil_fallback_trains_the_same_augmentation_ranges(tmp_path):
     (crop,) = [t for t in data.train.dataset.transform.transforms if isinstance(t, v2.RandomResizedCrop)]
     assert tuple(crop.scale) == (0.8, 1.0) and tuple(crop.ratio) == pytest.approx((3 / 4, 4 / 3))
     stored = runner.build_data(xray_cfg(root)).train.augment
-    assert stored.resized_crop_scale == (0.8, 1.0) and stored.resized_crop_ratio == pytest.approx((3 / 4, 4 / 3)) and stored.hflip
+    assert (
+        stored.resized_crop_scale == (0.8, 1.0)
+        and stored.resized_crop_ratio == pytest.approx((3 / 4, 4 / 3))
+        and stored.hflip
+    )
 
 
 def test_cache_keys_follow_the_image_files_not_where_the_store_lives(tmp_path):

@@ -8,18 +8,31 @@ import sys
 import pytest
 import torch
 
-from distill_runner.data import shard_order, shard_size
+from distill_runner.data.bundle import shard_order, shard_size
 
 # Digits at 16 px with the small wide_cnn teacher: long enough to learn (~0.9+ test accuracy),
 # short enough for CI (~15 s a run on 2 cores).
-SMALL = ["dataset.image_size=16", "teacher=wide_cnn", "teacher.epochs=2", "trainer.epochs=3", "trainer.progress=false",
-         "eval.latency_budget_s=0.05", "eval.throughput_budget_s=0.1"]
+SMALL = [
+    "dataset.image_size=16",
+    "teacher=wide_cnn",
+    "teacher.epochs=2",
+    "trainer.epochs=3",
+    "trainer.progress=false",
+    "eval.latency_budget_s=0.05",
+    "eval.throughput_budget_s=0.1",
+]
 
 
 def launch(args, cwd, processes):
     env = dict(os.environ, OMP_NUM_THREADS="1")  # 2 processes on 2 cores
-    prefix = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
-    return subprocess.run([*prefix, "-m", "distill_runner", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    prefix = (
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
+        if processes > 1
+        else [sys.executable]
+    )
+    return subprocess.run(
+        [*prefix, "-m", "distill_runner", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_two_gloo_processes_give_one_set_of_outputs_and_the_accuracy_of_one_process(tmp_path):

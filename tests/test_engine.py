@@ -4,11 +4,12 @@ from functools import partial
 import pytest
 import torch
 
-from distill_runner import engine
-from distill_runner.data import Augment, digits, stratified_split
+from distill_runner.data.bundle import Augment, stratified_split
+from distill_runner.data.digits import digits
+from distill_runner.distill.losses import CrossEntropy
 from distill_runner.errors import ConfigError
-from distill_runner.losses import CrossEntropy
-from distill_runner.models import tiny_cnn
+from distill_runner.models.factories import tiny_cnn
+from distill_runner.train import engine
 
 CPU = torch.device("cpu")
 
@@ -35,7 +36,14 @@ def test_cuda_requested_without_cuda_is_a_clear_error():
 def _stage(data, recipe=None, epochs=1):
     torch.manual_seed(0)
     model = tiny_cnn(num_classes=data.num_classes, hidden=16)
-    return engine.Stage("test", model, recipe or CrossEntropy(), epochs, partial(torch.optim.SGD, lr=0.05), partial(engine.warmup_cosine))
+    return engine.Stage(
+        "test",
+        model,
+        recipe or CrossEntropy(),
+        epochs,
+        partial(torch.optim.SGD, lr=0.05),
+        partial(engine.warmup_cosine),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +54,15 @@ def small_digits():
 @pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
 def test_fit_learns_and_logs_every_epoch(small_digits, precision, tmp_path):
     stage = _stage(small_digits, epochs=3)
-    history = engine.fit(stage, small_digits.train, small_digits.val, CPU, engine.resolve_precision(precision, CPU), checkpoint_dir=tmp_path, progress=False)
+    history = engine.fit(
+        stage,
+        small_digits.train,
+        small_digits.val,
+        CPU,
+        engine.resolve_precision(precision, CPU),
+        checkpoint_dir=tmp_path,
+        progress=False,
+    )
     assert len(history) == 3
     assert history[-1]["loss/ce"] < history[0]["loss/ce"]
     assert set(history[0]) >= {"loss/ce", "loss/total", "lr", "val/acc"}
@@ -62,14 +78,23 @@ def test_non_finite_loss_stops_with_stage_epoch_batch_and_terms(small_digits):
 
     nan_recipe.needs_teacher = False
     with pytest.raises(FloatingPointError, match=r"stage test, epoch 1, batch 0: ce=nan"):
-        engine.fit(_stage(small_digits, nan_recipe), small_digits.train, small_digits.val, CPU, engine.resolve_precision("32", CPU), progress=False)
+        engine.fit(
+            _stage(small_digits, nan_recipe),
+            small_digits.train,
+            small_digits.val,
+            CPU,
+            engine.resolve_precision("32", CPU),
+            progress=False,
+        )
 
 
 def test_same_seed_same_run(small_digits):
     runs = []
     for _ in range(2):
         stage = _stage(small_digits, epochs=2)
-        engine.fit(stage, small_digits.train, small_digits.val, CPU, engine.resolve_precision("32", CPU), progress=False)
+        engine.fit(
+            stage, small_digits.train, small_digits.val, CPU, engine.resolve_precision("32", CPU), progress=False
+        )
         runs.append(stage.model.state_dict())
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
@@ -110,7 +135,9 @@ def test_random_shift_moves_content_within_the_padding():
     rows, cols = (out[:, 0] == 255).nonzero()[:, 1], (out[:, 0] == 255).nonzero()[:, 2]
     assert len(rows) == 64 and rows.min() >= 2 and rows.max() <= 6 and cols.min() >= 2 and cols.max() <= 6
     assert len(set(zip(rows.tolist(), cols.tolist()))) > 10  # shifts are drawn, not fixed
-    flipped = Augment(hflip=True)(image[:, :, :, :] * 0 + torch.arange(9, dtype=torch.uint8), torch.Generator().manual_seed(0))
+    flipped = Augment(hflip=True)(
+        image[:, :, :, :] * 0 + torch.arange(9, dtype=torch.uint8), torch.Generator().manual_seed(0)
+    )
     firsts = set(flipped[:, 0, 0, 0].tolist())
     assert firsts == {0, 8}
 
@@ -130,11 +157,28 @@ def test_digits_split_is_stratified_seeded_and_disjoint():
     assert data.train.images.shape[1:] == (3, 32, 32) and data.num_classes == 10
 
 
-@pytest.mark.parametrize("speed", [engine.Speed(channels_last=True), engine.Speed(compile=True)], ids=["channels_last", "compile"])
+@pytest.mark.parametrize(
+    "speed", [engine.Speed(channels_last=True), engine.Speed(compile=True)], ids=["channels_last", "compile"]
+)
 def test_speed_options_train_the_same_model(small_digits, speed):
-    plain = engine.fit(_stage(small_digits, epochs=2), small_digits.train, small_digits.val, CPU, engine.resolve_precision("32", CPU), progress=False)
+    plain = engine.fit(
+        _stage(small_digits, epochs=2),
+        small_digits.train,
+        small_digits.val,
+        CPU,
+        engine.resolve_precision("32", CPU),
+        progress=False,
+    )
     stage = _stage(small_digits, epochs=2)
-    fast = engine.fit(stage, small_digits.train, small_digits.val, CPU, engine.resolve_precision("32", CPU), progress=False, speed=speed)
+    fast = engine.fit(
+        stage,
+        small_digits.train,
+        small_digits.val,
+        CPU,
+        engine.resolve_precision("32", CPU),
+        progress=False,
+        speed=speed,
+    )
     for a, b in zip(plain, fast):  # same arithmetic up to kernel order
         assert b["loss/ce"] == pytest.approx(a["loss/ce"], rel=1e-3)
         assert b["val/acc"] == pytest.approx(a["val/acc"], abs=0.02)

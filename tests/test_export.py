@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
-
 from conftest import TINY
-from distill_runner import export
-from distill_runner.models import tiny_cnn
 from test_report import two_class_data
+
+from distill_runner.evaluation import export
+from distill_runner.models.factories import tiny_cnn
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_without_the_export_extra_torchscript_still_runs_and_onnx_says_what_to_i
     result = export.export_and_check(model, data, tmp_path / "export", "student")
     assert result["onnx"]["path"] is None and "pip install 'distill-runner[export]'" in result["onnx"]["status"]
     assert result["torchscript"]["max_abs_diff"] < 1e-4
-    from distill_runner.report import export_line
+    from distill_runner.reporting.report import export_line
 
     assert "onnx skipped: onnx, onnxscript not installed" in export_line(result)
 
@@ -75,9 +75,24 @@ def test_run_with_export_then_distill_export(tmp_path, capsys):
     """One tiny `distill-run export=onnx`, then `distill-export RUN_DIR --model baseline` on its folder."""
     pytest.importorskip("onnxruntime")
     run_dir = tmp_path / "run"
-    small_teacher = ["teacher.model._target_=distill_runner.models.tiny_cnn", "~teacher.model.arch", "~teacher.model.small_input", "+teacher.model.hidden=64"]
-    args = [*TINY, *small_teacher, "dataset.eval_batch_size=16", "eval.latency_budget_s=0.05", "eval.throughput_budget_s=0.05", "export=onnx", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run([sys.executable, "-m", "distill_runner", *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    small_teacher = [
+        "teacher.model._target_=distill_runner.models.factories.tiny_cnn",
+        "~teacher.model.arch",
+        "~teacher.model.small_input",
+        "+teacher.model.hidden=64",
+    ]
+    args = [
+        *TINY,
+        *small_teacher,
+        "dataset.eval_batch_size=16",
+        "eval.latency_budget_s=0.05",
+        "eval.throughput_budget_s=0.05",
+        "export=onnx",
+        f"hydra.run.dir={run_dir}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "distill_runner", *args], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for fmt in ("onnx", "torchscript"):
@@ -90,7 +105,9 @@ def test_run_with_export_then_distill_export(tmp_path, capsys):
     assert "## Export" in (run_dir / "report.md").read_text()
     assert (run_dir / "curves.png").is_file() and (run_dir / "confusion.png").is_file()
     log = proc.stdout + proc.stderr
-    assert "onnxscript." not in log and "onnx_ir" not in log and "Warning" not in log  # the exporters' chatter stays out
+    assert (
+        "onnxscript." not in log and "onnx_ir" not in log and "Warning" not in log
+    )  # the exporters' chatter stays out
 
     assert export.main([str(run_dir), "--model", "baseline"]) == 0  # what the distill-export console script runs
     assert "export (baseline): onnx max |logit diff|" in capsys.readouterr().out

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from distill_runner.distill.losses import CrossEntropy, HintonKD, kd_divergence
 from distill_runner.errors import ConfigError
-from distill_runner.losses import CrossEntropy, HintonKD, kd_divergence
 
 
 def _softmax(z):
@@ -34,7 +34,9 @@ def test_hinton_kd_matches_independent_formula(temperature, alpha):
     assert sum(terms.values()).item() == pytest.approx(expected, rel=1e-5)
     # each named term is the weighted piece it says it is
     if alpha > 0:
-        assert terms["kd"].item() == pytest.approx(reference_kd_loss(s.numpy(), t.numpy(), y.numpy(), temperature, 1.0) * alpha, rel=1e-5)
+        assert terms["kd"].item() == pytest.approx(
+            reference_kd_loss(s.numpy(), t.numpy(), y.numpy(), temperature, 1.0) * alpha, rel=1e-5
+        )
 
 
 def test_t1_alpha0_is_cross_entropy():
@@ -44,7 +46,9 @@ def test_t1_alpha0_is_cross_entropy():
     terms = HintonKD(temperature=1.0, alpha=0.0)({"target": y}, {"logits": s}, {"logits": t})
     assert set(terms) == {"ce"}
     assert sum(terms.values()).item() == pytest.approx(F.cross_entropy(s, y).item(), rel=1e-6)
-    assert CrossEntropy()({"target": y}, {"logits": s})["ce"].item() == pytest.approx(F.cross_entropy(s, y).item(), rel=1e-6)
+    assert CrossEntropy()({"target": y}, {"logits": s})["ce"].item() == pytest.approx(
+        F.cross_entropy(s, y).item(), rel=1e-6
+    )
 
 
 def test_kd_is_zero_when_student_equals_teacher_and_scales_as_t_squared_for_gradients():
@@ -52,7 +56,9 @@ def test_kd_is_zero_when_student_equals_teacher_and_scales_as_t_squared_for_grad
     assert kd_divergence(z, z, 4.0).item() == pytest.approx(0.0, abs=1e-6)
     # batchmean: the loss does not depend on the batch size for repeated identical samples
     s, t = torch.randn(1, 10), torch.randn(1, 10)
-    assert kd_divergence(s.repeat(7, 1), t.repeat(7, 1), 2.0).item() == pytest.approx(kd_divergence(s, t, 2.0).item(), rel=1e-5)
+    assert kd_divergence(s.repeat(7, 1), t.repeat(7, 1), 2.0).item() == pytest.approx(
+        kd_divergence(s, t, 2.0).item(), rel=1e-5
+    )
 
 
 def test_kd_is_stable_in_low_precision_inputs():
@@ -62,7 +68,9 @@ def test_kd_is_stable_in_low_precision_inputs():
     assert value.dtype == torch.float32 and math.isfinite(value.item())
 
 
-@pytest.mark.parametrize("kwargs,key", [({"temperature": 0}, "temperature"), ({"alpha": 1.5}, "alpha"), ({"alpha": -0.1}, "alpha")])
+@pytest.mark.parametrize(
+    "kwargs,key", [({"temperature": 0}, "temperature"), ({"alpha": 1.5}, "alpha"), ({"alpha": -0.1}, "alpha")]
+)
 def test_bad_hyperparameters_name_the_key(kwargs, key):
     with pytest.raises(ConfigError) as err:
         HintonKD(**kwargs)

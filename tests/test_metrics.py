@@ -5,14 +5,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import compose_config
 from torch import nn
 
-from conftest import compose_config
-from distill_runner import engine
-from distill_runner import metrics as M
 from distill_runner.config import validate
 from distill_runner.errors import ConfigError
-from distill_runner.models import tiny_cnn
+from distill_runner.evaluation import metrics as M
+from distill_runner.models.factories import tiny_cnn
+from distill_runner.train import engine
 
 CPU = torch.device("cpu")
 FP32 = engine.resolve_precision("32", CPU)
@@ -60,7 +60,9 @@ def test_ece_by_hand():
     two = np.array([[0.445, 0.2775, 0.2775], [0.465, 0.2675, 0.2675]])
     assert M.expected_calibration_error(two, np.array([0, 1])) == pytest.approx(abs(0.5 - 0.455))
     # with 40 bins they fall in bins 17 and 18
-    assert M.expected_calibration_error(two, np.array([0, 1]), bins=40) == pytest.approx(0.5 * (1 - 0.445) + 0.5 * 0.465)
+    assert M.expected_calibration_error(two, np.array([0, 1]), bins=40) == pytest.approx(
+        0.5 * (1 - 0.445) + 0.5 * 0.465
+    )
     # confident and right: calibrated
     assert M.expected_calibration_error(np.eye(3), np.arange(3)) == 0.0
 
@@ -91,7 +93,9 @@ def test_cka_identity_invariances_and_reference(features):
     assert value == pytest.approx(reference_cka(x.numpy(), y.numpy()), rel=1e-9)
     assert M.linear_cka(x @ q * 0.01, y) == pytest.approx(value, rel=1e-9)
     assert M.linear_cka(x + 5.0, y) == pytest.approx(value, rel=1e-9)  # features are centred
-    assert M.linear_cka(x * torch.linspace(0.1, 10, features, dtype=torch.float64), x) < 0.99  # not invariant to anisotropic scaling
+    assert (
+        M.linear_cka(x * torch.linspace(0.1, 10, features, dtype=torch.float64), x) < 0.99
+    )  # not invariant to anisotropic scaling
     assert M.linear_cka(x.float().reshape(40, -1, 2), y) == pytest.approx(value, rel=1e-5)  # any shape, flattened
 
 
@@ -160,7 +164,11 @@ def test_saved_size_is_the_torch_save_size(tmp_path):
 
 @pytest.mark.parametrize(
     "override,key",
-    [("export=tflite", "export"), ("eval.latency_budget_s=0", "eval.latency_budget_s"), ("eval.cka_samples=1", "eval.cka_samples")],
+    [
+        ("export=tflite", "export"),
+        ("eval.latency_budget_s=0", "eval.latency_budget_s"),
+        ("eval.cka_samples=1", "eval.cka_samples"),
+    ],
 )
 def test_bad_eval_and_export_keys_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:

@@ -1,12 +1,12 @@
 import pytest
 import torch
 import torchvision
+from conftest import compose_config
 from torch import nn
 
-from conftest import compose_config
 from distill_runner import runner
 from distill_runner.errors import ConfigError
-from distill_runner.models import count_parameters, load_checkpoint, tiny_cnn, torchvision_model
+from distill_runner.models.factories import count_parameters, load_checkpoint, tiny_cnn, torchvision_model
 
 
 @pytest.mark.parametrize("image_size", [32, 224])
@@ -90,7 +90,9 @@ def test_checkpoint_round_trip_and_mismatch_messages(tmp_path):
     wrong_classes = torchvision_model("resnet18", num_classes=2, image_size=32)
     with pytest.raises(ConfigError) as err:
         load_checkpoint(wrong_classes, path)
-    assert "fc.weight (10, 512) in file vs (2, 512) in model" in str(err.value) and err.value.key == "teacher.checkpoint"
+    assert (
+        "fc.weight (10, 512) in file vs (2, 512) in model" in str(err.value) and err.value.key == "teacher.checkpoint"
+    )
 
     with pytest.raises(ConfigError, match="unexpected keys|missing keys"):
         load_checkpoint(tiny_cnn(num_classes=10), path)

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY, compose_config
 
 PINNED = Path(__file__).parent / "pinned"
@@ -39,14 +38,17 @@ VARIANTS = {
 
 def recipe_losses(cfg, batches: int = 2, epochs: int = 10, at_epochs=(0, 5)) -> dict:
     """{f"epoch{e}/batch{i}": {term: value}} for the run's recipe on the first training batches."""
-    from distill_runner import recipes, runner
-    from distill_runner.features import FeatureTap
-    from distill_runner.teacher import teacher_signal
+    from distill_runner import runner
+    from distill_runner.distill import recipes
+    from distill_runner.distill.teacher import teacher_signal
+    from distill_runner.models.features import FeatureTap
 
     data = runner.build_data(cfg, torch.device("cpu"))
     student = runner.build_model(cfg.student, "student", data, cfg.seed)
     recipe_cfg, extra, weights = recipes.split_distill_node(runner.recipe_node(cfg))
-    recipe = runner.build(recipe_cfg, "distill", **({"class_weights": data.class_weights} if data.class_weights is not None else {}))
+    recipe = runner.build(
+        recipe_cfg, "distill", **({"class_weights": data.class_weights} if data.class_weights is not None else {})
+    )
     recipes.bind(recipe, student, lambda: runner.build_model(cfg.teacher, "teacher", data, cfg.seed), data)
     teachers = [runner.build_teacher(cfg.teacher, "teacher", data, cfg.seed)]
     for key, node in extra.items():
@@ -71,10 +73,18 @@ def recipe_losses(cfg, batches: int = 2, epochs: int = 10, at_epochs=(0, 5)) -> 
 
 def run_summary(metrics) -> dict:
     """Accuracies and per-term training losses of a finished run."""
-    stages = {"teacher": metrics["stages"]["teacher"], "student": metrics["stages"]["distill"], "baseline": metrics["stages"]["baseline"]}
+    stages = {
+        "teacher": metrics["stages"]["teacher"],
+        "student": metrics["stages"]["distill"],
+        "baseline": metrics["stages"]["baseline"],
+    }
     return {
         "test_acc": {role: metrics["models"][role]["test_acc"] for role in ("teacher", "student", "baseline")},
-        "losses": {stage: {k: v for k, v in s["history"][-1].items() if k.startswith("loss/")} for stage, s in stages.items() if s["history"]},
+        "losses": {
+            stage: {k: v for k, v in s["history"][-1].items() if k.startswith("loss/")}
+            for stage, s in stages.items()
+            if s["history"]
+        },
     }
 
 
@@ -132,12 +142,23 @@ def saved_teacher(tmp_path_factory):
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_one_epoch_run_of_every_recipe(recipe, saved_teacher, tmp_path):
     extra = ["distill.teachers.cnn.epochs=1"] if recipe == "multi_teacher" else []
-    overrides = TINY + ["teacher.epochs=0", f"teacher.checkpoint={saved_teacher}", f"distill={recipe}", "cache.enabled=false"] + extra
+    overrides = (
+        TINY
+        + ["teacher.epochs=0", f"teacher.checkpoint={saved_teacher}", f"distill={recipe}", "cache.enabled=false"]
+        + extra
+    )
     _check("one_epoch_runs", {recipe: run_summary(run(overrides, tmp_path))}, rel=1e-4)
 
 
 def test_quickstart_short_schedule_seed_0(tmp_path):
     """The quickstart (digits, ResNet-18 -> tiny CNN, Hinton KD) at 16 px, teacher 1 epoch, students 2."""
-    overrides = ["seed=0", "dataset.image_size=16", "teacher.epochs=1", "trainer.epochs=2", "trainer.progress=false", "cache.enabled=false"]
+    overrides = [
+        "seed=0",
+        "dataset.image_size=16",
+        "teacher.epochs=1",
+        "trainer.epochs=2",
+        "trainer.progress=false",
+        "cache.enabled=false",
+    ]
     # accuracies within one test image (360 images): CPUs may differ in the last bits of a sum
     _check("quickstart", {"short_schedule": run_summary(run(overrides, tmp_path))}, rel=1e-3, acc_abs=1 / 360)

@@ -7,17 +7,23 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY, compose_config
 
-from conftest import compose_config, TINY
 from distill_runner import runner
-from distill_runner.data import digits
+from distill_runner.data.digits import digits
+from distill_runner.distill.losses import HintonKD
+from distill_runner.distill.recipes import Recipe
+from distill_runner.distill.schedules import Schedule, parse_schedule
+from distill_runner.distill.terms import (
+    at_loss,
+    class_balance_weights,
+    dkd_per_sample,
+    kd_per_sample,
+    teacher_confidence_weights,
+)
 from distill_runner.errors import ConfigError
-from distill_runner.features import FeatureTap
-from distill_runner.losses import HintonKD
-from distill_runner.models import tiny_cnn, torchvision_model
-from distill_runner.recipes import Recipe
-from distill_runner.schedules import Schedule, parse_schedule
-from distill_runner.terms import at_loss, class_balance_weights, dkd_per_sample, kd_per_sample, teacher_confidence_weights
+from distill_runner.models.factories import tiny_cnn, torchvision_model
+from distill_runner.models.features import FeatureTap
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 RECIPES = sorted(p.stem for p in (CONF / "distill").glob("*.yaml"))
@@ -25,7 +31,11 @@ RECIPES = sorted(p.stem for p in (CONF / "distill").glob("*.yaml"))
 
 def _logits(seed=0, n=32, c=10, scale=3.0):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, c, generator=gen) * scale, torch.randn(n, c, generator=gen) * scale, torch.randint(0, c, (n,), generator=gen)
+    return (
+        torch.randn(n, c, generator=gen) * scale,
+        torch.randn(n, c, generator=gen) * scale,
+        torch.randint(0, c, (n,), generator=gen),
+    )
 
 
 def _np_softmax(z):
@@ -66,7 +76,10 @@ def test_kd_term_matches_numpy_and_the_classic_recipe(temperature):
     expected = temperature**2 * (pt * (np.log(pt) - np.log(ps))).sum(1)
     assert kd_per_sample(s, t, temperature).numpy() == pytest.approx(expected, rel=1e-4)
     recipe = Recipe({"ce": {"weight": "1-alpha"}, "kd": {"weight": "alpha"}}, temperature=temperature, alpha=0.3)
-    ours, classic = recipe({"target": y}, {"logits": s}, {"logits": t}), HintonKD(temperature, 0.3)({"target": y}, {"logits": s}, {"logits": t})
+    ours, classic = (
+        recipe({"target": y}, {"logits": s}, {"logits": t}),
+        HintonKD(temperature, 0.3)({"target": y}, {"logits": s}, {"logits": t}),
+    )
     assert set(ours) == {"ce", "kd"} and all(ours[k].item() == pytest.approx(classic[k].item(), rel=1e-5) for k in ours)
 
 
@@ -99,22 +112,34 @@ def test_feature_hint_with_adapter_and_resize_matches_a_manual_computation():
     data = _data()
     student = tiny_cnn(10, channels=[4, 8], hidden=8)
     teacher = torchvision_model("resnet18", 10, image_size=16)
-    recipe = Recipe({"feature": {"pairs": [{"student": "features.0", "teacher": "layer3", "weight": 3.0}, "features.1:layer2"]}})
+    recipe = Recipe(
+        {"feature": {"pairs": [{"student": "features.0", "teacher": "layer3", "weight": 3.0}, "features.1:layer2"]}}
+    )
     recipe.bind(student, teacher, data)
     assert recipe.student_layers == ("features.0", "features.1") and recipe.teacher_layers == ("layer3", "layer2")
     gen = torch.Generator().manual_seed(3)
     s0, s1 = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 8, 4, 4, generator=gen)
     t3, t2 = torch.randn(2, 256, 4, 4, generator=gen), torch.randn(2, 128, 8, 8, generator=gen)
-    out = recipe({"target": torch.zeros(2, dtype=torch.long)}, {"features": {"features.0": s0, "features.1": s1}}, {"features": {"layer3": t3, "layer2": t2}})
+    out = recipe(
+        {"target": torch.zeros(2, dtype=torch.long)},
+        {"features": {"features.0": s0, "features.1": s1}},
+        {"features": {"layer3": t3, "layer2": t2}},
+    )
 
     def adapt(x, adapter):  # 1x1 conv, then BatchNorm with batch statistics (training mode)
         conv, bn = adapter[0], adapter[1]
         z = torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0].double(), x.double())
         mean, var = z.mean((0, 2, 3), keepdim=True), z.var((0, 2, 3), unbiased=False, keepdim=True)
-        return (z - mean) / torch.sqrt(var + bn.eps) * bn.weight.double()[:, None, None] + bn.bias.double()[:, None, None]
+        return (z - mean) / torch.sqrt(var + bn.eps) * bn.weight.double()[:, None, None] + bn.bias.double()[
+            :, None, None
+        ]
 
-    a0 = F.interpolate(adapt(s0, recipe.terms["feature"].adapters["0"]), size=(4, 4), mode="bilinear", align_corners=False)  # 8x8 -> 4x4
-    a1 = F.interpolate(adapt(s1, recipe.terms["feature"].adapters["1"]), size=(8, 8), mode="bilinear", align_corners=False)  # 4x4 -> 8x8
+    a0 = F.interpolate(
+        adapt(s0, recipe.terms["feature"].adapters["0"]), size=(4, 4), mode="bilinear", align_corners=False
+    )  # 8x8 -> 4x4
+    a1 = F.interpolate(
+        adapt(s1, recipe.terms["feature"].adapters["1"]), size=(8, 8), mode="bilinear", align_corners=False
+    )  # 4x4 -> 8x8
     expected = (3.0 * ((a0 - t3.double()) ** 2).mean() + 1.0 * ((a1 - t2.double()) ** 2).mean()) / 4.0
     assert out["feature"].item() == pytest.approx(expected.item(), rel=1e-4)
     # adapters are recipe parameters: trained with the student, not in its state_dict
@@ -134,7 +159,11 @@ def test_no_adapter_when_channels_match():
 def test_class_balanced_weights_and_weighted_kd(method):
     counts = [500, 100, 10, 0]
     beta = 0.99
-    raw = np.array([1 / 500, 1 / 100, 1 / 10]) if method == "inverse_frequency" else np.array([(1 - beta) / (1 - beta**n) for n in counts[:3]])
+    raw = (
+        np.array([1 / 500, 1 / 100, 1 / 10])
+        if method == "inverse_frequency"
+        else np.array([(1 - beta) / (1 - beta**n) for n in counts[:3]])
+    )
     expected = np.append(raw / raw.sum() * 3, 0.0)
     w = class_balance_weights(counts, method, beta)
     assert w.numpy() == pytest.approx(expected, rel=1e-5) and w.sum().item() == pytest.approx(3.0)
@@ -145,7 +174,9 @@ def test_class_balanced_weights_and_weighted_kd(method):
     recipe = Recipe({"kd": {"weight": 1.0}}, temperature=2.0, class_balance=method, class_balance_beta=beta)
     recipe.bind(None, None, data)
     got = recipe({"target": y}, {"logits": s}, {"logits": t})["kd"]
-    assert got.item() == pytest.approx((kd_per_sample(s, t, 2.0) * torch.as_tensor(expected, dtype=torch.float32)[y]).mean().item(), rel=1e-5)
+    assert got.item() == pytest.approx(
+        (kd_per_sample(s, t, 2.0) * torch.as_tensor(expected, dtype=torch.float32)[y]).mean().item(), rel=1e-5
+    )
 
 
 def test_teacher_confidence_weighting():
@@ -161,7 +192,11 @@ def test_teacher_confidence_weighting():
 def test_self_distillation_heads_learn_from_the_final_logits():
     data = _data()
     student = tiny_cnn(10, channels=[4, 8], hidden=8)
-    recipe = Recipe({"ce": {}, "self": {"heads": ["features.0"], "deepest": "features.1", "hint_weight": 0.5}}, temperature=3.0, alpha=0.5)
+    recipe = Recipe(
+        {"ce": {}, "self": {"heads": ["features.0"], "deepest": "features.1", "hint_weight": 0.5}},
+        temperature=3.0,
+        alpha=0.5,
+    )
     recipe.bind(student, None, data)
     assert not recipe.needs_teacher and recipe.student_layers == ("features.0", "features.1")
     tap = FeatureTap(student, recipe.student_layers)
@@ -170,10 +205,16 @@ def test_self_distillation_heads_learn_from_the_final_logits():
     head = recipe.terms["self"].heads["0"]
     z, logits = head(tap(batch["image"])["features"]["features.0"])
     final = tap(batch["image"])
-    expected = 0.5 * F.cross_entropy(logits, batch["target"]) + 0.5 * kd_per_sample(logits, final["logits"], 3.0).mean() + 0.5 * F.mse_loss(z, final["features"]["features.1"].mean((2, 3)))
+    expected = (
+        0.5 * F.cross_entropy(logits, batch["target"])
+        + 0.5 * kd_per_sample(logits, final["logits"], 3.0).mean()
+        + 0.5 * F.mse_loss(z, final["features"]["features.1"].mean((2, 3)))
+    )
     assert out["self"].item() == pytest.approx(expected.item(), rel=1e-4)
     out["self"].backward()
-    assert head.fc.weight.grad is not None and student.classifier[-1].weight.grad is None  # final logits are the (detached) teacher
+    assert (
+        head.fc.weight.grad is not None and student.classifier[-1].weight.grad is None
+    )  # final logits are the (detached) teacher
     tap.remove()
 
 
@@ -181,7 +222,9 @@ def test_self_distillation_heads_learn_from_the_final_logits():
 
 
 def test_schedules_give_the_documented_values():
-    assert [Schedule("linear", 0.0, 0.5).value(0.5, e, 10) for e in range(10)] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5])
+    assert [Schedule("linear", 0.0, 0.5).value(0.5, e, 10) for e in range(10)] == pytest.approx(
+        [0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]
+    )
     assert [Schedule("constant").value(0.7, e, 10) for e in (0, 9)] == [0.7, 0.7]
     cos = [Schedule("cosine", 8.0, 1.0).value(4.0, e, 4) for e in range(4)]
     assert cos == pytest.approx([8 - 4 * (1 - math.cos(math.pi * p)) / 2 for p in (0.25, 0.5, 0.75, 1.0)])
@@ -195,25 +238,42 @@ def test_schedules_give_the_documented_values():
 
 
 def test_recipe_schedules_alpha_temperature_and_term_weights():
-    recipe = Recipe({"ce": {"weight": "1-alpha"}, "kd": {"weight": "alpha"}, "attention": {"weight": 1000.0, "pairs": ["a:b"]}}, temperature=4.0, alpha=0.5,
-                    schedule={"alpha": {"kind": "linear", "ramp": 0.5}, "temperature": {"kind": "cosine", "start": 8.0}, "attention": "linear"})
+    recipe = Recipe(
+        {"ce": {"weight": "1-alpha"}, "kd": {"weight": "alpha"}, "attention": {"weight": 1000.0, "pairs": ["a:b"]}},
+        temperature=4.0,
+        alpha=0.5,
+        schedule={
+            "alpha": {"kind": "linear", "ramp": 0.5},
+            "temperature": {"kind": "cosine", "start": 8.0},
+            "attention": "linear",
+        },
+    )
     first, last = recipe.set_epoch(0, 10), recipe.set_epoch(9, 10)
-    assert first["alpha"] == pytest.approx(0.1) and first["weight/ce"] == pytest.approx(0.9) and first["weight/kd"] == pytest.approx(0.1)
+    assert (
+        first["alpha"] == pytest.approx(0.1)
+        and first["weight/ce"] == pytest.approx(0.9)
+        and first["weight/kd"] == pytest.approx(0.1)
+    )
     assert first["weight/attention"] == pytest.approx(100.0) and last["weight/attention"] == pytest.approx(1000.0)
-    assert first["temperature"] == pytest.approx(8 - 4 * (1 - math.cos(math.pi * 0.1)) / 2) and last["temperature"] == pytest.approx(4.0)
+    assert first["temperature"] == pytest.approx(8 - 4 * (1 - math.cos(math.pi * 0.1)) / 2) and last[
+        "temperature"
+    ] == pytest.approx(4.0)
     assert last["alpha"] == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("kwargs,key", [
-    ({"terms": {"kd": {}}, "temperature": 0}, "temperature"),
-    ({"terms": {"kd": {"weight": "alpha"}}, "alpha": 1.5}, "alpha"),
-    ({"terms": {"kdd": {}}}, "terms.kdd.type"),
-    ({"terms": {"kd": {"weight": "2*alpha"}}}, "terms.kd.weight"),
-    ({"terms": {"kd": {}}, "schedule": {"gamma": "linear"}}, "schedule.gamma"),
-    ({"terms": {"kd": {}}, "schedule": {"temperature": "linear"}}, "schedule.temperature.start"),
-    ({"terms": {"kd": {}}, "class_balance": "sqrt"}, "class_balance"),
-    ({"terms": {"kd": {}}, "sample_weighting": "loss"}, "sample_weighting"),
-])
+@pytest.mark.parametrize(
+    "kwargs,key",
+    [
+        ({"terms": {"kd": {}}, "temperature": 0}, "temperature"),
+        ({"terms": {"kd": {"weight": "alpha"}}, "alpha": 1.5}, "alpha"),
+        ({"terms": {"kdd": {}}}, "terms.kdd.type"),
+        ({"terms": {"kd": {"weight": "2*alpha"}}}, "terms.kd.weight"),
+        ({"terms": {"kd": {}}, "schedule": {"gamma": "linear"}}, "schedule.gamma"),
+        ({"terms": {"kd": {}}, "schedule": {"temperature": "linear"}}, "schedule.temperature.start"),
+        ({"terms": {"kd": {}}, "class_balance": "sqrt"}, "class_balance"),
+        ({"terms": {"kd": {}}, "sample_weighting": "loss"}, "sample_weighting"),
+    ],
+)
 def test_bad_recipe_values_name_the_key(kwargs, key):
     with pytest.raises(ConfigError) as err:
         Recipe(**kwargs)
@@ -242,13 +302,20 @@ def test_every_recipe_runs_one_epoch_end_to_end(recipe, random_teacher, tmp_path
     extra = ["distill.teachers.cnn.epochs=1"] if recipe == "multi_teacher" else []
     metrics = runner.run(compose_config(_fast(random_teacher) + [f"distill={recipe}"] + extra), tmp_path)
     history = metrics["stages"]["distill"]["history"]
-    assert len(history) == 1 and math.isfinite(history[0]["loss/total"]) and 0 <= metrics["models"]["student"]["test_acc"] <= 1
+    assert (
+        len(history) == 1
+        and math.isfinite(history[0]["loss/total"])
+        and 0 <= metrics["models"]["student"]["test_acc"] <= 1
+    )
     if recipe != "kd":
         assert history[0]["schedule/temperature"] > 0 and any(k.startswith("schedule/weight/") for k in history[0])
     if recipe in ("feature", "self", "combo"):
         assert metrics["stages"]["distill"]["recipe_params"] > 0
         # the shipped student is the plain student: same keys as the baseline
-        assert torch.load(tmp_path / "checkpoints" / "student.pt").keys() == torch.load(tmp_path / "checkpoints" / "baseline.pt").keys()
+        assert (
+            torch.load(tmp_path / "checkpoints" / "student.pt").keys()
+            == torch.load(tmp_path / "checkpoints" / "baseline.pt").keys()
+        )
     if recipe == "multi_teacher":
         assert "distill.teachers.cnn" in metrics["stages"]
 
@@ -261,7 +328,10 @@ def test_bad_layer_name_fails_at_start_up_with_the_valid_names(random_teacher, t
     assert "valid names: conv1, bn1, relu, maxpool, layer1, layer1.0" in str(err.value) and "layer4" in str(err.value)
     assert not (tmp_path / "checkpoints").exists()  # nothing was trained
     cfg = compose_config(_fast(random_teacher) + ["distill=self", "distill.terms.self.heads=[features.7]"])
-    with pytest.raises(ConfigError, match=r"distill.terms.self.heads.0='features.7': no such layer in the student \(TinyCNN\); valid names: features, features.0, features.1, pool, classifier"):
+    with pytest.raises(
+        ConfigError,
+        match=r"distill.terms.self.heads.0='features.7': no such layer in the student \(TinyCNN\); valid names: features, features.0, features.1, pool, classifier",
+    ):
         runner.run(cfg, tmp_path)
 
 

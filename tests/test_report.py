@@ -4,12 +4,14 @@ import json
 
 import pytest
 import torch
+from conftest import compose_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import compose_config
-from distill_runner import engine, evaluate, report
-from distill_runner.data import DataBundle, TensorBatches
-from distill_runner.models import clone, tiny_cnn
+from distill_runner.data.bundle import DataBundle, TensorBatches
+from distill_runner.evaluation import evaluate
+from distill_runner.models.factories import clone, tiny_cnn
+from distill_runner.reporting import report
+from distill_runner.train import engine
 
 CPU = torch.device("cpu")
 
@@ -21,8 +23,16 @@ def two_class_data(n=40, size=16):
     targets = torch.arange(n) % 2
     images[targets == 1, :, : size // 2] += 100
     split = lambda: TensorBatches(images, targets, batch_size=16, mean=[0.5] * 3, std=[0.25] * 3)
-    return DataBundle(split(), split(), split(), num_classes=2, class_names=["dim", "bright"], image_size=size, name="halves",
-                      class_counts={"test": [n // 2, n // 2]})
+    return DataBundle(
+        split(),
+        split(),
+        split(),
+        num_classes=2,
+        class_names=["dim", "bright"],
+        image_size=size,
+        name="halves",
+        class_counts={"test": [n // 2, n // 2]},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +58,9 @@ def test_evaluate_measures_every_model(evaluated):
         assert r["penultimate_layer"] == "classifier.4"
     # the "teacher" is a copy of the student: the same predictions and identical features
     assert student["test_acc"] == teacher["test_acc"] and student["confusion"] == teacher["confusion"]
-    assert student["cka"]["penultimate"] == pytest.approx(1.0) and student["cka"]["features.1 ~ features.1"] == pytest.approx(1.0)
+    assert student["cka"]["penultimate"] == pytest.approx(1.0) and student["cka"][
+        "features.1 ~ features.1"
+    ] == pytest.approx(1.0)
     assert set(baseline["cka"]) == {"penultimate", "features.1 ~ features.1", "features.0 ~ features.1"}
     assert baseline["cka"]["penultimate"] < 1 and "cka" not in teacher
     assert teacher["speedup"] == 1 and student["compression"] == 1
@@ -58,10 +70,24 @@ def test_evaluate_measures_every_model(evaluated):
 def test_report_files_tables_and_tensorboard(evaluated, tmp_path):
     cfg, data, results = evaluated
     history = [{"loss/total": 1.0 - 0.1 * e, "val/acc": 0.5 + 0.1 * e} for e in range(3)]
-    stages = {s: {"epochs": 3, "final_val_acc": 0.7, "wall_time_s": 1.0, "history": history} for s in ("teacher", "distill", "baseline")}
-    metrics = {"dataset": data.name, "num_classes": 2, "class_names": data.class_names, "class_counts": data.class_counts,
-               "device": "cpu", "precision": "32", "seed": 0, "eval_batch_size": 16, "torch_threads": 2,
-               "models": results, **evaluate.comparison(results), "stages": stages}
+    stages = {
+        s: {"epochs": 3, "final_val_acc": 0.7, "wall_time_s": 1.0, "history": history}
+        for s in ("teacher", "distill", "baseline")
+    }
+    metrics = {
+        "dataset": data.name,
+        "num_classes": 2,
+        "class_names": data.class_names,
+        "class_counts": data.class_counts,
+        "device": "cpu",
+        "precision": "32",
+        "seed": 0,
+        "eval_batch_size": 16,
+        "torch_threads": 2,
+        "models": results,
+        **evaluate.comparison(results),
+        "stages": stages,
+    }
     table = report.write_report(tmp_path, metrics, ["seed=0"])
     assert "student (KD)" in table and "MACs/image" in table and "latency" in table
     assert "of 40 test images)" in table  # the KD gain in images
@@ -74,14 +100,25 @@ def test_report_files_tables_and_tensorboard(evaluated, tmp_path):
     assert "not exported in this run" in md
     for png in ("curves.png", "confusion.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((tmp_path / "metrics.json").read_text())["models"]["student"]["confusion"] == results["student"]["confusion"]
+    assert (
+        json.loads((tmp_path / "metrics.json").read_text())["models"]["student"]["confusion"]
+        == results["student"]["confusion"]
+    )
 
     report.write_tensorboard(tmp_path / "tb", metrics, {"seed": 0}, [])
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     tags = acc.Tags()
     assert set(tags["images"]) == {"confusion/teacher", "confusion/student", "confusion/baseline"}
-    assert {"test/student_acc", "test/student_macro_f1", "test/student_ece", "test/student_cka", "test/teacher_latency_ms",
-            "test/student_macs", "test/student_roc_auc", "test/retention", "test/kd_gain"} <= set(tags["scalars"])
+    assert {
+        "test/student_acc",
+        "test/student_macro_f1",
+        "test/student_ece",
+        "test/student_cka",
+        "test/teacher_latency_ms",
+        "test/student_macs",
+        "test/student_roc_auc",
+        "test/retention",
+        "test/kd_gain",
+    } <= set(tags["scalars"])
     assert "report/text_summary" in tags["tensors"]
-

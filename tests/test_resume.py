@@ -9,14 +9,19 @@ import time
 
 import pytest
 import torch
-
 from conftest import TINY
 
 RUN = TINY + ["trainer.epochs=12", "cache.enabled=false", "distill.teacher_outputs=online"]
 
 
 def start(*args, cwd):
-    return subprocess.Popen([sys.executable, "-m", "distill_runner", *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "distill_runner", *args],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
@@ -32,18 +37,38 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     epoch = torch.load(last, weights_only=True)["epoch"]
     assert 1 <= epoch < 12
 
-    resumed = subprocess.run([sys.executable, "-m", "distill_runner", *RUN, f"trainer.resume={killed}", f"hydra.run.dir={tmp_path / 'again'}"],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distill_runner",
+            *RUN,
+            f"trainer.resume={killed}",
+            f"hydra.run.dir={tmp_path / 'again'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = "".join(p.read_text() for p in (tmp_path / "again").glob("*.log"))
     assert "stage teacher: finished before" in log and f"distill: resuming after epoch {epoch}/12" in log
 
-    whole = subprocess.run([sys.executable, "-m", "distill_runner", *RUN, f"hydra.run.dir={tmp_path / 'whole'}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    whole = subprocess.run(
+        [sys.executable, "-m", "distill_runner", *RUN, f"hydra.run.dir={tmp_path / 'whole'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert whole.returncode == 0, whole.stderr[-3000:]
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (killed, tmp_path / "whole"))
     for role in ("teacher", "student", "baseline"):
         assert a["models"][role]["test_acc"] == b["models"][role]["test_acc"]
-    assert [h["loss/total"] for h in a["stages"]["distill"]["history"]] == pytest.approx([h["loss/total"] for h in b["stages"]["distill"]["history"]], rel=1e-6)
+    assert [h["loss/total"] for h in a["stages"]["distill"]["history"]] == pytest.approx(
+        [h["loss/total"] for h in b["stages"]["distill"]["history"]], rel=1e-6
+    )
     sa = torch.load(killed / "checkpoints" / "student.pt", weights_only=True)
     sb = torch.load(tmp_path / "whole" / "checkpoints" / "student.pt", weights_only=True)
     assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa)
@@ -51,14 +76,36 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
 
 def test_resume_with_another_config_is_refused(tmp_path):
     run = tmp_path / "run"
-    assert subprocess.run([sys.executable, "-m", "distill_runner", *TINY, f"hydra.run.dir={run}"], cwd=tmp_path, capture_output=True).returncode == 0
-    proc = subprocess.run([sys.executable, "-m", "distill_runner", *TINY, "distill.alpha=0.9", f"trainer.resume={run}", f"hydra.run.dir={tmp_path / 'x'}"],
-                          cwd=tmp_path, capture_output=True, text=True)
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "distill_runner", *TINY, f"hydra.run.dir={run}"], cwd=tmp_path, capture_output=True
+        ).returncode
+        == 0
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distill_runner",
+            *TINY,
+            "distill.alpha=0.9",
+            f"trainer.resume={run}",
+            f"hydra.run.dir={tmp_path / 'x'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "trainer.resume" in proc.stderr and "differs in: distill" in proc.stderr
 
 
 def test_resume_true_without_an_unfinished_run_says_how(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "distill_runner", *TINY, "trainer.resume=true"], cwd=tmp_path, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "distill_runner", *TINY, "trainer.resume=true"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "trainer.resume=True: no unfinished run" in proc.stderr
 
 

@@ -17,19 +17,32 @@ Usage = namedtuple("Usage", "total used free")
 
 def test_run_folder_under_a_file_fails_before_hydra_writes_anything(tmp_path):
     (tmp_path / "not_a_folder").write_text("")
-    proc = subprocess.run([sys.executable, "-m", "distill_runner", f"hydra.run.dir={tmp_path / 'not_a_folder' / 'run'}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "distill_runner", f"hydra.run.dir={tmp_path / 'not_a_folder' / 'run'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith("distill-run: error: hydra.run.dir=") and "is a file, not a folder" in line and "hydra.run.dir=PATH" in line
+    assert (
+        line.startswith("distill-run: error: hydra.run.dir=")
+        and "is a file, not a folder" in line
+        and "hydra.run.dir=PATH" in line
+    )
 
 
 def test_full_disk_stops_the_run_before_training(tiny_cfg, tmp_path, monkeypatch):
-    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: Usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20))  # 1 MB free
+    monkeypatch.setattr(
+        storage.shutil, "disk_usage", lambda path: Usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20)
+    )  # 1 MB free
     with pytest.raises(ConfigError) as err:
         run(tiny_cfg(), tmp_path / "run")
     assert err.value.key == "hydra.run.dir" and "1 MB free" in str(err.value) and "needs about" in str(err.value)
-    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "outputs" / "cache" / "teachers").exists()
+    assert (
+        not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "outputs" / "cache" / "teachers").exists()
+    )
 
 
 def test_disk_full_while_testing_the_folder_is_named(tmp_path, monkeypatch):

@@ -25,7 +25,12 @@ def test_launcher_presets_compose(override, target):
 def test_slurm_preset_is_one_gpu_per_job_with_requeue():
     launcher = compose_hydra(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"]).hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    assert launcher.gpus_per_node == 1 and launcher.tasks_per_node == 1 and launcher.max_num_timeout >= 1 and launcher.partition == "gpu"
+    assert (
+        launcher.gpus_per_node == 1
+        and launcher.tasks_per_node == 1
+        and launcher.max_num_timeout >= 1
+        and launcher.partition == "gpu"
+    )
 
 
 def test_optuna_search_preset_composes():
@@ -38,6 +43,6 @@ def test_optuna_search_preset_composes():
 
 def test_sweep_summary_callback_is_registered():
     cfg = compose_hydra([])
-    assert cfg.hydra.callbacks.sweep_summary._target_ == "distill_runner.sweep.SweepSummary"
+    assert cfg.hydra.callbacks.sweep_summary._target_ == "distill_runner.reporting.sweep.SweepSummary"
     assert cfg.hydra.callbacks.output_folder_check._target_ == "distill_runner.storage.OutputFolderCheck"
     assert cfg.hydra.sweep.dir.startswith("outputs/multirun/")

@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import compose_config
+
 from distill_runner.config import validate
 from distill_runner.errors import ConfigError
 
@@ -68,8 +68,17 @@ def test_the_shipped_configs_pass():
 
 
 def test_cfg_job_prints_the_composed_config_without_running(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "distill_runner", "--cfg", "job", "trainer.compile=true", "distill.temperature=8"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "distill_runner", "--cfg", "job", "trainer.compile=true", "distill.temperature=8"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
-    assert "compile: true" in proc.stdout and "temperature: 8" in proc.stdout and "_target_: distill_runner.losses.HintonKD" in proc.stdout
+    assert (
+        "compile: true" in proc.stdout
+        and "temperature: 8" in proc.stdout
+        and "_target_: distill_runner.distill.losses.HintonKD" in proc.stdout
+    )
     assert not (tmp_path / "outputs").exists()

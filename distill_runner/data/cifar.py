@@ -2,7 +2,7 @@
 
 torchvision's ``CIFAR10``/``CIFAR100`` classes read (and, with ``download``, fetch) the official
 python-pickle files and check their MD5 sums. The 50,000 + 10,000 images (32x32x3 uint8, 180 MB)
-are then batched by :class:`distill_runner.data.TensorBatches` with the standard augmentation
+are then batched by :class:`distill_runner.data.bundle.TensorBatches` with the standard augmentation
 (random crop 32 with padding 4, horizontal flip) drawn per (seed, epoch).
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill_runner.data import Augment, DataBundle, in_memory_bundle, stratified_split, take_per_class
+from distill_runner.data.bundle import Augment, DataBundle, in_memory_bundle, stratified_split, take_per_class
 from distill_runner.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ on-the-fly path does it (``convert``, then ``Resize((size, size))``, bilinear), 
 ``<store_dir>/<key>.u8``: raw uint8 ``[N, C, size, size]``, one row per file in the order given.
 C is 1 when every image is grayscale (PIL mode 1/L/LA, or RGB whose three channels are equal
 after resizing), else 3; the model's 3 channels come from broadcasting when the batch is
-normalized (:class:`distill_runner.data.TensorBatches`). Later epochs, runs and sweep jobs
+normalized (:class:`distill_runner.data.bundle.TensorBatches`). Later epochs, runs and sweep jobs
 memory-map the file (parallel jobs share its pages through the OS page cache).
 
 ``<key>.json``, renamed into place after the data file, describes it: format, key, shape, the

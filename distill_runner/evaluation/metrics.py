@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill_runner.engine import Precision
+from distill_runner.train.engine import Precision
 
 ECE_BINS = 15
 
@@ -26,7 +26,9 @@ ECE_BINS = 15
 # --------------------------------------------------------------------------- prediction quality
 
 
-def classification_report(logits: torch.Tensor, targets: torch.Tensor, num_classes: int, ece_bins: int = ECE_BINS) -> dict:
+def classification_report(
+    logits: torch.Tensor, targets: torch.Tensor, num_classes: int, ece_bins: int = ECE_BINS
+) -> dict:
     """Accuracy, per-class precision/recall/F1/support, macro-F1, confusion matrix, ROC-AUC
     (two-class data sets only, else None) and ECE for one model's logits on a split.
 
@@ -65,7 +67,9 @@ def binary_roc_auc(probs: np.ndarray, targets: np.ndarray) -> float | None:
     return float(roc_auc_score(targets, probs[:, 1]))
 
 
-def expected_calibration_error(probs: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor, bins: int = ECE_BINS) -> float:
+def expected_calibration_error(
+    probs: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor, bins: int = ECE_BINS
+) -> float:
     """ECE (Naeini et al. 2015; Guo et al. 2017): confidences (the top softmax probability) are
     put in ``bins`` equal-width bins ``(k/bins, (k+1)/bins]``, and
 
@@ -122,7 +126,9 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
 
 
 @contextmanager
-def capture(model: nn.Module, layers: Sequence[str] = (), penultimate: bool = True, max_samples: int | None = None) -> Iterator[dict[str, list[torch.Tensor]]]:
+def capture(
+    model: nn.Module, layers: Sequence[str] = (), penultimate: bool = True, max_samples: int | None = None
+) -> Iterator[dict[str, list[torch.Tensor]]]:
     """Record features while the model runs: the input of the last ``nn.Linear`` under the key
     ``"penultimate"`` and the output of each named module in ``layers``, each flattened to
     [batch, features], in float32 on the CPU, for the first ``max_samples`` examples.

@@ -18,8 +18,8 @@ truncated JPEG) stops the run with an error naming it.
 
 Loading (``decode_cache``, on by default; ``data.decode_cache`` in the config): the files are
 decoded, converted and resized once into a memory-mapped uint8 store under ``store_dir``
-(:mod:`distill_runner.decode_cache`; 1 channel when every image is grayscale), and the splits are
-:class:`distill_runner.data.TensorBatches` over it: batches by indexing, augmentation
+(:mod:`distill_runner.data.decode_cache`; 1 channel when every image is grayscale), and the splits are
+:class:`distill_runner.data.bundle.TensorBatches` over it: batches by indexing, augmentation
 (``resized_crop_scale``, ``hflip``) as batched tensor ops drawn from (seed, epoch), no worker
 processes; epochs replay exactly, so cached teacher outputs work.
 
@@ -47,9 +47,9 @@ from torch.utils.data import DataLoader, Sampler
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from distill_runner.augment import RATIO, Augment
-from distill_runner.data import BALANCE, DataBundle, balance_weights, check_choice, in_memory_bundle, shard_order, shard_size, stratified_split, take_per_class
-from distill_runner.decode_cache import INTERPOLATION, Store, fingerprint, open_or_build
+from distill_runner.data.augment import RATIO, Augment
+from distill_runner.data.bundle import BALANCE, DataBundle, balance_weights, check_choice, in_memory_bundle, shard_order, shard_size, stratified_split, take_per_class
+from distill_runner.data.decode_cache import INTERPOLATION, Store, fingerprint, open_or_build
 from distill_runner.errors import BadImageError, ConfigError
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Training augmentation on whole batches of image tensors, with parameters drawn from a seed.
 
 Every random parameter of a batch is drawn from a CPU ``torch.Generator`` that the loader seeds
-with (seed, epoch) (:class:`distill_runner.data.TensorBatches`), in a fixed order, so an epoch
+with (seed, epoch) (:class:`distill_runner.data.bundle.TensorBatches`), in a fixed order, so an epoch
 replays exactly whatever device the images are on: the teacher-output cache relies on that. The
 pixel work runs where the images are (CPU or GPU), as a few batched ops.
 """

@@ -56,8 +56,17 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
     ``image`` and output ``logits``; weights go inside the file unless they pass 1.5 GB."""
     big = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > 1.5e9
     with quiet("onnxscript", "onnx_ir", "torch.onnx", "torch.export"):
-        torch.onnx.export(model, (example,), str(path), dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
-                          input_names=["image"], output_names=["logits"], external_data=big)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            dynamo=True,
+            verbose=False,
+            input_names=["image"],
+            output_names=["logits"],
+            external_data=big,
+        )
     return path
 
 
@@ -97,7 +106,11 @@ def compare(run, model: nn.Module, loader) -> dict:
         correct += (out.argmax(1) == y).sum().item()
         same += (out.argmax(1) == ref.argmax(1)).sum().item()
         n += len(y)
-    return {"max_abs_diff": diff, "test_acc": correct / n if n else float("nan"), "agreement": same / n if n else float("nan")}
+    return {
+        "max_abs_diff": diff,
+        "test_acc": correct / n if n else float("nan"),
+        "agreement": same / n if n else float("nan"),
+    }
 
 
 @torch.inference_mode()
@@ -109,7 +122,9 @@ def reference_accuracy(model: nn.Module, loader) -> float:
     return correct / n if n else float("nan")
 
 
-def export_and_check(model: nn.Module, data, out_dir: str | Path, name: str = "student", formats=("onnx", "torchscript")) -> dict:
+def export_and_check(
+    model: nn.Module, data, out_dir: str | Path, name: str = "student", formats=("onnx", "torchscript")
+) -> dict:
     """Export a copy of ``model`` (fp32, CPU) to ``out_dir/<name>.onnx`` and
     ``out_dir/<name>.torchscript.pt``, run ``data.test`` through each and compare with the model.
 
@@ -141,7 +156,9 @@ def export_and_check(model: nn.Module, data, out_dir: str | Path, name: str = "s
         try:
             write(model, example, path)
         except Exception as exc:  # an op the exporter does not support, ...
-            entry.update(path=None, status=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            entry.update(
+                path=None, status=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            )
             log.warning("%s export of the %s %s", fmt, name, entry["status"])
             continue
         entry["size_bytes"] = sum(f.stat().st_size for f in out_dir.glob(f"{filename}*"))  # + external data, if any
@@ -154,8 +171,15 @@ def export_and_check(model: nn.Module, data, out_dir: str | Path, name: str = "s
 
             runtimes.append(f"onnxruntime {onnxruntime.__version__} (CPU)")
         entry.update(compare(load(path), model, data.test))
-        log.info("%s export of the %s: %s, max |logit diff| %.3g, test acc %.4f (PyTorch %.4f)", fmt, name, entry["path"],
-                 entry["max_abs_diff"], entry["test_acc"], result["reference_test_acc"])
+        log.info(
+            "%s export of the %s: %s, max |logit diff| %.3g, test acc %.4f (PyTorch %.4f)",
+            fmt,
+            name,
+            entry["path"],
+            entry["max_abs_diff"],
+            entry["test_acc"],
+            result["reference_test_acc"],
+        )
     result["runtime"] = ", ".join(runtimes)
     return result
 
@@ -166,16 +190,22 @@ def export_run(run_dir: str | Path, role: str = "student") -> dict:
     from omegaconf import OmegaConf
 
     from distill_runner import runner
-    from distill_runner.models import load_checkpoint
-    from distill_runner.report import write_report
+    from distill_runner.models.factories import load_checkpoint
+    from distill_runner.reporting.report import write_report
 
     run_dir = Path(run_dir)
     config = run_dir / ".hydra" / "config.yaml"
     if not config.is_file():
-        raise ConfigError("RUN_DIR", str(run_dir), "not a distill-run folder (no .hydra/config.yaml); give a folder that distill-run wrote, e.g. outputs/<date>/<time>")
+        raise ConfigError(
+            "RUN_DIR",
+            str(run_dir),
+            "not a distill-run folder (no .hydra/config.yaml); give a folder that distill-run wrote, e.g. outputs/<date>/<time>",
+        )
     checkpoint = run_dir / "checkpoints" / f"{role}.pt"
     if not checkpoint.is_file():
-        raise ConfigError("RUN_DIR", str(run_dir), f"has no checkpoints/{role}.pt; the run did not finish its {role} stage")
+        raise ConfigError(
+            "RUN_DIR", str(run_dir), f"has no checkpoints/{role}.pt; the run did not finish its {role} stage"
+        )
     cfg = OmegaConf.load(config)
     data = runner.build_data(cfg)
     node = cfg.teacher if role == "teacher" else cfg.student
@@ -194,7 +224,10 @@ def export_run(run_dir: str | Path, role: str = "student") -> dict:
             write_report(run_dir, metrics, overrides)
         except KeyError as exc:  # metrics.json of a run from before the current report
             metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
-            log.warning("metrics.json updated; report.md not rewritten: the run's metrics.json has no %s (written by an older distill-run)", exc)
+            log.warning(
+                "metrics.json updated; report.md not rewritten: the run's metrics.json has no %s (written by an older distill-run)",
+                exc,
+            )
     return result
 
 
@@ -206,8 +239,15 @@ def main(argv: list[str] | None = None) -> int:
         "through the exported files and add the largest logit difference and the accuracy after export to "
         "metrics.json and report.md.",
     )
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by distill-run, e.g. outputs/2026-11-23/10-44-50")
-    parser.add_argument("--model", choices=("student", "baseline", "teacher"), default="student", help="which checkpoint to export (default: student, the KD student)")
+    parser.add_argument(
+        "run_dir", metavar="RUN_DIR", help="a run folder written by distill-run, e.g. outputs/2026-11-23/10-44-50"
+    )
+    parser.add_argument(
+        "--model",
+        choices=("student", "baseline", "teacher"),
+        default="student",
+        help="which checkpoint to export (default: student, the KD student)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="distill-export: %(levelname)s: %(message)s")
     try:
@@ -215,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"distill-export: error: {exc}", file=sys.stderr)
         return 2
-    from distill_runner.report import export_line
+    from distill_runner.reporting.report import export_line
 
     print(export_line(result))
     for fmt in ("onnx", "torchscript"):

@@ -55,7 +55,9 @@ def parse_schedule(spec, key: str) -> Schedule:
         raise ConfigError(key, spec, f"use a kind ({', '.join(KINDS)}) or {{kind: linear, start: 0, ramp: 0.5}}")
     unknown = set(spec) - {"kind", "start", "ramp"}
     if unknown:
-        raise ConfigError(f"{key}.{sorted(unknown)[0]}", spec[sorted(unknown)[0]], "a schedule has only the keys kind, start, ramp")
+        raise ConfigError(
+            f"{key}.{sorted(unknown)[0]}", spec[sorted(unknown)[0]], "a schedule has only the keys kind, start, ramp"
+        )
     kind = spec.get("kind", "linear")
     if kind not in KINDS:
         raise ConfigError(f"{key}.kind", kind, f"use one of {', '.join(KINDS)}")
@@ -63,5 +65,7 @@ def parse_schedule(spec, key: str) -> Schedule:
     if not isinstance(start, (int, float)) or isinstance(start, bool):
         raise ConfigError(f"{key}.start", start, "use a number: the value at the start of the ramp")
     if not isinstance(ramp, (int, float)) or isinstance(ramp, bool) or not 0 < ramp <= 1:
-        raise ConfigError(f"{key}.ramp", ramp, "use a fraction of training in (0, 1], e.g. 0.5 = reach the target halfway")
+        raise ConfigError(
+            f"{key}.ramp", ramp, "use a fraction of training in (0, 1], e.g. 0.5 = reach the target halfway"
+        )
     return Schedule(kind, float(start), float(ramp))

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from distill_runner.features import FeatureTap
-from distill_runner.losses import Batch, Outputs
+from distill_runner.distill.losses import Batch, Outputs
+from distill_runner.models.features import FeatureTap
 
 
 class OnlineTeacher:
@@ -24,7 +24,7 @@ class OnlineTeacher:
         self.model = model
         self.tap = FeatureTap(model, layers)
 
-    def to(self, device: torch.device) -> "OnlineTeacher":
+    def to(self, device: torch.device) -> OnlineTeacher:
         self.model.to(device).eval()
         return self
 
@@ -42,7 +42,7 @@ class EnsembleTeacher:
         self.teachers = [OnlineTeacher(m, layers if i == 0 else ()) for i, m in enumerate(models)]
         self.weights = [w / sum(weights) for w in weights]
 
-    def to(self, device: torch.device) -> "EnsembleTeacher":
+    def to(self, device: torch.device) -> EnsembleTeacher:
         for t in self.teachers:
             t.to(device)
         return self

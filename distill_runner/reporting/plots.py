@@ -54,8 +54,18 @@ def _draw_confusion(ax, matrix, class_names, title: str) -> None:
         for i in range(n):
             for j in range(n):
                 if cm[i, j]:
-                    ax.text(j, i, f"{cm[i, j]:.0f}", ha="center", va="center", fontsize=7, color="white" if share[i, j] > 0.5 else "black")
-        ax.set_xticks(range(n), [str(c) for c in class_names], rotation=90 if max(map(len, map(str, class_names))) > 3 else 0)
+                    ax.text(
+                        j,
+                        i,
+                        f"{cm[i, j]:.0f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if share[i, j] > 0.5 else "black",
+                    )
+        ax.set_xticks(
+            range(n), [str(c) for c in class_names], rotation=90 if max(map(len, map(str, class_names))) > 3 else 0
+        )
         ax.set_yticks(range(n), [str(c) for c in class_names])
     ax.set(title=title, xlabel="predicted", ylabel="true")
 

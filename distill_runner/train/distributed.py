@@ -63,7 +63,9 @@ def init(device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=TIMEOUT)
-    log.info("distributed: rank %d of %d, backend %s, device %s", dist.get_rank(), dist.get_world_size(), backend, device)
+    log.info(
+        "distributed: rank %d of %d, backend %s, device %s", dist.get_rank(), dist.get_world_size(), backend, device
+    )
     return device
 
 
@@ -98,8 +100,12 @@ def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
-    if device.type == "cpu":  # CPU kernels return 1x1-conv weight gradients in NHWC strides: one extra copy, nothing wrong
+    if (
+        device.type == "cpu"
+    ):  # CPU kernels return 1x1-conv weight gradients in NHWC strides: one extra copy, nothing wrong
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
     # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets (no copy, less memory)
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    return DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
+    )

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill_runner.distill.losses import CrossEntropy
 from distill_runner.errors import ConfigError
-from distill_runner.features import Adapter, check_layer, feature_shapes, resize_to
-from distill_runner.losses import CrossEntropy
+from distill_runner.models.features import Adapter, check_layer, feature_shapes, resize_to
 
 # ----------------------------------------------------------------------------------------- math
 
@@ -27,7 +27,9 @@ def kd_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     return (log_p_t.exp() * (log_p_t - log_p_s)).sum(1) * (t * t)
 
 
-def dkd_per_sample(student_logits, teacher_logits, target, alpha: float, beta: float, temperature: float) -> torch.Tensor:
+def dkd_per_sample(
+    student_logits, teacher_logits, target, alpha: float, beta: float, temperature: float
+) -> torch.Tensor:
     """Decoupled KD (Zhao et al., CVPR 2022) per sample: ``alpha * TCKD + beta * NCKD``, times T^2.
 
     TCKD is the KL between the binary (target, non-target) distributions of teacher and student;
@@ -38,6 +40,7 @@ def dkd_per_sample(student_logits, teacher_logits, target, alpha: float, beta: f
     t = temperature
     s, tt = student_logits.float() / t, teacher_logits.float() / t
     gt = F.one_hot(target, s.shape[1]).bool()
+
     # binary distributions: log p(target), log p(non-target)
     def binary(z):
         log_all = torch.logsumexp(z, 1)
@@ -135,7 +138,9 @@ class DKDTerm(Term):
     """Decoupled KD with the recipe's alpha (TCKD), beta (NCKD) and temperature."""
 
     def forward(self, batch, student, teacher, state):
-        values = dkd_per_sample(student["logits"], teacher["logits"], batch["target"], state["alpha"], state["beta"], state["temperature"])
+        values = dkd_per_sample(
+            student["logits"], teacher["logits"], batch["target"], state["alpha"], state["beta"], state["temperature"]
+        )
         return _weighted_mean(values, state["sample_weights"])
 
 
@@ -151,7 +156,11 @@ def parse_pairs(pairs, key: str) -> list[tuple[str, str, float]]:
         elif isinstance(pair, Mapping) and "student" in pair and "teacher" in pair:
             out.append((pair["student"], pair["teacher"], float(pair.get("weight", 1.0))))
         else:
-            raise ConfigError(f"{key}.{i}", pair, "use {student: <module path>, teacher: <module path>, weight: 1.0} or 'student_path:teacher_path'")
+            raise ConfigError(
+                f"{key}.{i}",
+                pair,
+                "use {student: <module path>, teacher: <module path>, weight: 1.0} or 'student_path:teacher_path'",
+            )
     return out
 
 
@@ -191,7 +200,11 @@ class FeatureTerm(_PairTerm):
         t_shapes = feature_shapes(teacher, self.teacher_layers, data.in_channels, data.image_size)
         for i, (s, t, _) in enumerate(self.pairs):
             if len(s_shapes[s]) != 3 or len(t_shapes[t]) != 3:
-                raise ConfigError(f"{key}.pairs.{i}", f"{s}:{t}", f"feature hints need 4-D feature maps, got {list(s_shapes[s])} and {list(t_shapes[t])}")
+                raise ConfigError(
+                    f"{key}.pairs.{i}",
+                    f"{s}:{t}",
+                    f"feature hints need 4-D feature maps, got {list(s_shapes[s])} and {list(t_shapes[t])}",
+                )
             cs, ct = s_shapes[s][0], t_shapes[t][0]
             if cs != ct or self.adapter_mode == "always":
                 self.adapters[str(i)] = Adapter(cs, ct)
@@ -233,7 +246,9 @@ class AuxHead(nn.Module):
 
     def __init__(self, in_channels: int, width: int, num_classes: int):
         super().__init__()
-        self.bottleneck = nn.Sequential(nn.Conv2d(in_channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.bottleneck = nn.Sequential(
+            nn.Conv2d(in_channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
         self.fc = nn.Linear(width, num_classes)
 
     def forward(self, x):
@@ -260,7 +275,9 @@ class SelfTerm(Term):
 
     def bind(self, student, teacher, data, key):
         if not self._heads_cfg:
-            raise ConfigError(f"{key}.heads", self._heads_cfg, "name at least one shallow student layer, e.g. [features.0]")
+            raise ConfigError(
+                f"{key}.heads", self._heads_cfg, "name at least one shallow student layer, e.g. [features.0]"
+            )
         self.names = list(self._heads_cfg)
         for i, name in enumerate(self.names):
             check_layer(student, name, f"{key}.heads.{i}", "student")
@@ -280,11 +297,20 @@ class SelfTerm(Term):
         total = 0.0
         for i, name in enumerate(self.names):
             z, logits = self.heads[str(i)](student["features"][name])
-            loss = (1 - alpha) * F.cross_entropy(logits, batch["target"]) + alpha * kd_per_sample(logits, final, temp).mean()
+            loss = (1 - alpha) * F.cross_entropy(logits, batch["target"]) + alpha * kd_per_sample(
+                logits, final, temp
+            ).mean()
             if deep is not None and self.hint_weight:
                 loss = loss + self.hint_weight * F.mse_loss(z, deep)
             total = total + loss
         return total / len(self.names)
 
 
-TERM_TYPES = {"ce": CETerm, "kd": KDTerm, "dkd": DKDTerm, "feature": FeatureTerm, "attention": AttentionTerm, "self": SelfTerm}
+TERM_TYPES = {
+    "ce": CETerm,
+    "kd": KDTerm,
+    "dkd": DKDTerm,
+    "feature": FeatureTerm,
+    "attention": AttentionTerm,
+    "self": SelfTerm,
+}

@@ -31,17 +31,19 @@ def collect(sweep_dir: Path) -> list[dict]:
         metrics = json.loads(metrics_file.read_text())
         overrides_file = job / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-        rows.append({
-            "job": job.name,
-            "overrides": " ".join(overrides),
-            "params": dict(o.split("=", 1) for o in overrides if "=" in o),
-            "teacher_acc": metrics["models"]["teacher"]["test_acc"],
-            "student_acc": metrics["models"]["student"]["test_acc"],
-            "baseline_acc": metrics["models"]["baseline"]["test_acc"],
-            "retention": metrics["retention"],
-            "kd_gain": metrics["kd_gain"],
-            "wall_time_s": metrics.get("wall_time_s", float("nan")),
-        })
+        rows.append(
+            {
+                "job": job.name,
+                "overrides": " ".join(overrides),
+                "params": dict(o.split("=", 1) for o in overrides if "=" in o),
+                "teacher_acc": metrics["models"]["teacher"]["test_acc"],
+                "student_acc": metrics["models"]["student"]["test_acc"],
+                "baseline_acc": metrics["models"]["baseline"]["test_acc"],
+                "retention": metrics["retention"],
+                "kd_gain": metrics["kd_gain"],
+                "wall_time_s": metrics.get("wall_time_s", float("nan")),
+            }
+        )
     return rows
 
 
@@ -86,12 +88,21 @@ def plot(rows: list[dict], path: Path) -> str:
         for i in range(len(ys)):
             for j in range(len(xs)):
                 if not np.isnan(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.4f}", ha="center", va="center", color="w" if grid[i, j] < np.nanmean(grid) else "k")
+                    ax.text(
+                        j,
+                        i,
+                        f"{grid[i, j]:.4f}",
+                        ha="center",
+                        va="center",
+                        color="w" if grid[i, j] < np.nanmean(grid) else "k",
+                    )
         fig.colorbar(image, ax=ax, label="student test accuracy")
         kind = "heatmap"
     elif len(keys) == 1:
         (k,) = keys
-        pts = sorted(((_as_number(r["params"][k]), r["student_acc"], r["baseline_acc"]) for r in rows), key=lambda t: t[0])
+        pts = sorted(
+            ((_as_number(r["params"][k]), r["student_acc"], r["baseline_acc"]) for r in rows), key=lambda t: t[0]
+        )
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="student (KD)")
         ax.plot([p[0] for p in pts], [p[2] for p in pts], "s--", label="student (scratch)")
         ax.set_xlabel(k)
@@ -124,7 +135,14 @@ def write_summary(sweep_dir: str | Path) -> list[dict]:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    fmt = {"teacher_acc": "{:.4f}", "student_acc": "{:.4f}", "baseline_acc": "{:.4f}", "retention": "{:.3f}", "kd_gain": "{:+.4f}", "wall_time_s": "{:.1f}"}
+    fmt = {
+        "teacher_acc": "{:.4f}",
+        "student_acc": "{:.4f}",
+        "baseline_acc": "{:.4f}",
+        "retention": "{:.3f}",
+        "kd_gain": "{:+.4f}",
+        "wall_time_s": "{:.1f}",
+    }
     best = max(rows, key=lambda r: r["student_acc"])
     lines = [
         f"# Sweep summary: {sweep_dir}",
@@ -133,7 +151,14 @@ def write_summary(sweep_dir: str | Path) -> list[dict]:
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join("---" if c in ("job", "overrides") else "---:" for c in COLUMNS) + "|",
-        *["| " + " | ".join(fmt[c].format(r[c]) if c in fmt else f"`{r[c]}`" if c == "overrides" else str(r[c]) for c in COLUMNS) + " |" for r in rows],
+        *[
+            "| "
+            + " | ".join(
+                fmt[c].format(r[c]) if c in fmt else f"`{r[c]}`" if c == "overrides" else str(r[c]) for c in COLUMNS
+            )
+            + " |"
+            for r in rows
+        ],
         "",
         f"Best student: job {best['job']} (`{best['overrides']}`), test accuracy {best['student_acc']:.4f}.",
         "",
@@ -154,12 +179,22 @@ class SweepSummary(Callback):
         try:
             write_summary(sweep_dir)
         except Exception as exc:  # Hydra swallows callback errors: say it loudly
-            log.error("could not write the sweep summary in %s: %s; rebuild it with: distill-report %s", sweep_dir, exc, sweep_dir)
-            print(f"distill-run: error: sweep summary failed: {exc}; rebuild it with: distill-report {sweep_dir}", file=sys.stderr)
+            log.error(
+                "could not write the sweep summary in %s: %s; rebuild it with: distill-report %s",
+                sweep_dir,
+                exc,
+                sweep_dir,
+            )
+            print(
+                f"distill-run: error: sweep summary failed: {exc}; rebuild it with: distill-report {sweep_dir}",
+                file=sys.stderr,
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="distill-report", description="Rebuild the summary (csv, md, png) of a distill-run sweep folder.")
+    parser = argparse.ArgumentParser(
+        prog="distill-report", description="Rebuild the summary (csv, md, png) of a distill-run sweep folder."
+    )
     parser.add_argument("path", type=Path, help="a multirun folder, e.g. outputs/multirun/2026-11-23/10-00-00")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

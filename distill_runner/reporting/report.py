@@ -34,31 +34,48 @@ def num(v, fmt: str = ".4f") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
 
-HEADER = ["model", "architecture", "parameters", "size", "MACs/image", "test acc", "macro-F1", "ECE", "latency", "images/s", "speed-up"]
+HEADER = [
+    "model",
+    "architecture",
+    "parameters",
+    "size",
+    "MACs/image",
+    "test acc",
+    "macro-F1",
+    "ECE",
+    "latency",
+    "images/s",
+    "speed-up",
+]
 
 
 def comparison_rows(metrics: dict) -> list[list[str]]:
     rows = []
     for role in ROLES:
         m = metrics["models"][role]
-        rows.append([
-            ROLE_LABELS[role],
-            m["name"],
-            f"{m['params']:,}",
-            megabytes(m["size_bytes"]),
-            count(m["macs"]),
-            f"{m['test_acc']:.4f}",
-            num(m["macro_f1"]),
-            num(m["ece"], ".3f"),
-            f"{m['latency_ms']:.2f} ms",
-            f"{m['images_per_s']:,.0f}",
-            f"{m['speedup']:.1f}x",
-        ])
+        rows.append(
+            [
+                ROLE_LABELS[role],
+                m["name"],
+                f"{m['params']:,}",
+                megabytes(m["size_bytes"]),
+                count(m["macs"]),
+                f"{m['test_acc']:.4f}",
+                num(m["macro_f1"]),
+                num(m["ece"], ".3f"),
+                f"{m['latency_ms']:.2f} ms",
+                f"{m['images_per_s']:,.0f}",
+                f"{m['speedup']:.1f}x",
+            ]
+        )
     return rows
 
 
 def markdown_table(header: list[str], rows: list[list[str]], left: int = 2) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < left else "---:" for i in range(len(header))) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i < left else "---:" for i in range(len(header))) + "|",
+    ]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -82,7 +99,11 @@ def summary_line(metrics: dict) -> str:
         f"retention (student/teacher accuracy) {num(metrics['retention'], '.3f')}; "
         f"KD gain over scratch baseline {metrics['kd_gain']:+.4f}{_gain_images(metrics)}"
     )
-    cka = [f"{ROLE_LABELS[r]} {metrics['models'][r]['cka']['penultimate']:.3f}" for r in STUDENTS if "penultimate" in metrics["models"][r].get("cka", {})]
+    cka = [
+        f"{ROLE_LABELS[r]} {metrics['models'][r]['cka']['penultimate']:.3f}"
+        for r in STUDENTS
+        if "penultimate" in metrics["models"][r].get("cka", {})
+    ]
     if cka:
         line += "\nlinear CKA to the teacher (penultimate features): " + ", ".join(cka)
     if "export" in metrics:
@@ -116,11 +137,15 @@ def verdict(metrics: dict) -> list[str]:
         f"- **Calibration**: ECE {num(s['ece'], '.3f')} (teacher {num(t['ece'], '.3f')}, scratch {num(b['ece'], '.3f')}).",
     ]
     if "penultimate" in s.get("cka", {}):
-        lines.append(f"- **Representations**: linear CKA to the teacher's penultimate features {s['cka']['penultimate']:.3f} "
-                     f"(scratch {b['cka'].get('penultimate', float('nan')):.3f}).")
+        lines.append(
+            f"- **Representations**: linear CKA to the teacher's penultimate features {s['cka']['penultimate']:.3f} "
+            f"(scratch {b['cka'].get('penultimate', float('nan')):.3f})."
+        )
     if "export" in metrics:
         e = metrics["export"]
-        lines.append(f"- **Export** ({ROLE_LABELS.get(e['model'], e['model'])}, PyTorch fp32 test acc {e['reference_test_acc']:.4f}): {export_line(e, prefix=False)}.")
+        lines.append(
+            f"- **Export** ({ROLE_LABELS.get(e['model'], e['model'])}, PyTorch fp32 test acc {e['reference_test_acc']:.4f}): {export_line(e, prefix=False)}."
+        )
     else:
         lines.append("- **Export**: not exported in this run (`export=onnx`, or `distill-export RUN_DIR` afterwards).")
     return lines
@@ -137,7 +162,10 @@ def per_class_table(metrics: dict) -> str:
             pc = metrics["models"][r]["per_class"]
             row += [f"{pc['precision'][c]:.3f}", f"{pc['recall'][c]:.3f}", f"{pc['f1'][c]:.3f}"]
         rows.append(row)
-    rows.append(["macro", str(sum(support))] + [x for r in ROLES for x in ("", "", num(metrics["models"][r]["macro_f1"], ".3f"))])
+    rows.append(
+        ["macro", str(sum(support))]
+        + [x for r in ROLES for x in ("", "", num(metrics["models"][r]["macro_f1"], ".3f"))]
+    )
     return markdown_table(header, rows, left=1)
 
 
@@ -148,10 +176,15 @@ def confusion_table(matrix: list[list[int]], names: list[str]) -> str:
 
 def cka_table(metrics: dict) -> str:
     keys = list(metrics["models"]["student"].get("cka", {}))
-    s_head, t_head = metrics["models"]["student"].get("penultimate_layer"), metrics["models"]["teacher"].get("penultimate_layer")
+    s_head, t_head = (
+        metrics["models"]["student"].get("penultimate_layer"),
+        metrics["models"]["teacher"].get("penultimate_layer"),
+    )
     rows = []
     for key in keys:
-        label = f"penultimate (input of teacher `{t_head}` ~ student `{s_head}`)" if key == "penultimate" else f"`{key}`"
+        label = (
+            f"penultimate (input of teacher `{t_head}` ~ student `{s_head}`)" if key == "penultimate" else f"`{key}`"
+        )
         rows.append([label] + [num(metrics["models"][r]["cka"].get(key), ".3f") for r in STUDENTS])
     return markdown_table(["teacher ~ student features", ROLE_LABELS["student"], ROLE_LABELS["baseline"]], rows, left=1)
 
@@ -163,14 +196,25 @@ def export_section(export: dict) -> list[str]:
         if not e:
             continue
         if "max_abs_diff" in e:
-            rows.append([fmt, f"`{e['path']}`", megabytes(e["size_bytes"]), f"{e['max_abs_diff']:.2g}", f"{e['test_acc']:.4f}", f"{e['agreement']:.4f}"])
+            rows.append(
+                [
+                    fmt,
+                    f"`{e['path']}`",
+                    megabytes(e["size_bytes"]),
+                    f"{e['max_abs_diff']:.2g}",
+                    f"{e['test_acc']:.4f}",
+                    f"{e['agreement']:.4f}",
+                ]
+            )
         else:
             rows.append([fmt, f"`{e['path']}`" if e.get("path") else "-", "-", "-", "-", e.get("status", "skipped")])
     return [
         f"The {ROLE_LABELS.get(export['model'], export['model'])} was exported on the CPU in fp32 and run on the whole test split "
         f"({export['runtime']}); differences are against the same model in PyTorch (fp32, CPU, test accuracy {export['reference_test_acc']:.4f}).",
         "",
-        markdown_table(["format", "file", "size", "max abs logit diff", "test acc after export", "same prediction"], rows, left=2),
+        markdown_table(
+            ["format", "file", "size", "max abs logit diff", "test acc after export", "same prediction"], rows, left=2
+        ),
         "",
     ]
 
@@ -204,7 +248,12 @@ def render_markdown(metrics: dict, overrides: list[str]) -> str:
         f"# distill-runner report: {metrics['dataset']}",
         "",
         f"Overrides: `{' '.join(overrides) or '(none)'}`  ",
-        f"Device: {metrics['device']}" + (f" ({metrics['torch_threads']} torch threads)" if "cpu" in metrics["device"] and metrics.get("torch_threads") else "")
+        f"Device: {metrics['device']}"
+        + (
+            f" ({metrics['torch_threads']} torch threads)"
+            if "cpu" in metrics["device"] and metrics.get("torch_threads")
+            else ""
+        )
         + f", precision: {metrics['precision']}, seed: {metrics['seed']}",
         "",
         markdown_table(HEADER, comparison_rows(metrics)),
@@ -247,10 +296,18 @@ def render_markdown(metrics: dict, overrides: list[str]) -> str:
         "",
         "## Stages",
         "",
-        markdown_table(["stage", "epochs", "final val acc", "wall time"], [
-            [s, str(v["epochs"]), f"{v['final_val_acc']:.4f}" if v["final_val_acc"] is not None else "-", f"{v['wall_time_s']:.1f}s"]
-            for s, v in metrics["stages"].items()
-        ]),
+        markdown_table(
+            ["stage", "epochs", "final val acc", "wall time"],
+            [
+                [
+                    s,
+                    str(v["epochs"]),
+                    f"{v['final_val_acc']:.4f}" if v["final_val_acc"] is not None else "-",
+                    f"{v['wall_time_s']:.1f}s",
+                ]
+                for s, v in metrics["stages"].items()
+            ],
+        ),
         "",
         "## Definitions",
         "",
@@ -262,12 +319,16 @@ def render_markdown(metrics: dict, overrides: list[str]) -> str:
 def write_report(run_dir: str | os.PathLike, metrics: dict, overrides: list[str]) -> str:
     """Write metrics.json, report.md, curves.png and confusion.png into ``run_dir``; return the
     console table."""
-    from distill_runner import plots
+    from distill_runner.reporting import plots
 
     run_dir = Path(run_dir)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plots.save_curves(run_dir / "curves.png", metrics["stages"])
-    plots.save_confusions(run_dir / "confusion.png", {ROLE_LABELS[r]: metrics["models"][r]["confusion"] for r in ROLES}, metrics["class_names"])
+    plots.save_confusions(
+        run_dir / "confusion.png",
+        {ROLE_LABELS[r]: metrics["models"][r]["confusion"] for r in ROLES},
+        metrics["class_names"],
+    )
     (run_dir / "report.md").write_text(render_markdown(metrics, overrides))
     return text_table(HEADER, comparison_rows(metrics)) + "\n" + summary_line(metrics)
 
@@ -277,7 +338,18 @@ def final_scalars(metrics: dict) -> dict[str, float]:
     out = {}
     for role in ROLES:
         m = metrics["models"][role]
-        for key in ("test_acc", "macro_f1", "ece", "roc_auc", "latency_ms", "images_per_s", "macs", "params", "size_bytes", "speedup"):
+        for key in (
+            "test_acc",
+            "macro_f1",
+            "ece",
+            "roc_auc",
+            "latency_ms",
+            "images_per_s",
+            "macs",
+            "params",
+            "size_bytes",
+            "speedup",
+        ):
             out[f"test/{role}_{key.removeprefix('test_')}"] = m.get(key)
         if role in STUDENTS:
             out[f"test/{role}_cka"] = m.get("cka", {}).get("penultimate")
@@ -293,11 +365,13 @@ def write_tensorboard(tb_dir: str | os.PathLike, metrics: dict, hparams: dict, o
     matrix figure per model (``confusion/<model>``) and the report as text (``report``)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from distill_runner import plots
+    from distill_runner.reporting import plots
 
     with SummaryWriter(tb_dir) as writer:
         for role in ROLES:
-            figure = plots.confusion_figure(metrics["models"][role]["confusion"], metrics["class_names"], ROLE_LABELS[role])
+            figure = plots.confusion_figure(
+                metrics["models"][role]["confusion"], metrics["class_names"], ROLE_LABELS[role]
+            )
             writer.add_figure(f"confusion/{role}", figure, close=False)
         writer.add_text("report", render_markdown(metrics, overrides))
         writer.add_hparams(hparams, final_scalars(metrics), run_name=".")

@@ -25,7 +25,11 @@ def check_layer(model: nn.Module, name: str, key: str, role: str) -> None:
     modules = dict(model.named_modules())
     if not isinstance(name, str) or name not in modules or name == "":
         valid = ", ".join(layer_names(model))
-        raise ConfigError(key, name, f"no such layer in the {role} ({type(model).__name__}); valid names: {valid} (or deeper module paths)")
+        raise ConfigError(
+            key,
+            name,
+            f"no such layer in the {role} ({type(model).__name__}); valid names: {valid} (or deeper module paths)",
+        )
 
 
 class FeatureTap:

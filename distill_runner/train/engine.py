@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from distill_runner import distributed
 from distill_runner.errors import ConfigError
-from distill_runner.features import FeatureTap
+from distill_runner.models.features import FeatureTap
+from distill_runner.train import distributed
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("trainer.device", name, "CUDA is not available on this machine; use trainer.device=cpu or auto")
+        raise ConfigError(
+            "trainer.device", name, "CUDA is not available on this machine; use trainer.device=cpu or auto"
+        )
     try:
         return torch.device(name)
     except RuntimeError:
@@ -61,9 +63,13 @@ def resolve_precision(name: str, device: torch.device, device_requested: str = "
         raise ConfigError("trainer.precision", name, f"use one of {', '.join(PRECISIONS)}")
     if name == "16-mixed" and device.type != "cuda":
         if str(device_requested) == "auto":
-            log.warning("trainer.precision=16-mixed needs CUDA and none is available: falling back to 32 (fp32). Use bf16-mixed for mixed precision on CPU.")
+            log.warning(
+                "trainer.precision=16-mixed needs CUDA and none is available: falling back to 32 (fp32). Use bf16-mixed for mixed precision on CPU."
+            )
             return Precision("32", None, device.type)
-        raise ConfigError("trainer.precision", name, f"fp16 autocast needs CUDA, the device is {device}; use 32 or bf16-mixed")
+        raise ConfigError(
+            "trainer.precision", name, f"fp16 autocast needs CUDA, the device is {device}; use 32 or bf16-mixed"
+        )
     dtype = {"32": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}[name]
     return Precision(name, dtype, device.type)
 
@@ -88,7 +94,13 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> N
     os.replace(tmp, path)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0.0, min_factor: float = 0.0):
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: float = 0.0,
+    min_factor: float = 0.0,
+):
     """Per-step LR factor: linear warm-up, then cosine decay to ``min_factor`` of the base LR."""
     total = max(1, epochs * steps_per_epoch)
     warmup = int(warmup_epochs * steps_per_epoch)
@@ -116,10 +128,12 @@ class Stage:
     epochs: int
     optimizer: Callable  # partial: params -> Optimizer
     scheduler: Callable  # partial: (optimizer, epochs, steps_per_epoch) -> LR scheduler
-    teacher: Callable | None = None  # teacher signal, batch -> outputs (see distill_runner.teacher)
+    teacher: Callable | None = None  # teacher signal, batch -> outputs (see distill_runner.distill.teacher)
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool = False) -> dict[str, torch.Tensor]:
+def to_device(
+    batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool = False
+) -> dict[str, torch.Tensor]:
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     if channels_last:
         batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
@@ -167,7 +181,7 @@ def fit(
     values of its schedules (temperature, weights), which are logged; one with
     ``student_layers`` (module paths) gets their outputs in ``student_outputs["features"]``.
 
-    Under torchrun (:mod:`distill_runner.distributed`) the model and a recipe with parameters are
+    Under torchrun (:mod:`distill_runner.train.distributed`) the model and a recipe with parameters are
     wrapped in DistributedDataParallel, the loaders are already sharded, logged values are summed
     over the processes and only rank 0 writes checkpoints and TensorBoard.
 
@@ -208,7 +222,13 @@ def fit(
                 teacher.set_epoch(epoch)
             sums: dict[str, float] = defaultdict(float)
             seen = 0
-            bar = tqdm(train, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", leave=False, disable=not (progress and main), dynamic_ncols=True)
+            bar = tqdm(
+                train,
+                desc=f"{stage.name} {epoch + 1}/{stage.epochs}",
+                leave=False,
+                disable=not (progress and main),
+                dynamic_ncols=True,
+            )
             for step, batch in enumerate(bar):
                 batch = to_device(batch, device, speed.channels_last)
                 with precision.autocast():
@@ -219,7 +239,9 @@ def fit(
                 if not precision.use_scaler and not _finite_everywhere(loss):  # fp16: the scaler skips the step
                     values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
                     where = f"; the last good checkpoint is {last}" if last is not None and last.is_file() else ""
-                    raise FloatingPointError(f"non-finite loss in stage {stage.name}, epoch {epoch + 1}, batch {step}: {values}{where}")
+                    raise FloatingPointError(
+                        f"non-finite loss in stage {stage.name}, epoch {epoch + 1}, batch {step}: {values}{where}"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -244,16 +266,33 @@ def fit(
                 writer.flush()
             if last is not None:
                 state = {
-                    "stage": stage.name, "epoch": epoch + 1, "history": history,
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": torch.get_rng_state(),
+                    "stage": stage.name,
+                    "epoch": epoch + 1,
+                    "history": history,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": torch.get_rng_state(),
                     "recipe": recipe.state_dict() if isinstance(recipe, nn.Module) else None,
                 }
                 atomic_save(state, last)
                 if record["val/acc"] >= max(h["val/acc"] for h in history):  # the best epoch so far (ties: the later)
-                    atomic_save({"model": model.state_dict(), "epoch": epoch + 1, "val_acc": record["val/acc"]}, last.with_name(f"{stage.name}_best.pt"))
+                    atomic_save(
+                        {"model": model.state_dict(), "epoch": epoch + 1, "val_acc": record["val/acc"]},
+                        last.with_name(f"{stage.name}_best.pt"),
+                    )
             losses = " ".join(f"{k.removeprefix('loss/')}={v:.4f}" for k, v in record.items() if k.startswith("loss/"))
-            log.info("%s epoch %d/%d  %s  lr=%.3g  val_acc=%.4f  (%.1fs)", stage.name, epoch + 1, stage.epochs, losses, record["lr"], record["val/acc"], record["epoch_time_s"])
+            log.info(
+                "%s epoch %d/%d  %s  lr=%.3g  val_acc=%.4f  (%.1fs)",
+                stage.name,
+                epoch + 1,
+                stage.epochs,
+                losses,
+                record["lr"],
+                record["val/acc"],
+                record["epoch_time_s"],
+            )
     finally:
         forward.remove()
     return history
@@ -267,7 +306,9 @@ def _finite_everywhere(loss: torch.Tensor) -> bool:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, loader: Iterable, device: torch.device, precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(
+    model: nn.Module, loader: Iterable, device: torch.device, precision: Precision
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (float32, on CPU) and targets for a whole split."""
     was_training = model.training
     model.eval()
@@ -285,7 +326,9 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, precision:
 
 def accuracy(logits: torch.Tensor, targets: torch.Tensor, over_processes: bool = False) -> float:
     """Top-1 accuracy; ``over_processes``: of the samples of all processes (each predicted its shard)."""
-    counts = torch.tensor([(logits.argmax(1) == targets).sum().item() if len(targets) else 0, len(targets)], dtype=torch.float64)
+    counts = torch.tensor(
+        [(logits.argmax(1) == targets).sum().item() if len(targets) else 0, len(targets)], dtype=torch.float64
+    )
     if over_processes:
         counts = distributed.sum_over_processes(counts)
     return (counts[0] / counts[1]).item() if counts[1] else float("nan")

@@ -58,7 +58,9 @@ class HintonKD:
         if not temperature > 0:
             raise ConfigError("temperature", temperature, "must be > 0 (typical values 1-8)")
         if not 0 <= alpha <= 1:
-            raise ConfigError("alpha", alpha, "must be in [0, 1]: the weight of the KD term (1 - alpha weights cross-entropy)")
+            raise ConfigError(
+                "alpha", alpha, "must be in [0, 1]: the weight of the KD term (1 - alpha weights cross-entropy)"
+            )
         self.temperature, self.alpha = float(temperature), float(alpha)
         self.ce = CrossEntropy(label_smoothing, class_weights)
 

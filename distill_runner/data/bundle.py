@@ -5,12 +5,12 @@ loaders that yield ``{"image": float tensor [B,C,H,W], "target": long tensor [B]
 tensor [B]}`` batches (``index``: the sample's position in its split), plus what the models need to
 know (class count, image size, channels) and the class-imbalance handling (``class_weights``).
 
-Factories: :func:`digits` (here), :mod:`distill_runner.cifar` (CIFAR-10/100, in memory) and
-:mod:`distill_runner.imagefolder` (chest X-ray and any ImageFolder: decoded once into a
-memory-mapped uint8 store, :mod:`distill_runner.decode_cache`, or by DataLoader workers).
+Factories: :func:`digits` (here), :mod:`distill_runner.data.cifar` (CIFAR-10/100, in memory) and
+:mod:`distill_runner.data.imagefolder` (chest X-ray and any ImageFolder: decoded once into a
+memory-mapped uint8 store, :mod:`distill_runner.data.decode_cache`, or by DataLoader workers).
 
 Images held as one uint8 tensor (in memory or memory-mapped) are batched by indexing
-(:class:`TensorBatches`); augmentation (:mod:`distill_runner.augment`) runs on whole batches as
+(:class:`TensorBatches`); augmentation (:mod:`distill_runner.data.augment`) runs on whole batches as
 tensor ops with parameters drawn from (seed, epoch), so an epoch's batches are reproducible. The
 runner then places the training set (:meth:`DataBundle.place`, ``data.on_device``): the whole set
 on the training device, or batches copied there one by one.
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill_runner.augment import Augment
+from distill_runner.data.augment import Augment
 from distill_runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -272,53 +272,6 @@ def check_choice(key: str, value: object, choices: Sequence) -> None:
         raise ConfigError(key, value, f"use one of {', '.join(map(str, choices))}")
 
 
-def _check_fraction(key: str, value: float) -> None:
-    if not 0 < value < 1:
-        raise ConfigError(key, value, "must be a fraction strictly between 0 and 1, e.g. 0.2")
-
-
-def digits(
-    image_size: int = 32,
-    batch_size: int = 64,
-    eval_batch_size: int = 256,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.2,
-    limit: int | None = None,
-    crop_padding: int = 0,
-    hflip: bool = False,
-    seed: int = 0,
-    root: str | None = None,
-    name: str = "digits",
-) -> DataBundle:
-    """scikit-learn's handwritten digits (1,797 real 8x8 images, 10 classes, shipped with the
-    package): upsampled to ``image_size`` and made 3-channel; seeded stratified train/val/test.
-
-    ``limit`` keeps only the first N images of each split (for smoke tests)."""
-    from sklearn.datasets import load_digits
-
-    _check_fraction("val_fraction", val_fraction)
-    _check_fraction("test_fraction", test_fraction)
-    if val_fraction + test_fraction >= 1:
-        raise ConfigError("val_fraction", val_fraction, f"val_fraction + test_fraction must be < 1 (test_fraction={test_fraction})")
-    raw = load_digits()
-    pixels = torch.from_numpy(raw.images).float()[:, None] * (255.0 / 16.0)  # 0..16 -> 0..255
-    pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    images = pixels.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
-    targets = np.asarray(raw.target)
-    test_idx, val_idx, train_idx = stratified_split(targets, [test_fraction, val_fraction], seed)
-    if limit is not None:
-        train_idx, val_idx, test_idx = train_idx[:limit], val_idx[:limit], test_idx[:limit]
-    return in_memory_bundle(
-        images,
-        torch.from_numpy(targets).long(),
-        {"train": train_idx, "val": val_idx, "test": test_idx},
-        class_names=[str(c) for c in raw.target_names],
-        batch_size=batch_size,
-        eval_batch_size=eval_batch_size,
-        augment=Augment(crop_padding, hflip),
-        seed=seed,
-        name=name,
-    )
 
 
 def in_memory_bundle(

@@ -9,10 +9,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from distill_runner import engine, metrics as measure
 from distill_runner.cache import Cache, digest
-from distill_runner.data import DataBundle
-from distill_runner.models import count_parameters
+from distill_runner.data.bundle import DataBundle
+from distill_runner.evaluation import metrics as measure
+from distill_runner.models.factories import count_parameters
+from distill_runner.train import engine
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +46,32 @@ def evaluate(
         layers = [pair[0 if role == "teacher" else 1] for pair in layer_pairs]
         model_key = (cache_keys or {}).get(role)
         if cache is not None and model_key is not None:
-            key = digest({"model": model_key, "role": role, "layers": layers, "settings": settings, "device": str(device), "precision": precision.name,
-                          "eval_batch_size": data.test.batch_size, "threads": torch.get_num_threads()})
+            key = digest(
+                {
+                    "model": model_key,
+                    "role": role,
+                    "layers": layers,
+                    "settings": settings,
+                    "device": str(device),
+                    "precision": precision.name,
+                    "eval_batch_size": data.test.batch_size,
+                    "threads": torch.get_num_threads(),
+                }
+            )
             with cache.locked("evals", key) as path:
                 entry = cache.load(path)
                 if entry is None:
-                    results[role], features[role] = _evaluate_one(cfg, role, model, data, device, precision, checkpoint_dir, layers, settings)
+                    results[role], features[role] = _evaluate_one(
+                        cfg, role, model, data, device, precision, checkpoint_dir, layers, settings
+                    )
                     cache.store(path, {"result": results[role], "features": features[role]})
                 else:
                     results[role], features[role] = entry["result"], entry["features"]
                     log.info("reusing the evaluation of %s (%s) from %s", role, model_key, path)
         else:
-            results[role], features[role] = _evaluate_one(cfg, role, model, data, device, precision, checkpoint_dir, layers, settings)
+            results[role], features[role] = _evaluate_one(
+                cfg, role, model, data, device, precision, checkpoint_dir, layers, settings
+            )
     teacher = results["teacher"]
     for role, r in results.items():
         r["speedup"] = r["images_per_s"] / teacher["images_per_s"]
@@ -64,7 +79,11 @@ def evaluate(
         r["compression"] = teacher["params"] / r["params"]
         if role != "teacher":  # linear CKA to the teacher, on the same test images
             ours, theirs = features[role], features["teacher"]
-            r["cka"] = {"penultimate": measure.linear_cka(theirs["penultimate"], ours["penultimate"])} if "penultimate" in ours and "penultimate" in theirs else {}
+            r["cka"] = (
+                {"penultimate": measure.linear_cka(theirs["penultimate"], ours["penultimate"])}
+                if "penultimate" in ours and "penultimate" in theirs
+                else {}
+            )
             r["cka"].update({f"{t} ~ {s}": measure.linear_cka(theirs[t], ours[s]) for t, s in layer_pairs})
     return results
 
@@ -87,7 +106,9 @@ def _evaluate_one(cfg, role, model, data, device, precision, checkpoint_dir, lay
     result = {
         "name": names[role],
         "params": count_parameters(model),
-        "size_bytes": checkpoint.stat().st_size if checkpoint is not None and checkpoint.is_file() else measure.saved_size_bytes(model),
+        "size_bytes": checkpoint.stat().st_size
+        if checkpoint is not None and checkpoint.is_file()
+        else measure.saved_size_bytes(model),
         "flops": flops,
         "macs": flops // 2,
         "test_acc": quality["accuracy"],
@@ -98,7 +119,9 @@ def _evaluate_one(cfg, role, model, data, device, precision, checkpoint_dir, lay
         "confusion": quality["confusion"],
         "latency_ms": latency_s * 1e3,
         "latency_repeats": repeats,
-        "images_per_s": measure.throughput(model, data.test.batch_size, shape, device, precision, budget_s=settings["throughput_budget_s"]),
+        "images_per_s": measure.throughput(
+            model, data.test.batch_size, shape, device, precision, budget_s=settings["throughput_budget_s"]
+        ),
         "penultimate_layer": head,
     }
     return result, features

@@ -99,7 +99,9 @@ def torchvision_model(
     ImageNet stem for the small-image one: stride-1 first conv, no max-pool (3x3 conv for ResNets).
     """
     if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise ConfigError("arch", arch, "use a torchvision classification model, e.g. resnet18, mobilenet_v2, mobilenet_v3_small")
+        raise ConfigError(
+            "arch", arch, "use a torchvision classification model, e.g. resnet18, mobilenet_v2, mobilenet_v3_small"
+        )
     if weights is not None:
         model = torchvision.models.get_model(arch, weights=None, **kwargs)
         model.load_state_dict(_pretrained_state_dict(arch, weights))
@@ -155,7 +157,9 @@ def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
 
 def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
     name, conv = _first_conv(model)
-    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
+    new = nn.Conv2d(
+        in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None
+    )
     with torch.no_grad():  # keep pretrained filters: average them over the input channels
         new.weight.copy_(conv.weight.mean(dim=1, keepdim=True).expand_as(new.weight))
     _set_submodule(model, name, new)
@@ -170,7 +174,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, key: str = "teach
     """Load a saved state_dict (or a {'model'|'state_dict': ...} checkpoint) with a clear mismatch error."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError(key, str(path), "no such file; give the path of a saved state_dict (torch.save(model.state_dict(), path))")
+        raise ConfigError(
+            key, str(path), "no such file; give the path of a saved state_dict (torch.save(model.state_dict(), path))"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, pickle of a whole model, ...
@@ -182,7 +188,11 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, key: str = "teach
     own = model.state_dict()
     missing = sorted(own.keys() - state.keys())
     unexpected = sorted(state.keys() - own.keys())
-    shapes = [f"{k} {tuple(state[k].shape)} in file vs {tuple(own[k].shape)} in model" for k in own.keys() & state.keys() if state[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} in file vs {tuple(own[k].shape)} in model"
+        for k in own.keys() & state.keys()
+        if state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         parts = []
         if shapes:
