@@ -1,9 +1,12 @@
-"""Work a sweep shares: fine-tuned teachers and their outputs, computed once and reused.
+"""Work a sweep shares: fine-tuned teachers, scratch baselines, replayable teacher outputs and
+evaluations, computed once and reused.
 
-Both caches live under ``cache.dir`` and are keyed by a hash of everything that determines their
-content. Writers hold a file lock (jobs of a parallel sweep wait instead of training the same
-teacher twice) and write to a temp file that is renamed into place, so a reader never sees a
-half-written file.
+Entries live under ``cache.dir/<kind>/<key>.pt``. A key is a digest of an explicit list of what
+determines the artefact (the ``*_INPUTS`` below, by config key; a key names its whole subtree).
+Every other config key is declared in :data:`RUN_ONLY` (changes this run's own, never-cached results)
+or :data:`NOT_RESULTS` (changes where or how fast, never what); ``tests/test_cache_keys.py`` fails
+on a key that is in none of them. Writers hold a file lock (parallel jobs wait for the one that
+builds) and write to a temp file renamed into place.
 """
 
 from __future__ import annotations
@@ -12,23 +15,50 @@ import hashlib
 import json
 import logging
 import os
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
-from distill_runner.distill.losses import Batch, Outputs
-from distill_runner.train import distributed
-from distill_runner.train.engine import Precision, atomic_save
+from distill_runner import distributed
+from distill_runner.storage import atomic_save
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when what a cache file holds changes
+FORMAT = 2  # bump when what a cache file holds, or how keys are built, changes
+
+# What determines the training images, their order and augmentation (with the image files' fingerprint).
+DATA_INPUTS = (
+    "dataset._target_", "dataset.variant", "dataset.root", "dataset.image_size", "dataset.batch_size",
+    "dataset.val_fraction", "dataset.test_fraction", "dataset.val_from_train", "dataset.limit",
+    "dataset.crop_padding", "dataset.hflip", "dataset.resized_crop_scale", "dataset.balance",
+    "dataset.on_bad_image", "dataset.mean", "dataset.std", "dataset.decode_cache", "seed",
+)  # fmt: skip
+# A fine-tuned teacher, relative to its node (``teacher`` or ``distill.teachers.<name>``), plus the data.
+TEACHER_INPUTS = ("model", "weights", "checkpoint", "epochs", "optimizer", "scheduler")
+TEACHER_SHARED_INPUTS = ("trainer.precision",)
+# The scratch baseline: the student and the students' schedule, plus the data.
+BASELINE_INPUTS = (
+    "student.model", "trainer.epochs", "trainer.optimizer", "trainer.scheduler", "trainer.precision",
+    "trainer.channels_last", "trainer.compile",
+)  # fmt: skip
+# Replayable teacher outputs: the teachers' keys, plus these, the data and the number of views.
+TEACHER_OUTPUTS_INPUTS = ("distill.teacher_weights", "cache.teacher_outputs_dtype", "trainer.precision")
+# An evaluation of a cached model: its key, plus these and the device it ran on.
+EVAL_INPUTS = ("eval.latency_budget_s", "eval.throughput_budget_s", "eval.cka_samples", "dataset.eval_batch_size")
+# Keys that change this run's own results, which are never cached: the recipe, the export.
+RUN_ONLY = ("distill", "export")
+# Keys that change where things are written, how fast, or what is shown: never a result.
+# (data.decode_cache reaches results only through dataset.decode_cache, where a data set has it.)
+NOT_RESULTS = (
+    "data.decode_cache",
+    "hydra", "cache.enabled", "cache.dir", "cache.max_teacher_outputs_mb", "trainer.device", "trainer.progress",
+    "trainer.resume", "data.on_device", "dataset.num_workers", "dataset.pin_memory", "dataset.device",
+    "dataset.store_dir", "dataset.progress", "dataset.download", "dataset.name", "teacher.name", "student.name",
+)  # fmt: skip
 
 
 def digest(obj: object) -> str:
@@ -44,60 +74,52 @@ def file_identity(path: str | None) -> dict | None:
     return {"path": str(Path(path).expanduser().resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def select(cfg: DictConfig, keys, under: str = "") -> dict:
+    """``{key: value}`` for each key (missing keys are None), resolved to plain values."""
+    out = {}
+    for key in keys:
+        value = OmegaConf.select(cfg, f"{under}{key}", default=None)
+        out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return out
+
+
 def _processes() -> dict:
-    """Training on N processes (torchrun) sees N times the batch: another result. One process adds
-    nothing, so keys of single-process runs stay as they were."""
+    """Training on N processes (torchrun) sees N times the batch: another result."""
     n = distributed.world_size()
     return {"processes": n} if n > 1 else {}
 
 
-def dataset_identity(cfg: DictConfig, fingerprint: str | None = None) -> dict:
-    """The dataset config without the keys that do not change the images (where the decoded-image
-    store lives, progress bars, the evaluation batch size), plus ``fingerprint`` (the image files'
-    identity, :attr:`distill_runner.data.bundle.DataBundle.fingerprint`) when there is one."""
-    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
-    for irrelevant in ("eval_batch_size", "store_dir", "progress"):
-        dataset.pop(irrelevant, None)
-    if fingerprint is not None:
-        dataset["files"] = fingerprint
-    return dataset
+def data_inputs(cfg: DictConfig, fingerprint: str | None) -> dict:
+    """What determines the training data: its config keys and the image files' identity."""
+    return {**select(cfg, DATA_INPUTS), "files": fingerprint}
 
 
-def teacher_key(cfg: DictConfig, node: DictConfig, fingerprint: str | None = None) -> str:
-    """What determines a fine-tuned teacher: its config (architecture, weights, checkpoint file,
-    schedule), the data set (its image files when ``fingerprint`` is given) and its transforms,
-    the seed and the numeric precision."""
-    teacher = OmegaConf.to_container(node, resolve=True)
-    teacher.pop("name", None)
-    return digest(
-        {
-            "format": FORMAT,
-            "teacher": teacher,
-            "checkpoint": file_identity(node.checkpoint),
-            "dataset": dataset_identity(cfg, fingerprint),
-            "seed": cfg.seed,
-            "precision": str(cfg.trainer.precision),
-            **_processes(),
-        }
-    )
+def teacher_key(cfg: DictConfig, node_key: str, fingerprint: str | None) -> str:
+    """A fine-tuned teacher: its node's inputs, the checkpoint file it starts from, the data, precision."""
+    node = OmegaConf.select(cfg, node_key)
+    return digest({
+        "format": FORMAT,
+        "teacher": select(cfg, TEACHER_INPUTS, under=f"{node_key}."),
+        "checkpoint": file_identity(node.checkpoint),
+        "shared": select(cfg, TEACHER_SHARED_INPUTS),
+        "data": data_inputs(cfg, fingerprint),
+        **_processes(),
+    })  # fmt: skip
 
 
-def baseline_key(cfg: DictConfig, fingerprint: str | None = None) -> str:
-    """What determines the scratch baseline: the student, its schedule, the data, seed, precision."""
-    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
-    for irrelevant in ("device", "progress"):
-        trainer.pop(irrelevant, None)
-    student = OmegaConf.to_container(cfg.student.model, resolve=True)
-    return digest(
-        {
-            "format": FORMAT,
-            "student": student,
-            "trainer": trainer,
-            "dataset": dataset_identity(cfg, fingerprint),
-            "seed": cfg.seed,
-            **_processes(),
-        }
-    )
+def baseline_key(cfg: DictConfig, fingerprint: str | None) -> str:
+    return digest({"format": FORMAT, "baseline": select(cfg, BASELINE_INPUTS), "data": data_inputs(cfg, fingerprint),
+                   **_processes()})  # fmt: skip
+
+
+def teacher_outputs_key(cfg: DictConfig, teacher_keys: list[str], fingerprint: str | None, views: int) -> str:
+    return digest({"format": FORMAT, "teachers": teacher_keys, "outputs": select(cfg, TEACHER_OUTPUTS_INPUTS),
+                   "data": data_inputs(cfg, fingerprint), "views": views, **_processes()})  # fmt: skip
+
+
+def eval_key(cfg: DictConfig, model_key: str, role: str, layers: list[str], device: torch.device) -> str:
+    inputs = {"model": model_key, "role": role, "layers": layers, "eval": select(cfg, EVAL_INPUTS)}
+    return digest({"format": FORMAT, **inputs, "device": str(device), "threads": torch.get_num_threads()})
 
 
 class Cache:
@@ -146,133 +168,13 @@ class Cache:
     def store(self, path: Path, content: dict) -> None:
         atomic_save(content, path)  # rank 0 alone writes under torchrun
 
-
-class CachedTeacher:
-    """Teacher signal replayed from precomputed logits: ``logits[view, index]``.
-
-    Epoch ``e`` replays view ``e % views``; with one view per epoch it is exactly the online
-    teacher on the same augmented batches (up to the storage dtype).
-    """
-
-    def __init__(self, logits: torch.Tensor):
-        self.logits = logits  # [views, N, classes]
-        self.view = 0
-
-    def to(self, device: torch.device) -> CachedTeacher:
-        self.logits = self.logits.to(device)
-        return self
-
-    def set_epoch(self, epoch: int) -> None:
-        self.view = epoch % self.logits.shape[0]
-
-    def __call__(self, batch: Batch) -> Outputs:
-        index = batch["index"].to(self.logits.device)
-        return {"logits": self.logits[self.view, index].float()}
-
-
-@torch.inference_mode()
-def compute_teacher_logits(
-    teacher,
-    train,
-    views: int,
-    device: torch.device,
-    precision: Precision,
-    dtype: torch.dtype = torch.float16,
-    progress: bool = True,
-) -> torch.Tensor:
-    """The online teacher signal's logits for every training image under the augmentation of
-    epochs 0..views-1 (the loader replays an epoch's augmentation from the seed):
-    [views, N, classes]. Runs in ``precision`` (mixed precision where enabled)."""
-    teacher = teacher.to(device)
-    logits = None
-    bar = tqdm(
-        total=views * len(train),
-        desc="teacher outputs",
-        leave=False,
-        disable=not (progress and distributed.is_main()),
-        dynamic_ncols=True,
-    )
-    for view in range(views):
-        train.set_epoch(view)
-        for batch in train:  # under torchrun: this process's shard
-            with precision.autocast():
-                out = teacher({"image": batch["image"].to(device, non_blocking=True)})["logits"].float()
-            if logits is None:
-                logits = torch.zeros(views, train.num_samples, out.shape[1], dtype=torch.float32)
-                filled = torch.zeros(views, train.num_samples, dtype=torch.float32)
-            logits[view, batch["index"].cpu()] = out.cpu()
-            filled[view, batch["index"].cpu()] = 1.0
-            bar.update()
-    bar.close()
-    if distributed.active():  # every process computed its shard: put them together
-        logits, filled = distributed.sum_over_processes(logits), distributed.sum_over_processes(filled)
-        logits = logits / filled.clamp_min(1)[..., None]  # shards overlap where the last one was padded
-    return logits.to(dtype)
-
-
-def replayed_teacher_signal(ctx, online, teacher_id: str, recipe) -> object:
-    """The teacher signal for the distill stage: replayed from cached logits where that is exact
-    (``distill.teacher_outputs=cached``), else the online teacher."""
-    cfg, train = ctx.cfg, ctx.data.train
-    mode = cfg.distill.get("teacher_outputs", "cached")  # cached wherever it is exact
-    if mode == "online" or not getattr(recipe, "needs_teacher", True):
-        return online
-    why_not = None
-    if not getattr(train, "replayable", False):
-        why_not = "the training loader cannot replay its augmentation"
-    elif getattr(recipe, "teacher_layers", None):
-        why_not = "the recipe needs teacher features, which are not cached"
-    else:
-        views = min(cfg.trainer.epochs, getattr(train, "distinct_epochs", None) or cfg.trainer.epochs)
-        dtype = getattr(torch, cfg.cache.teacher_outputs_dtype)
-        size_mb = views * train.num_samples * ctx.data.num_classes * dtype.itemsize / 2**20
-        if size_mb > cfg.cache.max_teacher_outputs_mb:
-            why_not = (
-                f"they would take {size_mb:.0f} MB > cache.max_teacher_outputs_mb={cfg.cache.max_teacher_outputs_mb}"
-            )
-    if why_not is not None:
-        log.info("teacher outputs: online (%s)", why_not)
-        return online
-
-    def compute() -> torch.Tensor:
-        return compute_teacher_logits(
-            online, train, views, ctx.device, ctx.precision, dtype, progress=cfg.trainer.progress
-        )
-
-    dataset = dataset_identity(cfg, ctx.data.fingerprint)
-    key = digest(
-        {
-            "teacher": teacher_id,
-            "dataset": dataset,
-            "seed": cfg.seed,
-            "views": views,
-            "dtype": str(dtype),
-            "precision": ctx.precision.name,
-        }
-    )
-    cache = Cache.from_config(cfg)
-    start = time.perf_counter()
-    if cache is None:
-        logits = compute()
-        source = "computed"
-    else:
-        with cache.locked("teacher_outputs", key) as path:
-            entry = cache.load_shared(path)
-            if entry is None:
-                logits = compute()
-                cache.store(path, {"logits": logits})
-                source = f"computed and stored in {path}"
-            else:
-                logits = entry["logits"]
-                source = f"reused from {path}"
-    log.info(
-        "teacher outputs: cached, %d augmented views x %d images x %d classes as %s = %.1f MB, %s (%.1fs)",
-        views,
-        train.num_samples,
-        ctx.data.num_classes,
-        cfg.cache.teacher_outputs_dtype,
-        size_mb,
-        source,
-        time.perf_counter() - start,
-    )
-    return CachedTeacher(logits)
+    def fetch(self, kind: str, key: str, build: Callable[[], dict], shared: bool = True) -> tuple[dict, str]:
+        """The entry ``kind/key``, built and stored by ``build()`` when absent; and where it came from.
+        ``shared``: every process of a torchrun group calls this (a collective); else rank 0 alone."""
+        with self.locked(kind, key) as path:
+            entry = self.load_shared(path) if shared else self.load(path)
+            if entry is not None:
+                return entry, f"reused from {path}"
+            entry = build()
+            self.store(path, entry)
+            return entry, f"computed and stored in {path}"

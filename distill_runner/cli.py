@@ -13,8 +13,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from distill_runner import distributed
 from distill_runner.errors import ConfigError
-from distill_runner.train import distributed
 
 SILENT_RANK = [
     "hydra.run.dir=.",
@@ -30,7 +30,7 @@ def run_from_config(cfg: DictConfig) -> float | None:
 
     hydra_cfg = HydraConfig.get()
     try:
-        metrics = run(cfg, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
+        results = run(cfg, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task))
     except ConfigError as exc:
         # One line, no traceback: the message names the key, the bad value and the fix.
         print(f"distill-run: error: {exc}", file=sys.stderr)
@@ -41,14 +41,15 @@ def run_from_config(cfg: DictConfig) -> float | None:
     finally:
         distributed.shutdown()
     # The objective for sweepers such as Optuna: validation, never test, accuracy.
-    return metrics["stages"]["distill"]["final_val_acc"] if metrics is not None else None
+    return results.stages["student"].final_val_acc if results is not None else None
 
 
 def main() -> None:
     if distributed.launched():
         if {"-m", "--multirun"} & set(sys.argv[1:]):
             print(
-                "distill-run: error: a sweep (-m) cannot run under torchrun: run the sweep with distill-run -m and one device per job, "
+                "distill-run: error: a sweep (-m) cannot run under torchrun: run the sweep with distill-run -m and "
+                "one device per job, "
                 "or launch torchrun once per configuration (see the README, 'More than one GPU')",
                 file=sys.stderr,
             )

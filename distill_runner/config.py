@@ -11,7 +11,7 @@ import torchvision
 from omegaconf import DictConfig, OmegaConf
 
 from distill_runner.data.bundle import BALANCE
-from distill_runner.errors import ConfigError
+from distill_runner.errors import ConfigError, instantiate
 from distill_runner.train.engine import PRECISIONS
 
 _MISSING = object()
@@ -52,19 +52,19 @@ def _check_arch(cfg: DictConfig, node: str) -> None:
         raise ConfigError(
             f"{node}.model.arch",
             arch,
-            "not a torchvision classification model; e.g. resnet18, mobilenet_v2, mobilenet_v3_small, or pick a config: "
-            + node
-            + "=<name>",
+            "not a torchvision classification model; e.g. resnet18, mobilenet_v2, mobilenet_v3_small, or pick a "
+            "config: " + node + "=<name>",
         )
 
 
-def _decoupled_kd(cfg: DictConfig) -> bool:
-    terms = OmegaConf.select(cfg, "distill.terms", default=None)
-    if not isinstance(terms, DictConfig):
-        return False
-    return any(
-        name == "dkd" if not isinstance(t, DictConfig) else t.get("type", name) == "dkd" for name, t in terms.items()
-    )
+def _check_recipe(cfg: DictConfig) -> None:
+    """The recipe's keys (temperature, alpha, terms, schedules, ...) are checked by the recipe itself,
+    in one place: building it takes no model and no data."""
+    from distill_runner.distill import signals
+
+    signals.extra_teachers(cfg.distill)
+    signals.teacher_weights(cfg.distill)
+    instantiate(signals.recipe_node(cfg.distill), "distill", _recursive_=False)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -157,7 +157,8 @@ def validate(cfg: DictConfig) -> None:
         cfg,
         "data.on_device",
         lambda v: v == "auto" or isinstance(v, bool),
-        "use auto, true (the whole training set as one tensor on the training device) or false (batches copied per step)",
+        "use auto, true (the whole training set as one tensor on the training device) or false (batches copied per "
+        "step)",
         required=False,
     )
     _check(
@@ -201,7 +202,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             "teacher.epochs",
             0,
-            "ImageNet weights come with a new head for this data set's classes and must be fine-tuned; use teacher.epochs>=1",
+            "ImageNet weights come with a new head for this data set's classes and must be fine-tuned; use "
+            "teacher.epochs>=1",
         )
 
     _check(cfg, "distill._target_", lambda v: isinstance(v, str), "pick a recipe: distill=kd")
@@ -226,21 +228,7 @@ def validate(cfg: DictConfig) -> None:
         lambda v: _is_number(v) and v >= 0,
         "use a size in MB >= 0 (0 = never cache teacher outputs)",
     )
-    _check(
-        cfg,
-        "distill.temperature",
-        lambda v: _is_number(v) and v > 0,
-        "must be a number > 0 (typical values 1-8), e.g. distill.temperature=4",
-        required=False,
-    )
-    if not _decoupled_kd(cfg):  # in DKD, alpha weights the target-class term and may exceed 1 (the recipe checks it)
-        _check(
-            cfg,
-            "distill.alpha",
-            lambda v: _is_number(v) and 0 <= v <= 1,
-            "must be in [0, 1]: the weight of the KD term (1 - alpha weights cross-entropy), e.g. distill.alpha=0.5",
-            required=False,
-        )
+    _check_recipe(cfg)
 
     _check(cfg, "trainer.epochs", lambda v: _is_int(v) and v >= 1, "use an integer >= 1, e.g. trainer.epochs=10")
     for node in ("teacher", "trainer"):
@@ -261,7 +249,7 @@ def validate(cfg: DictConfig) -> None:
         _check(
             cfg,
             f"{node}.scheduler.warmup_epochs",
-            lambda v: _is_number(v) and 0 <= v <= cfg[node].epochs,
+            lambda v, node=node: _is_number(v) and 0 <= v <= cfg[node].epochs,
             f"use a number of epochs in [0, {node}.epochs={cfg[node].epochs}], e.g. {node}.scheduler.warmup_epochs=1",
             required=False,
         )
@@ -285,7 +273,8 @@ def validate(cfg: DictConfig) -> None:
         cfg,
         "trainer.resume",
         lambda v: isinstance(v, (bool, str)),
-        "use false, true (the newest unfinished run with these overrides), auto (this run folder: continue it if it holds checkpoints, else start) or a run folder",
+        "use false, true (the newest unfinished run with these overrides), auto (this run folder: continue it if it "
+        "holds checkpoints, else start) or a run folder",
         required=False,
     )
 

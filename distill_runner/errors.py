@@ -1,4 +1,5 @@
-"""The one error type users see for bad configuration or bad input."""
+"""The one error type users see for bad configuration or bad input, and the one way config nodes
+are built (``hydra.utils.instantiate``) with errors that name the key."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ class ConfigError(ValueError):
     """A bad config value or bad input: names the key, the value and the fix, on one line.
 
     Code that builds one config node (a model or data set factory) names its own parameter
-    (``arch``); :func:`distill_runner.runner.build` places it under the node (``student.model.arch``).
+    (``arch``); :func:`instantiate` places it under the node (``student.model.arch``).
     """
 
     def __init__(self, key: str, value: object, fix: str):
@@ -21,3 +22,20 @@ class ConfigError(ValueError):
 
 class BadImageError(RuntimeError):
     """An image file that passed the up-front check failed to decode."""
+
+
+def instantiate(node, key: str, **kwargs):
+    """``hydra.utils.instantiate(node, **kwargs)``; a failure is a :class:`ConfigError` under ``key``."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+    from omegaconf import OmegaConf
+
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause.under(key) from None
+        target = OmegaConf.select(node, "_target_") if OmegaConf.is_config(node) else dict(node).get("_target_")
+        fix = f"could not be built: {cause or exc}".replace("\n", " ")
+        raise ConfigError(key, target, fix) from None

@@ -1,5 +1,6 @@
-"""Where a run writes, checked before any work: an unwritable or full output folder fails at
-once with one line naming the folder and the fix, not hours later when a checkpoint is saved."""
+"""Files a run writes: atomic writes, and the checks made before
+any work (an unwritable or full output folder fails at once with one line naming the folder and
+the fix, not hours later when a checkpoint is saved)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,38 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from distill_runner import distributed
 from distill_runner.errors import ConfigError
 
 MB = 2**20
 HEADROOM_BYTES = 64 * MB  # logs, TensorBoard events, reports
+
+
+def atomic_save(obj: object, path: str | os.PathLike) -> None:
+    """Write to a temp file then rename, so a crash never leaves a half-written checkpoint."""
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Text written like :func:`atomic_save`: a reader sees the old file or the whole new one."""
+    _atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
+    if not distributed.is_main():  # under torchrun rank 0 alone writes; the other ranks hold the same state
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def existing_ancestor(path: Path) -> Path:

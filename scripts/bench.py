@@ -117,8 +117,10 @@ def measure(name: str, train, num_classes: int, image_size: int, device, precisi
         "online_over_ce": online_s / ce_s,
     }
     print(
-        f"{name:<22} {image_size:>4}px  teacher fwd {result['teacher_forward_images_per_s']:8.0f}  CE {result['ce_images_per_s']:8.0f}  "
-        f"online KD {result['online_kd_images_per_s']:8.0f}  cached KD {result['cached_kd_images_per_s']:8.0f} images/s   "
+        f"{name:<22} {image_size:>4}px  teacher fwd {result['teacher_forward_images_per_s']:8.0f}  CE "
+        f"{result['ce_images_per_s']:8.0f}  "
+        f"online KD {result['online_kd_images_per_s']:8.0f}  cached KD {result['cached_kd_images_per_s']:8.0f} "
+        "images/s   "
         f"online/CE {result['online_over_ce']:5.2f}x  cached/CE {result['cached_over_ce']:5.2f}x",
         flush=True,
     )
@@ -147,11 +149,12 @@ def main() -> None:
     repeats = 1 if args.quick else 3
     sizes = {32: 256 if args.quick else 1024, 224: 64 if args.quick else 192}
     print(
-        f"device {device}, precision {precision.name}, torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+        f"device {device}, precision {precision.name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}"
     )
     print(
-        "images/s of one training epoch (median of %d) with the runner's loop; ratios are epoch times over the CE-only epoch"
-        % repeats
+        f"images/s of one training epoch (median of {repeats}) with the runner's loop; ratios are epoch times over "
+        "the CE-only epoch"
     )
     results = {
         "device": str(device),

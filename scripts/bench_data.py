@@ -84,7 +84,8 @@ def make_xray_jpegs(data_dir: Path, n: int, side: int) -> Path:
         sizes = pool.map(_xray_like, jobs, chunksize=8)
     marker.write_text(json.dumps({"images": n, "side": side, "mean_kb": sum(sizes) / n / 1024}))
     print(
-        f"generated {n} {side}x{side} grayscale JPEGs in {root} ({sum(sizes) / n / 1024:.0f} KB each on average, {time.perf_counter() - start:.0f}s)",
+        f"generated {n} {side}x{side} grayscale JPEGs in {root} ({sum(sizes) / n / 1024:.0f} KB each on average, "
+        f"{time.perf_counter() - start:.0f}s)",
         flush=True,
     )
     return root
@@ -231,8 +232,10 @@ def measure_data_path(data_dir: Path, device: torch.device, precision, quick: bo
     }
     print(
         f"data path {n} x {side}px JPEGs (~{mean_kb:.0f} KB) at {SIZE}px, {workers} loader workers:  "
-        f"PIL {result['pil_alone_images_per_s']:7.0f}  store {result['store_alone_images_per_s']:7.0f} images/s alone ({result['speedup_vs_pil']:.0f}x);  "
-        f"CE epoch fed by PIL {result['pil_ce_images_per_s']:5.1f}  by the store {result['store_ce_images_per_s']:5.1f}  pre-made {result['premade_ce_images_per_s']:5.1f} images/s;  "
+        f"PIL {result['pil_alone_images_per_s']:7.0f}  store {result['store_alone_images_per_s']:7.0f} images/s "
+        f"alone ({result['speedup_vs_pil']:.0f}x);  "
+        f"CE epoch fed by PIL {result['pil_ce_images_per_s']:5.1f}  by the store "
+        f"{result['store_ce_images_per_s']:5.1f}  pre-made {result['premade_ce_images_per_s']:5.1f} images/s;  "
         f"store build {build_s:.1f}s ({result['store_build_images_per_s']:.0f} images/s), open {open_s:.2f}s;  "
         f"data path = {100 * result['share_of_ce_epoch']:.1f}% of the CE epoch",
         flush=True,

@@ -51,7 +51,8 @@ def speed_section(device: torch.device, images: int, repeats: int, compile_too: 
     precisions = ["32", "bf16-mixed"] + (["16-mixed"] if device.type == "cuda" else [])
     results = {}
     print(
-        f"training images/s at 224 px, batch 64, {images} images on {device} (median of {repeats} epochs after a warm-up epoch)"
+        f"training images/s at 224 px, batch 64, {images} images on {device} (median of {repeats} epochs after a "
+        "warm-up epoch)"
     )
     for precision_name, channels_last, compiled in itertools.product(
         precisions, (False, True), (False, True) if compile_too else (False,)
@@ -65,7 +66,8 @@ def speed_section(device: torch.device, images: int, repeats: int, compile_too: 
             row[f"{role}_images_per_s"] = images / _epoch_seconds(model, train, device, precision, speed, repeats)
         results[name] = row
         print(
-            f"  {name:<34} student {row['student_images_per_s']:9.0f}  teacher {row['teacher_images_per_s']:8.0f} images/s",
+            f"  {name:<34} student {row['student_images_per_s']:9.0f}  teacher {row['teacher_images_per_s']:8.0f} "
+            "images/s",
             flush=True,
         )
     return results

@@ -84,7 +84,7 @@ def main() -> None:
             run_dir = out / f"seed{seed}" / recipe
             t0 = time.perf_counter()
             metrics = runner.run(compose_cfg(overrides), run_dir, overrides)
-            m = metrics["models"]
+            m = metrics.models
             row = {
                 "seed": seed,
                 "teacher": m["teacher"]["test_acc"],
@@ -94,7 +94,8 @@ def main() -> None:
             if recipe in results:
                 results[recipe].append(row)
             print(
-                f"seed {seed} {recipe:14s} student {row['student']:.4f} baseline {row['baseline']:.4f} teacher {row['teacher']:.4f} ({time.perf_counter() - t0:.0f}s)",
+                f"seed {seed} {recipe:14s} student {row['student']:.4f} baseline {row['baseline']:.4f} teacher "
+                f"{row['teacher']:.4f} ({time.perf_counter() - t0:.0f}s)",
                 flush=True,
             )
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -106,16 +107,18 @@ def main() -> None:
     ]
     for recipe, rows in results.items():
         what, paper, keys = RECIPES[recipe]
-        mean = lambda k: statistics.mean(r[k] for r in rows)
+        mean = lambda k, rows=rows: statistics.mean(r[k] for r in rows)
         gain = statistics.mean(r["student"] - r["baseline"] for r in rows)
         lines.append(
-            f"| `{recipe}` | {what} | {paper} | {keys} | {mean('student'):.4f} | {mean('baseline'):.4f} | {gain * 100:+.2f} pts |"
+            f"| `{recipe}` | {what} | {paper} | {keys} | {mean('student'):.4f} | {mean('baseline'):.4f} | "
+            f"{gain * 100:+.2f} pts |"
         )
     teacher = statistics.mean(r["teacher"] for r in results["kd" if "kd" in results else args.recipes[0]])
     print()
     print("\n".join(lines))
     print(
-        f"\nTest accuracy on the quickstart (359 test images), mean of seeds {seeds}; teacher (ResNet-18) {teacher:.4f}. "
+        f"\nTest accuracy on the quickstart (359 test images), mean of seeds {seeds}; "
+        f"teacher (ResNet-18) {teacher:.4f}. "
         f"Overrides: {' '.join(args.overrides) or '(none)'}. Wall time {time.perf_counter() - start:.0f} s."
     )
 

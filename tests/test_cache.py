@@ -10,10 +10,9 @@ from conftest import TINY, compose_config
 from PIL import Image
 
 from distill_runner import runner
-from distill_runner.cache import CachedTeacher, compute_teacher_logits
 from distill_runner.data.digits import digits
-from distill_runner.distill.losses import HintonKD
-from distill_runner.distill.teacher import OnlineTeacher
+from distill_runner.distill.recipe import Recipe
+from distill_runner.distill.signals import OnlineTeacher, ReplayedTeacher, compute_teacher_logits
 from distill_runner.models.factories import tiny_cnn, torchvision_model
 from distill_runner.train import engine
 
@@ -33,10 +32,10 @@ def setup():
 def test_cached_kd_losses_match_online_per_batch(setup, dtype, tolerance):
     data, teacher = setup
     online = OnlineTeacher(teacher)
-    cached = CachedTeacher(
+    cached = ReplayedTeacher(
         compute_teacher_logits(online, data.train, views=3, device=CPU, precision=FP32, dtype=dtype, progress=False)
     )
-    kd = HintonKD(temperature=4, alpha=0.9)
+    kd = Recipe.hinton(4, 0.9)
     student = tiny_cnn(num_classes=10, hidden=16).eval()
     compared = 0
     for epoch in range(3):
@@ -53,7 +52,7 @@ def test_cached_kd_losses_match_online_per_batch(setup, dtype, tolerance):
 def test_cached_and_online_training_give_the_same_student(setup):
     data, teacher = setup
     online = OnlineTeacher(teacher)
-    cached = CachedTeacher(
+    cached = ReplayedTeacher(
         compute_teacher_logits(
             online, data.train, views=2, device=CPU, precision=FP32, dtype=torch.float32, progress=False
         )
@@ -65,7 +64,7 @@ def test_cached_and_online_training_give_the_same_student(setup):
         stage = engine.Stage(
             "distill",
             model,
-            HintonKD(4, 0.5),
+            Recipe.hinton(4, 0.5),
             2,
             partial(torch.optim.SGD, lr=0.05),
             partial(engine.warmup_cosine),
@@ -84,14 +83,14 @@ def test_run_reuses_teacher_and_outputs_and_reports_it(tmp_path, caplog):
         second = runner.run(cfg, tmp_path / "b")
     assert caplog.text.count("fine-tuning teacher") == 1 and caplog.text.count("reusing teacher") == 1
     assert "computed and stored" in caplog.text and "reused from" in caplog.text
-    assert first["stages"]["teacher"]["reused"] is False and second["stages"]["teacher"]["reused"] is True
-    assert first["stages"]["baseline"]["reused"] is False and second["stages"]["baseline"]["reused"] is True
+    assert first.stages["teacher"].reused is False and second.stages["teacher"].reused is True
+    assert first.stages["baseline"].reused is False and second.stages["baseline"].reused is True
     assert "reusing the evaluation of teacher" in caplog.text
     for role in ("teacher", "baseline"):  # reused results are the stored ones, not new timings
-        assert first["models"][role]["images_per_s"] == second["models"][role]["images_per_s"]
-        assert first["models"][role]["latency_ms"] == second["models"][role]["latency_ms"]
+        assert first.models[role].images_per_s == second.models[role].images_per_s
+        assert first.models[role].latency_ms == second.models[role].latency_ms
     for role in ("teacher", "student", "baseline"):
-        assert first["models"][role]["test_acc"] == second["models"][role]["test_acc"]
+        assert first.models[role].test_acc == second.models[role].test_acc
     a = torch.load(tmp_path / "a" / "checkpoints" / "teacher.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "checkpoints" / "teacher.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -105,10 +104,10 @@ def test_cached_mode_equals_online_mode_end_to_end(tmp_path):
     cached = runner.run(
         compose_config(base + ["distill.teacher_outputs=cached", "cache.enabled=false"]), tmp_path / "cached"
     )
-    h_online, h_cached = online["stages"]["distill"]["history"], cached["stages"]["distill"]["history"]
+    h_online, h_cached = online.stages["student"].history, cached.stages["student"].history
     for a, b in zip(h_online, h_cached):
         assert a["loss/kd"] == pytest.approx(b["loss/kd"], rel=1e-4)
-    assert online["models"]["student"]["test_acc"] == cached["models"]["student"]["test_acc"]
+    assert online.models["student"].test_acc == cached.models["student"].test_acc
 
 
 def test_teacher_change_or_no_cache_trains_again(tmp_path, caplog):
@@ -184,7 +183,7 @@ def test_multirun_trains_the_teacher_once_and_writes_the_summary(tmp_path):
     assert (
         logs.count("reusing the evaluation of teacher") == 3 and logs.count("reusing the evaluation of baseline") == 3
     )
-    assert logs.count("stage distill:") == 4
+    assert logs.count("stage student:") == 4
     assert logs.count("computed and stored") == 1 and logs.count("teacher outputs: cached") == 4
     rows = (sweep / "summary.csv").read_text().splitlines()
     assert len(rows) == 5 and rows[0].startswith("job,overrides,teacher_acc,student_acc")

@@ -1,12 +1,13 @@
 """`distill-run` as a user runs it: a subprocess, Hydra run folder, outputs on disk."""
 
-import json
 import subprocess
 import sys
 
 import pytest
 from conftest import TINY
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from distill_runner.reporting.results import RunResults
 
 
 def distill_run(*args, cwd):
@@ -26,15 +27,13 @@ def test_end_to_end_writes_metrics_report_and_tensorboard(tmp_path):
     proc = distill_run(*TINY, "trainer.epochs=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = RunResults.load(run_dir / "metrics.json")
     for role in ("teacher", "student", "baseline"):
-        m = metrics["models"][role]
-        assert 0 <= m["test_acc"] <= 1 and m["params"] > 0 and m["images_per_s"] > 0
-    assert metrics["models"]["student"]["params"] == metrics["models"]["baseline"]["params"]
-    assert metrics["models"]["teacher"]["params"] > 50 * metrics["models"]["student"]["params"]
-    assert metrics["retention"] == pytest.approx(
-        metrics["models"]["student"]["test_acc"] / metrics["models"]["teacher"]["test_acc"]
-    )
+        m = metrics.models[role]
+        assert 0 <= m.test_acc <= 1 and m.params > 0 and m.images_per_s > 0
+    assert metrics.models["student"].params == metrics.models["baseline"].params
+    assert metrics.models["teacher"].params > 50 * metrics.models["student"].params
+    assert metrics.retention == pytest.approx(metrics.models["student"].test_acc / metrics.models["teacher"].test_acc)
 
     report = (run_dir / "report.md").read_text()
     assert "student (KD)" in report and "student (scratch)" in report and "| teacher |" in report
@@ -43,7 +42,7 @@ def test_end_to_end_writes_metrics_report_and_tensorboard(tmp_path):
         assert (run_dir / "checkpoints" / name).is_file()
     assert (run_dir / ".hydra" / "config.yaml").is_file()
 
-    distill = scalars(run_dir / "tb" / "distill")
+    distill = scalars(run_dir / "tb" / "student")
     assert (
         len(distill["loss/kd"]) == 2
         and len(distill["loss/ce"]) == 2
@@ -53,7 +52,7 @@ def test_end_to_end_writes_metrics_report_and_tensorboard(tmp_path):
     assert scalars(run_dir / "tb" / "baseline")["loss/ce"]
     assert scalars(run_dir / "tb" / "teacher")["val/acc"]
     final = scalars(run_dir / "tb")
-    assert final["test/student_acc"] == [pytest.approx(metrics["models"]["student"]["test_acc"])]
+    assert final["test/student_acc"] == [pytest.approx(metrics.models["student"].test_acc)]
     # HParams live in the run's own tb/ folder, next to those scalars
     acc = EventAccumulator(str(run_dir / "tb"))
     acc.Reload()
@@ -102,9 +101,9 @@ def test_nan_loss_stops_with_one_line_naming_stage_epoch_batch_and_terms(tmp_pat
         *TINY, "trainer.epochs=3", "trainer.optimizer.lr=1e30", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path
     )
     assert proc.returncode == 3, proc.stderr[-2000:]
-    (line,) = [l for l in proc.stderr.splitlines() if "error" in l]
+    (line,) = [text for text in proc.stderr.splitlines() if "error" in text]
     assert (
-        "non-finite loss in stage distill" in line
+        "non-finite loss in stage student" in line
         and "batch" in line
         and "kd=" in line
         and "Traceback" not in proc.stderr

@@ -8,7 +8,7 @@ import torch
 from conftest import compose_config
 from fake_data import make_cifar, make_xray_folder, skip_cifar_md5
 
-from distill_runner import runner
+from distill_runner import build
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -18,7 +18,7 @@ STUDENTS = sorted(p.stem for p in (CONF / "student").glob("*.yaml"))
 def test_no_argument_run_is_the_quickstart():
     cfg = compose_config()
     assert cfg.dataset.name == "digits" and cfg.teacher.model.arch == "resnet18" and cfg.student.name == "tiny_cnn"
-    assert cfg.distill._target_.endswith("HintonKD")
+    assert cfg.distill.terms.kd._target_.endswith("HintonKD")
 
 
 def data_overrides(experiment: str, tmp_path, monkeypatch) -> list[str]:
@@ -43,10 +43,10 @@ def test_experiment_composes_and_builds(experiment, tmp_path, monkeypatch):
         ["dataset.limit=8", "dataset.image_size=16", *data_overrides(experiment, tmp_path, monkeypatch)],
         experiment=experiment,
     )
-    data = runner.build_data(cfg)
-    teacher = runner.build_teacher(cfg.teacher, "teacher", data, cfg.seed)
-    student = runner.build_model(cfg.student, "student", data, cfg.seed)
-    runner.build(runner.recipe_node(cfg), "distill")
+    data = build.build_data(cfg)
+    teacher = build.build_teacher(cfg.teacher, "teacher", data, cfg.seed)
+    student = build.build_model(cfg.student, "student", data, cfg.seed)
+    build.build_recipe(cfg, data, student)
     batch = next(iter(data.train))
     assert batch["image"].shape[1:] == (data.in_channels, data.image_size, data.image_size)
     for model in (teacher, student):
@@ -57,8 +57,8 @@ def test_experiment_composes_and_builds(experiment, tmp_path, monkeypatch):
 @pytest.mark.parametrize("image_size", [32, 224])
 def test_students_build_for_the_data_set(student, image_size):
     cfg = compose_config([f"student={student}", f"dataset.image_size={image_size}", "dataset.limit=4"])
-    data = runner.build_data(cfg)
-    model = runner.build_model(cfg.student, "student", data, cfg.seed).eval()
+    data = build.build_data(cfg)
+    model = build.build_model(cfg.student, "student", data, cfg.seed).eval()
     assert model(torch.zeros(2, 3, image_size, image_size)).shape == (2, 10)
 
 

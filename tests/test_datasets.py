@@ -14,6 +14,7 @@ from fake_data import make_cifar, make_xray_folder, skip_cifar_md5
 from PIL import Image
 
 from distill_runner import runner
+from distill_runner.build import build_data
 from distill_runner.config import validate
 from distill_runner.data.imagefolder import BadImageError, imagefolder
 from distill_runner.errors import ConfigError
@@ -33,10 +34,10 @@ def xray_cfg(root, *extra):
 
 
 def test_xray_kd_runs_end_to_end_and_reports_skipped_files_and_class_counts(xray, tmp_path, caplog, monkeypatch):
-    weights_seen = []
-    real_ce = runner.CrossEntropy
+    recipes_seen = []
+    real_ce = runner.cross_entropy
     monkeypatch.setattr(
-        runner, "CrossEntropy", lambda **kw: weights_seen.append(kw.get("class_weights")) or real_ce(**kw)
+        runner, "cross_entropy", lambda data, model: recipes_seen.append(real_ce(data, model)) or recipes_seen[-1]
     )
     cfg = compose_config(
         [
@@ -53,20 +54,21 @@ def test_xray_kd_runs_end_to_end_and_reports_skipped_files_and_class_counts(xray
     with caplog.at_level(logging.INFO):
         metrics = runner.run(cfg, tmp_path / "run")
 
-    assert metrics["dataset"] == "chest_xray" and metrics["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert metrics.dataset == "chest_xray" and metrics.class_names == ["NORMAL", "PNEUMONIA"]
     # train/: 10 JPEGs + rgb.png | 10 JPEGs + rgba.png + corrupt.jpeg; 10% carved for val; val/ unused
-    assert metrics["class_counts"] == {"train": [10, 10], "val": [1, 1], "test": [3, 3]}
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["class_counts"] == metrics["class_counts"]
+    assert metrics.class_counts == {"train": [10, 10], "val": [1, 1], "test": [3, 3]}
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["class_counts"] == metrics.class_counts
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("skipped 1 unreadable image file(s)" in w and "corrupt.jpeg" in w for w in warnings), warnings
     assert "class counts (NORMAL, PNEUMONIA): train [10, 10]; val [1, 1]; test [3, 3]" in caplog.text
     assert "val = 10% of train (stratified, seed 0)" in caplog.text and "val/ is not used" in caplog.text
+    weights_seen = [r.terms["ce"].class_weights.tolist() for r in recipes_seen]
     assert weights_seen == [[1.0, 1.0]] * 2  # the teacher's and the baseline's cross-entropy
-    assert "student" in metrics["models"] and 0 <= metrics["models"]["student"]["test_acc"] <= 1
+    assert "student" in metrics.models and 0 <= metrics.models["student"].test_acc <= 1
 
 
 def test_xray_images_are_3_channel_resized_and_normalized(xray):
-    data = runner.build_data(xray_cfg(xray))
+    data = build_data(xray_cfg(xray))
     assert (data.num_classes, data.in_channels, data.image_size) == (2, 3, 32)
     batch = next(iter(data.test))
     assert batch["image"].shape == (6, 3, 32, 32) and batch["image"].dtype == torch.float32
@@ -167,10 +169,8 @@ def test_cifar10_kd_runs_end_to_end_offline(tmp_path, monkeypatch):
         experiment="cifar10_kd",
     )
     metrics = runner.run(cfg, tmp_path / "run")
-    assert metrics["dataset"] == "cifar10" and metrics["num_classes"] == 10
-    assert (
-        metrics["class_counts"]["test"] == [2] * 10 and sum(metrics["class_counts"]["train"]) == 48
-    )  # dataset.limit=48
+    assert metrics.dataset == "cifar10" and metrics.num_classes == 10
+    assert metrics.class_counts["test"] == [2] * 10 and sum(metrics.class_counts["train"]) == 48  # dataset.limit=48
     assert (tmp_path / "run" / "report.md").is_file()
 
 
@@ -187,7 +187,7 @@ def test_cifar_bundle_in_memory_at_32px(tmp_path, monkeypatch, variant, classes)
             f"dataset.val_from_train={fraction}",
         ]
     )
-    data = runner.build_data(cfg)
+    data = build_data(cfg)
     assert (
         data.num_classes == classes
         and data.image_size == 32
@@ -207,7 +207,7 @@ def test_cifar_archive_placed_by_hand_is_extracted_offline(tmp_path, monkeypatch
     make_cifar(tmp_path / "made")
     with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "made" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
-    data = runner.build_data(compose_config(["dataset=cifar10", f"dataset.root={tmp_path}", "dataset.download=false"]))
+    data = build_data(compose_config(["dataset=cifar10", f"dataset.root={tmp_path}", "dataset.download=false"]))
     assert (tmp_path / "cifar-10-batches-py" / "test_batch").is_file() and data.class_counts["test"] == [2] * 10
 
 
@@ -216,7 +216,7 @@ def test_cifar_offline_errors_say_where_the_files_go(tmp_path, monkeypatch):
 
     cfg = compose_config(["dataset=cifar10", f"dataset.root={tmp_path}", "dataset.download=false"])
     with pytest.raises(ConfigError, match=r"^dataset\.root=") as err:
-        runner.build_data(cfg)
+        build_data(cfg)
     assert (
         "cifar-10-python.tar.gz" in str(err.value)
         and "cifar-10-batches-py/" in str(err.value)
@@ -229,7 +229,7 @@ def test_cifar_offline_errors_say_where_the_files_go(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
     cfg = compose_config(["dataset=cifar10", f"dataset.root={tmp_path}"])
     with pytest.raises(ConfigError, match=r"^dataset\.download=True: downloading https://") as err:
-        runner.build_data(cfg)
+        build_data(cfg)
     assert (
         "cifar-10-python.tar.gz" in str(err.value)
         and str(tmp_path) in str(err.value)
@@ -239,7 +239,7 @@ def test_cifar_offline_errors_say_where_the_files_go(tmp_path, monkeypatch):
 
 def _error(cfg) -> str:
     with pytest.raises(ConfigError) as err:
-        runner.build_data(cfg)
+        build_data(cfg)
     return str(err.value)
 
 
@@ -261,7 +261,7 @@ def test_missing_split_names_it(xray):
     assert "the val/ split is missing; or set dataset.val_from_train=0.1" in _error(
         xray_cfg(xray, "dataset.val_from_train=null")
     )
-    runner.build_data(xray_cfg(xray))  # the default carves val from train: no val/ needed
+    build_data(xray_cfg(xray))  # the default carves val from train: no val/ needed
     shutil.rmtree(xray / "test")
     assert "the test/ split is missing. Expected:" in _error(xray_cfg(xray))
 
@@ -297,10 +297,10 @@ def test_truncated_jpeg_that_passes_the_check_fails_naming_the_file(xray, decode
     cfg = xray_cfg(xray, f"data.decode_cache={str(decode_cache).lower()}")
     if decode_cache:  # decoded while the store is built, which is not kept
         with pytest.raises(ConfigError, match=f"{victim.name} could not be decoded"):
-            runner.build_data(cfg)
+            build_data(cfg)
         assert not [p for p in (xray.parent / "outputs" / "cache" / "decoded").iterdir() if p.suffix != ".lock"]
         return
-    data = runner.build_data(cfg)
+    data = build_data(cfg)
     with pytest.raises(BadImageError, match=victim.name):
         list(data.test)
 

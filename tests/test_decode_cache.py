@@ -15,7 +15,7 @@ from fake_data import make_xray_folder
 from PIL import Image
 from torchvision.transforms import v2
 
-from distill_runner import runner
+from distill_runner import build, runner
 from distill_runner.config import validate
 from distill_runner.data import decode_cache
 from distill_runner.data.bundle import TensorBatches
@@ -210,8 +210,8 @@ def xray_cfg(root, *extra):
 
 def test_decode_cache_switch_picks_the_loader(tmp_path):
     root = make_xray_folder(tmp_path / "xray")
-    assert isinstance(runner.build_data(xray_cfg(root)).train, TensorBatches)
-    assert isinstance(runner.build_data(xray_cfg(root, "data.decode_cache=false")).train, FolderBatches)
+    assert isinstance(build.build_data(xray_cfg(root)).train, TensorBatches)
+    assert isinstance(build.build_data(xray_cfg(root, "data.decode_cache=false")).train, FolderBatches)
     assert list((tmp_path / "outputs" / "cache" / "decoded").glob("*.u8"))  # under ${cache.dir}/decoded
 
 
@@ -249,7 +249,7 @@ def test_resident_store_and_memory_map_give_the_same_batches(tmp_path):
     root = make_xray_folder(tmp_path / "xray")
 
     def epochs(on_device):
-        data = runner.build_data(xray_cfg(root, f"data.on_device={on_device}", "dataset.batch_size=8"))
+        data = build.build_data(xray_cfg(root, f"data.on_device={on_device}", "dataset.batch_size=8"))
         assert (data.train.rows is None) == (on_device == "true")  # resident: copied out of the memory map
         out = []
         for e in (0, 1):
@@ -278,10 +278,10 @@ def test_data_keys_are_validated(override):
 
 def test_pil_fallback_trains_the_same_augmentation_ranges(tmp_path):
     root = make_xray_folder(tmp_path / "xray")
-    data = runner.build_data(xray_cfg(root, "data.decode_cache=false"))
+    data = build.build_data(xray_cfg(root, "data.decode_cache=false"))
     (crop,) = [t for t in data.train.dataset.transform.transforms if isinstance(t, v2.RandomResizedCrop)]
     assert tuple(crop.scale) == (0.8, 1.0) and tuple(crop.ratio) == pytest.approx((3 / 4, 4 / 3))
-    stored = runner.build_data(xray_cfg(root)).train.augment
+    stored = build.build_data(xray_cfg(root)).train.augment
     assert (
         stored.resized_crop_scale == (0.8, 1.0)
         and stored.resized_crop_ratio == pytest.approx((3 / 4, 4 / 3))
@@ -293,6 +293,6 @@ def test_cache_keys_follow_the_image_files_not_where_the_store_lives(tmp_path):
     from distill_runner.cache import baseline_key, teacher_key
 
     cfg, moved = xray_cfg(tmp_path), xray_cfg(tmp_path, "cache.dir=elsewhere", "trainer.progress=true")
-    for key in (lambda c, fp: teacher_key(c, c.teacher, fp), baseline_key):
+    for key in (lambda c, fp: teacher_key(c, "teacher", fp), baseline_key):
         assert key(cfg, "files-a") == key(moved, "files-a")  # store_dir and progress say nothing about the images
         assert key(cfg, "files-a") != key(cfg, "files-b") != key(cfg, None)

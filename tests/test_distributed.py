@@ -1,6 +1,5 @@
 """torchrun: a 2-process gloo run of a small config against the same run in one process."""
 
-import json
 import os
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import pytest
 import torch
 
 from distill_runner.data.bundle import shard_order, shard_size
+from distill_runner.reporting.results import RunResults
 
 # Digits at 16 px with the small wide_cnn teacher: long enough to learn (~0.9+ test accuracy),
 # short enough for CI (~15 s a run on 2 cores).
@@ -47,15 +47,15 @@ def test_two_gloo_processes_give_one_set_of_outputs_and_the_accuracy_of_one_proc
     assert sorted(os.listdir(tmp_path / "two")) == ["outputs", "run"]  # rank 1 wrote no run folder of its own
     assert sorted(os.listdir(tmp_path / "two" / "outputs")) == ["cache"]
     (log_file,) = (tmp_path / "two" / "run").glob("*.log")
-    m1 = json.loads((tmp_path / "one" / "run" / "metrics.json").read_text())
-    m2 = json.loads((tmp_path / "two" / "run" / "metrics.json").read_text())
-    assert m1["processes"] == 1 and m2["processes"] == 2
+    m1 = RunResults.load(tmp_path / "one" / "run" / "metrics.json")
+    m2 = RunResults.load(tmp_path / "two" / "run" / "metrics.json")
+    assert m1.processes == 1 and m2.processes == 2
     for role in ("teacher", "student", "baseline"):
-        assert m2["models"][role]["test_acc"] > 0.8, role
-        assert m2["models"][role]["test_acc"] == pytest.approx(m1["models"][role]["test_acc"], abs=0.05), role
+        assert m2.models[role].test_acc > 0.8, role
+        assert m2.models[role].test_acc == pytest.approx(m1.models[role].test_acc, abs=0.05), role
     # every epoch of every stage was logged once, with validation accuracy over both processes' shards
-    for stage in ("teacher", "distill", "baseline"):
-        assert len(m2["stages"][stage]["history"]) == m2["stages"][stage]["epochs"]
+    for stage in ("teacher", "student", "baseline"):
+        assert len(m2.stages[stage].history) == m2.stages[stage].epochs
     log = log_file.read_text()
     assert "rank 0 of 2, backend gloo" in log and "teacher outputs: cached" in log
 

@@ -1,12 +1,15 @@
+import itertools
 import logging
 from functools import partial
 
 import pytest
 import torch
 
+from distill_runner import storage
 from distill_runner.data.bundle import Augment, stratified_split
 from distill_runner.data.digits import digits
-from distill_runner.distill.losses import CrossEntropy
+from distill_runner.distill.contract import Term
+from distill_runner.distill.recipe import Recipe
 from distill_runner.errors import ConfigError
 from distill_runner.models.factories import tiny_cnn
 from distill_runner.train import engine
@@ -39,7 +42,7 @@ def _stage(data, recipe=None, epochs=1):
     return engine.Stage(
         "test",
         model,
-        recipe or CrossEntropy(),
+        recipe or Recipe.cross_entropy(),
         epochs,
         partial(torch.optim.SGD, lr=0.05),
         partial(engine.warmup_cosine),
@@ -73,10 +76,14 @@ def test_fit_learns_and_logs_every_epoch(small_digits, precision, tmp_path):
 
 
 def test_non_finite_loss_stops_with_stage_epoch_batch_and_terms(small_digits):
-    def nan_recipe(batch, student, teacher=None):
-        return {"ce": student["logits"].sum() * float("nan")}
+    class NaNLoss(Term):
+        needs_teacher = False
 
-    nan_recipe.needs_teacher = False
+        def forward(self, batch, student, teacher, state):
+            return student["logits"].sum() * float("nan")
+
+    nan_recipe = Recipe.cross_entropy()
+    nan_recipe.terms["ce"] = NaNLoss()
     with pytest.raises(FloatingPointError, match=r"stage test, epoch 1, batch 0: ce=nan"):
         engine.fit(
             _stage(small_digits, nan_recipe),
@@ -108,11 +115,11 @@ def test_warmup_cosine_schedule_values():
         opt.step()
         sched.step()
     assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
-    assert lrs[5] == pytest.approx(1.0) and lrs[-1] < 0.1 and all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
+    assert lrs[5] == pytest.approx(1.0) and lrs[-1] < 0.1 and all(a >= b for a, b in itertools.pairwise(lrs[5:]))
 
 
 def test_atomic_save_leaves_no_temp_files(tmp_path):
-    engine.atomic_save({"a": torch.ones(2)}, tmp_path / "sub" / "x.pt")
+    storage.atomic_save({"a": torch.ones(2)}, tmp_path / "sub" / "x.pt")
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["x.pt"]
 
 

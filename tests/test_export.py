@@ -1,7 +1,6 @@
 """Export: ONNX and TorchScript round trips, the fallback without onnxruntime, `distill-run export=onnx`
 and `distill-export RUN_DIR`."""
 
-import json
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ from test_report import two_class_data
 
 from distill_runner.evaluation import export
 from distill_runner.models.factories import tiny_cnn
+from distill_runner.reporting.results import RunResults
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +94,15 @@ def test_run_with_export_then_distill_export(tmp_path, capsys):
         [sys.executable, "-m", "distill_runner", *args], cwd=tmp_path, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = RunResults.load(run_dir / "metrics.json")
+    student = metrics.exports["student"]
     for fmt in ("onnx", "torchscript"):
-        e = metrics["export"][fmt]
-        assert e["max_abs_diff"] < 1e-4 and e["test_acc"] == pytest.approx(metrics["export"]["reference_test_acc"])
+        e = student[fmt]
+        assert e["max_abs_diff"] < 1e-4 and e["test_acc"] == pytest.approx(student["reference_test_acc"])
         assert (run_dir / e["path"]).is_file()
-    assert metrics["export"]["model"] == "student"
-    assert metrics["export"]["reference_test_acc"] == pytest.approx(metrics["models"]["student"]["test_acc"])
-    assert metrics["models"]["student"]["size_bytes"] == (run_dir / "checkpoints" / "student.pt").stat().st_size
+    assert student["model"] == "student" and set(metrics.exports) == {"student"}
+    assert student["reference_test_acc"] == pytest.approx(metrics.models["student"].test_acc)
+    assert metrics.models["student"].size_bytes == (run_dir / "checkpoints" / "student.pt").stat().st_size
     assert "## Export" in (run_dir / "report.md").read_text()
     assert (run_dir / "curves.png").is_file() and (run_dir / "confusion.png").is_file()
     log = proc.stdout + proc.stderr
@@ -111,7 +112,9 @@ def test_run_with_export_then_distill_export(tmp_path, capsys):
 
     assert export.main([str(run_dir), "--model", "baseline"]) == 0  # what the distill-export console script runs
     assert "export (baseline): onnx max |logit diff|" in capsys.readouterr().out
-    updated = json.loads((run_dir / "metrics.json").read_text())
-    assert updated["export"]["model"] == "baseline" and updated["models"] == metrics["models"]
+    updated = RunResults.load(run_dir / "metrics.json")
+    # one record per model: the baseline's export does not replace the student's
+    assert updated.exports["baseline"]["model"] == "baseline" and updated.exports["student"] == student
+    assert updated.models == metrics.models
     assert (run_dir / "export" / "baseline.onnx").is_file()
     assert "student (scratch) was exported" in (run_dir / "report.md").read_text()

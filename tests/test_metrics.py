@@ -9,6 +9,7 @@ from conftest import compose_config
 from torch import nn
 
 from distill_runner.config import validate
+from distill_runner.distill.recipe import Recipe
 from distill_runner.errors import ConfigError
 from distill_runner.evaluation import metrics as M
 from distill_runner.models.factories import tiny_cnn
@@ -74,9 +75,9 @@ def reference_cka(x, y):
     """HSIC form with the centring matrix H (Kornblith et al. 2019, eq. 1-2), in numpy."""
     n = len(x)
     h = np.eye(n) - np.ones((n, n)) / n
-    k, l = x @ x.T, y @ y.T
+    gram_x, gram_y = x @ x.T, y @ y.T
     hsic = lambda a, b: np.trace(a @ h @ b @ h)
-    return hsic(k, l) / math.sqrt(hsic(k, k) * hsic(l, l))
+    return hsic(gram_x, gram_y) / math.sqrt(hsic(gram_x, gram_x) * hsic(gram_y, gram_y))
 
 
 @pytest.mark.parametrize("features", [8, 64])  # fewer and more features than the 40 examples (both code paths)
@@ -136,11 +137,11 @@ def test_capture_takes_the_input_of_the_last_linear_and_named_layers():
 
 def test_feature_layers_of_a_recipe():
     class Feature:
-        teacher_layers = ["layer3", "layer4"]
-        student_layers = ["features.0", "features.1"]
+        teacher_layers = ("layer3", "layer4")
+        student_layers = ("features.0", "features.1")
 
     assert M.feature_layers(Feature()) == [("layer3", "features.0"), ("layer4", "features.1")]
-    assert M.feature_layers(object()) == []
+    assert M.feature_layers(Recipe.hinton()) == []
 
 
 def test_latency_and_throughput_stop_at_the_budget():

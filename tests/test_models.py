@@ -4,7 +4,7 @@ import torchvision
 from conftest import compose_config
 from torch import nn
 
-from distill_runner import runner
+from distill_runner import build
 from distill_runner.errors import ConfigError
 from distill_runner.models.factories import count_parameters, load_checkpoint, tiny_cnn, torchvision_model
 
@@ -64,9 +64,9 @@ def test_offline_weights_error_says_where_to_put_the_file(tmp_path, monkeypatch)
 
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
     cfg = compose_config(["teacher.weights=IMAGENET1K_V1", "dataset.limit=4"])
-    data = runner.build_data(cfg)
+    data = build.build_data(cfg)
     with pytest.raises(ConfigError) as err:
-        runner.build_teacher(cfg.teacher, "teacher", data, cfg.seed)
+        build.build_teacher(cfg.teacher, "teacher", data, cfg.seed)
     message = str(err.value)
     assert err.value.key == "teacher.weights"
     assert "resnet18-f37072fd.pth" in message and str(tmp_path / "torch" / "hub" / "checkpoints") in message

@@ -38,30 +38,24 @@ VARIANTS = {
 
 def recipe_losses(cfg, batches: int = 2, epochs: int = 10, at_epochs=(0, 5)) -> dict:
     """{f"epoch{e}/batch{i}": {term: value}} for the run's recipe on the first training batches."""
-    from distill_runner import runner
-    from distill_runner.distill import recipes
-    from distill_runner.distill.teacher import teacher_signal
+    from distill_runner.build import build_data, build_model, build_recipe, build_teacher
+    from distill_runner.distill import signals
     from distill_runner.models.features import FeatureTap
 
-    data = runner.build_data(cfg, torch.device("cpu"))
-    student = runner.build_model(cfg.student, "student", data, cfg.seed)
-    recipe_cfg, extra, weights = recipes.split_distill_node(runner.recipe_node(cfg))
-    recipe = runner.build(
-        recipe_cfg, "distill", **({"class_weights": data.class_weights} if data.class_weights is not None else {})
-    )
-    recipes.bind(recipe, student, lambda: runner.build_model(cfg.teacher, "teacher", data, cfg.seed), data)
-    teachers = [runner.build_teacher(cfg.teacher, "teacher", data, cfg.seed)]
-    for key, node in extra.items():
-        teachers.append(runner.build_teacher(node, key, data, cfg.seed))
-    signal = teacher_signal(teachers, weights, getattr(recipe, "teacher_layers", ())).to(torch.device("cpu"))
-    tap = FeatureTap(student, getattr(recipe, "student_layers", ()))
+    data = build_data(cfg, torch.device("cpu"))
+    student = build_model(cfg.student, "student", data, cfg.seed)
+    recipe = build_recipe(cfg, data, student)
+    teachers = [build_teacher(cfg.teacher, "teacher", data, cfg.seed)]
+    for key, node in signals.extra_teachers(cfg.distill).items():
+        teachers.append(build_teacher(node, key, data, cfg.seed))
+    weights = signals.teacher_weights(cfg.distill)
+    signal = signals.online_signal(teachers, weights, recipe.teacher_layers).to(torch.device("cpu"))
+    tap = FeatureTap(student, recipe.student_layers)
     student.train()
-    if hasattr(recipe, "train"):
-        recipe.train()
+    recipe.train()
     out = {}
     for epoch in at_epochs:
-        if hasattr(recipe, "set_epoch"):
-            recipe.set_epoch(epoch, epochs)
+        recipe.set_epoch(epoch, epochs)
         for i, batch in zip(range(batches), data.train):
             torch.manual_seed(0)
             with torch.no_grad():
@@ -73,17 +67,13 @@ def recipe_losses(cfg, batches: int = 2, epochs: int = 10, at_epochs=(0, 5)) -> 
 
 def run_summary(metrics) -> dict:
     """Accuracies and per-term training losses of a finished run."""
-    stages = {
-        "teacher": metrics["stages"]["teacher"],
-        "student": metrics["stages"]["distill"],
-        "baseline": metrics["stages"]["baseline"],
-    }
+    stages = {role: metrics.stages[role] for role in ("teacher", "student", "baseline")}
     return {
-        "test_acc": {role: metrics["models"][role]["test_acc"] for role in ("teacher", "student", "baseline")},
+        "test_acc": {role: metrics.models[role].test_acc for role in ("teacher", "student", "baseline")},
         "losses": {
-            stage: {k: v for k, v in s["history"][-1].items() if k.startswith("loss/")}
+            stage: {k: v for k, v in s.history[-1].items() if k.startswith("loss/")}
             for stage, s in stages.items()
-            if s["history"]
+            if s.history
         },
     }
 
@@ -130,12 +120,12 @@ def test_per_batch_losses_of_every_recipe(variant):
 
 @pytest.fixture(scope="module")
 def saved_teacher(tmp_path_factory):
-    from distill_runner import runner
+    from distill_runner.build import build_data, build_teacher
 
     cfg = compose_config(TINY)
-    data = runner.build_data(cfg)
+    data = build_data(cfg)
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(runner.build_teacher(cfg.teacher, "teacher", data, cfg.seed).state_dict(), path)
+    torch.save(build_teacher(cfg.teacher, "teacher", data, cfg.seed).state_dict(), path)
     return path
 
 

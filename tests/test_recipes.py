@@ -10,22 +10,23 @@ import torch.nn.functional as F
 from conftest import TINY, compose_config
 
 from distill_runner import runner
+from distill_runner.build import build_data, build_teacher
 from distill_runner.data.digits import digits
-from distill_runner.distill.losses import HintonKD
-from distill_runner.distill.recipes import Recipe
+from distill_runner.distill.recipe import Recipe
 from distill_runner.distill.schedules import Schedule, parse_schedule
-from distill_runner.distill.terms import (
-    at_loss,
-    class_balance_weights,
-    dkd_per_sample,
-    kd_per_sample,
-    teacher_confidence_weights,
-)
+from distill_runner.distill.terms.features import at_loss
+from distill_runner.distill.terms.logits import dkd_per_sample, kd_per_sample
+from distill_runner.distill.weighting import class_balance_weights, teacher_confidence_weights
 from distill_runner.errors import ConfigError
 from distill_runner.models.factories import tiny_cnn, torchvision_model
 from distill_runner.models.features import FeatureTap
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+TERM = {
+    name: f"distill_runner.distill.terms.{cls}"
+    for name, cls in [("ce", "CrossEntropy"), ("kd", "HintonKD"), ("dkd", "DecoupledKD"), ("feature", "FeatureHints"),
+                      ("attention", "AttentionTransfer"), ("self", "SelfDistillation")]
+}  # fmt: skip
 RECIPES = sorted(p.stem for p in (CONF / "distill").glob("*.yaml"))
 
 
@@ -75,10 +76,14 @@ def test_kd_term_matches_numpy_and_the_classic_recipe(temperature):
     ps, pt = _np_softmax(s.double().numpy() / temperature), _np_softmax(t.double().numpy() / temperature)
     expected = temperature**2 * (pt * (np.log(pt) - np.log(ps))).sum(1)
     assert kd_per_sample(s, t, temperature).numpy() == pytest.approx(expected, rel=1e-4)
-    recipe = Recipe({"ce": {"weight": "1-alpha"}, "kd": {"weight": "alpha"}}, temperature=temperature, alpha=0.3)
+    recipe = Recipe(
+        {"ce": {"_target_": TERM["ce"], "weight": "1-alpha"}, "kd": {"_target_": TERM["kd"], "weight": "alpha"}},
+        temperature=temperature,
+        alpha=0.3,
+    )
     ours, classic = (
         recipe({"target": y}, {"logits": s}, {"logits": t}),
-        HintonKD(temperature, 0.3)({"target": y}, {"logits": s}, {"logits": t}),
+        Recipe.hinton(temperature, 0.3)({"target": y}, {"logits": s}, {"logits": t}),
     )
     assert set(ours) == {"ce", "kd"} and all(ours[k].item() == pytest.approx(classic[k].item(), rel=1e-5) for k in ours)
 
@@ -113,7 +118,12 @@ def test_feature_hint_with_adapter_and_resize_matches_a_manual_computation():
     student = tiny_cnn(10, channels=[4, 8], hidden=8)
     teacher = torchvision_model("resnet18", 10, image_size=16)
     recipe = Recipe(
-        {"feature": {"pairs": [{"student": "features.0", "teacher": "layer3", "weight": 3.0}, "features.1:layer2"]}}
+        {
+            "feature": {
+                "_target_": TERM["feature"],
+                "pairs": [{"student": "features.0", "teacher": "layer3", "weight": 3.0}, "features.1:layer2"],
+            }
+        }
     )
     recipe.bind(student, teacher, data)
     assert recipe.student_layers == ("features.0", "features.1") and recipe.teacher_layers == ("layer3", "layer2")
@@ -150,7 +160,7 @@ def test_feature_hint_with_adapter_and_resize_matches_a_manual_computation():
 def test_no_adapter_when_channels_match():
     data = _data()
     student, teacher = tiny_cnn(10, channels=[64, 128], hidden=8), torchvision_model("resnet18", 10, image_size=16)
-    recipe = Recipe({"feature": {"pairs": ["features.0:layer1"]}})
+    recipe = Recipe({"feature": {"_target_": TERM["feature"], "pairs": ["features.0:layer1"]}})
     recipe.bind(student, teacher, data)
     assert len(recipe.terms["feature"].adapters) == 0
 
@@ -171,7 +181,9 @@ def test_class_balanced_weights_and_weighted_kd(method):
     s, t, y = _logits(4, n=16, c=4)
     data = _data()
     data.class_counts["train"] = counts
-    recipe = Recipe({"kd": {"weight": 1.0}}, temperature=2.0, class_balance=method, class_balance_beta=beta)
+    recipe = Recipe(
+        {"kd": {"_target_": TERM["kd"], "weight": 1.0}}, temperature=2.0, class_balance=method, class_balance_beta=beta
+    )
     recipe.bind(None, None, data)
     got = recipe({"target": y}, {"logits": s}, {"logits": t})["kd"]
     assert got.item() == pytest.approx(
@@ -184,7 +196,7 @@ def test_teacher_confidence_weighting():
     conf = F.softmax(t, 1)[torch.arange(len(y)), y]
     w = teacher_confidence_weights(t, y)
     assert w.numpy() == pytest.approx((conf / conf.mean()).numpy(), rel=1e-5) and w.mean().item() == pytest.approx(1.0)
-    recipe = Recipe({"kd": {}}, temperature=4.0, sample_weighting="teacher_confidence")
+    recipe = Recipe({"kd": {"_target_": TERM["kd"]}}, temperature=4.0, sample_weighting="teacher_confidence")
     got = recipe({"target": y}, {"logits": s}, {"logits": t})["kd"]
     assert got.item() == pytest.approx((kd_per_sample(s, t, 4.0) * w).mean().item(), rel=1e-5)
 
@@ -193,7 +205,10 @@ def test_self_distillation_heads_learn_from_the_final_logits():
     data = _data()
     student = tiny_cnn(10, channels=[4, 8], hidden=8)
     recipe = Recipe(
-        {"ce": {}, "self": {"heads": ["features.0"], "deepest": "features.1", "hint_weight": 0.5}},
+        {
+            "ce": {"_target_": TERM["ce"]},
+            "self": {"_target_": TERM["self"], "heads": ["features.0"], "deepest": "features.1", "hint_weight": 0.5},
+        },
         temperature=3.0,
         alpha=0.5,
     )
@@ -239,7 +254,11 @@ def test_schedules_give_the_documented_values():
 
 def test_recipe_schedules_alpha_temperature_and_term_weights():
     recipe = Recipe(
-        {"ce": {"weight": "1-alpha"}, "kd": {"weight": "alpha"}, "attention": {"weight": 1000.0, "pairs": ["a:b"]}},
+        {
+            "ce": {"_target_": TERM["ce"], "weight": "1-alpha"},
+            "kd": {"_target_": TERM["kd"], "weight": "alpha"},
+            "attention": {"_target_": TERM["attention"], "weight": 1000.0, "pairs": ["a:b"]},
+        },
         temperature=4.0,
         alpha=0.5,
         schedule={
@@ -264,14 +283,17 @@ def test_recipe_schedules_alpha_temperature_and_term_weights():
 @pytest.mark.parametrize(
     "kwargs,key",
     [
-        ({"terms": {"kd": {}}, "temperature": 0}, "temperature"),
-        ({"terms": {"kd": {"weight": "alpha"}}, "alpha": 1.5}, "alpha"),
-        ({"terms": {"kdd": {}}}, "terms.kdd.type"),
-        ({"terms": {"kd": {"weight": "2*alpha"}}}, "terms.kd.weight"),
-        ({"terms": {"kd": {}}, "schedule": {"gamma": "linear"}}, "schedule.gamma"),
-        ({"terms": {"kd": {}}, "schedule": {"temperature": "linear"}}, "schedule.temperature.start"),
-        ({"terms": {"kd": {}}, "class_balance": "sqrt"}, "class_balance"),
-        ({"terms": {"kd": {}}, "sample_weighting": "loss"}, "sample_weighting"),
+        ({"terms": {"kd": {"_target_": TERM["kd"]}}, "temperature": 0}, "temperature"),
+        ({"terms": {"kd": {"_target_": TERM["kd"], "weight": "alpha"}}, "alpha": 1.5}, "alpha"),
+        ({"terms": {"kdd": {}}}, "terms.kdd._target_"),
+        ({"terms": {"kd": {"_target_": TERM["kd"], "weight": "2*alpha"}}}, "terms.kd.weight"),
+        ({"terms": {"kd": {"_target_": TERM["kd"]}}, "schedule": {"gamma": "linear"}}, "schedule.gamma"),
+        (
+            {"terms": {"kd": {"_target_": TERM["kd"]}}, "schedule": {"temperature": "linear"}},
+            "schedule.temperature.start",
+        ),
+        ({"terms": {"kd": {"_target_": TERM["kd"]}}, "class_balance": "sqrt"}, "class_balance"),
+        ({"terms": {"kd": {"_target_": TERM["kd"]}}, "sample_weighting": "loss"}, "sample_weighting"),
     ],
 )
 def test_bad_recipe_values_name_the_key(kwargs, key):
@@ -285,11 +307,12 @@ def test_bad_recipe_values_name_the_key(kwargs, key):
 
 @pytest.fixture(scope="module")
 def random_teacher(tmp_path_factory):
-    """A saved, untrained tiny-size teacher: runs use it as loaded (teacher.epochs=0), so no test fine-tunes ResNet-18."""
+    """A saved, untrained tiny-size teacher: runs use it as loaded (teacher.epochs=0), so no test fine-tunes "
+    "ResNet-18."""
     cfg = compose_config(TINY)
-    data = runner.build_data(cfg)
+    data = build_data(cfg)
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(runner.build_teacher(cfg.teacher, "teacher", data, cfg.seed).state_dict(), path)
+    torch.save(build_teacher(cfg.teacher, "teacher", data, cfg.seed).state_dict(), path)
     return path
 
 
@@ -301,23 +324,23 @@ def _fast(teacher_path):
 def test_every_recipe_runs_one_epoch_end_to_end(recipe, random_teacher, tmp_path):
     extra = ["distill.teachers.cnn.epochs=1"] if recipe == "multi_teacher" else []
     metrics = runner.run(compose_config(_fast(random_teacher) + [f"distill={recipe}"] + extra), tmp_path)
-    history = metrics["stages"]["distill"]["history"]
+    history = metrics.stages["student"].history
     assert (
-        len(history) == 1
-        and math.isfinite(history[0]["loss/total"])
-        and 0 <= metrics["models"]["student"]["test_acc"] <= 1
+        len(history) == 1 and math.isfinite(history[0]["loss/total"]) and 0 <= metrics.models["student"].test_acc <= 1
     )
-    if recipe != "kd":
-        assert history[0]["schedule/temperature"] > 0 and any(k.startswith("schedule/weight/") for k in history[0])
+    # logged per epoch: the term weights, and the temperature where a term reads it (kd included now)
+    assert any(k.startswith("schedule/weight/") for k in history[0])
+    if recipe not in ("feature", "attention"):
+        assert history[0]["schedule/temperature"] > 0
     if recipe in ("feature", "self", "combo"):
-        assert metrics["stages"]["distill"]["recipe_params"] > 0
+        assert metrics.stages["student"].recipe_params > 0
         # the shipped student is the plain student: same keys as the baseline
         assert (
             torch.load(tmp_path / "checkpoints" / "student.pt").keys()
             == torch.load(tmp_path / "checkpoints" / "baseline.pt").keys()
         )
     if recipe == "multi_teacher":
-        assert "distill.teachers.cnn" in metrics["stages"]
+        assert "distill.teachers.cnn" in metrics.stages
 
 
 def test_bad_layer_name_fails_at_start_up_with_the_valid_names(random_teacher, tmp_path):
@@ -330,7 +353,8 @@ def test_bad_layer_name_fails_at_start_up_with_the_valid_names(random_teacher, t
     cfg = compose_config(_fast(random_teacher) + ["distill=self", "distill.terms.self.heads=[features.7]"])
     with pytest.raises(
         ConfigError,
-        match=r"distill.terms.self.heads.0='features.7': no such layer in the student \(TinyCNN\); valid names: features, features.0, features.1, pool, classifier",
+        match=r"distill.terms.self.heads.0='features.7': no such layer in the student \(TinyCNN\); "
+        r"valid names: features, features.0, features.1, pool, classifier",
     ):
         runner.run(cfg, tmp_path)
 

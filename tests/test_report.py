@@ -1,6 +1,7 @@
 """The end-of-run evaluation on tiny models (no training) and the report written from it."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -8,9 +9,11 @@ from conftest import compose_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distill_runner.data.bundle import DataBundle, TensorBatches
+from distill_runner.errors import ConfigError
 from distill_runner.evaluation import evaluate
 from distill_runner.models.factories import clone, tiny_cnn
 from distill_runner.reporting import report
+from distill_runner.reporting.results import RunResults, StageResult
 from distill_runner.train import engine
 
 CPU = torch.device("cpu")
@@ -47,47 +50,39 @@ def evaluated():
     return cfg, data, results
 
 
+def run_results(data, results, history) -> RunResults:
+    stages = {s: StageResult(3, 0.7, 1.0, history) for s in ("teacher", "student", "baseline")}
+    return RunResults(
+        dataset=data.name, num_classes=2, class_names=data.class_names, class_counts=data.class_counts, device="cpu",
+        processes=1, precision="32", seed=0, eval_batch_size=16, torch_threads=2, models=results, stages=stages,
+        **evaluate.comparison(results),
+    )  # fmt: skip
+
+
 def test_evaluate_measures_every_model(evaluated):
-    cfg, data, results = evaluated
+    _, _, results = evaluated
     teacher, student, baseline = results["teacher"], results["student"], results["baseline"]
     for r in results.values():
-        assert 0 <= r["test_acc"] <= 1 and 0 <= r["macro_f1"] <= 1 and 0 <= r["ece"] <= 1 and r["roc_auc"] is not None
-        assert r["macs"] * 2 == r["flops"] > 0 and r["size_bytes"] > 4 * r["params"] * 0.9
-        assert r["latency_ms"] > 0 and r["latency_repeats"] >= 5 and r["images_per_s"] > 0
-        assert sum(map(sum, r["confusion"])) == 40 and r["per_class"]["support"] == [20, 20]
-        assert r["penultimate_layer"] == "classifier.4"
+        assert 0 <= r.test_acc <= 1 and 0 <= r.macro_f1 <= 1 and 0 <= r.ece <= 1 and r.roc_auc is not None
+        assert r.macs * 2 == r.flops > 0 and r.size_bytes > 4 * r.params * 0.9
+        assert r.latency_ms > 0 and r.latency_repeats >= 5 and r.images_per_s > 0
+        assert sum(map(sum, r.confusion)) == 40 and r.per_class["support"] == [20, 20]
+        assert r.penultimate_layer == "classifier.4"
     # the "teacher" is a copy of the student: the same predictions and identical features
-    assert student["test_acc"] == teacher["test_acc"] and student["confusion"] == teacher["confusion"]
-    assert student["cka"]["penultimate"] == pytest.approx(1.0) and student["cka"][
-        "features.1 ~ features.1"
-    ] == pytest.approx(1.0)
-    assert set(baseline["cka"]) == {"penultimate", "features.1 ~ features.1", "features.0 ~ features.1"}
-    assert baseline["cka"]["penultimate"] < 1 and "cka" not in teacher
-    assert teacher["speedup"] == 1 and student["compression"] == 1
-    assert json.loads(json.dumps(results)) == results  # JSON-ready
+    assert student.test_acc == teacher.test_acc and student.confusion == teacher.confusion
+    assert student.cka["penultimate"] == pytest.approx(1.0) and student.cka["features.1 ~ features.1"] == pytest.approx(
+        1.0
+    )
+    assert set(baseline.cka) == {"penultimate", "features.1 ~ features.1", "features.0 ~ features.1"}
+    assert baseline.cka["penultimate"] < 1 and not teacher.cka
+    assert teacher.speedup == 1 and student.compression == 1
+    assert all(json.loads(json.dumps(asdict(r))) == asdict(r) for r in results.values())  # JSON-ready
 
 
 def test_report_files_tables_and_tensorboard(evaluated, tmp_path):
-    cfg, data, results = evaluated
+    _, data, results = evaluated
     history = [{"loss/total": 1.0 - 0.1 * e, "val/acc": 0.5 + 0.1 * e} for e in range(3)]
-    stages = {
-        s: {"epochs": 3, "final_val_acc": 0.7, "wall_time_s": 1.0, "history": history}
-        for s in ("teacher", "distill", "baseline")
-    }
-    metrics = {
-        "dataset": data.name,
-        "num_classes": 2,
-        "class_names": data.class_names,
-        "class_counts": data.class_counts,
-        "device": "cpu",
-        "precision": "32",
-        "seed": 0,
-        "eval_batch_size": 16,
-        "torch_threads": 2,
-        "models": results,
-        **evaluate.comparison(results),
-        "stages": stages,
-    }
+    metrics = run_results(data, results, history)
     table = report.write_report(tmp_path, metrics, ["seed=0"])
     assert "student (KD)" in table and "MACs/image" in table and "latency" in table
     assert "of 40 test images)" in table  # the KD gain in images
@@ -102,7 +97,7 @@ def test_report_files_tables_and_tensorboard(evaluated, tmp_path):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert (
         json.loads((tmp_path / "metrics.json").read_text())["models"]["student"]["confusion"]
-        == results["student"]["confusion"]
+        == results["student"].confusion
     )
 
     report.write_tensorboard(tmp_path / "tb", metrics, {"seed": 0}, [])
@@ -122,3 +117,34 @@ def test_report_files_tables_and_tensorboard(evaluated, tmp_path):
         "test/kd_gain",
     } <= set(tags["scalars"])
     assert "report/text_summary" in tags["tensors"]
+
+
+def test_metrics_json_round_trips_and_the_previous_version_still_loads(evaluated, tmp_path):
+    _, data, results = evaluated
+    metrics = run_results(data, results, [{"loss/total": 1.0, "val/acc": 0.5}])
+    metrics.exports["student"] = {"model": "student", "reference_test_acc": 0.5, "runtime": "torch"}
+    metrics.save(tmp_path / "metrics.json")
+    assert RunResults.load(tmp_path / "metrics.json") == metrics
+    # version 1: stage "distill", one "export" record, no version key
+    old = metrics.to_dict()
+    del old["version"], old["exports"]
+    old["stages"] = {{"student": "distill"}.get(k, k): v for k, v in old["stages"].items()}
+    old["export"] = {"model": "student", "reference_test_acc": 0.5, "runtime": "torch"}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert RunResults.load(tmp_path / "old.json") == metrics
+    # a file too old to read, or not JSON: one line naming the file
+    (tmp_path / "older.json").write_text(json.dumps({"dataset": "x", "models": {}, "stages": {}}))
+    (tmp_path / "broken.json").write_text("{not json")
+    for name in ("older.json", "broken.json"):
+        with pytest.raises(ConfigError, match=f"RUN_DIR=.*{name}.*re-run") as err:
+            RunResults.load(tmp_path / name)
+        assert "\n" not in str(err.value)
+
+
+def test_metrics_json_never_holds_nan(evaluated, tmp_path):
+    _, data, results = evaluated
+    metrics = run_results(data, results, [{"loss/total": float("nan"), "val/acc": 0.5}])
+    metrics.retention = float("nan")
+    metrics.save(tmp_path / "metrics.json")
+    text = (tmp_path / "metrics.json").read_text()
+    assert "NaN" not in text and json.loads(text)["retention"] is None

@@ -1,6 +1,5 @@
 """A run killed mid-stage resumes from its last epoch checkpoint and ends where an uninterrupted run ends."""
 
-import json
 import os
 import signal
 import subprocess
@@ -10,6 +9,8 @@ import time
 import pytest
 import torch
 from conftest import TINY
+
+from distill_runner.reporting.results import RunResults
 
 RUN = TINY + ["trainer.epochs=12", "cache.enabled=false", "distill.teacher_outputs=online"]
 
@@ -27,7 +28,7 @@ def start(*args, cwd):
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     killed = tmp_path / "killed"
     proc = start(*RUN, f"hydra.run.dir={killed}", cwd=tmp_path)
-    last = killed / "checkpoints" / "distill_last.pt"
+    last = killed / "checkpoints" / "student_last.pt"
     deadline = time.time() + 300
     while not last.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -53,7 +54,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = "".join(p.read_text() for p in (tmp_path / "again").glob("*.log"))
-    assert "stage teacher: finished before" in log and f"distill: resuming after epoch {epoch}/12" in log
+    assert "stage teacher: finished before" in log and f"student: resuming after epoch {epoch}/12" in log
 
     whole = subprocess.run(
         [sys.executable, "-m", "distill_runner", *RUN, f"hydra.run.dir={tmp_path / 'whole'}"],
@@ -63,11 +64,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
         timeout=600,
     )
     assert whole.returncode == 0, whole.stderr[-3000:]
-    a, b = (json.loads((d / "metrics.json").read_text()) for d in (killed, tmp_path / "whole"))
+    a, b = (RunResults.load(d / "metrics.json") for d in (killed, tmp_path / "whole"))
     for role in ("teacher", "student", "baseline"):
-        assert a["models"][role]["test_acc"] == b["models"][role]["test_acc"]
-    assert [h["loss/total"] for h in a["stages"]["distill"]["history"]] == pytest.approx(
-        [h["loss/total"] for h in b["stages"]["distill"]["history"]], rel=1e-6
+        assert a.models[role].test_acc == b.models[role].test_acc
+    assert [h["loss/total"] for h in a.stages["student"].history] == pytest.approx(
+        [h["loss/total"] for h in b.stages["student"].history], rel=1e-6
     )
     sa = torch.load(killed / "checkpoints" / "student.pt", weights_only=True)
     sb = torch.load(tmp_path / "whole" / "checkpoints" / "student.pt", weights_only=True)
@@ -119,4 +120,4 @@ def test_resume_auto_starts_fresh_then_continues_the_same_folder(tmp_path):
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
     text = log.read_text()
-    assert "resuming the run in" in text and "stage distill: finished before" in text and "reusing baseline" in text
+    assert "resuming the run in" in text and "stage student: finished before" in text and "reusing baseline" in text

@@ -79,6 +79,6 @@ def test_cfg_job_prints_the_composed_config_without_running(tmp_path):
     assert (
         "compile: true" in proc.stdout
         and "temperature: 8" in proc.stdout
-        and "_target_: distill_runner.distill.losses.HintonKD" in proc.stdout
+        and "_target_: distill_runner.distill.terms.HintonKD" in proc.stdout
     )
     assert not (tmp_path / "outputs").exists()

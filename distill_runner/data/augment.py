@@ -49,11 +49,15 @@ class Augment:
         if self.resized_crop_scale is not None:
             lo, hi = (float(v) for v in self.resized_crop_scale)
             if not 0 < lo <= hi <= 1:
-                raise ValueError(f"resized_crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {list(self.resized_crop_scale)}")
+                raise ValueError(
+                    f"resized_crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {list(self.resized_crop_scale)}"
+                )
             self.resized_crop_scale = (lo, hi)
         r0, r1 = (float(v) for v in self.resized_crop_ratio)
         if not 0 < r0 <= r1:
-            raise ValueError(f"resized_crop_ratio must be [lo, hi] with 0 < lo <= hi, got {list(self.resized_crop_ratio)}")
+            raise ValueError(
+                f"resized_crop_ratio must be [lo, hi] with 0 < lo <= hi, got {list(self.resized_crop_ratio)}"
+            )
         self.resized_crop_ratio = (r0, r1)
 
     @property
@@ -86,7 +90,9 @@ class Augment:
         lo, hi = self.resized_crop_scale
         r0, r1 = self.resized_crop_ratio
         area = torch.empty(b, ATTEMPTS, dtype=torch.float64).uniform_(lo, hi, generator=gen) * (h * w)
-        ratio = torch.exp(torch.empty(b, ATTEMPTS, dtype=torch.float64).uniform_(math.log(r0), math.log(r1), generator=gen))
+        ratio = torch.exp(
+            torch.empty(b, ATTEMPTS, dtype=torch.float64).uniform_(math.log(r0), math.log(r1), generator=gen)
+        )
         cw, ch = torch.sqrt(area * ratio).round().long(), torch.sqrt(area / ratio).round().long()
         fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
         first = fits.long().argmax(1, keepdim=True)  # the first attempt that fits

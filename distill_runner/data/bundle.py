@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from distill_runner.data.augment import Augment
 from distill_runner.errors import ConfigError
@@ -81,8 +80,18 @@ class DataBundle:
         else:
             resident, why = False, "data.on_device=auto: on a CPU they stay where they are"
         self.train.place(device, resident)
-        where = f"held on {device} as one tensor" if resident else "in host memory" + (f", each batch copied to {device}" if device.type != "cpu" else "")
-        log.info("training images (%d, %.0f MB): %s; batches by indexing, no loader workers (%s)", self.train.num_samples, nbytes / 2**20, where, why)
+        where = (
+            f"held on {device} as one tensor"
+            if resident
+            else "in host memory" + (f", each batch copied to {device}" if device.type != "cpu" else "")
+        )
+        log.info(
+            "training images (%d, %.0f MB): %s; batches by indexing, no loader workers (%s)",
+            self.train.num_samples,
+            nbytes / 2**20,
+            where,
+            why,
+        )
 
 
 class TensorBatches:
@@ -148,7 +157,7 @@ class TensorBatches:
         changes), else None (every epoch draws new augmentation)."""
         return 1 if self.augment is None or self.augment.is_identity else None
 
-    def place(self, device: torch.device | str, resident: bool) -> "TensorBatches":
+    def place(self, device: torch.device | str, resident: bool) -> TensorBatches:
         """Yield batches on ``device``. ``resident``: this split's images move there once, as one
         tensor (on a CPU: copied out of a memory map into process memory), and batches are indexed
         there. Else they stay where they are (host memory or a memory map): each batch is gathered
@@ -241,7 +250,9 @@ def stratified_split(targets: np.ndarray, fractions: Sequence[float], seed: int)
     return parts + [np.sort(rest)]
 
 
-def balance_weights(balance: str, train_targets: torch.Tensor, num_classes: int) -> tuple[list[float] | None, torch.Tensor | None]:
+def balance_weights(
+    balance: str, train_targets: torch.Tensor, num_classes: int
+) -> tuple[list[float] | None, torch.Tensor | None]:
     """``(class_weights, sample_weights)`` for ``balance``: ``class_weights`` = N / (K * n_c) (mean
     1 over the training images) for the cross-entropy terms; ``sample_weights`` = 1 / n_c per
     training image, so a weighted sampler draws every class equally often. One of them or neither."""
@@ -270,8 +281,6 @@ def take_per_class(targets: np.ndarray, limit: int | None) -> np.ndarray:
 def check_choice(key: str, value: object, choices: Sequence) -> None:
     if value not in choices:
         raise ConfigError(key, value, f"use one of {', '.join(map(str, choices))}")
-
-
 
 
 def in_memory_bundle(
@@ -320,7 +329,10 @@ def in_memory_bundle(
             channels=channels,
         )
 
-    counts = {s: torch.bincount(targets[torch.as_tensor(i, dtype=torch.long)], minlength=num_classes).tolist() for s, i in splits.items()}
+    counts = {
+        s: torch.bincount(targets[torch.as_tensor(i, dtype=torch.long)], minlength=num_classes).tolist()
+        for s, i in splits.items()
+    }
     return DataBundle(
         train=loader("train", True),
         val=loader("val", False),

@@ -84,8 +84,15 @@ def fingerprint(files: list[str]) -> str:
 
 
 def store_key(identity: list[dict], image_size: int) -> str:
-    return digest({"format": FORMAT, "files": identity, "image_size": image_size,
-                   "channels": "1 if every image is grayscale else 3", "resize": f"PIL {INTERPOLATION.value}"})
+    return digest(
+        {
+            "format": FORMAT,
+            "files": identity,
+            "image_size": image_size,
+            "channels": "1 if every image is grayscale else 3",
+            "resize": f"PIL {INTERPOLATION.value}",
+        }
+    )
 
 
 def decode(path: str, image_size: int, channels: int) -> np.ndarray:
@@ -96,7 +103,9 @@ def decode(path: str, image_size: int, channels: int) -> np.ndarray:
             gray = channels == 1 and im.mode in GRAY_MODES
             im = im.convert("L" if gray else "RGB")
     except Exception as exc:  # truncated JPEG and other decode errors
-        raise BadImageError(f"{path} could not be decoded ({type(exc).__name__}: {exc}); remove or replace the file") from None
+        raise BadImageError(
+            f"{path} could not be decoded ({type(exc).__name__}: {exc}); remove or replace the file"
+        ) from None
     pixels = np.array(TF.resize(im, [image_size, image_size], interpolation=INTERPOLATION))
     if gray:
         return pixels[None]
@@ -111,7 +120,9 @@ def channels_needed(files: list[str], image_size: int) -> int:
             with Image.open(path) as im:
                 mode = im.mode
         except Exception as exc:
-            raise BadImageError(f"{path} could not be opened ({type(exc).__name__}: {exc}); remove or replace the file") from None
+            raise BadImageError(
+                f"{path} could not be opened ({type(exc).__name__}: {exc}); remove or replace the file"
+            ) from None
         if mode not in GRAY_MODES:
             rgb = decode(path, image_size, 3)
             if not ((rgb[0] == rgb[1]).all() and (rgb[1] == rgb[2]).all()):
@@ -172,12 +183,19 @@ def _open(data: Path, header: Path, key: str) -> tuple[torch.Tensor | None, str 
 
 def _warn_cannot_store(folder: Path, needed: int, why: str) -> None:
     free = shutil.disk_usage(folder).free if folder.is_dir() else 0
-    log.warning("decoded-image store not written in %s: %s (it needs %.1f MB, %.1f MB are free); decoding with PIL on the fly "
-                "instead, every epoch (slower). Free some space or point cache.dir at another disk; data.decode_cache=false skips the store",
-                folder, why, needed / 2**20, free / 2**20)
+    log.warning(
+        "decoded-image store not written in %s: %s (it needs %.1f MB, %.1f MB are free); decoding with PIL on the fly "
+        "instead, every epoch (slower). Free some space or point cache.dir at another disk; data.decode_cache=false skips the store",
+        folder,
+        why,
+        needed / 2**20,
+        free / 2**20,
+    )
 
 
-def open_or_build(files: list[str], image_size: int, store_dir: str | os.PathLike, progress: bool = True, workers: int | None = None) -> Store | None:
+def open_or_build(
+    files: list[str], image_size: int, store_dir: str | os.PathLike, progress: bool = True, workers: int | None = None
+) -> Store | None:
     """The store of ``files`` at ``image_size``: reused when a valid one exists, else built (one
     builder at a time per key). None when it cannot be written (disk full): decode on the fly.
     ``workers``: decoding processes (None: every core for large sets, none for small ones)."""
@@ -196,8 +214,13 @@ def open_or_build(files: list[str], image_size: int, store_dir: str | os.PathLik
         start = time.perf_counter()
         images, problem = _open(data, header, key)
         if images is not None:
-            log.info("decoded-image store reused: %s (%d images, %s uint8, checked in %.1fs)", data, len(images),
-                     "x".join(map(str, images.shape[1:])), time.perf_counter() - start)
+            log.info(
+                "decoded-image store reused: %s (%d images, %s uint8, checked in %.1fs)",
+                data,
+                len(images),
+                "x".join(map(str, images.shape[1:])),
+                time.perf_counter() - start,
+            )
             return Store(images, data, key, digest(identity), built=False)
         if problem is not None:
             log.warning("decoded-image store %s %s; rebuilding it", data, problem)
@@ -209,7 +232,16 @@ def open_or_build(files: list[str], image_size: int, store_dir: str | os.PathLik
         return Store(images, data, key, digest(identity), built=True)
 
 
-def _build(files: list[str], identity: list[dict], image_size: int, data: Path, header: Path, key: str, progress: bool, workers: int | None) -> bool:
+def _build(
+    files: list[str],
+    identity: list[dict],
+    image_size: int,
+    data: Path,
+    header: Path,
+    key: str,
+    progress: bool,
+    workers: int | None,
+) -> bool:
     """Decode ``files`` into ``data`` + ``header`` (temp files, renamed; the header last). False
     (after a warning, with nothing left behind) when the disk is full."""
     start = time.perf_counter()
@@ -223,22 +255,45 @@ def _build(files: list[str], identity: list[dict], image_size: int, data: Path, 
     if workers is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         workers = min(8, cores) if len(files) >= 4 * CHUNK and cores > 1 else 0
-    log.info("decoding %d images once into %s (%s uint8, %.0f MB; later epochs, runs and sweep jobs reuse it)",
-             len(files), data, "x".join(map(str, shape[1:])), needed / 2**20)
+    log.info(
+        "decoding %d images once into %s (%s uint8, %.0f MB; later epochs, runs and sweep jobs reuse it)",
+        len(files),
+        data,
+        "x".join(map(str, shape[1:])),
+        needed / 2**20,
+    )
     tmp_data, tmp_header = (p.with_name(f".{p.name}.tmp{os.getpid()}") for p in (data, header))
     done = False
     try:
         loader = DataLoader(_Decode(files, image_size, channels), batch_size=CHUNK, num_workers=workers)
-        with open(tmp_data, "wb") as f, tqdm(total=len(files), desc="decoding images (once)", unit="img", leave=False,
-                                             disable=not progress, dynamic_ncols=True) as bar:
+        with (
+            open(tmp_data, "wb") as f,
+            tqdm(
+                total=len(files),
+                desc="decoding images (once)",
+                unit="img",
+                leave=False,
+                disable=not progress,
+                dynamic_ncols=True,
+            ) as bar,
+        ):
             for chunk in loader:
                 _write(f, chunk.numpy())
                 bar.update(len(chunk))
         checksum, covers = _checksum(tmp_data, needed)
         seconds = time.perf_counter() - start
-        meta = {"format": FORMAT, "key": key, "shape": list(shape), "dtype": "uint8", "checksum": checksum, "checksum_covers": covers,
-                "image_size": image_size, "resize": f"PIL {INTERPOLATION.value}", "build_s": round(seconds, 2),
-                "files": identity}
+        meta = {
+            "format": FORMAT,
+            "key": key,
+            "shape": list(shape),
+            "dtype": "uint8",
+            "checksum": checksum,
+            "checksum_covers": covers,
+            "image_size": image_size,
+            "resize": f"PIL {INTERPOLATION.value}",
+            "build_s": round(seconds, 2),
+            "files": identity,
+        }
         tmp_header.write_text(json.dumps(meta))
         os.replace(tmp_data, data)
         os.replace(tmp_header, header)  # last: only now is the store valid
@@ -253,7 +308,16 @@ def _build(files: list[str], identity: list[dict], image_size: int, data: Path, 
             for path in (tmp_data, tmp_header, data, header):  # what was there before was damaged
                 path.unlink(missing_ok=True)
     others = [p for p in data.parent.glob("*.u8") if p != data]
-    log.info("decoded-image store built: %s, %d images in %.1fs (%.0f images/s, %d decoding workers)%s", data, len(files), seconds,
-             len(files) / seconds, workers, f"; {data.parent} also holds {len(others)} other store(s), {sum(p.stat().st_size for p in others) / 2**20:.0f} MB"
-             " (other sizes or file lists, or files changed since): delete those no run needs" if others else "")
+    log.info(
+        "decoded-image store built: %s, %d images in %.1fs (%.0f images/s, %d decoding workers)%s",
+        data,
+        len(files),
+        seconds,
+        len(files) / seconds,
+        workers,
+        f"; {data.parent} also holds {len(others)} other store(s), {sum(p.stat().st_size for p in others) / 2**20:.0f} MB"
+        " (other sizes or file lists, or files changed since): delete those no run needs"
+        if others
+        else "",
+    )
     return True

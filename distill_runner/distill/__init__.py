@@ -1,0 +1,5 @@
+"""Distillation: loss terms, the recipe that weighs them, schedules and teacher signals."""
+
+from distill_runner.distill.recipe import Recipe
+
+__all__ = ["Recipe"]

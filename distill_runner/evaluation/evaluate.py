@@ -9,10 +9,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from distill_runner.cache import Cache, digest
+from distill_runner.cache import Cache, eval_key
 from distill_runner.data.bundle import DataBundle
 from distill_runner.evaluation import metrics as measure
 from distill_runner.models.factories import count_parameters
+from distill_runner.reporting.results import ModelResult
 from distill_runner.train import engine
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def evaluate(
     layer_pairs: list[tuple[str, str]] = (),
     cache: Cache | None = None,
     cache_keys: dict[str, str | None] | None = None,
-) -> dict:
+) -> dict[str, ModelResult]:
     """Every model on the test split: prediction quality, size, FLOPs, speed; CKA of each student
     to the teacher (penultimate features and each (teacher, student) layer pair of the recipe).
 
@@ -46,28 +47,17 @@ def evaluate(
         layers = [pair[0 if role == "teacher" else 1] for pair in layer_pairs]
         model_key = (cache_keys or {}).get(role)
         if cache is not None and model_key is not None:
-            key = digest(
-                {
-                    "model": model_key,
-                    "role": role,
-                    "layers": layers,
-                    "settings": settings,
-                    "device": str(device),
-                    "precision": precision.name,
-                    "eval_batch_size": data.test.batch_size,
-                    "threads": torch.get_num_threads(),
-                }
-            )
-            with cache.locked("evals", key) as path:
-                entry = cache.load(path)
-                if entry is None:
-                    results[role], features[role] = _evaluate_one(
-                        cfg, role, model, data, device, precision, checkpoint_dir, layers, settings
-                    )
-                    cache.store(path, {"result": results[role], "features": features[role]})
-                else:
-                    results[role], features[role] = entry["result"], entry["features"]
-                    log.info("reusing the evaluation of %s (%s) from %s", role, model_key, path)
+
+            def build(role=role, model=model, layers=layers) -> dict:
+                result, found = _evaluate_one(
+                    cfg, role, model, data, device, precision, checkpoint_dir, layers, settings
+                )
+                return {"result": result, "features": found}
+
+            entry, source = cache.fetch("evals", eval_key(cfg, model_key, role, layers, device), build, shared=False)
+            results[role], features[role] = dict(entry["result"]), entry["features"]
+            if source.startswith("reused"):
+                log.info("reusing the evaluation of %s (%s), %s", role, model_key, source)
         else:
             results[role], features[role] = _evaluate_one(
                 cfg, role, model, data, device, precision, checkpoint_dir, layers, settings
@@ -85,7 +75,7 @@ def evaluate(
                 else {}
             )
             r["cka"].update({f"{t} ~ {s}": measure.linear_cka(theirs[t], ours[s]) for t, s in layer_pairs})
-    return results
+    return {role: ModelResult(**r) for role, r in results.items()}
 
 
 def _evaluate_one(cfg, role, model, data, device, precision, checkpoint_dir, layers, settings) -> tuple[dict, dict]:
@@ -127,12 +117,12 @@ def _evaluate_one(cfg, role, model, data, device, precision, checkpoint_dir, lay
     return result, features
 
 
-def comparison(results: dict) -> dict:
+def comparison(results: dict[str, ModelResult]) -> dict:
     """Run-level numbers: retention = student / teacher accuracy, KD gain = student - baseline."""
     student, baseline, teacher = results["student"], results["baseline"], results["teacher"]
     return {
-        "retention": student["test_acc"] / teacher["test_acc"] if teacher["test_acc"] else float("nan"),
-        "kd_gain": student["test_acc"] - baseline["test_acc"],
-        "kd_gain_macro_f1": student["macro_f1"] - baseline["macro_f1"],
-        "test_size": sum(student["per_class"]["support"]),
+        "retention": student.test_acc / teacher.test_acc if teacher.test_acc else None,
+        "kd_gain": student.test_acc - baseline.test_acc,
+        "kd_gain_macro_f1": student.macro_f1 - baseline.macro_f1,
+        "test_size": sum(student.per_class["support"]),
     }

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import json
 import logging
 import sys
 import warnings
@@ -189,9 +188,10 @@ def export_run(run_dir: str | Path, role: str = "student") -> dict:
     add the result to its metrics.json and rewrite its report."""
     from omegaconf import OmegaConf
 
-    from distill_runner import runner
+    from distill_runner.build import build_data, build_model
     from distill_runner.models.factories import load_checkpoint
     from distill_runner.reporting.report import write_report
+    from distill_runner.reporting.results import RunResults
 
     run_dir = Path(run_dir)
     config = run_dir / ".hydra" / "config.yaml"
@@ -199,7 +199,8 @@ def export_run(run_dir: str | Path, role: str = "student") -> dict:
         raise ConfigError(
             "RUN_DIR",
             str(run_dir),
-            "not a distill-run folder (no .hydra/config.yaml); give a folder that distill-run wrote, e.g. outputs/<date>/<time>",
+            "not a distill-run folder (no .hydra/config.yaml); give a folder that distill-run wrote, e.g. "
+            "outputs/<date>/<time>",
         )
     checkpoint = run_dir / "checkpoints" / f"{role}.pt"
     if not checkpoint.is_file():
@@ -207,27 +208,20 @@ def export_run(run_dir: str | Path, role: str = "student") -> dict:
             "RUN_DIR", str(run_dir), f"has no checkpoints/{role}.pt; the run did not finish its {role} stage"
         )
     cfg = OmegaConf.load(config)
-    data = runner.build_data(cfg)
+    data = build_data(cfg)
     node = cfg.teacher if role == "teacher" else cfg.student
     kwargs = {"weights": None} if role == "teacher" else {}  # the checkpoint holds all the weights
-    model = runner.build_model(node, role, data, cfg.seed, **kwargs)
+    model = build_model(node, role, data, cfg.seed, **kwargs)
     load_checkpoint(model, checkpoint, key="RUN_DIR")
     result = export_and_check(model, data, run_dir / "export", role)
 
     metrics_path = run_dir / "metrics.json"
-    if metrics_path.is_file():
-        metrics = json.loads(metrics_path.read_text())
-        metrics["export"] = result
+    if metrics_path.is_file():  # one export record per model: the teacher's does not replace the student's
+        results = RunResults.load(metrics_path)
+        results.exports[role] = result
         overrides_path = run_dir / ".hydra" / "overrides.yaml"
         overrides = list(OmegaConf.load(overrides_path)) if overrides_path.is_file() else []
-        try:
-            write_report(run_dir, metrics, overrides)
-        except KeyError as exc:  # metrics.json of a run from before the current report
-            metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
-            log.warning(
-                "metrics.json updated; report.md not rewritten: the run's metrics.json has no %s (written by an older distill-run)",
-                exc,
-            )
+        write_report(run_dir, results, overrides)
     return result
 
 
@@ -235,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     """``distill-export RUN_DIR``: the console script."""
     parser = argparse.ArgumentParser(
         prog="distill-export",
-        description="Export a finished distill-run's model as ONNX and TorchScript into RUN_DIR/export/, run the test split "
+        description="Export a finished distill-run's model as ONNX and TorchScript into RUN_DIR/export/, run the "
+        "test split "
         "through the exported files and add the largest logit difference and the accuracy after export to "
         "metrics.json and report.md.",
     )

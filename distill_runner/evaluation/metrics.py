@@ -108,8 +108,8 @@ def linear_cka(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> fl
         raise ValueError(f"CKA needs the same examples in both: {len(x)} vs {len(y)} rows")
     x, y = x - x.mean(0), y - y.mean(0)
     if max(x.shape[1], y.shape[1]) > len(x):  # Gram form: <K, L> = ||Y^T X||_F^2 for K = XX^T, L = YY^T
-        k, l = x @ x.T, y @ y.T
-        hsic, norm_x, norm_y = (k * l).sum(), k.norm(), l.norm()
+        gram_x, gram_y = x @ x.T, y @ y.T
+        hsic, norm_x, norm_y = (gram_x * gram_y).sum(), gram_x.norm(), gram_y.norm()
     else:
         hsic, norm_x, norm_y = (y.T @ x).pow(2).sum(), (x.T @ x).norm(), (y.T @ y).norm()
     if norm_x == 0 or norm_y == 0:
@@ -160,14 +160,12 @@ def capture(
             h.remove()
 
 
-def feature_layers(recipe: object) -> list[tuple[str, str]]:
-    """(teacher layer, student layer) pairs of a feature recipe that names them
-    (``teacher_layers`` / ``student_layers`` attributes); empty for logit-only recipes."""
-    t, s = getattr(recipe, "teacher_layers", None), getattr(recipe, "student_layers", None)
-    if not t or not s:
+def feature_layers(recipe) -> list[tuple[str, str]]:
+    """(teacher layer, student layer) pairs of a recipe whose terms pair layers (feature hints,
+    attention); empty for logit-only recipes."""
+    if not recipe.teacher_layers or not recipe.student_layers:
         return []
-    t, s = [t] if isinstance(t, str) else list(t), [s] if isinstance(s, str) else list(s)
-    return list(zip(t, s))
+    return list(zip(recipe.teacher_layers, recipe.student_layers))
 
 
 # --------------------------------------------------------------------------- cost

@@ -12,7 +12,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-STAGE_LABELS = {"teacher": "teacher", "distill": "student (KD)", "baseline": "student (scratch)"}
+from distill_runner.reporting.results import ROLE_LABELS, StageResult
+
 ANNOTATE_MAX_CLASSES = 20
 
 
@@ -22,16 +23,16 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def curves_figure(stages: dict[str, dict]) -> Figure:
+def curves_figure(stages: dict[str, StageResult]) -> Figure:
     """Train loss (the sum of the stage's loss terms) and validation accuracy per epoch."""
     fig = _figure(10, 3.8)
     loss_ax, acc_ax = fig.subplots(1, 2)
     for stage, info in stages.items():
-        history = info.get("history") or []
+        history = info.history
         if not history:
             continue
         epochs = range(1, len(history) + 1)
-        label = STAGE_LABELS.get(stage, stage)
+        label = ROLE_LABELS.get(stage, stage)
         loss_ax.plot(epochs, [h.get("loss/total", float("nan")) for h in history], marker="o", label=label)
         acc_ax.plot(epochs, [h.get("val/acc", float("nan")) for h in history], marker="o", label=label)
     loss_ax.set(title="train loss (sum of the stage's loss terms)", xlabel="epoch", ylabel="loss")
@@ -77,7 +78,7 @@ def confusion_figure(matrix, class_names, title: str) -> Figure:
     return fig
 
 
-def save_curves(path: str | os.PathLike, stages: dict[str, dict]) -> None:
+def save_curves(path: str | os.PathLike, stages: dict[str, StageResult]) -> None:
     curves_figure(stages).savefig(path, dpi=100, bbox_inches="tight")
 
 

@@ -1,20 +1,18 @@
 """The run's comparison: metrics.json, report.md (+ curves.png, confusion.png), TensorBoard and the
 table printed at the end of a run.
 
-Everything here is a function of the metrics dict, so ``distill-export`` can rewrite the report
-of a finished run from its metrics.json.
+Everything here is a function of :class:`~distill_runner.reporting.results.RunResults`, so
+``distill-export`` can rewrite the report of a finished run from its metrics.json.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 
-ROLES = ("teacher", "student", "baseline")
-ROLE_LABELS = {"teacher": "teacher", "student": "student (KD)", "baseline": "student (scratch)"}
-STUDENTS = ("student", "baseline")
+from distill_runner.reporting.results import ROLE_LABELS, ROLES, STUDENTS, RunResults
+
 MAX_CLASSES_IN_TABLES = 20  # larger confusion matrices only go to confusion.png and metrics.json
 
 
@@ -49,23 +47,23 @@ HEADER = [
 ]
 
 
-def comparison_rows(metrics: dict) -> list[list[str]]:
+def comparison_rows(metrics: RunResults) -> list[list[str]]:
     rows = []
     for role in ROLES:
-        m = metrics["models"][role]
+        m = metrics.models[role]
         rows.append(
             [
                 ROLE_LABELS[role],
-                m["name"],
-                f"{m['params']:,}",
-                megabytes(m["size_bytes"]),
-                count(m["macs"]),
-                f"{m['test_acc']:.4f}",
-                num(m["macro_f1"]),
-                num(m["ece"], ".3f"),
-                f"{m['latency_ms']:.2f} ms",
-                f"{m['images_per_s']:,.0f}",
-                f"{m['speedup']:.1f}x",
+                m.name,
+                f"{m.params:,}",
+                megabytes(m.size_bytes),
+                count(m.macs),
+                f"{m.test_acc:.4f}",
+                num(m.macro_f1),
+                num(m.ece, ".3f"),
+                f"{m.latency_ms:.2f} ms",
+                f"{m.images_per_s:,.0f}",
+                f"{m.speedup:.1f}x",
             ]
         )
     return rows
@@ -86,28 +84,28 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, rows)])
 
 
-def _gain_images(metrics: dict) -> str:
-    n = metrics.get("test_size")
+def _gain_images(metrics: RunResults) -> str:
+    n = metrics.test_size
     if not n:
         return ""
-    images = round(metrics["kd_gain"] * n)
+    images = round(metrics.kd_gain * n)
     return f" ({images:+d} of {n} test images)"
 
 
-def summary_line(metrics: dict) -> str:
+def summary_line(metrics: RunResults) -> str:
     line = (
-        f"retention (student/teacher accuracy) {num(metrics['retention'], '.3f')}; "
-        f"KD gain over scratch baseline {metrics['kd_gain']:+.4f}{_gain_images(metrics)}"
+        f"retention (student/teacher accuracy) {num(metrics.retention, '.3f')}; "
+        f"KD gain over scratch baseline {metrics.kd_gain:+.4f}{_gain_images(metrics)}"
     )
     cka = [
-        f"{ROLE_LABELS[r]} {metrics['models'][r]['cka']['penultimate']:.3f}"
+        f"{ROLE_LABELS[r]} {metrics.models[r].cka['penultimate']:.3f}"
         for r in STUDENTS
-        if "penultimate" in metrics["models"][r].get("cka", {})
+        if "penultimate" in metrics.models[r].cka
     ]
     if cka:
         line += "\nlinear CKA to the teacher (penultimate features): " + ", ".join(cka)
-    if "export" in metrics:
-        line += "\n" + export_line(metrics["export"])
+    for export in metrics.exports.values():
+        line += "\n" + export_line(export)
     return line
 
 
@@ -122,49 +120,51 @@ def export_line(export: dict, prefix: bool = True) -> str:
     return (f"export ({export['model']}): " if prefix else "") + "; ".join(parts)
 
 
-def verdict(metrics: dict) -> list[str]:
+def verdict(metrics: RunResults) -> list[str]:
     """The answer to "should I ship the student?" as bullet points of numbers."""
-    t, s, b = (metrics["models"][r] for r in ROLES)
+    t, s, b = (metrics.models[r] for r in ROLES)
+    kept = num(None if metrics.retention is None else metrics.retention * 100, ".1f")
     lines = [
-        f"- **Accuracy**: the KD student keeps **{num(metrics['retention'] * 100, '.1f')}%** of the teacher's test accuracy "
-        f"({s['test_acc']:.4f} vs {t['test_acc']:.4f}; macro-F1 {num(s['macro_f1'])} vs {num(t['macro_f1'])}).",
-        f"- **KD vs scratch**: accuracy {metrics['kd_gain']:+.4f}{_gain_images(metrics)}, macro-F1 {metrics['kd_gain_macro_f1']:+.4f} "
+        f"- **Accuracy**: the KD student keeps **{kept}%** of the teacher's test accuracy "
+        f"({s.test_acc:.4f} vs {t.test_acc:.4f}; macro-F1 {num(s.macro_f1)} vs {num(t.macro_f1)}).",
+        f"- **KD vs scratch**: accuracy {metrics.kd_gain:+.4f}{_gain_images(metrics)}, macro-F1 "
+        f"{metrics.kd_gain_macro_f1:+.4f} "
         "over the same student trained without the teacher.",
-        f"- **Cost**: {t['params'] / s['params']:.1f}x fewer parameters, {t['size_bytes'] / s['size_bytes']:.1f}x smaller on disk, "
-        f"{t['macs'] / max(s['macs'], 1):.1f}x fewer multiply-adds per image than the teacher.",
-        f"- **Speed on {metrics['device']}**: {s['speedup']:.1f}x the teacher's throughput at batch {metrics.get('eval_batch_size', '?')}, "
-        f"{s['latency_speedup']:.1f}x lower latency at batch 1 ({s['latency_ms']:.2f} ms vs {t['latency_ms']:.2f} ms).",
-        f"- **Calibration**: ECE {num(s['ece'], '.3f')} (teacher {num(t['ece'], '.3f')}, scratch {num(b['ece'], '.3f')}).",
+        f"- **Cost**: {t.params / s.params:.1f}x fewer parameters, {t.size_bytes / s.size_bytes:.1f}x smaller on disk, "
+        f"{t.macs / max(s.macs, 1):.1f}x fewer multiply-adds per image than the teacher.",
+        f"- **Speed on {metrics.device}**: {s.speedup:.1f}x the teacher's throughput at batch "
+        f"{metrics.eval_batch_size}, "
+        f"{s.latency_speedup:.1f}x lower latency at batch 1 ({s.latency_ms:.2f} ms vs {t.latency_ms:.2f} ms).",
+        f"- **Calibration**: ECE {num(s.ece, '.3f')} (teacher {num(t.ece, '.3f')}, scratch {num(b.ece, '.3f')}).",
     ]
-    if "penultimate" in s.get("cka", {}):
+    if "penultimate" in s.cka:
         lines.append(
-            f"- **Representations**: linear CKA to the teacher's penultimate features {s['cka']['penultimate']:.3f} "
-            f"(scratch {b['cka'].get('penultimate', float('nan')):.3f})."
+            f"- **Representations**: linear CKA to the teacher's penultimate features {s.cka['penultimate']:.3f} "
+            f"(scratch {b.cka.get('penultimate', float('nan')):.3f})."
         )
-    if "export" in metrics:
-        e = metrics["export"]
+    for e in metrics.exports.values():
         lines.append(
-            f"- **Export** ({ROLE_LABELS.get(e['model'], e['model'])}, PyTorch fp32 test acc {e['reference_test_acc']:.4f}): {export_line(e, prefix=False)}."
+            f"- **Export** ({ROLE_LABELS.get(e['model'], e['model'])}, PyTorch fp32 test acc "
+            f"{e['reference_test_acc']:.4f}): {export_line(e, prefix=False)}."
         )
-    else:
+    if not metrics.exports:
         lines.append("- **Export**: not exported in this run (`export=onnx`, or `distill-export RUN_DIR` afterwards).")
     return lines
 
 
-def per_class_table(metrics: dict) -> str:
-    names = metrics["class_names"]
-    support = metrics["models"]["teacher"]["per_class"]["support"]
+def per_class_table(metrics: RunResults) -> str:
+    names = metrics.class_names
+    support = metrics.models["teacher"].per_class["support"]
     header = ["class", "support"] + [f"{ROLE_LABELS[r]} {k}" for r in ROLES for k in ("P", "R", "F1")]
     rows = []
     for c, name in enumerate(names):
         row = [str(name), str(support[c])]
         for r in ROLES:
-            pc = metrics["models"][r]["per_class"]
+            pc = metrics.models[r].per_class
             row += [f"{pc['precision'][c]:.3f}", f"{pc['recall'][c]:.3f}", f"{pc['f1'][c]:.3f}"]
         rows.append(row)
     rows.append(
-        ["macro", str(sum(support))]
-        + [x for r in ROLES for x in ("", "", num(metrics["models"][r]["macro_f1"], ".3f"))]
+        ["macro", str(sum(support))] + [x for r in ROLES for x in ("", "", num(metrics.models[r].macro_f1, ".3f"))]
     )
     return markdown_table(header, rows, left=1)
 
@@ -174,18 +174,18 @@ def confusion_table(matrix: list[list[int]], names: list[str]) -> str:
     return markdown_table(header, [[str(names[i])] + [str(v) for v in row] for i, row in enumerate(matrix)], left=1)
 
 
-def cka_table(metrics: dict) -> str:
-    keys = list(metrics["models"]["student"].get("cka", {}))
+def cka_table(metrics: RunResults) -> str:
+    keys = list(metrics.models["student"].cka)
     s_head, t_head = (
-        metrics["models"]["student"].get("penultimate_layer"),
-        metrics["models"]["teacher"].get("penultimate_layer"),
+        metrics.models["student"].penultimate_layer,
+        metrics.models["teacher"].penultimate_layer,
     )
     rows = []
     for key in keys:
         label = (
             f"penultimate (input of teacher `{t_head}` ~ student `{s_head}`)" if key == "penultimate" else f"`{key}`"
         )
-        rows.append([label] + [num(metrics["models"][r]["cka"].get(key), ".3f") for r in STUDENTS])
+        rows.append([label] + [num(metrics.models[r].cka.get(key), ".3f") for r in STUDENTS])
     return markdown_table(["teacher ~ student features", ROLE_LABELS["student"], ROLE_LABELS["baseline"]], rows, left=1)
 
 
@@ -209,8 +209,10 @@ def export_section(export: dict) -> list[str]:
         else:
             rows.append([fmt, f"`{e['path']}`" if e.get("path") else "-", "-", "-", "-", e.get("status", "skipped")])
     return [
-        f"The {ROLE_LABELS.get(export['model'], export['model'])} was exported on the CPU in fp32 and run on the whole test split "
-        f"({export['runtime']}); differences are against the same model in PyTorch (fp32, CPU, test accuracy {export['reference_test_acc']:.4f}).",
+        f"The {ROLE_LABELS.get(export['model'], export['model'])} was exported on the CPU in fp32 and run on the "
+        "whole test split "
+        f"({export['runtime']}); differences are against the same model in PyTorch (fp32, CPU, test accuracy "
+        f"{export['reference_test_acc']:.4f}).",
         "",
         markdown_table(
             ["format", "file", "size", "max abs logit diff", "test acc after export", "same prediction"], rows, left=2
@@ -241,20 +243,16 @@ DEFINITIONS = """\
 """
 
 
-def render_markdown(metrics: dict, overrides: list[str]) -> str:
-    counts = metrics.get("class_counts", {})
-    names = metrics["class_names"]
+def render_markdown(metrics: RunResults, overrides: list[str]) -> str:
+    counts = metrics.class_counts
+    names = metrics.class_names
     md = [
-        f"# distill-runner report: {metrics['dataset']}",
+        f"# distill-runner report: {metrics.dataset}",
         "",
         f"Overrides: `{' '.join(overrides) or '(none)'}`  ",
-        f"Device: {metrics['device']}"
-        + (
-            f" ({metrics['torch_threads']} torch threads)"
-            if "cpu" in metrics["device"] and metrics.get("torch_threads")
-            else ""
-        )
-        + f", precision: {metrics['precision']}, seed: {metrics['seed']}",
+        f"Device: {metrics.device}"
+        + (f" ({metrics.torch_threads} torch threads)" if "cpu" in metrics.device and metrics.torch_threads else "")
+        + f", precision: {metrics.precision}, seed: {metrics.seed}",
         "",
         markdown_table(HEADER, comparison_rows(metrics)),
         "",
@@ -275,22 +273,24 @@ def render_markdown(metrics: dict, overrides: list[str]) -> str:
         per_class_table(metrics),
         "",
     ]
-    if metrics["num_classes"] == 2:
-        md += ["ROC-AUC: " + ", ".join(f"{ROLE_LABELS[r]} {num(metrics['models'][r]['roc_auc'])}" for r in ROLES), ""]
+    if metrics.num_classes == 2:
+        md += ["ROC-AUC: " + ", ".join(f"{ROLE_LABELS[r]} {num(metrics.models[r].roc_auc)}" for r in ROLES), ""]
     md += ["## Confusion matrices (test split; rows: true class, columns: predicted class)", ""]
     if len(names) <= MAX_CLASSES_IN_TABLES:
         for r in ROLES:
-            md += [f"### {ROLE_LABELS[r]}", "", confusion_table(metrics["models"][r]["confusion"], names), ""]
+            md += [f"### {ROLE_LABELS[r]}", "", confusion_table(metrics.models[r].confusion, names), ""]
     else:
         md += [f"{len(names)} classes: see `confusion.png` and `metrics.json`.", ""]
-    if metrics["models"]["student"].get("cka"):
+    if metrics.models["student"].cka:
         md += ["## Representation similarity (linear CKA to the teacher, test split)", "", cka_table(metrics), ""]
-    if "export" in metrics:
-        md += ["## Export", "", *export_section(metrics["export"])]
+    if metrics.exports:
+        md += ["## Export", ""]
+        for export in metrics.exports.values():
+            md += export_section(export)
     md += [
         "## Data",
         "",
-        f"{metrics['num_classes']} classes; images per split and class ({', '.join(map(str, names))}):",
+        f"{metrics.num_classes} classes; images per split and class ({', '.join(map(str, names))}):",
         "",
         *[f"- {split}: {c} (total {sum(c)})" for split, c in counts.items()],
         "",
@@ -301,11 +301,11 @@ def render_markdown(metrics: dict, overrides: list[str]) -> str:
             [
                 [
                     s,
-                    str(v["epochs"]),
-                    f"{v['final_val_acc']:.4f}" if v["final_val_acc"] is not None else "-",
-                    f"{v['wall_time_s']:.1f}s",
+                    str(v.epochs),
+                    f"{v.final_val_acc:.4f}" if v.final_val_acc is not None else "-",
+                    f"{v.wall_time_s:.1f}s",
                 ]
-                for s, v in metrics["stages"].items()
+                for s, v in metrics.stages.items()
             ],
         ),
         "",
@@ -316,28 +316,28 @@ def render_markdown(metrics: dict, overrides: list[str]) -> str:
     return "\n".join(md)
 
 
-def write_report(run_dir: str | os.PathLike, metrics: dict, overrides: list[str]) -> str:
+def write_report(run_dir: str | os.PathLike, metrics: RunResults, overrides: list[str]) -> str:
     """Write metrics.json, report.md, curves.png and confusion.png into ``run_dir``; return the
     console table."""
     from distill_runner.reporting import plots
 
     run_dir = Path(run_dir)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    plots.save_curves(run_dir / "curves.png", metrics["stages"])
+    metrics.save(run_dir / "metrics.json")
+    plots.save_curves(run_dir / "curves.png", metrics.stages)
     plots.save_confusions(
         run_dir / "confusion.png",
-        {ROLE_LABELS[r]: metrics["models"][r]["confusion"] for r in ROLES},
-        metrics["class_names"],
+        {ROLE_LABELS[r]: metrics.models[r].confusion for r in ROLES},
+        metrics.class_names,
     )
     (run_dir / "report.md").write_text(render_markdown(metrics, overrides))
     return text_table(HEADER, comparison_rows(metrics)) + "\n" + summary_line(metrics)
 
 
-def final_scalars(metrics: dict) -> dict[str, float]:
+def final_scalars(metrics: RunResults) -> dict[str, float]:
     """The run's final numbers for TensorBoard's HParams tab, as ``test/...`` tags."""
     out = {}
     for role in ROLES:
-        m = metrics["models"][role]
+        m = metrics.models[role]
         for key in (
             "test_acc",
             "macro_f1",
@@ -350,17 +350,21 @@ def final_scalars(metrics: dict) -> dict[str, float]:
             "size_bytes",
             "speedup",
         ):
-            out[f"test/{role}_{key.removeprefix('test_')}"] = m.get(key)
+            out[f"test/{role}_{key.removeprefix('test_')}"] = getattr(m, key)
         if role in STUDENTS:
-            out[f"test/{role}_cka"] = m.get("cka", {}).get("penultimate")
-    out.update({"test/retention": metrics["retention"], "test/kd_gain": metrics["kd_gain"]})
+            out[f"test/{role}_cka"] = m.cka.get("penultimate")
+    out.update({"test/retention": metrics.retention, "test/kd_gain": metrics.kd_gain})
     for fmt in ("onnx", "torchscript"):
-        e = metrics.get("export", {}).get(fmt, {})
-        out[f"export/{fmt}_max_abs_diff"], out[f"export/{fmt}_acc"] = e.get("max_abs_diff"), e.get("test_acc")
+        for role, export in metrics.exports.items():
+            e = export.get(fmt, {})
+            out[f"export/{role}_{fmt}_max_abs_diff"], out[f"export/{role}_{fmt}_acc"] = (
+                e.get("max_abs_diff"),
+                e.get("test_acc"),
+            )
     return {k: float(v) for k, v in out.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
 
 
-def write_tensorboard(tb_dir: str | os.PathLike, metrics: dict, hparams: dict, overrides: list[str]) -> None:
+def write_tensorboard(tb_dir: str | os.PathLike, metrics: RunResults, hparams: dict, overrides: list[str]) -> None:
     """Into ``tb_dir`` itself: the run's hyperparameters and final numbers (HParams), a confusion
     matrix figure per model (``confusion/<model>``) and the report as text (``report``)."""
     from torch.utils.tensorboard import SummaryWriter
@@ -369,9 +373,7 @@ def write_tensorboard(tb_dir: str | os.PathLike, metrics: dict, hparams: dict, o
 
     with SummaryWriter(tb_dir) as writer:
         for role in ROLES:
-            figure = plots.confusion_figure(
-                metrics["models"][role]["confusion"], metrics["class_names"], ROLE_LABELS[role]
-            )
+            figure = plots.confusion_figure(metrics.models[role].confusion, metrics.class_names, ROLE_LABELS[role])
             writer.add_figure(f"confusion/{role}", figure, close=False)
         writer.add_text("report", render_markdown(metrics, overrides))
         writer.add_hparams(hparams, final_scalars(metrics), run_name=".")

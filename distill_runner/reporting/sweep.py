@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import sys
 from pathlib import Path
@@ -17,6 +16,9 @@ from pathlib import Path
 import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from distill_runner.errors import ConfigError
+from distill_runner.reporting.results import RunResults
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ def collect(sweep_dir: Path) -> list[dict]:
     rows = []
     for metrics_file in sorted(sweep_dir.glob("*/metrics.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
         job = metrics_file.parent
-        metrics = json.loads(metrics_file.read_text())
+        results = RunResults.load(metrics_file)
         overrides_file = job / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
         rows.append(
@@ -36,12 +38,12 @@ def collect(sweep_dir: Path) -> list[dict]:
                 "job": job.name,
                 "overrides": " ".join(overrides),
                 "params": dict(o.split("=", 1) for o in overrides if "=" in o),
-                "teacher_acc": metrics["models"]["teacher"]["test_acc"],
-                "student_acc": metrics["models"]["student"]["test_acc"],
-                "baseline_acc": metrics["models"]["baseline"]["test_acc"],
-                "retention": metrics["retention"],
-                "kd_gain": metrics["kd_gain"],
-                "wall_time_s": metrics.get("wall_time_s", float("nan")),
+                "teacher_acc": results.models["teacher"].test_acc,
+                "student_acc": results.models["student"].test_acc,
+                "baseline_acc": results.models["baseline"].test_acc,
+                "retention": results.retention if results.retention is not None else float("nan"),
+                "kd_gain": results.kd_gain,
+                "wall_time_s": results.wall_time_s if results.wall_time_s is not None else float("nan"),
             }
         )
     return rows
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         rows = write_summary(args.path)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ConfigError) as exc:
         print(f"distill-report: error: {exc}", file=sys.stderr)
         return 2
     print((args.path / "summary.md").read_text())

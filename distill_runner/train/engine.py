@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from distill_runner import distributed
 from distill_runner.errors import ConfigError
 from distill_runner.models.features import FeatureTap
-from distill_runner.train import distributed
+from distill_runner.storage import atomic_save
+
+if TYPE_CHECKING:
+    from distill_runner.distill.contract import TeacherSignal
+    from distill_runner.distill.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +69,8 @@ def resolve_precision(name: str, device: torch.device, device_requested: str = "
     if name == "16-mixed" and device.type != "cuda":
         if str(device_requested) == "auto":
             log.warning(
-                "trainer.precision=16-mixed needs CUDA and none is available: falling back to 32 (fp32). Use bf16-mixed for mixed precision on CPU."
+                "trainer.precision=16-mixed needs CUDA and none is available: falling back to 32 (fp32). Use "
+                "bf16-mixed for mixed precision on CPU."
             )
             return Precision("32", None, device.type)
         raise ConfigError(
@@ -72,26 +78,6 @@ def resolve_precision(name: str, device: torch.device, device_requested: str = "
         )
     dtype = {"32": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}[name]
     return Precision(name, dtype, device.type)
-
-
-def atomic_save(obj: object, path: str | os.PathLike) -> None:
-    """Write to a temp file then rename, so a crash never leaves a half-written checkpoint."""
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Text written like :func:`atomic_save`: a reader sees the old file or the whole new one."""
-    _atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
-    if not distributed.is_main():  # under torchrun rank 0 alone writes; the other ranks hold the same state
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def warmup_cosine(
@@ -124,11 +110,11 @@ class Stage:
 
     name: str  # teacher | distill | baseline
     model: nn.Module
-    recipe: Callable
+    recipe: Recipe  # the loss terms; an nn.Module (adapters and heads train with the model)
     epochs: int
     optimizer: Callable  # partial: params -> Optimizer
     scheduler: Callable  # partial: (optimizer, epochs, steps_per_epoch) -> LR scheduler
-    teacher: Callable | None = None  # teacher signal, batch -> outputs (see distill_runner.distill.teacher)
+    teacher: TeacherSignal | None = None  # online or replayed (distill_runner.distill.signals)
 
 
 def to_device(
@@ -176,21 +162,20 @@ def fit(
     With ``resume``, training continues after the last completed epoch it records; batch order
     and augmentation come from (seed, epoch), so the result equals an uninterrupted run.
 
-    A recipe that is an ``nn.Module`` (adapters, auxiliary heads) is trained with the model; one
-    with ``set_epoch(epoch, epochs)`` gets called before each epoch and may return the current
-    values of its schedules (temperature, weights), which are logged; one with
-    ``student_layers`` (module paths) gets their outputs in ``student_outputs["features"]``.
+    The recipe's parameters (adapters, auxiliary heads) train with the model; its ``set_epoch``
+    runs before each epoch and returns the scheduled values to log; the outputs of its
+    ``student_layers`` reach it in ``student_outputs["features"]`` (see distill_runner.distill.contract).
 
-    Under torchrun (:mod:`distill_runner.train.distributed`) the model and a recipe with parameters are
+    Under torchrun (:mod:`distill_runner.distributed`) the model and a recipe with parameters are
     wrapped in DistributedDataParallel, the loaders are already sharded, logged values are summed
     over the processes and only rank 0 writes checkpoints and TensorBoard.
 
     Returns one dict per epoch: mean of each loss term, learning rate, validation accuracy.
     """
     model = stage.model.to(device)
-    recipe = stage.recipe.to(device) if isinstance(stage.recipe, nn.Module) else stage.recipe
+    recipe = stage.recipe.to(device)
     teacher = stage.teacher.to(device) if recipe.needs_teacher else None
-    params = list(model.parameters()) + (list(recipe.parameters()) if isinstance(recipe, nn.Module) else [])
+    params = list(model.parameters()) + list(recipe.parameters())
     optimizer = stage.optimizer(params=[p for p in params if p.requires_grad])
     scheduler = stage.scheduler(optimizer, epochs=stage.epochs, steps_per_epoch=len(train))
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
@@ -199,8 +184,7 @@ def fit(
     if resume and last is not None and last.is_file():
         state = torch.load(last, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
-        if isinstance(recipe, nn.Module):
-            recipe.load_state_dict(state["recipe"])
+        recipe.load_state_dict(state["recipe"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -208,17 +192,16 @@ def fit(
         history = state["history"]
         log.info("%s: resuming after epoch %d/%d from %s", stage.name, state["epoch"], stage.epochs, last)
     step_model = distributed.wrap(speed.apply(model), device)
-    step_recipe = distributed.wrap(recipe, device) if isinstance(recipe, nn.Module) else recipe
-    forward = FeatureTap(model, getattr(recipe, "student_layers", ()), call=step_model)  # {"logits", "features"}
+    step_recipe = distributed.wrap(recipe, device)
+    forward = FeatureTap(model, recipe.student_layers, call=step_model)  # {"logits", "features"}
     main = distributed.is_main()
     try:
         for epoch in range(len(history), stage.epochs):
             start = time.perf_counter()
-            if hasattr(train, "set_epoch"):
-                train.set_epoch(epoch)
+            train.set_epoch(epoch)
             model.train()
-            schedule = recipe.set_epoch(epoch, stage.epochs) if hasattr(recipe, "set_epoch") else None
-            if hasattr(teacher, "set_epoch"):  # a replayed teacher signal follows the epoch
+            schedule = recipe.set_epoch(epoch, stage.epochs)
+            if teacher is not None:  # a replayed teacher signal follows the epoch
                 teacher.set_epoch(epoch)
             sums: dict[str, float] = defaultdict(float)
             seen = 0
@@ -256,7 +239,7 @@ def fit(
             totals = distributed.sum_over_processes(torch.tensor([*sums.values(), seen], dtype=torch.float64)).tolist()
             record = {f"loss/{k}": v / totals[-1] for k, v in zip(sums, totals)}
             record["lr"] = optimizer.param_groups[0]["lr"]
-            record.update({f"schedule/{k}": v for k, v in (schedule or {}).items()})
+            record.update({f"schedule/{k}": v for k, v in schedule.items()})
             record["val/acc"] = accuracy(*predict(model, val, device, precision), over_processes=True)
             record["epoch_time_s"] = time.perf_counter() - start
             history.append(record)
@@ -274,7 +257,7 @@ def fit(
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(),
                     "rng": torch.get_rng_state(),
-                    "recipe": recipe.state_dict() if isinstance(recipe, nn.Module) else None,
+                    "recipe": recipe.state_dict(),
                 }
                 atomic_save(state, last)
                 if record["val/acc"] >= max(h["val/acc"] for h in history):  # the best epoch so far (ties: the later)

@@ -1,0 +1,77 @@
+"""Config -> objects: the data, the models and the recipe, each built with ``hydra.utils.instantiate``
+from its ``_target_`` (errors name the config key)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from distill_runner.data.bundle import DataBundle
+from distill_runner.distill import signals
+from distill_runner.distill.recipe import Recipe
+from distill_runner.errors import ConfigError, instantiate
+from distill_runner.models.factories import load_checkpoint
+from distill_runner.train import engine
+
+log = logging.getLogger(__name__)
+
+
+def build_data(cfg: DictConfig, device: torch.device | None = None) -> DataBundle:
+    """The data set, its training batches served on ``device`` (default: ``trainer.device``)."""
+    data = instantiate(cfg.dataset, "dataset", seed=cfg.seed)
+    data.place(
+        device or engine.resolve_device(cfg.trainer.device), OmegaConf.select(cfg, "data.on_device", default="auto")
+    )
+    sizes = "/".join(str(sum(c)) for c in data.class_counts.values())
+    log.info("data %s: %d classes, image %dpx, train/val/test %s", data.name, data.num_classes, data.image_size, sizes)
+    names = ", ".join(data.class_names) if data.num_classes <= 20 else f"{data.num_classes} classes"
+    log.info("class counts (%s): %s", names, "; ".join(f"{s} {c}" for s, c in data.class_counts.items()))
+    return data
+
+
+def build_model(node: DictConfig, key: str, data: DataBundle, seed: int, **kwargs) -> nn.Module:
+    """Build ``node.model`` for the data set; the same seed gives the same initial weights."""
+    torch.manual_seed(seed)
+    shape = {"num_classes": data.num_classes, "in_channels": data.in_channels, "image_size": data.image_size}
+    return instantiate(node.model, f"{key}.model", **shape, **kwargs)
+
+
+def build_teacher(node: DictConfig, key: str, data: DataBundle, seed: int) -> nn.Module:
+    """A teacher as configured: architecture, then torchvision ``weights``, then ``checkpoint``."""
+    try:
+        teacher = build_model(node, key, data, seed, weights=node.weights)
+    except ConfigError as exc:  # weights is set as <key>.weights, next to <key>.model
+        raise ConfigError(f"{key}.weights", exc.value, exc.fix) if exc.key == f"{key}.model.weights" else exc from None
+    if node.checkpoint is not None:
+        load_checkpoint(teacher, node.checkpoint, key=f"{key}.checkpoint")
+        log.info("%s weights loaded from %s", key, node.checkpoint)
+    return teacher
+
+
+def build_recipe(cfg: DictConfig, data: DataBundle, student: nn.Module) -> Recipe:
+    """The distill stage's recipe, bound to the student and the teacher's architecture: layer names
+    are checked and adapters built before any training (an untrained teacher is all it needs)."""
+    recipe = instantiate(signals.recipe_node(cfg.distill), "distill", _recursive_=False)
+    if not isinstance(recipe, Recipe):
+        fix = "a recipe is distill_runner.distill.Recipe with terms (see conf/distill/kd.yaml)"
+        raise ConfigError("distill._target_", cfg.distill.get("_target_"), fix)
+    try:
+        recipe.bind(student, build_model(cfg.teacher, "teacher", data, cfg.seed), data)
+    except ConfigError as exc:
+        raise exc.under("distill") from None
+    n = sum(p.numel() for p in recipe.parameters())
+    if n:
+        log.info(
+            "recipe adds %s trainable parameters (adapters/heads): trained with the student, not part of it", f"{n:,}"
+        )
+    return recipe
+
+
+def cross_entropy(data: DataBundle, model: nn.Module) -> Recipe:
+    """The teacher's fine-tune and the baseline: cross-entropy alone, class weights from the data."""
+    recipe = Recipe.cross_entropy()
+    recipe.bind(model, None, data)
+    return recipe

@@ -1,0 +1,83 @@
+"""The contract every loss term, recipe and teacher signal meets, written once.
+
+Data moves as dicts: a batch is ``{"image", "target", "index"}`` (``index``: the image's position in
+its split, what replayed teacher outputs are looked up by); a model's outputs are ``{"logits",
+"features": {module path: tensor}}`` (features only for the layers a recipe asked for).
+
+A loss term declares what it needs as class attributes; :class:`Term` holds their defaults, and no
+other module guesses them. The training loop, the runner and the teacher signal read these
+attributes directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+Outputs = dict[str, Any]
+HYPERPARAMETERS = ("temperature", "alpha", "beta")  # the recipe-level values terms may read
+
+
+@dataclass(frozen=True)
+class TermState:
+    """What a term reads from its recipe at one step: the current (scheduled) hyperparameters and
+    per-sample weights (class balance, teacher confidence; None when the recipe uses neither)."""
+
+    temperature: float
+    alpha: float
+    beta: float
+    sample_weights: torch.Tensor | None = None
+
+
+@runtime_checkable
+class LossTerm(Protocol):
+    """One named loss: ``term(batch, student_outputs, teacher_outputs, state) -> unweighted scalar``.
+
+    Capabilities (declared as attributes; defaults in :class:`Term`):
+    - ``needs_teacher``: reads teacher outputs (logits, or features at ``teacher_layers``);
+    - ``student_layers`` / ``teacher_layers``: module paths whose outputs it reads (known after ``bind``);
+    - ``hyperparameters``: which of the recipe's temperature, alpha, beta it reads (logged per epoch);
+    - ``mixes_alpha``: it weighs two losses by ``1 - alpha`` and ``alpha``, so alpha must lie in [0, 1];
+    - trainable parameters (adapters, auxiliary heads): an ``nn.Module``'s own, trained with the student.
+    ``bind`` sees the models and the data before training: check layer names, build adapters.
+    """
+
+    needs_teacher: bool
+    student_layers: tuple[str, ...]
+    teacher_layers: tuple[str, ...]
+    hyperparameters: tuple[str, ...]
+    mixes_alpha: bool
+
+    def bind(self, student: nn.Module, teacher: nn.Module | None, data: Any, key: str) -> None: ...
+
+    def __call__(self, batch: Batch, student: Outputs, teacher: Outputs | None, state: TermState) -> torch.Tensor: ...
+
+
+class Term(nn.Module):
+    """Base class of the shipped terms: the defaults of every capability, in one place."""
+
+    needs_teacher: bool = True
+    student_layers: tuple[str, ...] = ()
+    teacher_layers: tuple[str, ...] = ()
+    hyperparameters: tuple[str, ...] = ()
+    mixes_alpha: bool = False
+
+    def bind(self, student: nn.Module, teacher: nn.Module | None, data: Any, key: str) -> None:
+        """Nothing to check or build by default."""
+
+
+@runtime_checkable
+class TeacherSignal(Protocol):
+    """What the distillation loop gets from the teacher for a batch: online (the frozen teacher's
+    forward pass), an ensemble of teachers, or replayed from cached outputs
+    (:mod:`distill_runner.distill.signals`). ``set_epoch`` is called before each epoch."""
+
+    def to(self, device: torch.device) -> TeacherSignal: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __call__(self, batch: Batch) -> Outputs: ...

@@ -1,0 +1,90 @@
+"""Cache keys are built from explicit lists of what determines each artefact; every config key is
+either one of those inputs or declared as not changing a cached result."""
+
+from pathlib import Path
+
+import pytest
+from conftest import compose_config
+from omegaconf import DictConfig, OmegaConf
+
+from distill_runner import cache
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = {
+    group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    for group in ("dataset", "teacher", "student", "distill")
+}
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def every_composed_config():
+    yield compose_config()
+    for group, options in GROUPS.items():
+        for option in options:
+            yield compose_config([f"{group}={option}"])
+    for experiment in EXPERIMENTS:
+        yield compose_config(experiment=experiment)
+
+
+def leaf_keys(node, prefix=""):
+    """Dotted paths of every value that is not itself a mapping (lists are values)."""
+    for key, value in node.items_ex(resolve=False) if isinstance(node, DictConfig) else node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, DictConfig) and len(value):
+            yield from leaf_keys(value, path + ".")
+        else:
+            yield path
+
+
+def covered(path: str, declared) -> bool:
+    return any(path == d or path.startswith(d + ".") for d in declared)
+
+
+def declared_keys(cfg) -> list[str]:
+    teacher_nodes = ["teacher", *(f"distill.teachers.{n}" for n in (OmegaConf.select(cfg, "distill.teachers") or {}))]
+    inputs = [*cache.DATA_INPUTS, *cache.BASELINE_INPUTS, *cache.TEACHER_SHARED_INPUTS, *cache.TEACHER_OUTPUTS_INPUTS,
+              *cache.EVAL_INPUTS, *(f"{node}.{k}" for node in teacher_nodes for k in cache.TEACHER_INPUTS)]  # fmt: skip
+    return [*inputs, *cache.RUN_ONLY, *cache.NOT_RESULTS]
+
+
+def test_every_config_key_is_a_cache_input_or_declared_not_to_change_a_result():
+    unclassified = set()
+    for cfg in every_composed_config():
+        declared = declared_keys(cfg)
+        unclassified |= {k for k in leaf_keys(cfg) if not covered(k, declared)}
+    assert not unclassified, (
+        f"config keys in no cache key and not declared in cache.RUN_ONLY / cache.NOT_RESULTS: {sorted(unclassified)}; "
+        "add each to the inputs of the artefacts it determines, or declare it"
+    )
+
+
+def test_declared_keys_do_not_overlap():
+    inputs = {*cache.DATA_INPUTS, *cache.BASELINE_INPUTS, *cache.TEACHER_OUTPUTS_INPUTS, *cache.EVAL_INPUTS}
+    assert not inputs & set(cache.NOT_RESULTS) and not inputs & set(cache.RUN_ONLY)
+
+
+def keys(overrides, dataset="digits"):
+    cfg = compose_config([f"dataset={dataset}", *overrides])
+    return cache.teacher_key(cfg, "teacher", "files"), cache.baseline_key(cfg, "files")
+
+
+@pytest.mark.parametrize("dataset", ["digits", "chest_xray"])
+def test_progress_resume_workers_memory_and_placement_retrain_nothing(dataset):
+    plumbing = ["trainer.progress=false", "trainer.resume=auto", "data.on_device=true", "trainer.device=cpu",
+                "cache.max_teacher_outputs_mb=1", "distill.temperature=8", "export=onnx"]  # fmt: skip
+    if dataset == "chest_xray":
+        plumbing += ["dataset.num_workers=0", "dataset.pin_memory=false", "dataset.store_dir=elsewhere"]
+    assert keys(plumbing, dataset) == keys([], dataset)
+
+
+@pytest.mark.parametrize("override", ["seed=1", "dataset.image_size=16", "trainer.precision=bf16-mixed"])
+def test_what_determines_both_changes_both(override):
+    (t0, b0), (t1, b1) = keys([]), keys([override])
+    assert t0 != t1 and b0 != b1
+
+
+def test_each_artefact_follows_only_its_own_inputs():
+    (t0, b0), (t1, b1) = keys([]), keys(["teacher.epochs=2"])
+    assert t0 != t1 and b0 == b1
+    (t0, b0), (t1, b1) = keys([]), keys(["trainer.epochs=3", "student=mobilenet_v2"])
+    assert t0 == t1 and b0 != b1
