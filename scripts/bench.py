@@ -35,11 +35,10 @@ from pathlib import Path
 
 import torch
 
-from distill_runner.cache import CachedTeacher, compute_teacher_logits
 from distill_runner.data.bundle import Augment, DataBundle, TensorBatches
 from distill_runner.data.digits import digits
-from distill_runner.distill.losses import CrossEntropy, HintonKD
-from distill_runner.distill.teacher import OnlineTeacher
+from distill_runner.distill.recipe import Recipe
+from distill_runner.distill.signals import OnlineTeacher, ReplayedTeacher, compute_teacher_logits
 from distill_runner.models.factories import count_parameters, tiny_cnn, torchvision_model
 from distill_runner.train import engine
 
@@ -95,13 +94,13 @@ def measure(name: str, train, num_classes: int, image_size: int, device, precisi
     student = tiny_cnn(num_classes=num_classes)
     online = OnlineTeacher(teacher)
     start = time.perf_counter()
-    cached = CachedTeacher(
+    cached = ReplayedTeacher(
         compute_teacher_logits(online, train, views=1, device=device, precision=precision, progress=False)
     )
     build_s = time.perf_counter() - start
-    kd = HintonKD(temperature=4.0, alpha=0.5)
+    kd = Recipe.hinton(temperature=4.0, alpha=0.5)
     n = train.num_samples
-    ce_s = epoch_seconds(student, CrossEntropy(), None, train, device, precision, repeats)
+    ce_s = epoch_seconds(student, Recipe.cross_entropy(), None, train, device, precision, repeats)
     online_s = epoch_seconds(student, kd, online, train, device, precision, repeats)
     cached_s = epoch_seconds(student, kd, cached, train, device, precision, repeats)
     result = {

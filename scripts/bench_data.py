@@ -39,7 +39,7 @@ from distill_runner.data import decode_cache
 from distill_runner.data.augment import Augment
 from distill_runner.data.bundle import TensorBatches
 from distill_runner.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, loader_settings
-from distill_runner.distill.losses import CrossEntropy
+from distill_runner.distill.recipe import Recipe
 from distill_runner.models.factories import tiny_cnn
 from distill_runner.train import engine
 
@@ -131,7 +131,7 @@ def _interleaved_ce_epoch_s(feeds: dict, device: torch.device, precision, repeat
             stage = engine.Stage(
                 "bench",
                 copy.deepcopy(init),
-                CrossEntropy(),
+                Recipe.cross_entropy(),
                 1,
                 partial(torch.optim.AdamW, lr=1e-3),
                 partial(engine.constant_lr),

@@ -21,7 +21,7 @@ from functools import partial
 import torch
 
 from distill_runner.data.bundle import TensorBatches
-from distill_runner.distill.losses import CrossEntropy
+from distill_runner.distill.recipe import Recipe
 from distill_runner.models.factories import tiny_cnn, torchvision_model
 from distill_runner.train import engine
 
@@ -29,7 +29,12 @@ from distill_runner.train import engine
 def _epoch_seconds(model_init, train, device, precision, speed, repeats: int) -> float:
     model = copy.deepcopy(model_init)
     stage = engine.Stage(
-        "bench", model, CrossEntropy(), repeats + 1, partial(torch.optim.AdamW, lr=1e-3), partial(engine.constant_lr)
+        "bench",
+        model,
+        Recipe.cross_entropy(),
+        repeats + 1,
+        partial(torch.optim.AdamW, lr=1e-3),
+        partial(engine.constant_lr),
     )
     history = engine.fit(stage, train, [], device, precision, progress=False, speed=speed)
     if device.type == "cuda":

@@ -87,9 +87,9 @@ def main() -> None:
             m = metrics.models
             row = {
                 "seed": seed,
-                "teacher": m["teacher"]["test_acc"],
-                "student": m["student"]["test_acc"],
-                "baseline": m["baseline"]["test_acc"],
+                "teacher": m["teacher"].test_acc,
+                "student": m["student"].test_acc,
+                "baseline": m["baseline"].test_acc,
             }
             if recipe in results:
                 results[recipe].append(row)
