@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from distill_runner.data.augment import Augment
 from distill_runner.errors import ConfigError
@@ -77,12 +76,23 @@ class DataBundle:
         elif device.type == "cuda":
             free = torch.cuda.mem_get_info(device)[0]
             resident = nbytes <= GPU_SHARE * free
-            why = f"data.on_device=auto: {nbytes / 2**20:.0f} MB {'<=' if resident else '>'} {GPU_SHARE:.0%} of the {free / 2**30:.1f} GiB free"
+            share = f"{GPU_SHARE:.0%} of the {free / 2**30:.1f} GiB free"
+            why = f"data.on_device=auto: {nbytes / 2**20:.0f} MB {'<=' if resident else '>'} {share}"
         else:
             resident, why = False, "data.on_device=auto: on a CPU they stay where they are"
         self.train.place(device, resident)
-        where = f"held on {device} as one tensor" if resident else "in host memory" + (f", each batch copied to {device}" if device.type != "cpu" else "")
-        log.info("training images (%d, %.0f MB): %s; batches by indexing, no loader workers (%s)", self.train.num_samples, nbytes / 2**20, where, why)
+        where = (
+            f"held on {device} as one tensor"
+            if resident
+            else "in host memory" + (f", each batch copied to {device}" if device.type != "cpu" else "")
+        )
+        log.info(
+            "training images (%d, %.0f MB): %s; batches by indexing, no loader workers (%s)",
+            self.train.num_samples,
+            nbytes / 2**20,
+            where,
+            why,
+        )
 
 
 class TensorBatches:
@@ -148,7 +158,7 @@ class TensorBatches:
         changes), else None (every epoch draws new augmentation)."""
         return 1 if self.augment is None or self.augment.is_identity else None
 
-    def place(self, device: torch.device | str, resident: bool) -> "TensorBatches":
+    def place(self, device: torch.device | str, resident: bool) -> TensorBatches:
         """Yield batches on ``device``. ``resident``: this split's images move there once, as one
         tensor (on a CPU: copied out of a memory map into process memory), and batches are indexed
         there. Else they stay where they are (host memory or a memory map): each batch is gathered
@@ -241,7 +251,9 @@ def stratified_split(targets: np.ndarray, fractions: Sequence[float], seed: int)
     return parts + [np.sort(rest)]
 
 
-def balance_weights(balance: str, train_targets: torch.Tensor, num_classes: int) -> tuple[list[float] | None, torch.Tensor | None]:
+def balance_weights(
+    balance: str, train_targets: torch.Tensor, num_classes: int
+) -> tuple[list[float] | None, torch.Tensor | None]:
     """``(class_weights, sample_weights)`` for ``balance``: ``class_weights`` = N / (K * n_c) (mean
     1 over the training images) for the cross-entropy terms; ``sample_weights`` = 1 / n_c per
     training image, so a weighted sampler draws every class equally often. One of them or neither."""
@@ -272,6 +284,37 @@ def check_choice(key: str, value: object, choices: Sequence) -> None:
         raise ConfigError(key, value, f"use one of {', '.join(map(str, choices))}")
 
 
+def check_classes(
+    class_counts: dict[str, Sequence[int]],
+    class_names: Sequence[str],
+    key: str = "root",
+    value: object = None,
+    fix: str = "add images of that class",
+    limited: bool = False,
+) -> None:
+    """Refuse, before any model is built, a data set that cannot be trained and scored: fewer than
+    two classes, or a split with no image of some class (its recall and the macro averages would
+    be NaN, after a whole training run). ``key``/``value``/``fix`` word the error (e.g.
+    ``root``, the folder, and what to add there). ``limited`` (``dataset.limit``, a smoke test's
+    deliberate subset): a class missing from a split is only a warning."""
+    if len(class_names) < 2:
+        raise ConfigError(
+            key,
+            value,
+            f"the data set has a single class ({', '.join(class_names) or 'none'}): classification needs "
+            "at least two; add a folder of images for every class",
+        )
+    for split, counts in class_counts.items():
+        missing = [name for name, n in zip(class_names, counts) if n == 0]
+        if not missing:
+            continue
+        if limited:
+            log.warning(
+                "dataset.limit leaves class(es) %s out of the %s split: their metrics are undefined", missing, split
+            )
+            continue
+        others = f" (and {len(missing) - 1} more class(es): {', '.join(missing[1:6])})" if len(missing) > 1 else ""
+        raise ConfigError(key, value, f"the {split} split has no images of class {missing[0]}{others}; {fix}")
 
 
 def in_memory_bundle(
@@ -289,12 +332,14 @@ def in_memory_bundle(
     balance: str = "none",
     channels: int | None = None,
     fingerprint: str | None = None,
+    limited: bool = False,
 ) -> DataBundle:
     """Loaders over one uint8 tensor (every split; each loader indexes its own rows, nothing is
     copied); normalization statistics from the training split unless given; ``balance`` (none |
     weighted_sampler | class_weights) as in :func:`balance_weights`. ``channels``: what the model
     sees (1-channel images are broadcast to it when normalized); ``fingerprint``: see
-    :class:`DataBundle`."""
+    :class:`DataBundle`. Refuses a split without some class (:func:`check_classes`; ``limited``:
+    a ``dataset.limit`` subset, where that is only a warning)."""
     if batch_size < 1 or eval_batch_size < 1:
         raise ConfigError("batch_size", batch_size, "must be a positive integer")
     if mean is None or std is None:
@@ -320,7 +365,11 @@ def in_memory_bundle(
             channels=channels,
         )
 
-    counts = {s: torch.bincount(targets[torch.as_tensor(i, dtype=torch.long)], minlength=num_classes).tolist() for s, i in splits.items()}
+    counts = {
+        s: torch.bincount(targets[torch.as_tensor(i, dtype=torch.long)], minlength=num_classes).tolist()
+        for s, i in splits.items()
+    }
+    check_classes(counts, class_names, limited=limited)
     return DataBundle(
         train=loader("train", True),
         val=loader("val", False),

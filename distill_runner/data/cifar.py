@@ -16,7 +16,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill_runner.data.bundle import Augment, DataBundle, in_memory_bundle, stratified_split, take_per_class
+from distill_runner.data.bundle import (
+    Augment,
+    DataBundle,
+    check_classes,
+    in_memory_bundle,
+    stratified_split,
+    take_per_class,
+)
 from distill_runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -49,7 +56,11 @@ def cifar(
     if variant not in VARIANTS:
         raise ConfigError("variant", variant, f"use one of {', '.join(VARIANTS)}")
     if not isinstance(val_from_train, (int, float)) or not 0 < val_from_train < 1:
-        raise ConfigError("val_from_train", val_from_train, "CIFAR has no validation split: carve one from train with a fraction in (0, 1), e.g. 0.1")
+        raise ConfigError(
+            "val_from_train",
+            val_from_train,
+            "CIFAR has no validation split: carve one from train with a fraction in (0, 1), e.g. 0.1",
+        )
     cls = getattr(torchvision.datasets, VARIANTS[variant])
     train_set, test_set = _load(cls, Path(root).expanduser(), download)
 
@@ -57,14 +68,22 @@ def cifar(
     try:
         val_idx, train_idx = stratified_split(train_targets, [val_from_train], seed)
     except ValueError as exc:  # too few images per class (only with partial files)
-        raise ConfigError("val_from_train", val_from_train, f"cannot carve a stratified validation split: {exc}") from None
+        raise ConfigError(
+            "val_from_train", val_from_train, f"cannot carve a stratified validation split: {exc}"
+        ) from None
     test_idx = np.arange(len(test_set.targets))
     if limit is not None:
         train_idx = train_idx[take_per_class(train_targets[train_idx], limit)]
         val_idx = val_idx[take_per_class(train_targets[val_idx], limit)]
         test_idx = test_idx[take_per_class(np.asarray(test_set.targets), limit)]
     n_train = len(train_targets)
-    log.info("%s: validation split = %.0f%% of train (stratified, seed %d): %d images", variant, 100 * val_from_train, seed, len(val_idx))
+    log.info(
+        "%s: validation split = %.0f%% of train (stratified, seed %d): %d images",
+        variant,
+        100 * val_from_train,
+        seed,
+        len(val_idx),
+    )
     images = torch.from_numpy(np.concatenate([train_set.data, test_set.data])).permute(0, 3, 1, 2)
     targets = torch.as_tensor(np.concatenate([train_targets, np.asarray(test_set.targets)]), dtype=torch.long)
     splits = {"train": train_idx, "val": val_idx, "test": test_idx + n_train}
@@ -75,8 +94,13 @@ def cifar(
         images, targets = images[torch.as_tensor(keep)], targets[torch.as_tensor(keep)]
         splits = {s: remap[i] for s, i in splits.items()}
     if image_size != images.shape[-1]:
-        resized = F.interpolate(images.float(), size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+        resized = F.interpolate(
+            images.float(), size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
+        )
         images = resized.round().clamp(0, 255).to(torch.uint8)
+    counts = {s: np.bincount(targets.numpy()[i], minlength=len(train_set.classes)).tolist() for s, i in splits.items()}
+    fix = f"the {variant} files look incomplete: download them again (dataset.download=true)"
+    check_classes(counts, train_set.classes, "root", str(root), fix, limited=limit is not None)
     return in_memory_bundle(
         images.contiguous(),
         targets,
@@ -90,6 +114,7 @@ def cifar(
         mean=list(mean),
         std=list(std),
         balance=balance,
+        limited=limit is not None,
     )
 
 
@@ -107,13 +132,18 @@ def _load(cls, root: Path, download: bool):
             cls(str(root), train=True, download=True)
         except Exception as exc:  # URLError, timeouts, a bad MD5 after download, a full disk, ...
             raise ConfigError(
-                "download", True, f"downloading {url} failed ({type(exc).__name__}: {exc}); offline, {where}, then run with dataset.download=false"
+                "download",
+                True,
+                f"downloading {url} failed ({type(exc).__name__}: {exc}); offline, {where}, "
+                "then run with dataset.download=false",
             ) from None
     try:
         return cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
     except RuntimeError:  # missing or corrupted files (torchvision checks MD5 sums)
         state = "in it are incomplete or corrupted (MD5 mismatch)" if (root / folder).is_dir() else "are missing"
-        raise ConfigError("root", str(root), f"the {cls.__name__} files {state}: {where}, or set dataset.download=true to fetch them") from None
+        raise ConfigError(
+            "root", str(root), f"the {cls.__name__} files {state}: {where}, or set dataset.download=true to fetch them"
+        ) from None
 
 
 def _extract(path: Path, md5: str) -> None:
@@ -122,6 +152,8 @@ def _extract(path: Path, md5: str) -> None:
     from torchvision.datasets.utils import extract_archive
 
     if not tv_cifar.check_integrity(str(path), md5):
-        raise ConfigError("root", str(path.parent), f"{path.name} is incomplete or corrupted (MD5 mismatch): download it again")
+        raise ConfigError(
+            "root", str(path.parent), f"{path.name} is incomplete or corrupted (MD5 mismatch): download it again"
+        )
     log.info("extracting %s", path)
     extract_archive(str(path), str(path.parent))

@@ -58,4 +58,5 @@ def digits(
         augment=Augment(crop_padding, hflip),
         seed=seed,
         name=name,
+        limited=limit is not None,
     )

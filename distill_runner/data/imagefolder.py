@@ -9,12 +9,22 @@ The split layout is used when ``root/train`` exists; ``val/`` may be missing whe
 ``val_from_train`` carves a stratified, seeded validation split from train. A single folder is
 split by ``test_fraction`` and ``val_from_train`` (stratified, seeded).
 
-Files are scanned up front: hidden files and files without an image extension (``.DS_Store``,
-``Thumbs.db``, notes) are ignored; every image file is opened and checked with PIL's
-``Image.verify()`` (reads the header and, for PNG, checks the chunk checksums, without decoding
-the pixels). Files that fail are skipped with one warning listing them (``on_bad_image=skip``) or
-stop the run (``on_bad_image=error``). A file that passes the check but fails to decode later (a
-truncated JPEG) stops the run with an error naming it.
+Files are scanned up front (:mod:`distill_runner.data.scan`): hidden files and files without an
+image extension (``.DS_Store``, ``Thumbs.db``, notes) are ignored; image files in sub-folders of a
+class folder are not used and named in a warning; every image file is checked with PIL's
+``Image.verify()`` (the header and, for PNG, the chunk checksums, without decoding the pixels).
+A file that passes that check can still fail to decode (a truncated JPEG or PNG): the store build
+decodes every file anyway and records those, and without the store every file is decoded once up
+front (:func:`distill_runner.data.images.undecodable`; about 1 ms per small file), so epochs
+never meet a bad file and stay reproducible. Bad files of either kind are skipped with one
+warning naming them (``on_bad_image=skip``) or refused in one line (``on_bad_image=error``).
+Then, before any model is built, every split must still hold every class, and there must be at
+least two classes (:func:`distill_runner.data.bundle.check_classes`), else one line names the
+split, the class and the fix.
+
+Every file is converted to 8 bits the same way in both paths below
+(:func:`distill_runner.data.images.to_8bit`: upright by EXIF orientation; 16-bit and float
+images scaled by their range, not clipped; alpha dropped; the first frame of an animation).
 
 Loading (``decode_cache``, on by default; ``data.decode_cache`` in the config): the files are
 decoded, converted and resized once into a memory-mapped uint8 store under ``store_dir``
@@ -24,7 +34,7 @@ decoded, converted and resized once into a memory-mapped uint8 store under ``sto
 processes; epochs replay exactly, so cached teacher outputs work.
 
 Without the store (``decode_cache=false``, or a full disk) loading is torchvision's
-``ImageFolder`` (PIL, converted to RGB: grayscale becomes 3 channels, alpha is dropped) with a
+``ImageFolder`` (PIL, :func:`~distill_runner.data.images.load_rgb`: grayscale becomes 3 channels) with a
 ``DataLoader``, the same resize and the equivalent torchvision transforms (``RandomResizedCrop``
 with the same ranges, then the flip). Its sampler draws the order and one augmentation seed per
 sample from (seed, epoch), so an epoch's batches and augmentations are the same whatever the
@@ -48,15 +58,24 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from distill_runner.data.augment import RATIO, Augment
-from distill_runner.data.bundle import BALANCE, DataBundle, balance_weights, check_choice, in_memory_bundle, shard_order, shard_size, stratified_split, take_per_class
+from distill_runner.data.bundle import (
+    BALANCE,
+    DataBundle,
+    balance_weights,
+    check_choice,
+    in_memory_bundle,
+    shard_order,
+    shard_size,
+    take_per_class,
+)
 from distill_runner.data.decode_cache import INTERPOLATION, Store, fingerprint, open_or_build
+from distill_runner.data.images import load_rgb, undecodable
+from distill_runner.data.scan import SPLITS, Layout, carve_splits, check_folder_classes, drop_bad, unreadable
 from distill_runner.errors import BadImageError, ConfigError
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-SPLITS = ("train", "val", "test")
-MAX_LISTED = 10  # bad files named in one warning or error
 
 
 class _Folder(datasets.ImageFolder):
@@ -68,7 +87,9 @@ class _Folder(datasets.ImageFolder):
 
     def __init__(self, root: Path, classes: list[str], files: set[str], transform):
         self._classes = classes
-        super().__init__(str(root), transform=transform, is_valid_file=files.__contains__, allow_empty=True)
+        super().__init__(
+            str(root), transform=transform, loader=load_rgb, is_valid_file=files.__contains__, allow_empty=True
+        )
 
     def find_classes(self, directory):  # the scanned class folders (no hidden folders)
         return self._classes, {c: i for i, c in enumerate(self._classes)}
@@ -78,14 +99,16 @@ class _Folder(datasets.ImageFolder):
         path, target = self.samples[index]
         try:
             image = self.loader(path)
-        except Exception as exc:  # truncated JPEG and other decode errors
-            raise BadImageError(f"{path} could not be decoded ({type(exc).__name__}: {exc}); remove or replace the file") from None
+        except Exception as exc:  # only if a file changed after the up-front decode check
+            raise BadImageError(
+                f"{path} could not be decoded ({type(exc).__name__}: {exc}); remove or replace the file"
+            ) from None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(aug_seed)
             image = self.transform(image)
         return {"image": image, "target": target, "index": index}
 
-    def subset(self, positions: Sequence[int], transform) -> "_Folder":
+    def subset(self, positions: Sequence[int], transform) -> _Folder:
         """The same data set restricted to ``positions`` (indices restart at 0), with ``transform``."""
         part = copy.copy(self)
         part.samples = [self.samples[i] for i in positions]
@@ -125,14 +148,30 @@ class FolderBatches:
     float and normalized with ``mean``/``std`` here, in one vectorized step, then pinned when
     ``pin_memory`` (for asynchronous copies to the GPU)."""
 
-    def __init__(self, dataset: _Folder, batch_size: int, shuffle: bool, seed: int, num_workers: int, pin_memory: bool,
-                 mean: Sequence[float], std: Sequence[float], sample_weights: torch.Tensor | None = None):
+    def __init__(
+        self,
+        dataset: _Folder,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        num_workers: int,
+        pin_memory: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        sample_weights: torch.Tensor | None = None,
+    ):
         self.dataset, self.batch_size = dataset, batch_size
         self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1) * 255
         self.sampler = _EpochSampler(len(dataset), shuffle, seed, sample_weights)
         self.pin_memory = pin_memory
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers, persistent_workers=num_workers > 0)
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=self.sampler,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+        )
 
     @property
     def targets(self) -> torch.Tensor:
@@ -204,43 +243,68 @@ def imagefolder(
     try:
         augment = Augment(hflip=hflip, resized_crop_scale=resized_crop_scale)
     except ValueError:
-        raise ConfigError("resized_crop_scale", resized_crop_scale, "use null or [lo, hi] with 0 < lo <= hi <= 1, e.g. [0.8, 1.0]") from None
+        raise ConfigError(
+            "resized_crop_scale", resized_crop_scale, "use null or [lo, hi] with 0 < lo <= hi <= 1, e.g. [0.8, 1.0]"
+        ) from None
     check_choice("on_bad_image", on_bad_image, ("skip", "error"))
     if val_from_train is not None and not (isinstance(val_from_train, (int, float)) and 0 < val_from_train < 1):
-        raise ConfigError("val_from_train", val_from_train, "use null (use the val/ split) or a fraction in (0, 1), e.g. 0.1")
+        raise ConfigError(
+            "val_from_train", val_from_train, "use null (use the val/ split) or a fraction in (0, 1), e.g. 0.1"
+        )
     if batch_size < 1 or eval_batch_size < 1:
         raise ConfigError("batch_size", batch_size, "must be a positive integer")
     workers, pin = loader_settings(num_workers, pin_memory, device)
     layout = Layout(root, source, classes_hint, val_from_train)
 
-    scanned = {split: layout.scan(split) for split in layout.splits}  # split -> (classes, [(path, class index)])
-    classes = scanned[layout.splits[0]][0]
-    for split, (found, _) in scanned.items():
-        if found != classes:
-            missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
-            raise ConfigError("root", layout.display, f"class folders differ between splits: train has {classes}, {split} has {found}"
-                              f" (missing in {split}: {missing or 'none'}; only in {split}: {extra or 'none'}); every split needs the same class folders")
-    samples = {split: items for split, (_, items) in scanned.items()}
-    samples = _carve_splits(samples, layout, val_from_train, test_fraction, seed)
+    classes, samples = layout.scan_splits()
+    samples = carve_splits(samples, layout, val_from_train, test_fraction, seed)
     if limit is not None:
-        samples = {s: [items[i] for i in take_per_class(np.array([t for _, t in items]), limit)] for s, items in samples.items()}
-    samples = _drop_bad_images(samples, on_bad_image, layout)
-    for split, items in samples.items():
-        if not items:
-            raise ConfigError("root", layout.display, f"the {split} split has no readable images left")
-        counts = np.bincount([t for _, t in items], minlength=len(classes))
-        if split == "train" and (counts == 0).any():  # a class lost all its training images to the check
-            raise ConfigError("root", layout.display, f"class {classes[int(np.argmin(counts))]} has no readable training images left")
+        samples = {
+            s: [items[i] for i in take_per_class(np.array([t for _, t in items]), limit)]
+            for s, items in samples.items()
+        }
+    samples = drop_bad(samples, unreadable(samples), on_bad_image, layout, "unreadable")
+    check_folder_classes(samples, classes, layout, on_bad_image)  # before decoding anything
 
     files = sorted({p for items in samples.values() for p, _ in items})
     store = open_or_build(files, image_size, store_dir, progress=progress) if decode_cache else None
     if store is not None:
-        return _store_bundle(store, files, samples, classes, layout.describe(val_from_train, test_fraction, seed), augment, batch_size,
-                             eval_batch_size, mean, std, balance, seed, name)
+        bad = store.undecodable  # recorded by the build, kept in the store's header
+    else:  # decode each file once now, so that no epoch meets a truncated file
+        start = time.perf_counter()
+        bad = undecodable(files)
+        log.info(
+            "decoded %d image files once to find truncated ones in %.1fs: %d failed",
+            len(files),
+            time.perf_counter() - start,
+            len(bad),
+        )
+    samples = drop_bad(samples, bad, on_bad_image, layout, "undecodable (truncated or corrupt pixel data)")
+    check_folder_classes(samples, classes, layout, on_bad_image)
+    if store is not None:
+        return _store_bundle(
+            store,
+            files,
+            samples,
+            classes,
+            layout.describe(val_from_train, test_fraction, seed),
+            augment,
+            batch_size,
+            eval_batch_size,
+            mean,
+            std,
+            balance,
+            seed,
+            name,
+        )
 
     # per sample: PIL resize (+ resized crop, flip) to uint8 tensors; per batch: float and normalization (FolderBatches)
     resize = v2.Resize((image_size, image_size), interpolation=INTERPOLATION)
-    crop = [v2.RandomResizedCrop(image_size, scale=augment.resized_crop_scale, ratio=RATIO, interpolation=INTERPOLATION)] if resized_crop_scale else []
+    crop = (
+        [v2.RandomResizedCrop(image_size, scale=augment.resized_crop_scale, ratio=RATIO, interpolation=INTERPOLATION)]
+        if resized_crop_scale
+        else []
+    )
     train_tf = v2.Compose([resize, *crop, *([v2.RandomHorizontalFlip()] if hflip else []), v2.PILToTensor()])
     eval_tf = v2.Compose([resize, v2.PILToTensor()])
     folders = {}
@@ -252,8 +316,15 @@ def imagefolder(
     train_targets = torch.as_tensor(folders["train"].targets, dtype=torch.long)
     class_weights, sample_weights = balance_weights(balance, train_targets, len(classes))
     counts = {s: np.bincount(f.targets, minlength=len(classes)).tolist() for s, f in folders.items()}
-    log.info("%s: %s, decoded with PIL every epoch by %d loader workers, pin_memory=%s, balance=%s%s", name, layout.describe(val_from_train, test_fraction, seed),
-             workers, pin, balance, f" (class weights {[round(w, 3) for w in class_weights]})" if class_weights else "")
+    log.info(
+        "%s: %s, decoded with PIL every epoch by %d loader workers, pin_memory=%s, balance=%s%s",
+        name,
+        layout.describe(val_from_train, test_fraction, seed),
+        workers,
+        pin,
+        balance,
+        f" (class weights {[round(w, 3) for w in class_weights]})" if class_weights else "",
+    )
     return DataBundle(
         train=FolderBatches(folders["train"], batch_size, True, seed, workers, pin, mean, std, sample_weights),
         val=FolderBatches(folders["val"], eval_batch_size, False, seed, workers, pin, mean, std),
@@ -269,8 +340,21 @@ def imagefolder(
     )
 
 
-def _store_bundle(store: Store, files: list[str], samples: dict, classes: list[str], layout: str, augment: Augment, batch_size: int,
-                  eval_batch_size: int, mean, std, balance: str, seed: int, name: str) -> DataBundle:
+def _store_bundle(
+    store: Store,
+    files: list[str],
+    samples: dict,
+    classes: list[str],
+    layout: str,
+    augment: Augment,
+    batch_size: int,
+    eval_batch_size: int,
+    mean,
+    std,
+    balance: str,
+    seed: int,
+    name: str,
+) -> DataBundle:
     """Every split as TensorBatches over the store's rows (3 channels for the model either way)."""
     row = {p: i for i, p in enumerate(files)}
     targets = torch.zeros(len(files), dtype=torch.long)
@@ -278,131 +362,42 @@ def _store_bundle(store: Store, files: list[str], samples: dict, classes: list[s
     for split, items in samples.items():
         splits[split] = np.array([row[p] for p, _ in items], dtype=np.int64)
         targets[torch.from_numpy(splits[split])] = torch.tensor([t for _, t in items], dtype=torch.long)
-    data = in_memory_bundle(store.images, targets, splits, list(classes), batch_size, eval_batch_size, augment, seed, name, list(mean), list(std),
-                            balance, channels=3, fingerprint=store.fingerprint)
-    log.info("%s: %s, from the decoded-image store (%d channel%s), balance=%s%s", name, layout, store.images.shape[1], "" if store.images.shape[1] == 1 else "s",
-             balance, f" (class weights {[round(w, 3) for w in data.class_weights]})" if data.class_weights else "")
+    data = in_memory_bundle(
+        store.images,
+        targets,
+        splits,
+        list(classes),
+        batch_size,
+        eval_batch_size,
+        augment,
+        seed,
+        name,
+        list(mean),
+        list(std),
+        balance,
+        channels=3,
+        fingerprint=store.fingerprint,
+    )
+    log.info(
+        "%s: %s, from the decoded-image store (%d channel%s), balance=%s%s",
+        name,
+        layout,
+        store.images.shape[1],
+        "" if store.images.shape[1] == 1 else "s",
+        balance,
+        f" (class weights {[round(w, 3) for w in data.class_weights]})" if data.class_weights else "",
+    )
     return data
 
 
-def chest_xray(root: str = "data/chest_xray", val_from_train: float | None = 0.1, name: str = "chest_xray", **kwargs) -> DataBundle:
+def chest_xray(
+    root: str = "data/chest_xray", val_from_train: float | None = 0.1, name: str = "chest_xray", **kwargs
+) -> DataBundle:
     """Kaggle's "Chest X-Ray Images (Pneumonia)": ``root/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg``."""
-    kwargs.setdefault("source", 'Kaggle "Chest X-Ray Images (Pneumonia)" (kaggle.com/datasets/paultimothymooney/chest-xray-pneumonia); unzip it and point dataset.root at its chest_xray/ folder')
+    kwargs.setdefault(
+        "source",
+        'Kaggle "Chest X-Ray Images (Pneumonia)" (kaggle.com/datasets/paultimothymooney/chest-xray-pneumonia); '
+        "unzip it and point dataset.root at its chest_xray/ folder",
+    )
     kwargs.setdefault("classes_hint", ["NORMAL", "PNEUMONIA"])
     return imagefolder(root=root, val_from_train=val_from_train, name=name, **kwargs)
-
-
-class Layout:
-    """Where the splits of ``root`` are, and the errors that show the expected tree."""
-
-    def __init__(self, root: str | None, source: str | None, classes_hint: Sequence[str] | None, val_from_train: float | None):
-        self.source = source or "your own images: one sub-folder per class"
-        self.classes_hint = list(classes_hint or ["<class_a>", "<class_b>"])
-        self.display = root
-        if root is None:
-            self.fail("dataset=imagefolder needs dataset.root=PATH")
-        self.root = Path(str(root)).expanduser()
-        if not self.root.is_dir():
-            self.fail(f"no such folder ({self.root.resolve()})")
-        self.single = not (self.root / "train").is_dir()
-        nested = [d.name for d in sorted(self.root.iterdir()) if (d / "train").is_dir()] if self.single else []
-        if nested:  # e.g. the zip's outer folder: ROOT/chest_xray/train/...
-            self.fail(f"no train/ folder here, but {self.display}/{nested[0]}/train/ exists: use dataset.root={self.display}/{nested[0]}")
-        if self.single:
-            self.splits = ["all"]
-        else:
-            self.splits = ["train", "test"] + (["val"] if val_from_train is None else [])
-            for split in self.splits:
-                if not (self.root / split).is_dir():
-                    hint = "; or set dataset.val_from_train=0.1 to carve val from train" if split == "val" else ""
-                    self.fail(f"the {split}/ split is missing{hint}")
-
-    def tree(self) -> str:
-        classes = ",".join(self.classes_hint)
-        lines = [f"  {self.display}/"] + [f"    {s}/{{{classes}}}/*.jpeg" for s in SPLITS]
-        return "\n".join(lines)
-
-    def fail(self, problem: str):
-        raise ConfigError("root", self.display, f"{problem}. Expected:\n{self.tree()}\n"
-                          f"(or a single folder of class sub-folders, split by dataset.test_fraction and dataset.val_from_train)\n"
-                          f"Data: {self.source}")
-
-    def folder(self, split: str) -> Path:
-        return self.root if split == "all" else self.root / split
-
-    def scan(self, split: str) -> tuple[list[str], list[tuple[str, int]]]:
-        """Class folders (sorted, hidden ones ignored) and image files of one split folder."""
-        folder = self.folder(split)
-        classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith((".", "__")))
-        if not classes:
-            self.fail(f"{folder} has no class folders")
-        items, ignored = [], 0
-        for index, cls in enumerate(classes):
-            found = 0
-            for entry in sorted(os.scandir(folder / cls), key=lambda e: e.name):
-                if entry.is_file() and not entry.name.startswith(".") and entry.name.lower().endswith(datasets.folder.IMG_EXTENSIONS):
-                    items.append((entry.path, index))
-                    found += 1
-                else:
-                    ignored += 1
-            if found == 0:
-                raise ConfigError("root", self.display, f"class folder {folder / cls} is empty (no {'/'.join(datasets.folder.IMG_EXTENSIONS)} files);"
-                                  " add images or remove that class folder from every split")
-        if ignored:
-            log.info("%s: ignored %d entries that are not image files (hidden files, other extensions, sub-folders)", folder, ignored)
-        return classes, items
-
-    def describe(self, val_from_train: float | None, test_fraction: float, seed: int) -> str:
-        if self.single:
-            return f"single folder {self.display}, split by test_fraction={test_fraction}, val_from_train={val_from_train} (stratified, seed {seed})"
-        if val_from_train is None:
-            return f"splits train/val/test from {self.display}"
-        unused = f"; {self.root / 'val'}/ is not used" if (self.root / "val").is_dir() else ""
-        return f"splits train/test from {self.display}, val = {val_from_train:.0%} of train (stratified, seed {seed}){unused}"
-
-
-def _carve_splits(samples: dict, layout: Layout, val_from_train: float | None, test_fraction: float, seed: int) -> dict:
-    """train/val/test sample lists: carve test (single folder) and val (``val_from_train``) stratified."""
-
-    def split(items, fraction, key):
-        targets = np.array([t for _, t in items])
-        try:
-            take, rest = stratified_split(targets, [fraction], seed)
-        except ValueError as exc:  # too few images per class for a stratified split
-            raise ConfigError(key, fraction, f"cannot split {len(items)} images of {len(set(targets))} classes stratified ({exc})") from None
-        return [items[i] for i in rest], [items[i] for i in take]
-
-    if layout.single:
-        if not 0 < test_fraction < 1:
-            raise ConfigError("test_fraction", test_fraction, "a single folder needs a test fraction in (0, 1), e.g. 0.2")
-        if val_from_train is None:
-            raise ConfigError("val_from_train", None, "a single folder (no train/ sub-folder) needs a validation fraction, e.g. 0.1")
-        samples = dict(zip(("train", "test"), split(samples["all"], test_fraction, "test_fraction")))
-    if val_from_train is not None:
-        samples["train"], samples["val"] = split(samples["train"], val_from_train, "val_from_train")
-    return {s: samples[s] for s in SPLITS}
-
-
-def _drop_bad_images(samples: dict, on_bad_image: str, layout: Layout) -> dict:
-    """Check every file with PIL's ``verify()``; skip (with one warning) or fail on the bad ones."""
-    from PIL import Image
-
-    start, bad = time.perf_counter(), {}
-    for items in samples.values():
-        for path, _ in items:
-            try:
-                with Image.open(path) as im:
-                    im.verify()
-            except Exception as exc:  # UnidentifiedImageError, truncated or corrupt data, unreadable file
-                bad[path] = f"{type(exc).__name__}: {exc}"
-    n = sum(map(len, samples.values()))
-    log.info("checked %d image files in %.1fs: %d unreadable", n, time.perf_counter() - start, len(bad))
-    if not bad:
-        return samples
-    listed = "; ".join(f"{os.path.relpath(p, layout.root)} ({why})" for p, why in list(bad.items())[:MAX_LISTED])
-    more = f"; and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
-    if on_bad_image == "error":
-        raise ConfigError("on_bad_image", "error", f"{len(bad)} unreadable image file(s) in {layout.display}: {listed}{more}; "
-                          "remove or replace them, or set dataset.on_bad_image=skip to skip them with a warning")
-    log.warning("skipped %d unreadable image file(s) in %s: %s%s", len(bad), layout.display, listed, more)
-    return {s: [(p, t) for p, t in items if p not in bad] for s, items in samples.items()}
