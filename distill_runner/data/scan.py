@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 MAX_LISTED = 10  # bad files named in one warning or error
 NESTED_LISTED = 3  # files in sub-folders named in the warning
+IMAGE_EXTENSIONS = (*datasets.folder.IMG_EXTENSIONS, ".gif")  # torchvision's, and GIF (its first frame)
 
 
 class Layout:
@@ -101,7 +102,7 @@ class Layout:
                 raise ConfigError(
                     "root",
                     self.display,
-                    f"class folder {folder / cls} is empty (no {'/'.join(datasets.folder.IMG_EXTENSIONS)} files);"
+                    f"class folder {folder / cls} is empty (no {'/'.join(IMAGE_EXTENSIONS)} files);"
                     " add images or remove that class folder from every split",
                 )
         if ignored:
@@ -150,7 +151,7 @@ class Layout:
 
 
 def _is_image(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(datasets.folder.IMG_EXTENSIONS)
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def _images_under(folder: Path) -> list[str]:
