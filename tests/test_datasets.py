@@ -328,7 +328,7 @@ def test_a_class_whose_test_images_are_all_unreadable_is_refused_before_training
     for decode_cache in ("true", "false"):
         msg = _error(xray_cfg(xray, f"data.decode_cache={decode_cache}"))
         assert msg.startswith(f"dataset.root='{xray}': the test split has no images of class PNEUMONIA;"), msg
-        assert "add readable images of that class" in msg and "\n" not in msg
+        assert f"add readable images to {xray / 'test' / 'PNEUMONIA'}" in msg and "\n" not in msg
 
 
 def test_a_class_whose_val_images_fail_the_header_check_is_refused(xray):

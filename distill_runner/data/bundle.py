@@ -19,7 +19,7 @@ on the training device, or batches copied there one by one.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -289,14 +289,15 @@ def check_classes(
     class_names: Sequence[str],
     key: str = "root",
     value: object = None,
-    fix: str = "add images of that class",
+    fix: str | Callable[[str, str], str] = "add images of that class",
     limited: bool = False,
 ) -> None:
     """Refuse, before any model is built, a data set that cannot be trained and scored: fewer than
     two classes, or a split with no image of some class (its recall and the macro averages would
     be NaN, after a whole training run). ``key``/``value``/``fix`` word the error (e.g.
-    ``root``, the folder, and what to add there). ``limited`` (``dataset.limit``, a smoke test's
-    deliberate subset): a class missing from a split is only a warning."""
+    ``root``, the folder, and what to add there; or ``fix(split, class)``, a fix naming them).
+    ``limited`` (``dataset.limit``, a smoke test's deliberate subset): a class missing from a split
+    is only a warning."""
     if len(class_names) < 2:
         raise ConfigError(
             key,
@@ -314,7 +315,8 @@ def check_classes(
             )
             continue
         others = f" (and {len(missing) - 1} more class(es): {', '.join(missing[1:6])})" if len(missing) > 1 else ""
-        raise ConfigError(key, value, f"the {split} split has no images of class {missing[0]}{others}; {fix}")
+        todo = fix(split, missing[0]) if callable(fix) else fix
+        raise ConfigError(key, value, f"the {split} split has no images of class {missing[0]}{others}; {todo}")
 
 
 def in_memory_bundle(

@@ -232,7 +232,11 @@ def check_folder_classes(samples: dict, classes: list[str], layout: Layout, on_b
     """Every split holds every class, and there are two or more (:func:`check_classes`), worded
     for a folder: what to add there."""
     counts = {s: np.bincount([t for _, t in items], minlength=len(classes)).tolist() for s, items in samples.items()}
-    fix = f"add images of that class to {layout.display}"
-    if on_bad_image == "skip":
-        fix = f"add readable images of that class to {layout.display} (or replace the unreadable ones named above)"
+
+    def fix(split: str, cls: str) -> str:
+        source = layout.root if layout.single else layout.root / (split if split in layout.splits else "train")
+        if on_bad_image == "skip":
+            return f"add readable images to {source / cls} (or replace the unreadable ones named in the warning)"
+        return f"add images to {source / cls}"
+
     check_classes(counts, classes, "root", layout.display, fix)
