@@ -34,6 +34,8 @@ reported by :func:`undecodable` and by the store build, and skipped or refused b
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -44,7 +46,9 @@ UINT16_MAX = 65535
 
 def to_8bit(im: Image.Image) -> Image.Image:
     """``im`` (as opened: first frame) upright and converted to mode ``L`` or ``RGB``; see the table above."""
-    im = ImageOps.exif_transpose(im)  # decodes the pixels: a truncated file fails here
+    im.load()  # decodes the pixels: a truncated file fails here
+    with contextlib.suppress(Exception):  # damaged EXIF data: the pixels are fine, keep them as stored
+        im = ImageOps.exif_transpose(im)
     mode = im.mode
     if mode in ("L", "RGB"):
         return im
