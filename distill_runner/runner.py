@@ -69,7 +69,11 @@ def prepare(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunContext:
     if cfg.trainer.get("resume", False) and distributed.is_main():
         run_dir = resume_dir(cfg, run_dir, overrides)
         resuming = (run_dir / "checkpoints").is_dir()
-        what = "resuming the run in" if resuming else f"nothing to resume yet (trainer.resume={cfg.trainer.resume}): starting in"
+        what = (
+            "resuming the run in"
+            if resuming
+            else f"nothing to resume yet (trainer.resume={cfg.trainer.resume}): starting in"
+        )
         log.info("%s %s", what, run_dir)
     run_dir = distributed.broadcast(run_dir)  # the folders of ranks > 0 are not used
     precision = engine.resolve_precision(cfg.trainer.precision, device, cfg.trainer.device)

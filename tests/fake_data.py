@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,27 @@ def make_xray_folder(root: Path, counts: dict[str, int] | None = None, seed: int
     (normal / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(64))
     (normal / "notes.txt").write_text("not an image\n")
     return root
+
+
+def truncate_jpeg(path: Path) -> None:
+    """Cut a JPEG 40 bytes into its pixel data: the headers are intact, so ``Image.verify()`` passes."""
+    data = path.read_bytes()
+    path.write_bytes(data[: data.index(b"\xff\xda") + 40])
+
+
+def truncate_png_pixels(path: Path) -> None:
+    """Cut the compressed pixel data of a PNG to a third, with valid chunk lengths and CRCs (what a
+    bad copy that was re-saved chunk by chunk looks like): ``Image.verify()`` passes, decoding fails."""
+    data, out, pos = path.read_bytes(), [], 8
+    out.append(data[:8])
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + n]
+        if kind == b"IDAT":
+            body = body[: len(body) // 3]
+        out.append(struct.pack(">I4s", len(body), kind) + body + struct.pack(">I", zlib.crc32(kind + body)))
+        pos += 12 + n
+    path.write_bytes(b"".join(out))
 
 
 class _Py2Pickler(pickle._Pickler):

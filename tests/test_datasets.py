@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, compose_config
-from fake_data import make_cifar, make_xray_folder, skip_cifar_md5
+from fake_data import make_cifar, make_xray_folder, skip_cifar_md5, truncate_jpeg, truncate_png_pixels
 from PIL import Image
 
 from distill_runner import runner
 from distill_runner.build import build_data
 from distill_runner.config import validate
-from distill_runner.data.imagefolder import BadImageError, imagefolder
+from distill_runner.data.imagefolder import imagefolder
 from distill_runner.errors import ConfigError
 from distill_runner.models.factories import load_checkpoint, tiny_cnn
 
@@ -134,7 +134,7 @@ def test_balance_options_for_in_memory_data():
     from distill_runner.data.bundle import Augment, in_memory_bundle
 
     targets = torch.tensor([0] * 30 + [1] * 10)
-    splits = {"train": np.arange(40), "val": np.arange(4), "test": np.arange(4)}
+    splits = {"train": np.arange(40), "val": np.arange(28, 32), "test": np.arange(28, 32)}  # both classes
     bundle = lambda balance: in_memory_bundle(
         torch.zeros(40, 3, 8, 8, dtype=torch.uint8),
         targets,
@@ -291,18 +291,74 @@ def test_on_bad_image_error_lists_the_files(xray):
 
 @pytest.mark.parametrize("decode_cache", [True, False])
 def test_truncated_jpeg_that_passes_the_check_fails_naming_the_file(xray, decode_cache):
+    """on_bad_image=error: one line naming the file, before training, with or without the store."""
+    (xray / "train" / "PNEUMONIA" / "corrupt.jpeg").unlink()  # fails the header check: another error
     victim = next((xray / "test" / "NORMAL").glob("*.jpeg"))
-    data = victim.read_bytes()
-    victim.write_bytes(data[: data.index(b"\xff\xda") + 40])  # headers intact, pixel data cut
+    truncate_jpeg(victim)
+    cfg = xray_cfg(xray, f"data.decode_cache={str(decode_cache).lower()}", "dataset.on_bad_image=error")
+    msg = _error(cfg)
+    assert msg.startswith("dataset.on_bad_image='error': 1 undecodable") and "test/NORMAL/" + victim.name in msg
+    assert "\n" not in msg and "dataset.on_bad_image=skip" in msg
+    if decode_cache:  # the store is kept, with the file recorded: the next run says the same without decoding
+        assert _error(cfg) == msg
+
+
+@pytest.mark.parametrize("decode_cache", [True, False])
+def test_truncated_jpeg_and_png_that_pass_the_check_are_skipped_naming_them(xray, decode_cache, caplog):
+    jpeg = next((xray / "test" / "NORMAL").glob("*.jpeg"))
+    truncate_jpeg(jpeg)
+    png = xray / "train" / "NORMAL" / "rgb.png"
+    truncate_png_pixels(png)
     cfg = xray_cfg(xray, f"data.decode_cache={str(decode_cache).lower()}")
-    if decode_cache:  # decoded while the store is built, which is not kept
-        with pytest.raises(ConfigError, match=f"{victim.name} could not be decoded"):
-            build_data(cfg)
-        assert not [p for p in (xray.parent / "outputs" / "cache" / "decoded").iterdir() if p.suffix != ".lock"]
-        return
-    data = build_data(cfg)
-    with pytest.raises(BadImageError, match=victim.name):
-        list(data.test)
+    for run in range(2 if decode_cache else 1):  # the second run reuses the store
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            data = build_data(cfg)
+        warning = next(r.getMessage() for r in caplog.records if "undecodable" in r.getMessage())
+        assert "skipped 2 undecodable" in warning and jpeg.name in warning and "rgb.png" in warning, run
+        # train/ NORMAL: 10 + rgb.png (cut), PNEUMONIA: 10 + rgba.png + corrupt.jpeg; 1 + 1 carved for val
+        assert data.class_counts == {"train": [9, 10], "val": [1, 1], "test": [2, 3]}
+        seen = [b["target"].tolist() for b in data.test]  # every image decodes: no error in the loop
+        assert sum(map(len, seen)) == 5
+
+
+def test_a_class_whose_test_images_are_all_unreadable_is_refused_before_training(xray):
+    for path in (xray / "test" / "PNEUMONIA").glob("*.jpeg"):
+        truncate_jpeg(path)
+    for decode_cache in ("true", "false"):
+        msg = _error(xray_cfg(xray, f"data.decode_cache={decode_cache}"))
+        assert msg.startswith(f"dataset.root='{xray}': the test split has no images of class PNEUMONIA;"), msg
+        assert f"add readable images to {xray / 'test' / 'PNEUMONIA'}" in msg and "\n" not in msg
+
+
+def test_a_class_whose_val_images_fail_the_header_check_is_refused(xray):
+    for path in (xray / "val" / "NORMAL").glob("*.jpeg"):
+        path.write_bytes(b"not an image")
+    msg = _error(xray_cfg(xray, "dataset.val_from_train=null"))
+    assert msg.startswith(f"dataset.root='{xray}': the val split has no images of class NORMAL;"), msg
+
+
+def test_a_single_class_is_refused(tmp_path):
+    make_xray_folder(tmp_path / "xray")
+    for split in ("train", "val", "test"):
+        shutil.rmtree(tmp_path / "xray" / split / "PNEUMONIA")
+    msg = _error(xray_cfg(tmp_path / "xray"))
+    assert msg.startswith(f"dataset.root='{tmp_path / 'xray'}': the data set has a single class (NORMAL)"), msg
+
+
+def test_in_memory_data_without_a_class_in_a_split_is_refused_unless_limited(caplog):
+    from distill_runner.data.bundle import in_memory_bundle
+
+    targets = torch.tensor([0] * 6 + [1] * 4)
+    splits = {"train": np.arange(10), "val": np.arange(2), "test": np.arange(6, 10)}  # val: class a only
+    make = lambda limited: in_memory_bundle(
+        torch.zeros(10, 3, 4, 4, dtype=torch.uint8), targets, splits, ["a", "b"], 4, 4, None, 0, "toy", limited=limited
+    )
+    with pytest.raises(ConfigError, match="the val split has no images of class b"):
+        make(False)
+    with caplog.at_level(logging.WARNING):
+        make(True)
+    assert "dataset.limit leaves class(es) ['b'] out of the val split" in caplog.text
 
 
 def test_checkpoint_with_another_class_count_says_so(tmp_path):

@@ -296,3 +296,16 @@ def test_cache_keys_follow_the_image_files_not_where_the_store_lives(tmp_path):
     for key in (lambda c, fp: teacher_key(c, "teacher", fp), baseline_key):
         assert key(cfg, "files-a") == key(moved, "files-a")  # store_dir and progress say nothing about the images
         assert key(cfg, "files-a") != key(cfg, "files-b") != key(cfg, None)
+
+
+def test_a_file_that_fails_to_decode_is_recorded_not_fatal(tmp_path):
+    from fake_data import truncate_jpeg
+
+    files = make_images(tmp_path / "img")
+    victim = next(f for f in files if f.endswith(".jpeg"))
+    truncate_jpeg(Path(victim))
+    store = decode_cache.open_or_build(files, SIZE, tmp_path / "store", progress=False)
+    assert store.built and list(store.undecodable) == [victim] and "truncated" in store.undecodable[victim]
+    assert not store.images[files.index(victim)].any()  # its row stays zero; the caller skips it
+    again = decode_cache.open_or_build(files, SIZE, tmp_path / "store", progress=False)
+    assert not again.built and again.undecodable == store.undecodable  # known without decoding again

@@ -19,7 +19,7 @@ on the training device, or batches copied there one by one.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,7 +76,8 @@ class DataBundle:
         elif device.type == "cuda":
             free = torch.cuda.mem_get_info(device)[0]
             resident = nbytes <= GPU_SHARE * free
-            why = f"data.on_device=auto: {nbytes / 2**20:.0f} MB {'<=' if resident else '>'} {GPU_SHARE:.0%} of the {free / 2**30:.1f} GiB free"
+            share = f"{GPU_SHARE:.0%} of the {free / 2**30:.1f} GiB free"
+            why = f"data.on_device=auto: {nbytes / 2**20:.0f} MB {'<=' if resident else '>'} {share}"
         else:
             resident, why = False, "data.on_device=auto: on a CPU they stay where they are"
         self.train.place(device, resident)
@@ -283,6 +284,41 @@ def check_choice(key: str, value: object, choices: Sequence) -> None:
         raise ConfigError(key, value, f"use one of {', '.join(map(str, choices))}")
 
 
+def check_classes(
+    class_counts: dict[str, Sequence[int]],
+    class_names: Sequence[str],
+    key: str = "root",
+    value: object = None,
+    fix: str | Callable[[str, str], str] = "add images of that class",
+    limited: bool = False,
+) -> None:
+    """Refuse, before any model is built, a data set that cannot be trained and scored: fewer than
+    two classes, or a split with no image of some class (its recall and the macro averages would
+    be NaN, after a whole training run). ``key``/``value``/``fix`` word the error (e.g.
+    ``root``, the folder, and what to add there; or ``fix(split, class)``, a fix naming them).
+    ``limited`` (``dataset.limit``, a smoke test's deliberate subset): a class missing from a split
+    is only a warning."""
+    if len(class_names) < 2:
+        raise ConfigError(
+            key,
+            value,
+            f"the data set has a single class ({', '.join(class_names) or 'none'}): classification needs "
+            "at least two; add a folder of images for every class",
+        )
+    for split, counts in class_counts.items():
+        missing = [name for name, n in zip(class_names, counts) if n == 0]
+        if not missing:
+            continue
+        if limited:
+            log.warning(
+                "dataset.limit leaves class(es) %s out of the %s split: their metrics are undefined", missing, split
+            )
+            continue
+        others = f" (and {len(missing) - 1} more class(es): {', '.join(missing[1:6])})" if len(missing) > 1 else ""
+        todo = fix(split, missing[0]) if callable(fix) else fix
+        raise ConfigError(key, value, f"the {split} split has no images of class {missing[0]}{others}; {todo}")
+
+
 def in_memory_bundle(
     images: torch.Tensor,
     targets: torch.Tensor,
@@ -298,12 +334,14 @@ def in_memory_bundle(
     balance: str = "none",
     channels: int | None = None,
     fingerprint: str | None = None,
+    limited: bool = False,
 ) -> DataBundle:
     """Loaders over one uint8 tensor (every split; each loader indexes its own rows, nothing is
     copied); normalization statistics from the training split unless given; ``balance`` (none |
     weighted_sampler | class_weights) as in :func:`balance_weights`. ``channels``: what the model
     sees (1-channel images are broadcast to it when normalized); ``fingerprint``: see
-    :class:`DataBundle`."""
+    :class:`DataBundle`. Refuses a split without some class (:func:`check_classes`; ``limited``:
+    a ``dataset.limit`` subset, where that is only a warning)."""
     if batch_size < 1 or eval_batch_size < 1:
         raise ConfigError("batch_size", batch_size, "must be a positive integer")
     if mean is None or std is None:
@@ -333,6 +371,7 @@ def in_memory_bundle(
         s: torch.bincount(targets[torch.as_tensor(i, dtype=torch.long)], minlength=num_classes).tolist()
         for s, i in splits.items()
     }
+    check_classes(counts, class_names, limited=limited)
     return DataBundle(
         train=loader("train", True),
         val=loader("val", False),

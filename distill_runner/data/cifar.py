@@ -16,7 +16,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill_runner.data.bundle import Augment, DataBundle, in_memory_bundle, stratified_split, take_per_class
+from distill_runner.data.bundle import (
+    Augment,
+    DataBundle,
+    check_classes,
+    in_memory_bundle,
+    stratified_split,
+    take_per_class,
+)
 from distill_runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -91,6 +98,9 @@ def cifar(
             images.float(), size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
         )
         images = resized.round().clamp(0, 255).to(torch.uint8)
+    counts = {s: np.bincount(targets.numpy()[i], minlength=len(train_set.classes)).tolist() for s, i in splits.items()}
+    fix = f"the {variant} files look incomplete: download them again (dataset.download=true)"
+    check_classes(counts, train_set.classes, "root", str(root), fix, limited=limit is not None)
     return in_memory_bundle(
         images.contiguous(),
         targets,
@@ -104,6 +114,7 @@ def cifar(
         mean=list(mean),
         std=list(std),
         balance=balance,
+        limited=limit is not None,
     )
 
 
@@ -123,7 +134,8 @@ def _load(cls, root: Path, download: bool):
             raise ConfigError(
                 "download",
                 True,
-                f"downloading {url} failed ({type(exc).__name__}: {exc}); offline, {where}, then run with dataset.download=false",
+                f"downloading {url} failed ({type(exc).__name__}: {exc}); offline, {where}, "
+                "then run with dataset.download=false",
             ) from None
     try:
         return cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)

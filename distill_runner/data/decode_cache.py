@@ -2,12 +2,13 @@
 
 Decoding a chest X-ray JPEG costs more than the student's training step on it, and every epoch of
 every run would decode the same files again. So they are decoded once, by PIL exactly as the
-on-the-fly path does it (``convert``, then ``Resize((size, size))``, bilinear), into
-``<store_dir>/<key>.u8``: raw uint8 ``[N, C, size, size]``, one row per file in the order given.
-C is 1 when every image is grayscale (PIL mode 1/L/LA, or RGB whose three channels are equal
-after resizing), else 3; the model's 3 channels come from broadcasting when the batch is
-normalized (:class:`distill_runner.data.bundle.TensorBatches`). Later epochs, runs and sweep jobs
-memory-map the file (parallel jobs share its pages through the OS page cache).
+on-the-fly path does it (:func:`distill_runner.data.images.to_8bit`: upright by EXIF, 8 bits per
+mode, then ``Resize((size, size))``, bilinear), into ``<store_dir>/<key>.u8``: raw uint8
+``[N, C, size, size]``, one row per file in the order given. C is 1 when every image is
+grayscale (a gray PIL mode, or RGB whose three channels are equal after resizing), else 3; the
+model's 3 channels come from broadcasting when the batch is normalized
+(:class:`distill_runner.data.bundle.TensorBatches`). Later epochs, runs and sweep jobs memory-map
+the file (parallel jobs share its pages through the OS page cache).
 
 ``<key>.json``, renamed into place after the data file, describes it: format, key, shape, the
 sha256 of the data file, and the file list with sizes and mtimes. A data file without its header
@@ -26,6 +27,11 @@ Building holds ``<key>.lock`` (a parallel sweep job waits on it, then finds the 
 and writes temp files that are renamed into place. If the disk lacks the space (checked up front,
 or ENOSPC/EDQUOT while writing), a warning names the folder, the bytes needed and free, nothing
 partial is left, and :func:`open_or_build` returns None: the caller decodes on the fly instead.
+
+A file that fails to decode (truncated: it passed the header check) does not stop the build: its
+row stays zero and the header lists it under ``undecodable`` with the reason
+(:attr:`Store.undecodable`), so the caller skips or refuses it, on this run and on every run that
+reuses the store, without decoding again.
 """
 
 from __future__ import annotations
@@ -51,13 +57,12 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from distill_runner.cache import digest, file_identity
-from distill_runner.errors import BadImageError
+from distill_runner.data.images import GRAY_MODES, to_8bit
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the layout or the decoding changes
+FORMAT = 2  # bump when the layout or the decoding changes (2: 8 bits per mode, EXIF, undecodable files)
 INTERPOLATION = InterpolationMode.BILINEAR  # the on-the-fly path's transforms.Resize uses the same
-GRAY_MODES = ("1", "L", "LA")  # PIL modes whose RGB conversion repeats one channel
 FULL_CHECK_BYTES = 1 << 30
 BLOCK, SAMPLED_BLOCKS = 1 << 20, 64
 CHUNK = 32  # images per decoding task
@@ -71,6 +76,7 @@ class Store:
     key: str
     fingerprint: str  # of the image files alone (:func:`fingerprint`)
     built: bool  # False: an existing store was reused
+    undecodable: dict[str, str]  # path -> why, for the files whose pixels failed to decode (their rows are zero)
 
 
 def files_identity(files: list[str]) -> list[dict]:
@@ -96,17 +102,14 @@ def store_key(identity: list[dict], image_size: int) -> str:
 
 
 def decode(path: str, image_size: int, channels: int) -> np.ndarray:
-    """One file as uint8 ``[channels, S, S]``, as the on-the-fly path sees it (channels=3: PIL
-    ``convert("RGB")`` then resize; channels=1: the same image's single gray channel)."""
-    try:
-        with Image.open(path) as im:
-            gray = channels == 1 and im.mode in GRAY_MODES
-            im = im.convert("L" if gray else "RGB")
-    except Exception as exc:  # truncated JPEG and other decode errors
-        raise BadImageError(
-            f"{path} could not be decoded ({type(exc).__name__}: {exc}); remove or replace the file"
-        ) from None
-    pixels = np.array(TF.resize(im, [image_size, image_size], interpolation=INTERPOLATION))
+    """One file as uint8 ``[channels, S, S]``, as the on-the-fly path sees it (channels=3: 8-bit
+    RGB then resize; channels=1: the same image's single gray channel). Raises what PIL raises."""
+    with Image.open(path) as im:
+        im = to_8bit(im)
+    gray = channels == 1 and im.mode == "L"
+    pixels = np.array(
+        TF.resize(im if gray else im.convert("RGB"), [image_size, image_size], interpolation=INTERPOLATION)
+    )
     if gray:
         return pixels[None]
     return np.ascontiguousarray(pixels.transpose(2, 0, 1)[:channels])
@@ -114,19 +117,17 @@ def decode(path: str, image_size: int, channels: int) -> np.ndarray:
 
 def channels_needed(files: list[str], image_size: int) -> int:
     """1 if every image is grayscale (by its PIL mode, which costs a header read, or, for other
-    modes, by decoding it and comparing its channels), else 3."""
+    modes, by decoding it and comparing its channels), else 3. Files that fail to open or decode
+    do not count (the build records them)."""
     for path in files:
         try:
             with Image.open(path) as im:
-                mode = im.mode
-        except Exception as exc:
-            raise BadImageError(
-                f"{path} could not be opened ({type(exc).__name__}: {exc}); remove or replace the file"
-            ) from None
-        if mode not in GRAY_MODES:
-            rgb = decode(path, image_size, 3)
-            if not ((rgb[0] == rgb[1]).all() and (rgb[1] == rgb[2]).all()):
-                return 3
+                gray = im.mode in GRAY_MODES
+            rgb = None if gray else decode(path, image_size, 3)
+        except Exception:  # a truncated file: the build names it
+            continue
+        if rgb is not None and not ((rgb[0] == rgb[1]).all() and (rgb[1] == rgb[2]).all()):
+            return 3
     return 1
 
 
@@ -137,8 +138,12 @@ class _Decode(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> np.ndarray:
-        return decode(self.files[i], self.image_size, self.channels)
+    def __getitem__(self, i: int) -> tuple[np.ndarray, str]:
+        """(pixels, "") or (zeros, why it failed): one bad file must not stop the build."""
+        try:
+            return decode(self.files[i], self.image_size, self.channels), ""
+        except Exception as exc:  # truncated JPEG/PNG and other decode errors
+            return np.zeros((self.channels, self.image_size, self.image_size), np.uint8), f"{type(exc).__name__}: {exc}"
 
 
 def _write(f, chunk: np.ndarray) -> None:
@@ -159,33 +164,39 @@ def _checksum(path: Path, size: int) -> tuple[str, str]:
     return h.hexdigest(), f"{SAMPLED_BLOCKS} evenly spaced {BLOCK >> 20} MiB blocks"
 
 
-def _open(data: Path, header: Path, key: str) -> tuple[torch.Tensor | None, str | None]:
-    """(images, None) for a store that passes every check; (None, what is wrong) otherwise, the
-    problem being None when there is simply no store yet."""
+def _open(data: Path, header: Path, key: str) -> tuple[torch.Tensor | None, str | None, dict[str, str]]:
+    """(images, None, undecodable files) for a store that passes every check; (None, what is
+    wrong, {}) otherwise, the problem being None when there is simply no store yet."""
+    images, problem, meta = _check(data, header, key)
+    return images, problem, meta.get("undecodable", {}) if images is not None else {}
+
+
+def _check(data: Path, header: Path, key: str) -> tuple[torch.Tensor | None, str | None, dict]:
     if not header.is_file():
-        return None, "has no header (an unfinished build?)" if data.exists() else None
+        return None, "has no header (an unfinished build?)" if data.exists() else None, {}
     try:
         meta = json.loads(header.read_text())
         shape, expected = tuple(int(n) for n in meta["shape"]), meta["checksum"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        return None, f"has an unreadable header ({type(exc).__name__}: {exc})"
+        return None, f"has an unreadable header ({type(exc).__name__}: {exc})", {}
     if meta.get("format") != FORMAT or meta.get("key") != key:
-        return None, f"has a header for another store (format {meta.get('format')}, key {meta.get('key')})"
+        return None, f"has a header for another store (format {meta.get('format')}, key {meta.get('key')})", {}
     if not data.is_file():
-        return None, "has a header but no data file"
+        return None, "has a header but no data file", {}
     size, want = data.stat().st_size, math.prod(shape)
     if size != want:
-        return None, f"is {size:,} bytes where its header says {want:,} (truncated or damaged)"
+        return None, f"is {size:,} bytes where its header says {want:,} (truncated or damaged)", {}
     if _checksum(data, size)[0] != expected:
-        return None, "fails its sha256 check (damaged)"
-    return torch.from_numpy(np.memmap(data, dtype=np.uint8, mode="c", shape=shape)), None
+        return None, "fails its sha256 check (damaged)", {}
+    return torch.from_numpy(np.memmap(data, dtype=np.uint8, mode="c", shape=shape)), None, meta
 
 
 def _warn_cannot_store(folder: Path, needed: int, why: str) -> None:
     free = shutil.disk_usage(folder).free if folder.is_dir() else 0
     log.warning(
-        "decoded-image store not written in %s: %s (it needs %.1f MB, %.1f MB are free); decoding with PIL on the fly "
-        "instead, every epoch (slower). Free some space or point cache.dir at another disk; data.decode_cache=false skips the store",
+        "decoded-image store not written in %s: %s (it needs %.1f MB, %.1f MB are free); decoding with PIL on the "
+        "fly instead, every epoch (slower). Free some space or point cache.dir at another disk; "
+        "data.decode_cache=false skips the store",
         folder,
         why,
         needed / 2**20,
@@ -212,7 +223,7 @@ def open_or_build(
         return None
     with FileLock(str(folder / f"{key}.lock")):
         start = time.perf_counter()
-        images, problem = _open(data, header, key)
+        images, problem, undecodable = _open(data, header, key)
         if images is not None:
             log.info(
                 "decoded-image store reused: %s (%d images, %s uint8, checked in %.1fs)",
@@ -221,15 +232,15 @@ def open_or_build(
                 "x".join(map(str, images.shape[1:])),
                 time.perf_counter() - start,
             )
-            return Store(images, data, key, digest(identity), built=False)
+            return Store(images, data, key, digest(identity), built=False, undecodable=undecodable)
         if problem is not None:
             log.warning("decoded-image store %s %s; rebuilding it", data, problem)
         if not _build(files, identity, image_size, data, header, key, progress, workers):
             return None
-        images, problem = _open(data, header, key)
+        images, problem, undecodable = _open(data, header, key)
         if images is None:
             raise RuntimeError(f"the decoded-image store {data} just built {problem}")
-        return Store(images, data, key, digest(identity), built=True)
+        return Store(images, data, key, digest(identity), built=True, undecodable=undecodable)
 
 
 def _build(
@@ -263,7 +274,7 @@ def _build(
         needed / 2**20,
     )
     tmp_data, tmp_header = (p.with_name(f".{p.name}.tmp{os.getpid()}") for p in (data, header))
-    done = False
+    done, undecodable = False, {}
     try:
         loader = DataLoader(_Decode(files, image_size, channels), batch_size=CHUNK, num_workers=workers)
         with (
@@ -277,9 +288,10 @@ def _build(
                 dynamic_ncols=True,
             ) as bar,
         ):
-            for chunk in loader:
-                _write(f, chunk.numpy())
-                bar.update(len(chunk))
+            for first, (pixels, errors) in zip(range(0, len(files), CHUNK), loader):
+                _write(f, pixels.numpy())
+                undecodable.update({files[first + i]: why for i, why in enumerate(errors) if why})
+                bar.update(len(pixels))
         checksum, covers = _checksum(tmp_data, needed)
         seconds = time.perf_counter() - start
         meta = {
@@ -293,6 +305,7 @@ def _build(
             "resize": f"PIL {INTERPOLATION.value}",
             "build_s": round(seconds, 2),
             "files": identity,
+            "undecodable": undecodable,
         }
         tmp_header.write_text(json.dumps(meta))
         os.replace(tmp_data, data)
@@ -308,6 +321,7 @@ def _build(
             for path in (tmp_data, tmp_header, data, header):  # what was there before was damaged
                 path.unlink(missing_ok=True)
     others = [p for p in data.parent.glob("*.u8") if p != data]
+    others_mb = sum(p.stat().st_size for p in others) / 2**20
     log.info(
         "decoded-image store built: %s, %d images in %.1fs (%.0f images/s, %d decoding workers)%s",
         data,
@@ -315,7 +329,7 @@ def _build(
         seconds,
         len(files) / seconds,
         workers,
-        f"; {data.parent} also holds {len(others)} other store(s), {sum(p.stat().st_size for p in others) / 2**20:.0f} MB"
+        f"; {data.parent} also holds {len(others)} other store(s), {others_mb:.0f} MB"
         " (other sizes or file lists, or files changed since): delete those no run needs"
         if others
         else "",

@@ -1,4 +1,4 @@
-"""The embedded data set: scikit-learn's handwritten digits, no download."""
+"""scikit-learn's handwritten digits: 1,797 real 8x8 images of 10 classes, shipped with the package."""
 
 from __future__ import annotations
 
@@ -29,8 +29,7 @@ def digits(
     root: str | None = None,
     name: str = "digits",
 ) -> DataBundle:
-    """scikit-learn's handwritten digits (1,797 real 8x8 images, 10 classes, shipped with the
-    package): upsampled to ``image_size`` and made 3-channel; seeded stratified train/val/test.
+    """Upsampled to ``image_size`` and made 3-channel; seeded stratified train/val/test.
 
     ``limit`` keeps only the first N images of each split (for smoke tests)."""
     from sklearn.datasets import load_digits
@@ -59,4 +58,5 @@ def digits(
         augment=Augment(crop_padding, hflip),
         seed=seed,
         name=name,
+        limited=limit is not None,
     )

@@ -9,12 +9,22 @@ The split layout is used when ``root/train`` exists; ``val/`` may be missing whe
 ``val_from_train`` carves a stratified, seeded validation split from train. A single folder is
 split by ``test_fraction`` and ``val_from_train`` (stratified, seeded).
 
-Files are scanned up front: hidden files and files without an image extension (``.DS_Store``,
-``Thumbs.db``, notes) are ignored; every image file is opened and checked with PIL's
-``Image.verify()`` (reads the header and, for PNG, checks the chunk checksums, without decoding
-the pixels). Files that fail are skipped with one warning listing them (``on_bad_image=skip``) or
-stop the run (``on_bad_image=error``). A file that passes the check but fails to decode later (a
-truncated JPEG) stops the run with an error naming it.
+Files are scanned up front (:mod:`distill_runner.data.scan`): hidden files and files without an
+image extension (``.DS_Store``, ``Thumbs.db``, notes) are ignored; image files in sub-folders of a
+class folder are not used and named in a warning; every image file is checked with PIL's
+``Image.verify()`` (the header and, for PNG, the chunk checksums, without decoding the pixels).
+A file that passes that check can still fail to decode (a truncated JPEG or PNG): the store build
+decodes every file anyway and records those, and without the store every file is decoded once up
+front (:func:`distill_runner.data.images.undecodable`: 26 ms for 202 small JPEGs), so epochs
+never meet a bad file and stay reproducible. Bad files of either kind are skipped with one
+warning naming them (``on_bad_image=skip``) or refused in one line (``on_bad_image=error``).
+Then, before any model is built, every split must still hold every class, and there must be at
+least two classes (:func:`distill_runner.data.bundle.check_classes`), else one line names the
+split, the class and the fix.
+
+Every file is converted to 8 bits the same way in both paths below
+(:func:`distill_runner.data.images.to_8bit`: upright by EXIF orientation; 16-bit and float
+images scaled by their range, not clipped; alpha dropped; the first frame of an animation).
 
 Loading (``decode_cache``, on by default; ``data.decode_cache`` in the config): the files are
 decoded, converted and resized once into a memory-mapped uint8 store under ``store_dir``
@@ -24,7 +34,7 @@ decoded, converted and resized once into a memory-mapped uint8 store under ``sto
 processes; epochs replay exactly, so cached teacher outputs work.
 
 Without the store (``decode_cache=false``, or a full disk) loading is torchvision's
-``ImageFolder`` (PIL, converted to RGB: grayscale becomes 3 channels, alpha is dropped) with a
+``ImageFolder`` (PIL, :func:`~distill_runner.data.images.load_rgb`: grayscale becomes 3 channels) with a
 ``DataLoader``, the same resize and the equivalent torchvision transforms (``RandomResizedCrop``
 with the same ranges, then the flip). Its sampler draws the order and one augmentation seed per
 sample from (seed, epoch), so an epoch's batches and augmentations are the same whatever the
@@ -56,17 +66,16 @@ from distill_runner.data.bundle import (
     in_memory_bundle,
     shard_order,
     shard_size,
-    stratified_split,
     take_per_class,
 )
 from distill_runner.data.decode_cache import INTERPOLATION, Store, fingerprint, open_or_build
+from distill_runner.data.images import load_rgb, undecodable
+from distill_runner.data.scan import SPLITS, Layout, carve_splits, check_folder_classes, drop_bad, unreadable
 from distill_runner.errors import BadImageError, ConfigError
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-SPLITS = ("train", "val", "test")
-MAX_LISTED = 10  # bad files named in one warning or error
 
 
 class _Folder(datasets.ImageFolder):
@@ -78,7 +87,9 @@ class _Folder(datasets.ImageFolder):
 
     def __init__(self, root: Path, classes: list[str], files: set[str], transform):
         self._classes = classes
-        super().__init__(str(root), transform=transform, is_valid_file=files.__contains__, allow_empty=True)
+        super().__init__(
+            str(root), transform=transform, loader=load_rgb, is_valid_file=files.__contains__, allow_empty=True
+        )
 
     def find_classes(self, directory):  # the scanned class folders (no hidden folders)
         return self._classes, {c: i for i, c in enumerate(self._classes)}
@@ -88,7 +99,7 @@ class _Folder(datasets.ImageFolder):
         path, target = self.samples[index]
         try:
             image = self.loader(path)
-        except Exception as exc:  # truncated JPEG and other decode errors
+        except Exception as exc:  # only if a file changed after the up-front decode check
             raise BadImageError(
                 f"{path} could not be decoded ({type(exc).__name__}: {exc}); remove or replace the file"
             ) from None
@@ -245,36 +256,31 @@ def imagefolder(
     workers, pin = loader_settings(num_workers, pin_memory, device)
     layout = Layout(root, source, classes_hint, val_from_train)
 
-    scanned = {split: layout.scan(split) for split in layout.splits}  # split -> (classes, [(path, class index)])
-    classes = scanned[layout.splits[0]][0]
-    for split, (found, _) in scanned.items():
-        if found != classes:
-            missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
-            raise ConfigError(
-                "root",
-                layout.display,
-                f"class folders differ between splits: train has {classes}, {split} has {found}"
-                f" (missing in {split}: {missing or 'none'}; only in {split}: {extra or 'none'}); every split needs the same class folders",
-            )
-    samples = {split: items for split, (_, items) in scanned.items()}
-    samples = _carve_splits(samples, layout, val_from_train, test_fraction, seed)
+    classes, samples = layout.scan_splits()
+    samples = carve_splits(samples, layout, val_from_train, test_fraction, seed)
     if limit is not None:
         samples = {
             s: [items[i] for i in take_per_class(np.array([t for _, t in items]), limit)]
             for s, items in samples.items()
         }
-    samples = _drop_bad_images(samples, on_bad_image, layout)
-    for split, items in samples.items():
-        if not items:
-            raise ConfigError("root", layout.display, f"the {split} split has no readable images left")
-        counts = np.bincount([t for _, t in items], minlength=len(classes))
-        if split == "train" and (counts == 0).any():  # a class lost all its training images to the check
-            raise ConfigError(
-                "root", layout.display, f"class {classes[int(np.argmin(counts))]} has no readable training images left"
-            )
+    samples = drop_bad(samples, unreadable(samples), on_bad_image, layout, "unreadable")
+    check_folder_classes(samples, classes, layout, on_bad_image)  # before decoding anything
 
     files = sorted({p for items in samples.values() for p, _ in items})
     store = open_or_build(files, image_size, store_dir, progress=progress) if decode_cache else None
+    if store is not None:
+        bad = store.undecodable  # recorded by the build, kept in the store's header
+    else:  # decode each file once now, so that no epoch meets a truncated file
+        start = time.perf_counter()
+        bad = undecodable(files)
+        log.info(
+            "decoded %d image files once to find truncated ones in %.1fs: %d failed",
+            len(files),
+            time.perf_counter() - start,
+            len(bad),
+        )
+    samples = drop_bad(samples, bad, on_bad_image, layout, "undecodable (truncated or corrupt pixel data)")
+    check_folder_classes(samples, classes, layout, on_bad_image)
     if store is not None:
         return _store_bundle(
             store,
@@ -390,153 +396,8 @@ def chest_xray(
     """Kaggle's "Chest X-Ray Images (Pneumonia)": ``root/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg``."""
     kwargs.setdefault(
         "source",
-        'Kaggle "Chest X-Ray Images (Pneumonia)" (kaggle.com/datasets/paultimothymooney/chest-xray-pneumonia); unzip it and point dataset.root at its chest_xray/ folder',
+        'Kaggle "Chest X-Ray Images (Pneumonia)" (kaggle.com/datasets/paultimothymooney/chest-xray-pneumonia); '
+        "unzip it and point dataset.root at its chest_xray/ folder",
     )
     kwargs.setdefault("classes_hint", ["NORMAL", "PNEUMONIA"])
     return imagefolder(root=root, val_from_train=val_from_train, name=name, **kwargs)
-
-
-class Layout:
-    """Where the splits of ``root`` are, and the errors that show the expected tree."""
-
-    def __init__(
-        self, root: str | None, source: str | None, classes_hint: Sequence[str] | None, val_from_train: float | None
-    ):
-        self.source = source or "your own images: one sub-folder per class"
-        self.classes_hint = list(classes_hint or ["<class_a>", "<class_b>"])
-        self.display = root
-        if root is None:
-            self.fail("dataset=imagefolder needs dataset.root=PATH")
-        self.root = Path(str(root)).expanduser()
-        if not self.root.is_dir():
-            self.fail(f"no such folder ({self.root.resolve()})")
-        self.single = not (self.root / "train").is_dir()
-        nested = [d.name for d in sorted(self.root.iterdir()) if (d / "train").is_dir()] if self.single else []
-        if nested:  # e.g. the zip's outer folder: ROOT/chest_xray/train/...
-            self.fail(
-                f"no train/ folder here, but {self.display}/{nested[0]}/train/ exists: use dataset.root={self.display}/{nested[0]}"
-            )
-        if self.single:
-            self.splits = ["all"]
-        else:
-            self.splits = ["train", "test"] + (["val"] if val_from_train is None else [])
-            for split in self.splits:
-                if not (self.root / split).is_dir():
-                    hint = "; or set dataset.val_from_train=0.1 to carve val from train" if split == "val" else ""
-                    self.fail(f"the {split}/ split is missing{hint}")
-
-    def tree(self) -> str:
-        classes = ",".join(self.classes_hint)
-        lines = [f"  {self.display}/"] + [f"    {s}/{{{classes}}}/*.jpeg" for s in SPLITS]
-        return "\n".join(lines)
-
-    def fail(self, problem: str):
-        raise ConfigError(
-            "root",
-            self.display,
-            f"{problem}. Expected:\n{self.tree()}\n"
-            f"(or a single folder of class sub-folders, split by dataset.test_fraction and dataset.val_from_train)\n"
-            f"Data: {self.source}",
-        )
-
-    def folder(self, split: str) -> Path:
-        return self.root if split == "all" else self.root / split
-
-    def scan(self, split: str) -> tuple[list[str], list[tuple[str, int]]]:
-        """Class folders (sorted, hidden ones ignored) and image files of one split folder."""
-        folder = self.folder(split)
-        classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith((".", "__")))
-        if not classes:
-            self.fail(f"{folder} has no class folders")
-        items, ignored = [], 0
-        for index, cls in enumerate(classes):
-            found = 0
-            for entry in sorted(os.scandir(folder / cls), key=lambda e: e.name):
-                if (
-                    entry.is_file()
-                    and not entry.name.startswith(".")
-                    and entry.name.lower().endswith(datasets.folder.IMG_EXTENSIONS)
-                ):
-                    items.append((entry.path, index))
-                    found += 1
-                else:
-                    ignored += 1
-            if found == 0:
-                raise ConfigError(
-                    "root",
-                    self.display,
-                    f"class folder {folder / cls} is empty (no {'/'.join(datasets.folder.IMG_EXTENSIONS)} files);"
-                    " add images or remove that class folder from every split",
-                )
-        if ignored:
-            log.info(
-                "%s: ignored %d entries that are not image files (hidden files, other extensions, sub-folders)",
-                folder,
-                ignored,
-            )
-        return classes, items
-
-    def describe(self, val_from_train: float | None, test_fraction: float, seed: int) -> str:
-        if self.single:
-            return f"single folder {self.display}, split by test_fraction={test_fraction}, val_from_train={val_from_train} (stratified, seed {seed})"
-        if val_from_train is None:
-            return f"splits train/val/test from {self.display}"
-        unused = f"; {self.root / 'val'}/ is not used" if (self.root / "val").is_dir() else ""
-        return f"splits train/test from {self.display}, val = {val_from_train:.0%} of train (stratified, seed {seed}){unused}"
-
-
-def _carve_splits(samples: dict, layout: Layout, val_from_train: float | None, test_fraction: float, seed: int) -> dict:
-    """train/val/test sample lists: carve test (single folder) and val (``val_from_train``) stratified."""
-
-    def split(items, fraction, key):
-        targets = np.array([t for _, t in items])
-        try:
-            take, rest = stratified_split(targets, [fraction], seed)
-        except ValueError as exc:  # too few images per class for a stratified split
-            raise ConfigError(
-                key, fraction, f"cannot split {len(items)} images of {len(set(targets))} classes stratified ({exc})"
-            ) from None
-        return [items[i] for i in rest], [items[i] for i in take]
-
-    if layout.single:
-        if not 0 < test_fraction < 1:
-            raise ConfigError(
-                "test_fraction", test_fraction, "a single folder needs a test fraction in (0, 1), e.g. 0.2"
-            )
-        if val_from_train is None:
-            raise ConfigError(
-                "val_from_train", None, "a single folder (no train/ sub-folder) needs a validation fraction, e.g. 0.1"
-            )
-        samples = dict(zip(("train", "test"), split(samples["all"], test_fraction, "test_fraction")))
-    if val_from_train is not None:
-        samples["train"], samples["val"] = split(samples["train"], val_from_train, "val_from_train")
-    return {s: samples[s] for s in SPLITS}
-
-
-def _drop_bad_images(samples: dict, on_bad_image: str, layout: Layout) -> dict:
-    """Check every file with PIL's ``verify()``; skip (with one warning) or fail on the bad ones."""
-    from PIL import Image
-
-    start, bad = time.perf_counter(), {}
-    for items in samples.values():
-        for path, _ in items:
-            try:
-                with Image.open(path) as im:
-                    im.verify()
-            except Exception as exc:  # UnidentifiedImageError, truncated or corrupt data, unreadable file
-                bad[path] = f"{type(exc).__name__}: {exc}"
-    n = sum(map(len, samples.values()))
-    log.info("checked %d image files in %.1fs: %d unreadable", n, time.perf_counter() - start, len(bad))
-    if not bad:
-        return samples
-    listed = "; ".join(f"{os.path.relpath(p, layout.root)} ({why})" for p, why in list(bad.items())[:MAX_LISTED])
-    more = f"; and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
-    if on_bad_image == "error":
-        raise ConfigError(
-            "on_bad_image",
-            "error",
-            f"{len(bad)} unreadable image file(s) in {layout.display}: {listed}{more}; "
-            "remove or replace them, or set dataset.on_bad_image=skip to skip them with a warning",
-        )
-    log.warning("skipped %d unreadable image file(s) in %s: %s%s", len(bad), layout.display, listed, more)
-    return {s: [(p, t) for p, t in items if p not in bad] for s, items in samples.items()}
