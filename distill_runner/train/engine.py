@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from distill_runner.errors import ConfigError
 from distill_runner.models.features import FeatureTap
 from distill_runner.train import distributed
+from distill_runner.train.health import class_count, learning_check
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,7 @@ def fit(
     step_recipe = distributed.wrap(recipe, device) if isinstance(recipe, nn.Module) else recipe
     forward = FeatureTap(model, getattr(recipe, "student_layers", ()), call=step_model)  # {"logits", "features"}
     main = distributed.is_main()
+    warned = False  # the at-chance warning: once per stage
     try:
         for epoch in range(len(history), stage.epochs):
             start = time.perf_counter()
@@ -260,6 +262,9 @@ def fit(
             record["val/acc"] = accuracy(*predict(model, val, device, precision), over_processes=True)
             record["epoch_time_s"] = time.perf_counter() - start
             history.append(record)
+            if not warned and (warning := learning_check(history, class_count(model), stage.name)):
+                log.warning(warning)
+                warned = True
             if writer is not None:  # the runner gives ranks > 0 none
                 for k, v in record.items():
                     writer.add_scalar(k, v, epoch + 1)
