@@ -108,3 +108,33 @@ def test_checkpoint_wrapped_in_a_training_state_loads(tmp_path):
     other = tiny_cnn(num_classes=3)
     load_checkpoint(other, tmp_path / "last.pt")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+
+
+def _bn_momenta(model: nn.Module) -> set:
+    return {m.momentum for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+def test_bn_momentum_lets_running_statistics_follow_a_short_schedule():
+    # torchvision builds MobileNetV3 with 0.01: too slow for a few hundred steps (eval mode at chance).
+    assert _bn_momenta(torchvision.models.mobilenet_v3_small()) == {0.01}
+    assert _bn_momenta(torchvision_model("mobilenet_v3_small", num_classes=10, image_size=32)) == {0.1}
+    assert _bn_momenta(torchvision_model("mobilenet_v3_small", num_classes=10, bn_momentum=0.3)) == {0.3}
+    assert _bn_momenta(torchvision_model("mobilenet_v3_small", num_classes=10, bn_momentum=None)) == {0.01}
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "efficientnet_b0"])
+def test_bn_momentum_default_is_what_these_archs_already_use(arch):
+    # The default changes nothing for them: their own momentum is PyTorch's 0.1 too.
+    assert _bn_momenta(torchvision.models.get_model(arch)) == {0.1}
+    assert _bn_momenta(torchvision_model(arch, num_classes=10, image_size=32)) == {0.1}
+
+
+def test_bad_bn_momentum_names_the_key():
+    with pytest.raises(ConfigError, match="bn_momentum"):
+        torchvision_model("mobilenet_v3_small", num_classes=10, bn_momentum=0)
+
+
+def test_the_shipped_mobilenet_v3_config_sets_bn_momentum():
+    cfg = compose_config(["student=mobilenet_v3_small", "dataset.limit=4"])
+    model = build.build_model(cfg.student, "student", build.build_data(cfg), cfg.seed)
+    assert cfg.student.model.bn_momentum == 0.1 and _bn_momenta(model) == {0.1}

@@ -20,6 +20,7 @@ from distill_runner import distributed
 from distill_runner.errors import ConfigError
 from distill_runner.models.features import FeatureTap
 from distill_runner.storage import atomic_save
+from distill_runner.train.health import class_count, learning_check
 
 if TYPE_CHECKING:
     from distill_runner.distill.contract import TeacherSignal
@@ -195,6 +196,7 @@ def fit(
     step_recipe = distributed.wrap(recipe, device)
     forward = FeatureTap(model, recipe.student_layers, call=step_model)  # {"logits", "features"}
     main = distributed.is_main()
+    warned = False  # the at-chance warning: once per stage
     try:
         for epoch in range(len(history), stage.epochs):
             start = time.perf_counter()
@@ -243,6 +245,9 @@ def fit(
             record["val/acc"] = accuracy(*predict(model, val, device, precision), over_processes=True)
             record["epoch_time_s"] = time.perf_counter() - start
             history.append(record)
+            if not warned and (warning := learning_check(history, class_count(model), stage.name)):
+                log.warning(warning)
+                warned = True
             if writer is not None:  # the runner gives ranks > 0 none
                 for k, v in record.items():
                     writer.add_scalar(k, v, epoch + 1)
