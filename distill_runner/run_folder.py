@@ -1,8 +1,10 @@
-"""The run folder: which one a resumed run continues, and whether it (and the cache) can take what
-the run will write, checked before any training."""
+"""The run folder: which one a resumed run continues, that it belongs to this run alone, and whether
+it (and the cache) can take what the run will write, all checked before any training."""
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -10,8 +12,10 @@ from torch import nn
 
 from distill_runner import storage
 from distill_runner.build import build_model
+from distill_runner.cache import NOT_RESULTS
 from distill_runner.errors import ConfigError
 from distill_runner.models.factories import count_parameters
+from distill_runner.storage import atomic_write_text
 from distill_runner.train.stages import RunContext
 
 
@@ -79,18 +83,103 @@ def resume_dir(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
                 str(resume),
                 "not a run folder (no .hydra/config.yaml in it); give outputs/<date>/<time> of the run to continue",
             )
-    saved_file = found / ".hydra" / "config.yaml"
-    if saved_file.is_file() and found != run_dir:
-        saved, now = OmegaConf.load(saved_file), OmegaConf.to_container(cfg)
-        saved = OmegaConf.to_container(saved)
-        saved["trainer"].pop("resume", None)
-        now["trainer"].pop("resume", None)
-        if saved != now:
-            diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-            raise ConfigError(
-                "trainer.resume",
-                str(resume),
-                f"the run in {found} was started with another config (differs in: {', '.join(diff)}); resume it with "
-                "the same overrides",
-            )
+    if found != run_dir:  # another folder: compare with the config it was started with
+        saved = found / STARTED if (found / STARTED).is_file() else found / ".hydra" / "config.yaml"
+        if saved.is_file():
+            check_same_config(cfg, saved, found)
     return found
+
+
+# ------------------------------------------------------------------------------- who owns a folder
+
+STARTED = "run_config.yaml"  # the config the folder's run started with (Hydra rewrites .hydra/config.yaml each start)
+OWNER = ".owner"  # "<pid> <host>" of the distill-run writing here
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _owner(path: Path) -> tuple[int, str] | None:
+    try:
+        pid, host = path.read_text().split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def claim(cfg: DictConfig, run_dir: Path, resuming: bool) -> None:
+    """Make ``run_dir`` this run's: never shared by two runs. Refused (one line): a folder another live
+    run writes into; without ``trainer.resume``, a folder that holds another run; with it, a folder
+    started with another config (compared with the copy written at its start, not with Hydra's
+    ``.hydra/config.yaml``, which the new start has already overwritten)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    owner, started = run_dir / OWNER, run_dir / STARTED
+    me = f"{os.getpid()} {socket.gethostname()}"
+    try:  # O_EXCL: of two runs starting together, exactly one creates it
+        fd = os.open(owner, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+    except FileExistsError:
+        found = _owner(owner)
+        if found is not None and found[0] != os.getpid():
+            pid, host = found
+            if host == socket.gethostname() and _alive(pid):
+                fix = (
+                    f"another distill-run (pid {pid}) is writing into this folder; wait for it or choose another folder"
+                )
+                raise ConfigError("hydra.run.dir", str(run_dir), fix) from None
+            if host != socket.gethostname() and not resuming:
+                fix = f"a distill-run on {host} (pid {pid}) owns this folder; choose another folder or resume it"
+                raise ConfigError("hydra.run.dir", str(run_dir), fix) from None
+        atomic_write_text(owner, me)  # its owner is gone (killed, or requeued elsewhere): take it over
+    try:
+        if started.is_file() and not resuming:
+            fix = "it holds another run; choose another folder, or continue that run with trainer.resume=auto"
+            raise ConfigError("hydra.run.dir", str(run_dir), fix)
+        if started.is_file():
+            check_same_config(cfg, started, run_dir)
+        else:
+            atomic_write_text(started, OmegaConf.to_yaml(cfg, resolve=True))
+    except ConfigError:
+        release(run_dir)
+        raise
+
+
+def release(run_dir: Path) -> None:
+    """The run is over (finished or failed): the folder no longer has a live owner."""
+    owner = Path(run_dir) / OWNER
+    found = _owner(owner)
+    if found is not None and found[0] == os.getpid():
+        owner.unlink(missing_ok=True)
+
+
+def _flat(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in node.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_same_config(cfg: DictConfig, saved_file: Path, folder: Path) -> None:
+    """The run in ``folder`` was started with this config, up to keys that never change a result
+    (progress bars, loader workers, ...: :data:`distill_runner.cache.NOT_RESULTS`)."""
+    saved = _flat(OmegaConf.to_container(OmegaConf.load(saved_file), resolve=True))
+    now = _flat(OmegaConf.to_container(cfg, resolve=True))
+    harmless = lambda k: any(k == d or k.startswith(d + ".") for d in NOT_RESULTS)
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and not harmless(k))
+    if diff:
+        shown = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:5]) + (
+            " ..." if len(diff) > 5 else ""
+        )
+        fix = f"the run in {folder} was started with another config ({shown}); resume it with the same overrides"
+        raise ConfigError("trainer.resume", cfg.trainer.get("resume"), fix)

@@ -25,7 +25,7 @@ from distill_runner.evaluation.evaluate import comparison, evaluate
 from distill_runner.models.factories import clone, count_parameters
 from distill_runner.reporting.report import write_report, write_tensorboard
 from distill_runner.reporting.results import RunResults, StageResult
-from distill_runner.run_folder import check_room, resume_dir
+from distill_runner.run_folder import check_room, claim, release, resume_dir
 from distill_runner.train import engine
 from distill_runner.train.stages import RunContext, run_or_reuse, run_stage, schedule
 
@@ -50,6 +50,15 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     start = time.perf_counter()
     validate(cfg)
     ctx = prepare(cfg, Path(run_dir), list(overrides or []))
+    try:
+        return _run(ctx, start, list(overrides or []))
+    finally:
+        if distributed.is_main():
+            release(ctx.run_dir)
+
+
+def _run(ctx: RunContext, start: float, overrides: list[str]) -> RunResults | None:
+    """The steps after the run folder is this run's."""
     built = build(ctx)
     teachers, stages = train_teachers(ctx, built)
     stages.update(train_students(ctx, built, teachers, stages))
@@ -59,23 +68,22 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     results = evaluate_models(ctx, built, models, stages)
     export_student(ctx, built, results)
     results.wall_time_s = time.perf_counter() - start
-    report(ctx, results, list(overrides or []))
+    report(ctx, results, overrides)
     return results
 
 
 def prepare(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunContext:
     """The device, the run folder (another one when resuming) and the data."""
     device = distributed.init(engine.resolve_device(cfg.trainer.device))
-    if cfg.trainer.get("resume", False) and distributed.is_main():
-        run_dir = resume_dir(cfg, run_dir, overrides)
-        resuming = (run_dir / "checkpoints").is_dir()
-        what = (
-            "resuming the run in"
-            if resuming
-            else f"nothing to resume yet (trainer.resume={cfg.trainer.resume}): starting in"
-        )
-        log.info("%s %s", what, run_dir)
-    run_dir = distributed.broadcast(run_dir)  # the folders of ranks > 0 are not used
+    found = None
+    if distributed.is_main():  # rank 0 picks and claims the folder; every process stops on a problem
+        try:
+            found = (own_folder(cfg, run_dir, overrides), None)
+        except ConfigError as exc:
+            found = (None, (exc.key, exc.value, exc.fix))
+    run_dir, problem = distributed.broadcast(found)  # the folders of ranks > 0 are not used
+    if problem is not None:
+        raise ConfigError(*problem)
     precision = engine.resolve_precision(cfg.trainer.precision, device, cfg.trainer.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -88,6 +96,18 @@ def prepare(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunContext:
         channels_last=cfg.trainer.get("channels_last", False), compile=cfg.trainer.get("compile", False)
     )
     return RunContext(cfg, data, device, precision, run_dir, speed)
+
+
+def own_folder(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
+    """The run folder (another one when resuming), claimed for this run alone."""
+    resume = cfg.trainer.get("resume", False)
+    if resume:
+        run_dir = resume_dir(cfg, run_dir, overrides)
+        resuming = (run_dir / "checkpoints").is_dir()
+        what = "resuming the run in" if resuming else f"nothing to resume yet (trainer.resume={resume}): starting in"
+        log.info("%s %s", what, run_dir)
+    claim(cfg, run_dir, resuming=bool(resume))
+    return run_dir
 
 
 def build(ctx: RunContext) -> Built:

@@ -186,7 +186,7 @@ def test_multirun_trains_the_teacher_once_and_writes_the_summary(tmp_path):
     assert logs.count("stage student:") == 4
     assert logs.count("computed and stored") == 1 and logs.count("teacher outputs: cached") == 4
     rows = (sweep / "summary.csv").read_text().splitlines()
-    assert len(rows) == 5 and rows[0].startswith("job,overrides,teacher_acc,student_acc")
+    assert len(rows) == 5 and rows[0].startswith("job,overrides,student_val_acc,student_acc,baseline_acc,teacher_acc")
     assert "distill.temperature=4 distill.alpha=0.75" in (sweep / "summary.md").read_text()
     with Image.open(sweep / "summary.png") as png:
         assert png.format == "PNG" and png.size[0] > 100
@@ -195,7 +195,8 @@ def test_multirun_trains_the_teacher_once_and_writes_the_summary(tmp_path):
     rebuilt = subprocess.run(
         [sys.executable, "-m", "distill_runner.reporting.sweep", str(sweep)], capture_output=True, text=True
     )
-    assert rebuilt.returncode == 0 and (sweep / "summary.png").is_file() and "Best student" in rebuilt.stdout
+    assert rebuilt.returncode == 0 and (sweep / "summary.png").is_file()
+    assert "Best setting, chosen on the KD student's validation accuracy" in rebuilt.stdout
 
 
 def test_without_augmentation_one_view_serves_every_epoch(tmp_path, caplog):

@@ -109,3 +109,13 @@ def test_nan_loss_stops_with_one_line_naming_stage_epoch_batch_and_terms(tmp_pat
         and "Traceback" not in proc.stderr
     )
     assert (tmp_path / "run" / "checkpoints" / "teacher.pt").is_file()  # finished stages are kept
+
+
+def test_help_names_the_groups_the_keys_and_examples(tmp_path):
+    proc = distill_run("--help", cwd=tmp_path)
+    assert proc.returncode == 0
+    text = proc.stdout
+    assert text.startswith("distill-run: fine-tune a teacher, distill a student")
+    assert "distill: attention, balanced, combo, dkd, feature, kd, multi_teacher, self" in text
+    assert "distill-run -m distill.temperature=1,4,8" in text and "trainer.progress" in text
+    assert "Powered by Hydra" not in text  # not Hydra's generic page

@@ -97,7 +97,7 @@ def test_resume_with_another_config_is_refused(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert proc.returncode != 0 and "trainer.resume" in proc.stderr and "differs in: distill" in proc.stderr
+    assert proc.returncode != 0 and "trainer.resume" in proc.stderr and "(distill.alpha 0.5 -> 0.9)" in proc.stderr
 
 
 def test_resume_true_without_an_unfinished_run_says_how(tmp_path):

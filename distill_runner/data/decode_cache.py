@@ -284,7 +284,7 @@ def _build(
                 desc="decoding images (once)",
                 unit="img",
                 leave=False,
-                disable=not progress,
+                disable=None if progress else True,  # None: drawn only on a terminal
                 dynamic_ncols=True,
             ) as bar,
         ):

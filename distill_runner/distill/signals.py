@@ -185,7 +185,7 @@ def compute_teacher_logits(teacher, train, views: int, device, precision: Precis
     logits = filled = None
     total = views * len(train)
     show = progress and distributed.is_main()
-    bar = tqdm(total=total, desc="teacher outputs", leave=False, disable=not show, dynamic_ncols=True)
+    bar = tqdm(total=total, desc="teacher outputs", leave=False, disable=None if show else True, dynamic_ncols=True)
     for view in range(views):
         train.set_epoch(view)
         for batch in train:  # under torchrun: this process's shard

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import statistics
 import sys
 from pathlib import Path
 
@@ -22,7 +23,9 @@ from distill_runner.reporting.results import RunResults
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["job", "overrides", "teacher_acc", "student_acc", "baseline_acc", "retention", "kd_gain", "wall_time_s"]
+COLUMNS = ["job", "overrides", "student_val_acc", "student_acc", "baseline_acc", "teacher_acc", "retention", "kd_gain",
+           "wall_time_s"]  # fmt: skip
+SEED = "seed"  # jobs that differ only in it are one setting
 
 
 def collect(sweep_dir: Path) -> list[dict]:
@@ -38,6 +41,7 @@ def collect(sweep_dir: Path) -> list[dict]:
                 "job": job.name,
                 "overrides": " ".join(overrides),
                 "params": dict(o.split("=", 1) for o in overrides if "=" in o),
+                "student_val_acc": _number(results.stages["student"].final_val_acc),
                 "teacher_acc": results.models["teacher"].test_acc,
                 "student_acc": results.models["student"].test_acc,
                 "baseline_acc": results.models["baseline"].test_acc,
@@ -47,6 +51,27 @@ def collect(sweep_dir: Path) -> list[dict]:
             }
         )
     return rows
+
+
+def _number(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def settings(rows: list[dict], swept: list[str]) -> list[dict]:
+    """Jobs that differ only in the seed, as one setting: mean and std (over seeds) of the student's
+    validation and test accuracy, in first-job order."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(
+            " ".join(f"{k}={r['params'][k]}" for k in swept if k != SEED and k in r["params"]), []
+        ).append(r)
+    out = []
+    for name, members in groups.items():
+        val, test = [m["student_val_acc"] for m in members], [m["student_acc"] for m in members]
+        std = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
+        out.append({"setting": name, "seeds": len(members), "val": statistics.mean(val), "val_std": std(val),
+                    "test": statistics.mean(test), "test_std": std(test)})  # fmt: skip
+    return out
 
 
 def swept_keys(rows: list[dict]) -> list[str]:
@@ -138,6 +163,7 @@ def write_summary(sweep_dir: str | Path) -> list[dict]:
         writer.writeheader()
         writer.writerows(rows)
     fmt = {
+        "student_val_acc": "{:.4f}",
         "teacher_acc": "{:.4f}",
         "student_acc": "{:.4f}",
         "baseline_acc": "{:.4f}",
@@ -145,7 +171,20 @@ def write_summary(sweep_dir: str | Path) -> list[dict]:
         "kd_gain": "{:+.4f}",
         "wall_time_s": "{:.1f}",
     }
-    best = max(rows, key=lambda r: r["student_acc"])
+    # the best is chosen on validation, never on test (as the Optuna sweeper's objective); test is reported beside it
+    per_setting = settings(rows, swept)
+    best = max(per_setting, key=lambda g: (g["val"], -g["val_std"]))
+    seeded = any(g["seeds"] > 1 for g in per_setting)
+    pm = lambda mean, std: f"{mean:.4f} ± {std:.4f}" if seeded else f"{mean:.4f}"
+    setting_table = [
+        "Per setting, over seeds (mean ± standard deviation):",
+        "",
+        "| setting | seeds | student val acc | student test acc |",
+        "|---|---:|---:|---:|",
+        *[f"| `{g['setting'] or '(all)'}` | {g['seeds']} | {pm(g['val'], g['val_std'])} | "
+          f"{pm(g['test'], g['test_std'])} |" for g in per_setting],
+        "",
+    ] if seeded else []  # fmt: skip
     lines = [
         f"# Sweep summary: {sweep_dir}",
         "",
@@ -162,7 +201,10 @@ def write_summary(sweep_dir: str | Path) -> list[dict]:
             for r in rows
         ],
         "",
-        f"Best student: job {best['job']} (`{best['overrides']}`), test accuracy {best['student_acc']:.4f}.",
+        *setting_table,
+        f"Best setting, chosen on the KD student's validation accuracy{' (mean over seeds)' if seeded else ''}: "
+        f"`{best['setting'] or '(all)'}`, validation {pm(best['val'], best['val_std'])}, "
+        f"test {pm(best['test'], best['test_std'])} (test accuracy is reported, never used to choose).",
         "",
         "![student accuracy](summary.png)",
         "",

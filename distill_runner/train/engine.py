@@ -211,7 +211,7 @@ def fit(
                 train,
                 desc=f"{stage.name} {epoch + 1}/{stage.epochs}",
                 leave=False,
-                disable=not (progress and main),
+                disable=None if progress and main else True,  # None: drawn only on a terminal, not into logs
                 dynamic_ncols=True,
             )
             for step, batch in enumerate(bar):
