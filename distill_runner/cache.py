@@ -90,8 +90,12 @@ def _processes() -> dict:
 
 
 def data_inputs(cfg: DictConfig, fingerprint: str | None) -> dict:
-    """What determines the training data: its config keys and the image files' identity."""
-    return {**select(cfg, DATA_INPUTS), "files": fingerprint}
+    """What determines the training data: its config keys and the image files' identity. A key of a
+    data set factory of the user's own (in no list here) counts too: changing it never reuses a teacher."""
+    declared = (*DATA_INPUTS, *NOT_RESULTS)
+    own = [f"dataset.{k}" for k in cfg.dataset if not any(f"dataset.{k}" == d or f"dataset.{k}".startswith(d + ".")
+                                                        for d in declared)]  # fmt: skip
+    return {**select(cfg, DATA_INPUTS), **select(cfg, own), "files": fingerprint}
 
 
 def teacher_key(cfg: DictConfig, node_key: str, fingerprint: str | None) -> str:

@@ -3,6 +3,8 @@ value fails with one line naming the key, the value and the fix."""
 
 from __future__ import annotations
 
+import difflib
+import math
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +25,8 @@ def _is_int(v) -> bool:
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite int or float (inf and nan are refused wherever a number is asked for)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _is_crop_scale(v) -> bool:
@@ -67,9 +70,37 @@ def _check_recipe(cfg: DictConfig) -> None:
     instantiate(signals.recipe_node(cfg.distill), "distill", _recursive_=False)
 
 
+def _leaf_keys(node, prefix: str = ""):
+    for key, value in node.items_ex(resolve=False):
+        if isinstance(value, DictConfig) and len(value):
+            yield from _leaf_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def _check_read_keys(cfg: DictConfig) -> None:
+    """Every key is read by something: a key no part of distill-runner reads (``+foo=1``, a misspelt
+    ``+trainer.epoch=3``) is refused instead of silently ignored. The known keys are those the cache
+    declarations classify (distill_runner.cache); what a data set, model or recipe factory takes is
+    checked by the factory itself (an unknown keyword is one line), so those nodes are passed through."""
+    from distill_runner import cache
+
+    teachers = ["teacher", *(f"distill.teachers.{n}" for n in (OmegaConf.select(cfg, "distill.teachers") or {}))]
+    teacher_keys = [f"{t}.{k}" for t in teachers for k in cache.TEACHER_INPUTS]
+    known = [*cache.DATA_INPUTS, *cache.BASELINE_INPUTS, *cache.TEACHER_SHARED_INPUTS, *cache.TEACHER_OUTPUTS_INPUTS,
+             *cache.EVAL_INPUTS, *cache.RUN_ONLY, *cache.NOT_RESULTS, *teacher_keys, "dataset"]  # fmt: skip
+    for key in _leaf_keys(cfg):
+        if not any(key == k or key.startswith(k + ".") for k in known):
+            close = difflib.get_close_matches(key, [k for k in known if "." in k], n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            fix = f"no part of distill-runner reads this key; {hint}remove it (distill-run --cfg job lists every key)"
+            raise ConfigError(key, OmegaConf.select(cfg, key), fix)
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first bad user-facing value."""
-    _check(cfg, "seed", _is_int, "use an integer, e.g. seed=0")
+    _check_read_keys(cfg)
+    _check(cfg, "seed", lambda v: _is_int(v) and 0 <= v < 2**32, "use an integer in [0, 2^32), e.g. seed=0")
     _check(cfg, "dataset._target_", lambda v: isinstance(v, str), "pick a data set: dataset=digits")
     _check(
         cfg, "dataset.batch_size", lambda v: _is_int(v) and v >= 1, "use a positive integer, e.g. dataset.batch_size=64"

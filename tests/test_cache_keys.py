@@ -88,3 +88,8 @@ def test_each_artefact_follows_only_its_own_inputs():
     assert t0 != t1 and b0 == b1
     (t0, b0), (t1, b1) = keys([]), keys(["trainer.epochs=3", "student=mobilenet_v2"])
     assert t0 == t1 and b0 != b1
+
+
+def test_a_key_of_the_users_own_data_set_factory_enters_the_data_key():
+    (t0, b0), (t1, b1) = keys(["+dataset.my_crop=4"]), keys(["+dataset.my_crop=8"])
+    assert t0 != t1 and b0 != b1

@@ -12,6 +12,13 @@ from distill_runner.errors import ConfigError
 # (override, key the error must name, bad value it must show)
 BAD = [
     ("seed=1.5", "seed", "1.5"),
+    ("seed=-5", "seed", "-5"),
+    ("+foo=1", "foo", "1"),
+    ("+trainer.epoch=3", "trainer.epoch", "3"),
+    ("+teacher.lr=0.1", "teacher.lr", "0.1"),
+    ("trainer.optimizer.lr=inf", "trainer.optimizer.lr", "inf"),
+    ("teacher.optimizer.weight_decay=nan", "teacher.optimizer.weight_decay", "nan"),
+    ("distill.temperature=inf", "distill.temperature", "inf"),
     ("dataset.batch_size=0", "dataset.batch_size", "0"),
     ("dataset.eval_batch_size=-1", "dataset.eval_batch_size", "-1"),
     ("dataset.image_size=4", "dataset.image_size", "4"),
@@ -82,3 +89,10 @@ def test_cfg_job_prints_the_composed_config_without_running(tmp_path):
         and "_target_: distill_runner.distill.terms.HintonKD" in proc.stdout
     )
     assert not (tmp_path / "outputs").exists()
+
+
+def test_an_unread_key_suggests_the_key_meant():
+    with pytest.raises(
+        ConfigError, match=r"trainer.epoch=3: no part of distill-runner reads this key; did you mean trainer.epochs\?"
+    ):
+        validate(compose_config(["+trainer.epoch=3"]))
