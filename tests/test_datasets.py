@@ -381,3 +381,11 @@ def test_dataset_keys_are_validated(dataset, override):
     cfg = compose_config([f"dataset={dataset}", override])
     with pytest.raises(ConfigError, match=f"^{override.split('=')[0]}="):
         validate(cfg)
+
+
+def test_an_unwritable_store_folder_is_one_line_with_the_ways_out_even_with_the_cache_off(xray, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")  # a cache.dir below a file cannot be created (root or not)
+    msg = _error(xray_cfg(xray, "cache.enabled=false", f"cache.dir={blocker / 'cache'}"))
+    assert msg.startswith(f"dataset.store_dir='{blocker / 'cache' / 'decoded'}': cannot write the decoded-image store")
+    assert "cache.dir=PATH" in msg and "data.decode_cache=false" in msg and "\n" not in msg

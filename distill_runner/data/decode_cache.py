@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 
 from distill_runner.cache import digest, file_identity
 from distill_runner.data.images import GRAY_MODES, to_8bit
+from distill_runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,15 @@ def _check(data: Path, header: Path, key: str) -> tuple[torch.Tensor | None, str
     return torch.from_numpy(np.memmap(data, dtype=np.uint8, mode="c", shape=shape)), None, meta
 
 
+def _unwritable(folder: Path, why: str) -> ConfigError:
+    """The store's folder cannot be used (read-only, permissions): one line with the ways out."""
+    fix = (
+        f"cannot write the decoded-image store there ({why}); it lives in <cache.dir>/decoded, also with "
+        "cache.enabled=false: choose a writable cache.dir=PATH or dataset.store_dir=PATH, or data.decode_cache=false"
+    )
+    return ConfigError("store_dir", str(folder), fix)  # placed under dataset. by the caller
+
+
 def _warn_cannot_store(folder: Path, needed: int, why: str) -> None:
     free = shutil.disk_usage(folder).free if folder.is_dir() else 0
     log.warning(
@@ -218,9 +228,11 @@ def open_or_build(
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         if exc.errno not in DISK_FULL:
-            raise
+            raise _unwritable(folder, exc.strerror or str(exc)) from None
         _warn_cannot_store(folder, 0, f"cannot create the folder ({exc.strerror})")
         return None
+    if not os.access(folder, os.W_OK):
+        raise _unwritable(folder, "not writable")
     with FileLock(str(folder / f"{key}.lock")):
         start = time.perf_counter()
         images, problem, undecodable = _open(data, header, key)
