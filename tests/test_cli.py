@@ -119,3 +119,11 @@ def test_help_names_the_groups_the_keys_and_examples(tmp_path):
     assert "distill: attention, balanced, combo, dkd, feature, kd, multi_teacher, self" in text
     assert "distill-run -m distill.temperature=1,4,8" in text and "trainer.progress" in text
     assert "Powered by Hydra" not in text  # not Hydra's generic page
+
+
+def test_progress_bars_stay_out_of_redirected_output_and_the_log_is_named_for_the_program(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = distill_run(*TINY, "trainer.progress=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\r" not in proc.stderr + proc.stdout and "it/s]" not in proc.stderr  # no tqdm refreshes
+    assert (run_dir / "distill-run.log").is_file() and not (run_dir / "cli.log").exists()
