@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -94,6 +95,7 @@ def resume_dir(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
 
 STARTED = "run_config.yaml"  # the config the folder's run started with (Hydra rewrites .hydra/config.yaml each start)
 OWNER = ".owner"  # "<pid> <host>" of the distill-run writing here
+STARTING_S = 60  # an owner file still empty this long after its creation belongs to no live run
 
 
 def _alive(pid: int) -> bool:
@@ -128,6 +130,9 @@ def claim(cfg: DictConfig, run_dir: Path, resuming: bool) -> None:
             f.write(me)
     except FileExistsError:
         found = _owner(owner)
+        if found is None and time.time() - owner.stat().st_mtime < STARTING_S:
+            fix = "another distill-run is starting in this folder; wait for it or choose another folder"
+            raise ConfigError("hydra.run.dir", str(run_dir), fix) from None
         if found is not None and found[0] != os.getpid():
             pid, host = found
             if host == socket.gethostname() and _alive(pid):
@@ -153,10 +158,14 @@ def claim(cfg: DictConfig, run_dir: Path, resuming: bool) -> None:
 
 
 def release(run_dir: Path) -> None:
-    """The run is over (finished or failed): the folder no longer has a live owner."""
-    owner = Path(run_dir) / OWNER
+    """The run is over (finished or failed): the folder no longer has a live owner, and a run that
+    stopped before it trained anything (a bad layer name, say) leaves no run behind."""
+    run_dir = Path(run_dir)
+    owner = run_dir / OWNER
     found = _owner(owner)
     if found is not None and found[0] == os.getpid():
+        if not (run_dir / "checkpoints").exists():
+            (run_dir / STARTED).unlink(missing_ok=True)
         owner.unlink(missing_ok=True)
 
 
