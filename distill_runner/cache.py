@@ -50,7 +50,7 @@ TEACHER_OUTPUTS_INPUTS = ("distill.teacher_weights", "cache.teacher_outputs_dtyp
 # An evaluation of a cached model: its key, plus these and the device it ran on.
 EVAL_INPUTS = ("eval.latency_budget_s", "eval.throughput_budget_s", "eval.cka_samples", "dataset.eval_batch_size")
 # Keys that change this run's own results, which are never cached: the recipe, the export.
-RUN_ONLY = ("distill", "export")
+RUN_ONLY = ("distill", "export", "reference_teacher")
 # Keys that change where things are written, how fast, or what is shown: never a result.
 # (data.decode_cache reaches results only through dataset.decode_cache, where a data set has it.)
 NOT_RESULTS = (

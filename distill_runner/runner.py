@@ -23,7 +23,8 @@ from distill_runner.evaluation import export
 from distill_runner.evaluation import metrics as measure
 from distill_runner.evaluation.evaluate import comparison, evaluate
 from distill_runner.models.factories import clone, count_parameters
-from distill_runner.reporting.report import write_report, write_tensorboard
+from distill_runner.reporting import tensorboard
+from distill_runner.reporting.report import write_report
 from distill_runner.reporting.results import RunResults, StageResult
 from distill_runner.run_folder import check_room, claim, release, resume_dir
 from distill_runner.train import engine
@@ -37,6 +38,7 @@ class Built:
     """What the build step makes: the recipe and the models the stages train."""
 
     recipe: Recipe
+    no_teacher: str | None  # why this run trains no teacher (see reference_teacher); None: it trains them
     student: nn.Module  # the KD student; the baseline starts from a copy of its initial weights
     baseline: nn.Module
     extra_teachers: dict[str, DictConfig]  # distill.teachers.<name> -> teacher node
@@ -61,14 +63,14 @@ def _run(ctx: RunContext, start: float, overrides: list[str]) -> RunResults | No
     """The steps after the run folder is this run's."""
     built = build(ctx)
     teachers, stages = train_teachers(ctx, built)
-    stages.update(train_students(ctx, built, teachers, stages))
+    stages.update(train_students(ctx, built, list(teachers.values()), stages))
     if not distributed.is_main():
         return None
-    models = {"teacher": teachers[0], "student": built.student, "baseline": built.baseline}
+    models = {**teachers, "student": built.student, "baseline": built.baseline}
     results = evaluate_models(ctx, built, models, stages)
     export_student(ctx, built, results)
     results.wall_time_s = time.perf_counter() - start
-    report(ctx, results, overrides)
+    report(ctx, built, results, overrides)
     return results
 
 
@@ -126,12 +128,35 @@ def build(ctx: RunContext) -> Built:
     problem = distributed.broadcast(problem)
     if problem is not None:
         raise ConfigError(*problem)
-    return Built(recipe, clone(student), clone(student), extra_teachers)  # identical initial weights
+    no_teacher = skip_teacher(cfg, recipe)
+    if no_teacher is not None:
+        log.info("teacher: none in this run (%s)", no_teacher)
+        extra_teachers = {}
+    return Built(recipe, no_teacher, clone(student), clone(student), extra_teachers)  # identical initial weights
 
 
-def train_teachers(ctx: RunContext, built: Built) -> tuple[list[nn.Module], dict[str, StageResult]]:
-    """Every teacher, fine-tuned with cross-entropy (or loaded from the cache, or used as loaded)."""
-    teachers, stages = [], {}
+def skip_teacher(cfg: DictConfig, recipe: Recipe) -> str | None:
+    """Why this run needs no teacher, or None when it trains (or loads) one.
+
+    ``reference_teacher``: ``auto`` (default) trains the teacher only when the recipe uses it, but
+    keeps one that needs no training (``teacher.epochs=0``: used as loaded) as the reference;
+    ``true`` always fine-tunes it to report next to the students; ``false`` never when unused.
+    """
+    mode = cfg.get("reference_teacher", "auto")
+    if mode not in ("auto", True, False):
+        raise ConfigError("reference_teacher", mode, "use auto, true or false")
+    if recipe.needs_teacher or mode is True or (mode == "auto" and cfg.teacher.epochs == 0):
+        return None
+    mode = str(mode).lower()
+    return f"the recipe needs no teacher and reference_teacher={mode}; reference_teacher=true fine-tunes one to compare"
+
+
+def train_teachers(ctx: RunContext, built: Built) -> tuple[dict[str, nn.Module], dict[str, StageResult]]:
+    """Every teacher, fine-tuned with cross-entropy (or loaded from the cache, or used as loaded),
+    by stage name: ``teacher`` first, then ``distill.teachers.<name>``; none when the run needs none."""
+    teachers, stages = {}, {}
+    if built.no_teacher is not None:
+        return teachers, stages
     for key, node in {"teacher": ctx.cfg.teacher, **built.extra_teachers}.items():
         model = build_teacher(node, key, ctx.data, ctx.cfg.seed)
         stage = engine.Stage(key, model, cross_entropy(ctx.data, model), **schedule(node, key))
@@ -139,7 +164,7 @@ def train_teachers(ctx: RunContext, built: Built) -> tuple[list[nn.Module], dict
             stages[key] = run_stage(ctx, stage)
         else:
             stages[key] = run_or_reuse(ctx, stage, "teachers", teacher_key(ctx.cfg, key, ctx.data.fingerprint))
-        teachers.append(model)
+        teachers[key] = model
     return teachers, stages
 
 
@@ -149,7 +174,7 @@ def train_students(ctx: RunContext, built: Built, teachers: list[nn.Module], don
     cfg = ctx.cfg
     teacher_keys = [done[k].cache_key or teacher_key(cfg, k, ctx.data.fingerprint) for k in done]
     weights = signals.teacher_weights(cfg.distill)
-    online = signals.online_signal(teachers, weights, built.recipe.teacher_layers)
+    online = signals.online_signal(teachers, weights, built.recipe.teacher_layers) if teachers else None
     replay = signals.Replay(
         mode=cfg.distill.get("teacher_outputs", "cached"),
         epochs=cfg.trainer.epochs,
@@ -172,7 +197,7 @@ def evaluate_models(ctx: RunContext, built: Built, models: dict, stages: dict[st
     """Every model on the test split, and the comparison."""
     start = time.perf_counter()
     layer_pairs = measure.feature_layers(built.recipe)
-    cache_keys = {"teacher": stages["teacher"].cache_key if not built.extra_teachers else None,
+    cache_keys = {"teacher": stages["teacher"].cache_key if "teacher" in stages and not built.extra_teachers else None,
                   "baseline": stages["baseline"].cache_key}  # fmt: skip
     found = evaluate(
         ctx.cfg, ctx.data, models, ctx.device, ctx.precision, ctx.checkpoint_dir, layer_pairs, ctx.cache, cache_keys
@@ -182,7 +207,7 @@ def evaluate_models(ctx: RunContext, built: Built, models: dict, stages: dict[st
         dataset=data.name, num_classes=data.num_classes, class_names=data.class_names, class_counts=data.class_counts,
         device=str(ctx.device), processes=distributed.world_size(), precision=ctx.precision.name, seed=ctx.cfg.seed,
         eval_batch_size=data.test.batch_size, torch_threads=torch.get_num_threads(), models=found, stages=stages,
-        **comparison(found), eval_time_s=time.perf_counter() - start,
+        **comparison(found, built.no_teacher), eval_time_s=time.perf_counter() - start,
     )  # fmt: skip
 
 
@@ -192,24 +217,12 @@ def export_student(ctx: RunContext, built: Built, results: RunResults) -> None:
         results.exports["student"] = export.export_and_check(built.student, ctx.data, ctx.run_dir / "export", "student")
 
 
-def report(ctx: RunContext, results: RunResults, overrides: list[str]) -> None:
+def report(ctx: RunContext, built: Built, results: RunResults, overrides: list[str]) -> None:
     """metrics.json, report.md and plots in the run folder; HParams and figures in TensorBoard."""
     table = write_report(ctx.run_dir, results, overrides)
-    write_tensorboard(ctx.tb_dir, results, hparams(ctx.cfg), overrides)
-    log.info("results on the test split:\n%s\nreport: %s (evaluation %.1fs)", table, ctx.run_dir / "report.md",
-             results.eval_time_s)  # fmt: skip
-
-
-def hparams(cfg: DictConfig) -> dict:
-    """The run's config flattened for TensorBoard's HParams tab."""
-    flat = {}
-
-    def walk(node, prefix):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            elif not str(k).startswith("_"):
-                flat[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return flat
+    recipe = tensorboard.recipe_name(built.recipe.terms, overrides)
+    name = tensorboard.run_name(ctx.cfg, overrides, recipe)
+    hparams = tensorboard.hparams(ctx.cfg, results, recipe, name)
+    tensorboard.write_tensorboard(ctx.tb_dir, results, hparams, overrides, name)
+    log.info("results on the test split (%s):\n%s\nreport: %s (evaluation %.1fs)", name, table,
+             ctx.run_dir / "report.md", results.eval_time_s)  # fmt: skip

@@ -1,5 +1,6 @@
 """The teacher is trained once per sweep; cached teacher outputs replay the online teacher."""
 
+import json
 import subprocess
 import sys
 from functools import partial
@@ -13,6 +14,7 @@ from distill_runner import runner
 from distill_runner.data.digits import digits
 from distill_runner.distill.recipe import Recipe
 from distill_runner.distill.signals import OnlineTeacher, ReplayedTeacher, compute_teacher_logits
+from distill_runner.evaluation import metrics as measure
 from distill_runner.models.factories import tiny_cnn, torchvision_model
 from distill_runner.train import engine
 
@@ -76,7 +78,20 @@ def test_cached_and_online_training_give_the_same_student(setup):
         assert torch.allclose(students[0][key].float(), students[1][key].float(), atol=1e-5), key
 
 
-def test_run_reuses_teacher_and_outputs_and_reports_it(tmp_path, caplog):
+def test_run_reuses_teacher_and_outputs_and_reports_it(tmp_path, caplog, monkeypatch):
+    # every timing is a new value (ms = call number), so a borrowed one shows
+    calls = []
+
+    def latency(*args, **kwargs):
+        calls.append("latency")
+        return len(calls) / 1e3, 5
+
+    def throughput(*args, **kwargs):
+        calls.append("throughput")
+        return float(len(calls))
+
+    monkeypatch.setattr(measure, "latency", latency)
+    monkeypatch.setattr(measure, "throughput", throughput)
     cfg = compose_config(TINY + [f"cache.dir={tmp_path / 'cache'}"])
     with caplog.at_level("INFO"):
         first = runner.run(cfg, tmp_path / "a")
@@ -85,12 +100,17 @@ def test_run_reuses_teacher_and_outputs_and_reports_it(tmp_path, caplog):
     assert "computed and stored" in caplog.text and "reused from" in caplog.text
     assert first.stages["teacher"].reused is False and second.stages["teacher"].reused is True
     assert first.stages["baseline"].reused is False and second.stages["baseline"].reused is True
-    assert "reusing the evaluation of teacher" in caplog.text
-    for role in ("teacher", "baseline"):  # reused results are the stored ones, not new timings
-        assert first.models[role].images_per_s == second.models[role].images_per_s
-        assert first.models[role].latency_ms == second.models[role].latency_ms
-    for role in ("teacher", "student", "baseline"):
-        assert first.models[role].test_acc == second.models[role].test_acc
+    assert "reusing the evaluation of teacher" in caplog.text and "latency and images/s measured again" in caplog.text
+    assert len(calls) == 12  # latency and throughput of 3 models in each run: none borrowed
+    written = json.loads((tmp_path / "b" / "metrics.json").read_text())["models"]
+    for role in ("teacher", "student", "baseline"):  # the reused evaluations are timed in this run
+        assert second.models[role].latency_ms > first.models[role].latency_ms
+        assert second.models[role].images_per_s > first.models[role].images_per_s
+        assert written[role]["latency_ms"] == second.models[role].latency_ms
+        assert first.models[role].test_acc == second.models[role].test_acc  # quality is reused
+    assert second.models["student"].speedup == pytest.approx(
+        second.models["student"].images_per_s / second.models["teacher"].images_per_s
+    )
     a = torch.load(tmp_path / "a" / "checkpoints" / "teacher.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "checkpoints" / "teacher.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -6,6 +6,7 @@ import sys
 import pytest
 from conftest import TINY
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from distill_runner.reporting.results import RunResults
 
@@ -57,6 +58,10 @@ def test_end_to_end_writes_metrics_report_and_tensorboard(tmp_path):
     acc = EventAccumulator(str(run_dir / "tb"))
     acc.Reload()
     assert "_hparams_/experiment" in acc.summary_metadata and "_hparams_/session_start_info" in acc.summary_metadata
+    # the session is named by experiment, recipe and overrides, not by the run folder's timestamp alone
+    start = HParamsPluginData.FromString(acc.summary_metadata["_hparams_/session_start_info"].plugin_data.content)
+    assert start.session_start_info.group_name.startswith("quickstart kd T=4 alpha=0.5 dataset.image_size=16")
+    assert start.session_start_info.group_name.endswith("teacher.epochs=1 trainer.epochs=2 (run)")
 
 
 @pytest.mark.parametrize(
@@ -68,6 +73,7 @@ def test_end_to_end_writes_metrics_report_and_tensorboard(tmp_path):
         ("trainer.precision=fp8", "trainer.precision"),
         ("trainer.epochs=0", "trainer.epochs"),
         ("teacher.checkpoint=/nonexistent/teacher.pt", "teacher.checkpoint"),
+        ("teacher.model.arch=inception_v3", "teacher.model.arch"),  # needs 75 px, the run has 16
     ],
 )
 def test_bad_override_is_one_line_naming_the_key(tmp_path, override, key):

@@ -2,11 +2,12 @@ import pytest
 import torch
 import torchvision
 from conftest import compose_config
+from omegaconf import OmegaConf
 from torch import nn
 
 from distill_runner import build
-from distill_runner.errors import ConfigError
-from distill_runner.models.factories import count_parameters, load_checkpoint, tiny_cnn, torchvision_model
+from distill_runner.errors import ConfigError, instantiate
+from distill_runner.models.factories import architecture, count_parameters, load_checkpoint, tiny_cnn, torchvision_model
 
 
 @pytest.mark.parametrize("image_size", [32, 224])
@@ -138,3 +139,36 @@ def test_the_shipped_mobilenet_v3_config_sets_bn_momentum():
     cfg = compose_config(["student=mobilenet_v3_small", "dataset.limit=4"])
     model = build.build_model(cfg.student, "student", build.build_data(cfg), cfg.seed)
     assert cfg.student.model.bn_momentum == 0.1 and _bn_momenta(model) == {0.1}
+
+
+@pytest.mark.parametrize(
+    "arch,size", [("googlenet", 32), ("inception_v3", 75), ("vit_b_16", 32), ("efficientnet_b0", 16)]
+)
+def test_architectures_with_constraints_build_and_run_at_the_data_sets_size(arch, size):
+    torch.manual_seed(0)
+    model = torchvision_model(arch, num_classes=10, image_size=size)
+    assert architecture(model) == arch
+    for train in (True, False):  # in train mode too: logits, not (logits, aux logits)
+        model.train(train)
+        out = model(torch.randn(2, 3, size, size))
+        assert isinstance(out, torch.Tensor) and out.shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    "arch,size,fix",
+    [
+        ("inception_v3", 32, "needs images of at least 75 px; use dataset.image_size=75 or more"),
+        ("vit_b_16", 40, "cuts images into 16 px patches: use a dataset.image_size that is a multiple, e.g. 32"),
+    ],
+)
+def test_size_constraints_are_one_line_naming_the_key_and_the_fix(arch, size, fix):
+    node = OmegaConf.create({"_target_": "distill_runner.models.factories.torchvision_model", "arch": arch})
+    with pytest.raises(ConfigError) as err:
+        instantiate(node, "teacher.model", num_classes=10, in_channels=3, image_size=size)
+    assert str(err.value) == f"teacher.model.arch='{arch}': {fix}"
+
+
+def test_architecture_labels_tell_models_apart():
+    assert architecture(tiny_cnn(num_classes=10)) == "tiny_cnn[16,32]"
+    assert architecture(tiny_cnn(num_classes=10, channels=[64, 128, 256])) == "tiny_cnn[64,128,256]"
+    assert architecture(nn.Linear(2, 2)) == "Linear"  # a model of the user's own factory: its class

@@ -7,12 +7,13 @@ import pytest
 import torch
 from conftest import compose_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from distill_runner.data.bundle import DataBundle, TensorBatches
 from distill_runner.errors import ConfigError
 from distill_runner.evaluation import evaluate
 from distill_runner.models.factories import clone, tiny_cnn
-from distill_runner.reporting import report
+from distill_runner.reporting import report, tensorboard
 from distill_runner.reporting.results import RunResults, StageResult
 from distill_runner.train import engine
 
@@ -100,7 +101,7 @@ def test_report_files_tables_and_tensorboard(evaluated, tmp_path):
         == results["student"].confusion
     )
 
-    report.write_tensorboard(tmp_path / "tb", metrics, {"seed": 0}, [])
+    tensorboard.write_tensorboard(tmp_path / "tb", metrics, {"seed": 0}, [])
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     tags = acc.Tags()
@@ -148,3 +149,62 @@ def test_metrics_json_never_holds_nan(evaluated, tmp_path):
     metrics.save(tmp_path / "metrics.json")
     text = (tmp_path / "metrics.json").read_text()
     assert "NaN" not in text and json.loads(text)["retention"] is None
+
+
+def hparams_data(tb_dir, tag):
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return HParamsPluginData.FromString(acc.summary_metadata[f"_hparams_/{tag}"].plugin_data.content)
+
+
+def test_hparams_tab_ticks_what_people_compare_and_names_the_run(evaluated, tmp_path):
+    _, data, results = evaluated
+    metrics = run_results(data, results, [{"loss/total": 1.0, "val/acc": 0.5}])
+    overrides = [
+        "experiment=quickstart",
+        "distill.temperature=8",
+        "seed=1",
+        "cache.dir=elsewhere",
+        "trainer.progress=false",
+    ]
+    cfg = compose_config(overrides)
+    name = tensorboard.run_name(cfg, overrides, "kd")
+    assert name == "quickstart kd T=8 alpha=0.5 seed=1"  # plumbing (cache.dir, progress) left out
+    tensorboard.write_tensorboard(tmp_path / "run" / "tb", metrics, tensorboard.hparams(cfg, metrics, "kd", name), [])
+
+    experiment = hparams_data(tmp_path / "run" / "tb", "experiment").experiment
+    names = [info.name for info in experiment.hparam_infos]
+    assert (
+        not [n for n in names if tensorboard.plumbing(n)] and "cache.dir" not in names and "teacher.name" not in names
+    )
+    assert {
+        "run",
+        "teacher",
+        "trainer.epochs",
+        "teacher.model.arch",
+        "teacher.epochs",
+        "student.model.channels",
+    } <= set(names)
+    # the dashboard orders hparams by (not differs, name) and ticks the first five, and the first five metrics
+    ticked = sorted(experiment.hparam_infos, key=lambda info: (not info.differs, info.name))[:5]
+    assert {info.name for info in ticked} == {"recipe", "distill.temperature", "distill.alpha", "student", "seed"}
+    metric_tags = [info.name.tag for info in experiment.metric_infos]
+    assert metric_tags[:5] == [
+        "test/student_acc",
+        "test/kd_gain",
+        "test/retention",
+        "test/baseline_acc",
+        "test/teacher_acc",
+    ]
+
+    start = hparams_data(tmp_path / "run" / "tb", "session_start_info").session_start_info
+    assert start.group_name == f"{name} (run)"  # readable, and the run folder tells repeats apart
+    assert start.hparams["distill.temperature"].number_value == 8 and start.hparams["seed"].number_value == 1
+    assert start.hparams["student"].string_value == "tiny_cnn[16,32]" and start.hparams["recipe"].string_value == "kd"
+
+    # a run with other models (here: no teacher) declares the same metrics: the dashboard reads one run's
+    del metrics.models["teacher"]
+    metrics.retention = None
+    tensorboard.write_tensorboard(tmp_path / "other" / "tb", metrics, {"seed": 0}, [])
+    other = hparams_data(tmp_path / "other" / "tb", "experiment").experiment
+    assert [info.name.tag for info in other.metric_infos] == metric_tags

@@ -12,8 +12,8 @@ from torch import nn
 from distill_runner.cache import Cache, eval_key
 from distill_runner.data.bundle import DataBundle
 from distill_runner.evaluation import metrics as measure
-from distill_runner.models.factories import count_parameters
-from distill_runner.reporting.results import ModelResult
+from distill_runner.models.factories import architecture, count_parameters
+from distill_runner.reporting.results import STUDENTS, ModelResult
 from distill_runner.train import engine
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ def evaluate(
     """Every model on the test split: prediction quality, size, FLOPs, speed; CKA of each student
     to the teacher (penultimate features and each (teacher, student) layer pair of the recipe).
 
+    Extra teachers (``distill.teachers.<name>``) are measured like the teacher; speed-ups and
+    compression are relative to the run's first teacher (null without one).
     Sizes are those of ``checkpoint_dir/<role>.pt`` when it exists, else of a serialized state_dict.
     A model with a cache key (a cached teacher or baseline) is evaluated once per key, device and
     evaluation settings; the jobs of a sweep reuse its results and test-split features.
@@ -44,30 +46,34 @@ def evaluate(
     results, features = {}, {}
     for role, model in models.items():
         model = model.to(device)
-        layers = [pair[0 if role == "teacher" else 1] for pair in layer_pairs]
+        layers = [pair[0 if role == "teacher" else 1] for pair in layer_pairs] if role in ("teacher", *STUDENTS) else []
         model_key = (cache_keys or {}).get(role)
         if cache is not None and model_key is not None:
 
             def build(role=role, model=model, layers=layers) -> dict:
-                result, found = _evaluate_one(
-                    cfg, role, model, data, device, precision, checkpoint_dir, layers, settings
-                )
+                result, found = _evaluate_one(role, model, data, device, precision, checkpoint_dir, layers, settings)
                 return {"result": result, "features": found}
 
             entry, source = cache.fetch("evals", eval_key(cfg, model_key, role, layers, device), build, shared=False)
             results[role], features[role] = dict(entry["result"]), entry["features"]
             if source.startswith("reused"):
-                log.info("reusing the evaluation of %s (%s), %s", role, model_key, source)
+                # speed depends on this run's load: measured now, never borrowed from the run that stored it
+                results[role].update(_speed(model, data, device, precision, settings), name=architecture(model))
+                log.info("reusing the evaluation of %s (%s), %s; latency and images/s measured again", role,
+                         model_key, source)  # fmt: skip
         else:
             results[role], features[role] = _evaluate_one(
-                cfg, role, model, data, device, precision, checkpoint_dir, layers, settings
+                role, model, data, device, precision, checkpoint_dir, layers, settings
             )
-    teacher = results["teacher"]
+    teacher = results.get("teacher")
     for role, r in results.items():
-        r["speedup"] = r["images_per_s"] / teacher["images_per_s"]
-        r["latency_speedup"] = teacher["latency_ms"] / r["latency_ms"]
-        r["compression"] = teacher["params"] / r["params"]
-        if role != "teacher":  # linear CKA to the teacher, on the same test images
+        if teacher is not None:  # relative to the run's (first) teacher
+            r["speedup"] = r["images_per_s"] / teacher["images_per_s"]
+            r["latency_speedup"] = teacher["latency_ms"] / r["latency_ms"]
+            r["compression"] = teacher["params"] / r["params"]
+        else:
+            r["speedup"] = r["latency_speedup"] = r["compression"] = None
+        if role in STUDENTS and teacher is not None:  # linear CKA to the teacher, on the same test images
             ours, theirs = features[role], features["teacher"]
             r["cka"] = (
                 {"penultimate": measure.linear_cka(theirs["penultimate"], ours["penultimate"])}
@@ -78,9 +84,18 @@ def evaluate(
     return {role: ModelResult(**r) for role, r in results.items()}
 
 
-def _evaluate_one(cfg, role, model, data, device, precision, checkpoint_dir, layers, settings) -> tuple[dict, dict]:
+def _speed(model, data, device, precision, settings) -> dict:
+    """Batch-1 latency and images/s at the evaluation batch size, measured now."""
+    shape = (data.in_channels, data.image_size, data.image_size)
+    latency_s, repeats = measure.latency(model, shape, device, precision, budget_s=settings["latency_budget_s"])
+    images_per_s = measure.throughput(
+        model, data.test.batch_size, shape, device, precision, budget_s=settings["throughput_budget_s"]
+    )
+    return {"latency_ms": latency_s * 1e3, "latency_repeats": repeats, "images_per_s": images_per_s}
+
+
+def _evaluate_one(role, model, data, device, precision, checkpoint_dir, layers, settings) -> tuple[dict, dict]:
     """One model's results and its captured test-split features."""
-    names = {"teacher": cfg.teacher.name, "student": cfg.student.name, "baseline": cfg.student.name}
     shape = (data.in_channels, data.image_size, data.image_size)
     try:
         head = measure.last_linear(model)[0]  # its input is the penultimate feature
@@ -92,9 +107,8 @@ def _evaluate_one(cfg, role, model, data, device, precision, checkpoint_dir, lay
     quality = measure.classification_report(logits, targets, data.num_classes)
     checkpoint = Path(checkpoint_dir) / f"{role}.pt" if checkpoint_dir is not None else None
     flops = measure.flops_per_image(model, shape, device)
-    latency_s, repeats = measure.latency(model, shape, device, precision, budget_s=settings["latency_budget_s"])
     result = {
-        "name": names[role],
+        "name": architecture(model),
         "params": count_parameters(model),
         "size_bytes": checkpoint.stat().st_size
         if checkpoint is not None and checkpoint.is_file()
@@ -107,21 +121,24 @@ def _evaluate_one(cfg, role, model, data, device, precision, checkpoint_dir, lay
         "roc_auc": quality["roc_auc"],
         "per_class": quality["per_class"],
         "confusion": quality["confusion"],
-        "latency_ms": latency_s * 1e3,
-        "latency_repeats": repeats,
-        "images_per_s": measure.throughput(
-            model, data.test.batch_size, shape, device, precision, budget_s=settings["throughput_budget_s"]
-        ),
+        **_speed(model, data, device, precision, settings),
         "penultimate_layer": head,
     }
     return result, features
 
 
-def comparison(results: dict[str, ModelResult]) -> dict:
-    """Run-level numbers: retention = student / teacher accuracy, KD gain = student - baseline."""
-    student, baseline, teacher = results["student"], results["baseline"], results["teacher"]
+def comparison(results: dict[str, ModelResult], no_teacher: str | None = None) -> dict:
+    """Run-level numbers: retention = student / (first) teacher accuracy, KD gain = student - baseline.
+    Without a teacher (a recipe that needs none) retention is null and ``no_teacher`` says why."""
+    student, baseline, teacher = results["student"], results["baseline"], results.get("teacher")
+    if teacher is None:
+        retention, reason = None, no_teacher or "no teacher in this run"
+    else:
+        retention = student.test_acc / teacher.test_acc if teacher.test_acc else None
+        reason = None if retention is not None else "the teacher's test accuracy is 0"
     return {
-        "retention": student.test_acc / teacher.test_acc if teacher.test_acc else None,
+        "retention": retention,
+        "retention_reason": reason,
         "kd_gain": student.test_acc - baseline.test_acc,
         "kd_gain_macro_f1": student.macro_f1 - baseline.macro_f1,
         "test_size": sum(student.per_class["support"]),

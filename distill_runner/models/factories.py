@@ -28,6 +28,17 @@ SMALL_INPUT_MAX = 64
 # PyTorch's default BatchNorm momentum: running statistics follow the data within a few dozen steps.
 DEFAULT_BN_MOMENTUM = 0.1
 
+# Architectures with auxiliary classifiers: in train mode they return a tuple of logits, which no
+# recipe reads, so they are built without them (and with their own weight init, which they warn about).
+AUX_ARCHS = ("googlenet", "inception_v3")
+# Inception v3 has unpadded stride-2 stages: below this size its feature map vanishes.
+MIN_IMAGE_SIZE = {"inception_v3": 75}
+
+
+def architecture(model: nn.Module) -> str:
+    """The label a model is reported under: the torchvision arch, ``tiny_cnn[16,32]``, or its class."""
+    return getattr(model, "architecture", None) or type(model).__name__
+
 
 class TinyCNN(nn.Module):
     """A tiny CNN in the spirit of the classic KD examples: conv blocks, pooling, a linear head.
@@ -46,6 +57,7 @@ class TinyCNN(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
+        self.architecture = f"tiny_cnn[{','.join(map(str, channels))}]"  # the channels tell tiny CNNs apart
         blocks, c_in = [], in_channels
         for c_out in channels:
             blocks.append(
@@ -117,14 +129,19 @@ def torchvision_model(
         raise ConfigError(
             "arch", arch, "use a torchvision classification model, e.g. resnet18, mobilenet_v2, mobilenet_v3_small"
         )
+    shape_kwargs = _shape_kwargs(arch, image_size, kwargs)
     if weights is not None:
-        model = torchvision.models.get_model(arch, weights=None, **kwargs)
-        model.load_state_dict(_pretrained_state_dict(arch, weights))
+        aux = {"aux_logits": True} if arch in AUX_ARCHS else {}  # the pretrained files hold the aux heads
+        model = torchvision.models.get_model(arch, weights=None, **{**kwargs, **shape_kwargs, **aux})
+        model.load_state_dict(_fit_state_dict(arch, _pretrained_state_dict(arch, weights), image_size))
+        if arch in AUX_ARCHS and not kwargs.get("aux_logits"):
+            _drop_aux_heads(model)
         _replace_head(model, num_classes)
     else:
-        model = torchvision.models.get_model(arch, num_classes=num_classes, **kwargs)
+        model = torchvision.models.get_model(arch, num_classes=num_classes, **kwargs, **shape_kwargs)
     if small_input == "auto":
-        small_input = image_size <= SMALL_INPUT_MAX
+        # a ViT's first conv cuts the image into patches: a stride-1 "small stem" would break that
+        small_input = image_size <= SMALL_INPUT_MAX and not arch.startswith("vit_")
     if small_input:
         _use_small_stem(model)
     if in_channels != 3:
@@ -133,7 +150,43 @@ def torchvision_model(
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.momentum = bn_momentum
+    model.architecture = arch  # reported as such, whatever the config calls it
     return model
+
+
+def _shape_kwargs(arch: str, image_size: int, kwargs: dict) -> dict:
+    """Constructor arguments some architectures need for this data set, or a one-line error."""
+    if image_size < MIN_IMAGE_SIZE.get(arch, 0):
+        size = MIN_IMAGE_SIZE[arch]
+        raise ConfigError("arch", arch, f"needs images of at least {size} px; use dataset.image_size={size} or more")
+    if arch in AUX_ARCHS:
+        kwargs.setdefault("aux_logits", False)
+        kwargs.setdefault("init_weights", True)
+    if arch.startswith("vit_"):  # a ViT is built for one image size (its position embeddings)
+        patch = int(arch.rsplit("_", 1)[1])
+        if image_size % patch:
+            size = max(patch, round(image_size / patch) * patch)
+            fix = f"cuts images into {patch} px patches: use a dataset.image_size that is a multiple, e.g. {size}"
+            raise ConfigError("arch", arch, fix)
+        return {"image_size": image_size}
+    return {}
+
+
+def _fit_state_dict(arch: str, state: dict, image_size: int) -> dict:
+    """Pretrained ViT position embeddings are for 224 px: interpolated to this image size."""
+    if not arch.startswith("vit_"):
+        return state
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    return interpolate_embeddings(image_size, int(arch.rsplit("_", 1)[1]), state)
+
+
+def _drop_aux_heads(model: nn.Module) -> None:
+    """What torchvision does for ``aux_logits=False`` with pretrained weights."""
+    model.aux_logits = False
+    for name in ("AuxLogits", "aux1", "aux2"):
+        if hasattr(model, name):
+            setattr(model, name, None)
 
 
 def _pretrained_state_dict(arch: str, weights: str) -> dict:

@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from distill_runner.reporting.results import ROLE_LABELS, StageResult
+from distill_runner.reporting.results import StageResult, label
 
 ANNOTATE_MAX_CLASSES = 20
 
@@ -32,9 +32,9 @@ def curves_figure(stages: dict[str, StageResult]) -> Figure:
         if not history:
             continue
         epochs = range(1, len(history) + 1)
-        label = ROLE_LABELS.get(stage, stage)
-        loss_ax.plot(epochs, [h.get("loss/total", float("nan")) for h in history], marker="o", label=label)
-        acc_ax.plot(epochs, [h.get("val/acc", float("nan")) for h in history], marker="o", label=label)
+        name = label(stage)
+        loss_ax.plot(epochs, [h.get("loss/total", float("nan")) for h in history], marker="o", label=name)
+        acc_ax.plot(epochs, [h.get("val/acc", float("nan")) for h in history], marker="o", label=name)
     loss_ax.set(title="train loss (sum of the stage's loss terms)", xlabel="epoch", ylabel="loss")
     acc_ax.set(title="validation accuracy", xlabel="epoch", ylabel="accuracy")
     for ax in (loss_ax, acc_ax):

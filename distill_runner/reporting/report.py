@@ -11,7 +11,7 @@ import math
 import os
 from pathlib import Path
 
-from distill_runner.reporting.results import ROLE_LABELS, ROLES, STUDENTS, RunResults
+from distill_runner.reporting.results import ROLE_LABELS, STUDENTS, RunResults, label, model_order
 
 MAX_CLASSES_IN_TABLES = 20  # larger confusion matrices only go to confusion.png and metrics.json
 
@@ -49,11 +49,11 @@ HEADER = [
 
 def comparison_rows(metrics: RunResults) -> list[list[str]]:
     rows = []
-    for role in ROLES:
+    for role in model_order(metrics.models):
         m = metrics.models[role]
         rows.append(
             [
-                ROLE_LABELS[role],
+                label(role),
                 m.name,
                 f"{m.params:,}",
                 megabytes(m.size_bytes),
@@ -63,7 +63,7 @@ def comparison_rows(metrics: RunResults) -> list[list[str]]:
                 num(m.ece, ".3f"),
                 f"{m.latency_ms:.2f} ms",
                 f"{m.images_per_s:,.0f}",
-                f"{m.speedup:.1f}x",
+                "-" if m.speedup is None else f"{m.speedup:.1f}x",
             ]
         )
     return rows
@@ -94,13 +94,15 @@ def _gain_images(metrics: RunResults) -> str:
 
 def summary_line(metrics: RunResults) -> str:
     line = (
-        f"retention (student/teacher accuracy) {num(metrics.retention, '.3f')}; "
+        f"retention (student/teacher accuracy) {num(metrics.retention, '.3f')}"
+        + (f" ({metrics.retention_reason})" if metrics.retention_reason else "")
+        + "; "
         f"KD gain over scratch baseline {metrics.kd_gain:+.4f}{_gain_images(metrics)}"
     )
     cka = [
-        f"{ROLE_LABELS[r]} {metrics.models[r].cka['penultimate']:.3f}"
+        f"{label(r)} {metrics.models[r].cka['penultimate']:.3f}"
         for r in STUDENTS
-        if "penultimate" in metrics.models[r].cka
+        if "penultimate" in metrics.models[r].cka and "teacher" in metrics.models
     ]
     if cka:
         line += "\nlinear CKA to the teacher (penultimate features): " + ", ".join(cka)
@@ -122,14 +124,23 @@ def export_line(export: dict, prefix: bool = True) -> str:
 
 def verdict(metrics: RunResults) -> list[str]:
     """The answer to "should I ship the student?" as bullet points of numbers."""
-    t, s, b = (metrics.models[r] for r in ROLES)
+    t, s, b = (metrics.models.get(r) for r in ("teacher", *STUDENTS))
+    gain = (
+        f"- **KD vs scratch**: accuracy {metrics.kd_gain:+.4f}{_gain_images(metrics)}, macro-F1 "
+        f"{metrics.kd_gain_macro_f1:+.4f} over the same student trained without the teacher."
+    )
+    if t is None:
+        return [
+            f"- **Accuracy**: no teacher in this run ({metrics.retention_reason}): retention is not defined; "
+            f"the KD student's test accuracy is {s.test_acc:.4f} (macro-F1 {num(s.macro_f1)}).",
+            gain,
+            f"- **Calibration**: ECE {num(s.ece, '.3f')} (scratch {num(b.ece, '.3f')}).",
+        ]
     kept = num(None if metrics.retention is None else metrics.retention * 100, ".1f")
     lines = [
         f"- **Accuracy**: the KD student keeps **{kept}%** of the teacher's test accuracy "
         f"({s.test_acc:.4f} vs {t.test_acc:.4f}; macro-F1 {num(s.macro_f1)} vs {num(t.macro_f1)}).",
-        f"- **KD vs scratch**: accuracy {metrics.kd_gain:+.4f}{_gain_images(metrics)}, macro-F1 "
-        f"{metrics.kd_gain_macro_f1:+.4f} "
-        "over the same student trained without the teacher.",
+        gain,
         f"- **Cost**: {t.params / s.params:.1f}x fewer parameters, {t.size_bytes / s.size_bytes:.1f}x smaller on disk, "
         f"{t.macs / max(s.macs, 1):.1f}x fewer multiply-adds per image than the teacher.",
         f"- **Speed on {metrics.device}**: {s.speedup:.1f}x the teacher's throughput at batch "
@@ -144,7 +155,7 @@ def verdict(metrics: RunResults) -> list[str]:
         )
     for e in metrics.exports.values():
         lines.append(
-            f"- **Export** ({ROLE_LABELS.get(e['model'], e['model'])}, PyTorch fp32 test acc "
+            f"- **Export** ({label(e['model'])}, PyTorch fp32 test acc "
             f"{e['reference_test_acc']:.4f}): {export_line(e, prefix=False)}."
         )
     if not metrics.exports:
@@ -152,19 +163,34 @@ def verdict(metrics: RunResults) -> list[str]:
     return lines
 
 
+def cast_note(metrics: RunResults) -> list[str]:
+    """Which teacher the comparisons refer to, when that is not obvious."""
+    extra = [label(r) for r in model_order(metrics.models) if r not in ("teacher", *STUDENTS)]
+    if "teacher" not in metrics.models:
+        return ["No teacher in this run: retention, speed-ups, compression and CKA to the teacher are not defined.", ""]
+    if extra:
+        return [
+            f"The student learned from every teacher ({', '.join(['teacher', *extra])}); "
+            "`teacher` is the run's first teacher: retention, speed-ups, compression and CKA refer to it.",
+            "",
+        ]
+    return []
+
+
 def per_class_table(metrics: RunResults) -> str:
     names = metrics.class_names
-    support = metrics.models["teacher"].per_class["support"]
-    header = ["class", "support"] + [f"{ROLE_LABELS[r]} {k}" for r in ROLES for k in ("P", "R", "F1")]
+    roles = model_order(metrics.models)
+    support = metrics.models["student"].per_class["support"]
+    header = ["class", "support"] + [f"{label(r)} {k}" for r in roles for k in ("P", "R", "F1")]
     rows = []
     for c, name in enumerate(names):
         row = [str(name), str(support[c])]
-        for r in ROLES:
+        for r in roles:
             pc = metrics.models[r].per_class
             row += [f"{pc['precision'][c]:.3f}", f"{pc['recall'][c]:.3f}", f"{pc['f1'][c]:.3f}"]
         rows.append(row)
     rows.append(
-        ["macro", str(sum(support))] + [x for r in ROLES for x in ("", "", num(metrics.models[r].macro_f1, ".3f"))]
+        ["macro", str(sum(support))] + [x for r in roles for x in ("", "", num(metrics.models[r].macro_f1, ".3f"))]
     )
     return markdown_table(header, rows, left=1)
 
@@ -209,7 +235,7 @@ def export_section(export: dict) -> list[str]:
         else:
             rows.append([fmt, f"`{e['path']}`" if e.get("path") else "-", "-", "-", "-", e.get("status", "skipped")])
     return [
-        f"The {ROLE_LABELS.get(export['model'], export['model'])} was exported on the CPU in fp32 and run on the "
+        f"The {label(export['model'])} was exported on the CPU in fp32 and run on the "
         "whole test split "
         f"({export['runtime']}); differences are against the same model in PyTorch (fp32, CPU, test accuracy "
         f"{export['reference_test_acc']:.4f}).",
@@ -246,6 +272,7 @@ DEFINITIONS = """\
 def render_markdown(metrics: RunResults, overrides: list[str]) -> str:
     counts = metrics.class_counts
     names = metrics.class_names
+    roles = model_order(metrics.models)
     md = [
         f"# distill-runner report: {metrics.dataset}",
         "",
@@ -258,6 +285,7 @@ def render_markdown(metrics: RunResults, overrides: list[str]) -> str:
         "",
         summary_line(metrics).replace("\n", "  \n") + ".",
         "",
+        *cast_note(metrics),
         "## Should you ship the student?",
         "",
         *verdict(metrics),
@@ -274,14 +302,14 @@ def render_markdown(metrics: RunResults, overrides: list[str]) -> str:
         "",
     ]
     if metrics.num_classes == 2:
-        md += ["ROC-AUC: " + ", ".join(f"{ROLE_LABELS[r]} {num(metrics.models[r].roc_auc)}" for r in ROLES), ""]
+        md += ["ROC-AUC: " + ", ".join(f"{label(r)} {num(metrics.models[r].roc_auc)}" for r in roles), ""]
     md += ["## Confusion matrices (test split; rows: true class, columns: predicted class)", ""]
     if len(names) <= MAX_CLASSES_IN_TABLES:
-        for r in ROLES:
-            md += [f"### {ROLE_LABELS[r]}", "", confusion_table(metrics.models[r].confusion, names), ""]
+        for r in roles:
+            md += [f"### {label(r)}", "", confusion_table(metrics.models[r].confusion, names), ""]
     else:
         md += [f"{len(names)} classes: see `confusion.png` and `metrics.json`.", ""]
-    if metrics.models["student"].cka:
+    if metrics.models["student"].cka and "teacher" in metrics.models:
         md += ["## Representation similarity (linear CKA to the teacher, test split)", "", cka_table(metrics), ""]
     if metrics.exports:
         md += ["## Export", ""]
@@ -326,54 +354,8 @@ def write_report(run_dir: str | os.PathLike, metrics: RunResults, overrides: lis
     plots.save_curves(run_dir / "curves.png", metrics.stages)
     plots.save_confusions(
         run_dir / "confusion.png",
-        {ROLE_LABELS[r]: metrics.models[r].confusion for r in ROLES},
+        {label(r): metrics.models[r].confusion for r in model_order(metrics.models)},
         metrics.class_names,
     )
     (run_dir / "report.md").write_text(render_markdown(metrics, overrides))
     return text_table(HEADER, comparison_rows(metrics)) + "\n" + summary_line(metrics)
-
-
-def final_scalars(metrics: RunResults) -> dict[str, float]:
-    """The run's final numbers for TensorBoard's HParams tab, as ``test/...`` tags."""
-    out = {}
-    for role in ROLES:
-        m = metrics.models[role]
-        for key in (
-            "test_acc",
-            "macro_f1",
-            "ece",
-            "roc_auc",
-            "latency_ms",
-            "images_per_s",
-            "macs",
-            "params",
-            "size_bytes",
-            "speedup",
-        ):
-            out[f"test/{role}_{key.removeprefix('test_')}"] = getattr(m, key)
-        if role in STUDENTS:
-            out[f"test/{role}_cka"] = m.cka.get("penultimate")
-    out.update({"test/retention": metrics.retention, "test/kd_gain": metrics.kd_gain})
-    for fmt in ("onnx", "torchscript"):
-        for role, export in metrics.exports.items():
-            e = export.get(fmt, {})
-            out[f"export/{role}_{fmt}_max_abs_diff"], out[f"export/{role}_{fmt}_acc"] = (
-                e.get("max_abs_diff"),
-                e.get("test_acc"),
-            )
-    return {k: float(v) for k, v in out.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
-
-
-def write_tensorboard(tb_dir: str | os.PathLike, metrics: RunResults, hparams: dict, overrides: list[str]) -> None:
-    """Into ``tb_dir`` itself: the run's hyperparameters and final numbers (HParams), a confusion
-    matrix figure per model (``confusion/<model>``) and the report as text (``report``)."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    from distill_runner.reporting import plots
-
-    with SummaryWriter(tb_dir) as writer:
-        for role in ROLES:
-            figure = plots.confusion_figure(metrics.models[role].confusion, metrics.class_names, ROLE_LABELS[role])
-            writer.add_figure(f"confusion/{role}", figure, close=False)
-        writer.add_text("report", render_markdown(metrics, overrides))
-        writer.add_hparams(hparams, final_scalars(metrics), run_name=".")

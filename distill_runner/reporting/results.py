@@ -2,7 +2,9 @@
 
 One name per role everywhere (stage, checkpoint, TensorBoard folder, plot label, report row, key):
 ``teacher``, ``student`` (the KD student), ``baseline`` (the same student trained from scratch).
-Extra teachers of a multi-teacher recipe are stages named by their config key.
+Extra teachers of a multi-teacher recipe are stages and models named by their config key
+(``distill.teachers.<name>``, labelled "teacher (<name>)"); ``teacher`` is always the run's first
+teacher, the one retention and speed-ups refer to. A run whose recipe needs no teacher may have none.
 """
 
 from __future__ import annotations
@@ -19,7 +21,19 @@ from distill_runner.storage import atomic_write_text
 ROLES = ("teacher", "student", "baseline")
 STUDENTS = ("student", "baseline")
 ROLE_LABELS = {"teacher": "teacher", "student": "student (KD)", "baseline": "student (scratch)"}
+EXTRA_TEACHER = "distill.teachers."
 VERSION = 2  # 1: the unversioned metrics.json before typed results (stage "distill", one "export")
+
+
+def label(role: str) -> str:
+    """The role's name in tables and plots: "student (KD)", "teacher (cnn)" for distill.teachers.cnn."""
+    return ROLE_LABELS.get(role) or f"teacher ({role.removeprefix(EXTRA_TEACHER)})"
+
+
+def model_order(roles) -> list[str]:
+    """Teachers first (the run's teacher, then the extra ones), then the KD student and the baseline."""
+    rank = lambda r: 0 if r == "teacher" else 1 if r.startswith(EXTRA_TEACHER) else 2 + STUDENTS.index(r)
+    return sorted(roles, key=rank)
 
 
 @dataclass
@@ -50,9 +64,9 @@ class ModelResult:
     latency_repeats: int
     images_per_s: float
     penultimate_layer: str | None = None
-    speedup: float = 1.0  # images/s relative to the teacher
-    latency_speedup: float = 1.0
-    compression: float = 1.0  # teacher parameters / these
+    speedup: float | None = 1.0  # images/s relative to the teacher (null: no teacher in the run)
+    latency_speedup: float | None = 1.0
+    compression: float | None = 1.0  # teacher parameters / these
     cka: dict = field(default_factory=dict)  # to the teacher: "penultimate", "<teacher layer> ~ <student layer>"
 
 
@@ -70,11 +84,12 @@ class RunResults:
     torch_threads: int
     models: dict[str, ModelResult]
     stages: dict[str, StageResult]
-    retention: float | None  # student / teacher test accuracy
+    retention: float | None  # student / teacher test accuracy (the run's first teacher)
     kd_gain: float  # student - baseline test accuracy
     kd_gain_macro_f1: float
     test_size: int
     exports: dict[str, dict] = field(default_factory=dict)  # model role -> export record
+    retention_reason: str | None = None  # why retention is null (e.g. no teacher: the recipe needs none)
     eval_time_s: float | None = None
     wall_time_s: float | None = None
     version: int = VERSION

@@ -42,7 +42,7 @@ def collect(sweep_dir: Path) -> list[dict]:
                 "overrides": " ".join(overrides),
                 "params": dict(o.split("=", 1) for o in overrides if "=" in o),
                 "student_val_acc": _number(results.stages["student"].final_val_acc),
-                "teacher_acc": results.models["teacher"].test_acc,
+                "teacher_acc": results.models["teacher"].test_acc if "teacher" in results.models else float("nan"),
                 "student_acc": results.models["student"].test_acc,
                 "baseline_acc": results.models["baseline"].test_acc,
                 "retention": results.retention if results.retention is not None else float("nan"),
