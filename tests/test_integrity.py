@@ -167,10 +167,12 @@ def test_damaged_last_checkpoint_without_a_good_previous_one_stops_in_one_line(d
 
 
 def test_damaged_finished_stage_is_trained_again(fast, tmp_path, caplog):
-    runner.run(compose_config(fast), tmp_path / "run")
-    flip_byte(tmp_path / "run" / "checkpoints" / "student.pt")
+    runner.run(compose_config([*fast, "trainer.epochs=2"]), tmp_path / "run")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert not list(checkpoints.glob("*.prev.pt")), "a finished stage keeps no previous-last copy"
+    flip_byte(checkpoints / "student.pt")
     with caplog.at_level("INFO"):
-        runner.run(compose_config([*fast, "trainer.resume=auto"]), tmp_path / "run")
+        runner.run(compose_config([*fast, "trainer.epochs=2", "trainer.resume=auto"]), tmp_path / "run")
     assert "stage student: the finished stage's checkpoint is damaged" in caplog.text
     assert "stage student: finished before" not in caplog.text and "stage baseline: finished before" in caplog.text
     assert storage.verify(tmp_path / "run" / "checkpoints" / "student.pt")

@@ -265,7 +265,7 @@ def fit(
                     "rng": torch.get_rng_state(),
                     "recipe": recipe.state_dict(),
                 }
-                keep_previous(last, _previous(last))  # a damaged _last.pt falls back on it
+                keep_previous(last, previous_checkpoint(last))  # a damaged _last.pt falls back on it
                 save_verified(state, last)
                 if record["val/acc"] >= max(h["val/acc"] for h in history):  # the best epoch so far (ties: the later)
                     save_verified(
@@ -288,7 +288,7 @@ def fit(
     return history
 
 
-def _previous(last: Path) -> Path:
+def previous_checkpoint(last: Path) -> Path:
     return last.with_name(f"{last.stem}.prev.pt")  # teacher_last.pt -> teacher_last.prev.pt
 
 
@@ -297,7 +297,7 @@ def _resume_state(last: Path, name: str) -> tuple[dict, Path] | None:
     (``<stage>_last.prev.pt``); None when there is neither. Damaged files are named in a warning; when
     every one is damaged the run stops with one line (resuming from epoch 0 would be a silent loss)."""
     damaged = []
-    for path in (last, _previous(last)):
+    for path in (last, previous_checkpoint(last)):
         if not path.is_file():
             continue
         try:

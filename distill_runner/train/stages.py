@@ -93,6 +93,8 @@ def run_stage(ctx: RunContext, stage: engine.Stage) -> StageResult:
     )
     storage.save_verified(stage.model.state_dict(), weights)
     storage.write_text_verified(done, json.dumps(asdict(result)))  # last: only now is the stage finished
+    if distributed.is_main():  # finished: the verified weights and <stage>_last.pt are two copies already
+        storage.remove_verified(engine.previous_checkpoint(ctx.checkpoint_dir / f"{stage.name}_last.pt"))
     return result
 
 
