@@ -178,6 +178,17 @@ def test_damaged_finished_stage_is_trained_again(fast, tmp_path, caplog):
     assert storage.verify(tmp_path / "run" / "checkpoints" / "student.pt")
 
 
+def test_run_folder_of_the_previous_version_resumes_with_one_warning(fast, tmp_path, caplog, monkeypatch):
+    runner.run(compose_config(fast), tmp_path / "run")
+    for checksum in (tmp_path / "run" / "checkpoints").glob("*.sha256"):  # as the previous version left it
+        checksum.unlink()
+    monkeypatch.setattr(storage, "_warned_unverified", False)
+    with caplog.at_level("INFO"):
+        runner.run(compose_config([*fast, "trainer.resume=auto"]), tmp_path / "run")
+    assert caplog.text.count("has no checksum") == 1
+    assert "stage student: finished before" in caplog.text and "stage baseline: finished before" in caplog.text
+
+
 # ------------------------------------------------------------------------------ a full disk
 
 
