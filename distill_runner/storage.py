@@ -148,10 +148,11 @@ def keep_previous(path: str | os.PathLike, previous: str | os.PathLike) -> None:
     matching pair: a crash leaves at worst a mismatch, which resume skips."""
     if not distributed.is_main() or not Path(path).is_file():
         return
-    if sidecar(path).is_file():
-        link_or_copy(sidecar(path), sidecar(previous))
-    else:
+    digest = _digest_in(sidecar(path))
+    if digest is None:  # ``path`` is unverified (the previous version's): so is ``previous``
         sidecar(previous).unlink(missing_ok=True)
+    else:
+        atomic_write_text(sidecar(previous), f"{digest}  {Path(previous).name}\n")
     link_or_copy(path, previous)
 
 
@@ -180,12 +181,18 @@ def link_verified(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     if not distributed.is_main():
         return
     link_or_copy(src, dst)
-    try:
-        digest = sidecar(src).read_text().split()[0]
-    except (OSError, IndexError):
+    digest = _digest_in(sidecar(src))
+    if digest is None:
         sidecar(dst).unlink(missing_ok=True)  # unverified, as ``src`` is
-        return
-    atomic_write_text(sidecar(dst), f"{digest}  {Path(dst).name}\n")  # its own name: sha256sum -c works in the folder
+    else:  # a sidecar of its own (not a link): it names ``dst``, so sha256sum -c works in that folder
+        atomic_write_text(sidecar(dst), f"{digest}  {Path(dst).name}\n")
+
+
+def _digest_in(checksum: Path) -> str | None:
+    try:
+        return checksum.read_text().split()[0]
+    except (OSError, IndexError, UnicodeDecodeError):
+        return None
 
 
 # ------------------------------------------------------------------------------ atomic writes
