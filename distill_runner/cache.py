@@ -1,12 +1,14 @@
 """Work a sweep shares: fine-tuned teachers, scratch baselines, replayable teacher outputs and
 evaluations, computed once and reused.
 
-Entries live under ``cache.dir/<kind>/<key>.pt``. A key is a digest of an explicit list of what
-determines the artefact (the ``*_INPUTS`` below, by config key; a key names its whole subtree).
+Entries live under ``cache.dir/<kind>/<key>.pt``, each with its checksum ``<key>.pt.sha256``; a cached
+model's weights are their own file, ``<key>.model.pt``, which run folders hard-link. A key is a digest of
+an explicit list of what determines the artefact (the ``*_INPUTS`` below, by config key; a key names its whole subtree).
 Every other config key is declared in :data:`RUN_ONLY` (changes this run's own, never-cached results)
 or :data:`NOT_RESULTS` (changes where or how fast, never what); ``tests/test_cache_keys.py`` fails
 on a key that is in none of them. Writers hold a file lock (parallel jobs wait for the one that
-builds) and write to a temp file renamed into place.
+builds) and write to a temp file renamed into place. A damaged entry (its checksum differs) is
+named in a warning and rebuilt.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from distill_runner import distributed
-from distill_runner.storage import atomic_save
+from distill_runner.storage import DamagedFile, load_verified, save_verified
 
 log = logging.getLogger(__name__)
 
@@ -152,25 +154,28 @@ class Cache:
         with FileLock(str(path) + ".lock"):
             yield path
 
+    def weights_path(self, kind: str, key: str) -> Path:
+        return self.root / kind / f"{key}.model.pt"
+
     def load(self, path: Path) -> dict | None:
-        """The entry's content, or None if absent or unreadable (a damaged entry is rebuilt)."""
+        """The entry's content, or None if absent or damaged (a damaged entry is rebuilt)."""
         if not path.is_file():
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            log.warning("cache entry %s is unreadable (%s); rebuilding it", path, exc)
+            return load_verified(path)
+        except DamagedFile as exc:
+            log.warning("cache entry %s is damaged (%s); rebuilding it", path, exc.reason)
             return None
 
     def load_shared(self, path: Path) -> dict | None:
         """:meth:`load` as rank 0 sees it, in every process (a collective under torchrun)."""
         entry = self.load(path) if distributed.is_main() else None
         if distributed.broadcast(entry is not None) and entry is None:
-            entry = torch.load(path, map_location="cpu", weights_only=True)
+            entry = torch.load(path, map_location="cpu", weights_only=True)  # rank 0 verified it
         return entry
 
     def store(self, path: Path, content: dict) -> None:
-        atomic_save(content, path)  # rank 0 alone writes under torchrun
+        save_verified(content, path)  # rank 0 alone writes under torchrun
 
     def fetch(self, kind: str, key: str, build: Callable[[], dict], shared: bool = True) -> tuple[dict, str]:
         """The entry ``kind/key``, built and stored by ``build()`` when absent; and where it came from.
@@ -182,3 +187,31 @@ class Cache:
             entry = build()
             self.store(path, entry)
             return entry, f"computed and stored in {path}"
+
+    def fetch_model(self, kind: str, key: str, train: Callable[[], tuple[dict, dict]]) -> tuple[dict, dict, str]:
+        """A cached model: ``(state_dict, info, source)``, trained by ``train()`` when absent or damaged.
+        The weights are stored alone in :meth:`weights_path` (exactly the state_dict, so run folders
+        can hard-link it); the entry holds ``info``. A collective under torchrun, like :meth:`fetch`."""
+        with self.locked(kind, key) as path:
+            weights = self.weights_path(kind, key)
+            found = self._load_model(path, weights) if distributed.is_main() else None
+            if distributed.broadcast(found is not None):
+                if found is None:  # ranks > 0: rank 0 verified both files
+                    info = torch.load(path, map_location="cpu", weights_only=True)["info"]
+                    found = torch.load(weights, map_location="cpu", weights_only=True), info
+                return *found, f"reused from {path}"
+            state, info = train()
+            self.store(weights, state)  # the weights first: an entry that exists has them
+            self.store(path, {"info": info})
+            return state, info, f"computed and stored in {path}"
+
+    def _load_model(self, path: Path, weights: Path) -> tuple[dict, dict] | None:
+        entry = self.load(path)
+        if entry is None:
+            return None
+        if "model" in entry:  # the previous version's entry holds its weights: give them their own file
+            self.store(weights, entry["model"])
+            self.store(path, {"info": entry["info"]})
+            return entry["model"], entry["info"]
+        state = self.load(weights)
+        return None if state is None else (state, entry["info"])

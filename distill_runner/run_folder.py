@@ -22,15 +22,16 @@ from distill_runner.train.stages import RunContext
 
 def check_room(ctx: RunContext, student: nn.Module, extra_teachers: dict) -> None:
     """Before training: the run folder and the cache are writable and their disks hold what the run
-    will write (checkpoints of every stage, cached teachers and teacher outputs)."""
+    will write (per trained model its final, best, last and previous-last checkpoints; cached teachers,
+    baseline and teacher outputs), summed per disk: a run folder and a cache on one disk share its
+    free space. Temp files that killed writers left in them are removed first."""
     cfg = ctx.cfg
     teacher_params = count_parameters(build_model(cfg.teacher, "teacher", ctx.data, cfg.seed))
-    teachers = teacher_params * (1 + len(extra_teachers))
-    run_bytes = storage.checkpoint_bytes(teachers) + 2 * storage.checkpoint_bytes(count_parameters(student))
+    teachers, students = teacher_params * (1 + len(extra_teachers)), count_parameters(student)
     storage.check_writable(ctx.run_dir, "hydra.run.dir")
-    storage.check_free_space(
-        ctx.run_dir, run_bytes, "hydra.run.dir", "checkpoints of the teacher, the student and the baseline"
-    )
+    storage.remove_stale_temps(ctx.run_dir)  # the folder is this run's (claimed): no one else writes there
+    run_bytes = storage.checkpoint_bytes(teachers) + 2 * storage.checkpoint_bytes(students)
+    needs = [(ctx.run_dir, "hydra.run.dir", run_bytes, "checkpoints of the teacher, the student and the baseline")]
     cache = ctx.cache
     if cache is not None:
         outputs_mb = min(
@@ -38,9 +39,10 @@ def check_room(ctx: RunContext, student: nn.Module, extra_teachers: dict) -> Non
             ctx.data.train.num_samples * cfg.trainer.epochs * ctx.data.num_classes * 4 / 2**20,
         )
         storage.check_writable(cache.root, "cache.dir")
-        storage.check_free_space(
-            cache.root, 4 * teachers + int(outputs_mb * 2**20), "cache.dir", "fine-tuned teachers and their outputs"
-        )
+        storage.remove_stale_temps(cache.root, min_age_s=storage.STALE_AFTER_S)  # jobs on other machines share it
+        cached = 4 * (teachers + students) + int(outputs_mb * 2**20)
+        needs.append((cache.root, "cache.dir", cached, "cached teachers, baseline and teacher outputs"))
+    storage.check_free_space_per_disk(needs)
 
 
 def _without_resume(items) -> list:

@@ -1,14 +1,22 @@
-"""Files a run writes: atomic writes, and the checks made before
-any work (an unwritable or full output folder fails at once with one line naming the folder and
-the fix, not hours later when a checkpoint is saved)."""
+"""Files a run writes: atomic writes with checksums, and the checks made before any work (an
+unwritable or full output folder fails at once with one line naming the folder and the fix, not
+hours later when a checkpoint is saved).
+
+Every stored artefact (checkpoints, cache entries) is written by :func:`save_verified` and read by
+:func:`load_verified`: a flipped byte is a :class:`DamagedFile`, never a wrong number.
+"""
 
 from __future__ import annotations
 
 import errno
+import hashlib
+import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,28 +27,264 @@ from omegaconf import DictConfig, OmegaConf
 from distill_runner import distributed
 from distill_runner.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 MB = 2**20
 HEADROOM_BYTES = 64 * MB  # logs, TensorBoard events, reports
 
 
+class DamagedFile(Exception):
+    """A stored file whose bytes are not the ones written (checksum mismatch), or that does not load."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path} is damaged ({reason})")
+
+
 def atomic_save(obj: object, path: str | os.PathLike) -> None:
     """Write to a temp file then rename, so a crash never leaves a half-written checkpoint."""
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp), _tensor_bytes(obj))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Text written like :func:`atomic_save`: a reader sees the old file or the whole new one."""
-    _atomic_write(path, lambda tmp: tmp.write_text(text))
+    _atomic_write(path, lambda tmp: tmp.write_text(text), len(text.encode()))
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
+# ------------------------------------------------------------------------------ verified files
+# The checksum is a sidecar, ``<file>.sha256`` (the format of ``sha256sum``, so ``sha256sum -c`` checks
+# it by hand), not a header: torch.load reads the file from byte 0 (a header would mean loading a copy
+# held in memory, 2 GB for large teacher outputs), and a file without one is recognisably the previous
+# version's, which must still load. The sidecar is written after the data, each atomically: a crash in
+# between leaves the old checksum beside the new data, a mismatch (the file is rebuilt), never a wrong
+# number.
+
+
+def sidecar(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_verified(obj: object, path: str | os.PathLike) -> None:
+    """:func:`atomic_save` plus the sha256 of the written bytes in ``<path>.sha256``."""
+    _write_verified(path, lambda tmp: torch.save(obj, tmp), _tensor_bytes(obj))
+
+
+def write_text_verified(path: str | os.PathLike, text: str) -> None:
+    _write_verified(path, lambda tmp: tmp.write_text(text), len(text.encode()))
+
+
+def _write_verified(path: str | os.PathLike, write: Callable[[Path], object], size: int) -> None:
+    found = {}
+
+    def write_and_hash(tmp: Path) -> None:
+        write(tmp)
+        found["digest"] = sha256_of(tmp)  # of the bytes on disk, before they replace the old file
+
+    _atomic_write(path, write_and_hash, size)
+    if distributed.is_main():
+        atomic_write_text(sidecar(path), f"{found['digest']}  {Path(path).name}\n")
+
+
+_warned_unverified = False
+
+
+def verify(path: str | os.PathLike) -> bool:
+    """True: the file matches its checksum; False: it has none (written by the previous version,
+    warned once per process). :class:`DamagedFile` on a mismatch or a missing file."""
+    global _warned_unverified
+    path = Path(path)
+    if not path.is_file():
+        raise DamagedFile(path, "missing")
+    try:
+        expected = sidecar(path).read_text().split()[0]
+    except FileNotFoundError:
+        if not _warned_unverified:
+            log.warning("%s has no checksum (written before checksums existed): loaded unverified; "
+                        "files written from now on are verified (this warning is shown once)", path)  # fmt: skip
+            _warned_unverified = True
+        return False
+    except (OSError, IndexError, UnicodeDecodeError) as exc:
+        raise DamagedFile(path, f"unreadable checksum {sidecar(path).name}: {exc}") from None
+    if sha256_of(path) != expected:
+        raise DamagedFile(path, f"sha256 differs from {sidecar(path).name}")
+    return True
+
+
+def load_verified(path: str | os.PathLike) -> object:
+    """``torch.load(path, weights_only=True)`` after :func:`verify`; a file that does not load is damaged too."""
+    verify(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a checkpoint, or a pickle weights_only refuses
+        first = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DamagedFile(path, f"does not load: {first}") from None
+
+
+def read_text_verified(path: str | os.PathLike) -> str:
+    verify(path)
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DamagedFile(path, str(exc)) from None
+
+
+def remove_verified(path: str | os.PathLike) -> None:
+    for p in (Path(path), sidecar(path)):
+        p.unlink(missing_ok=True)
+
+
+def keep_previous(path: str | os.PathLike, previous: str | os.PathLike) -> None:
+    """Make ``previous`` a copy of ``path`` (and its checksum) before ``path`` is overwritten. Each step
+    is atomic and the checksum moves first, so at every instant ``path`` or ``previous`` is a whole,
+    matching pair: a crash leaves at worst a mismatch, which resume skips."""
+    if not distributed.is_main() or not Path(path).is_file():
+        return
+    digest = _digest_in(sidecar(path))
+    if digest is None:  # ``path`` is unverified (the previous version's): so is ``previous``
+        sidecar(previous).unlink(missing_ok=True)
+    else:
+        atomic_write_text(sidecar(previous), f"{digest}  {Path(previous).name}\n")
+    link_or_copy(path, previous)
+
+
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """``dst`` becomes a hard link to ``src`` (no extra disk), or a copy where the file system has no
+    links or they cross file systems; atomically, through a temp name. Safe to share: every writer
+    here replaces a file by rename, never writes into it, so the other name keeps the old bytes."""
+    src, dst = Path(src), Path(dst)
+    if not distributed.is_main():
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(dst)
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.EACCES):
+            raise write_failed(dst, exc, 0) from None
+        _atomic_write(dst, lambda t: shutil.copyfile(src, t), src.stat().st_size)
+
+
+def link_verified(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """:func:`link_or_copy` for a verified file: its checksum goes with it."""
+    if not distributed.is_main():
+        return
+    link_or_copy(src, dst)
+    digest = _digest_in(sidecar(src))
+    if digest is None:
+        sidecar(dst).unlink(missing_ok=True)  # unverified, as ``src`` is
+    else:  # a sidecar of its own (not a link): it names ``dst``, so sha256sum -c works in that folder
+        atomic_write_text(sidecar(dst), f"{digest}  {Path(dst).name}\n")
+
+
+def _digest_in(checksum: Path) -> str | None:
+    try:
+        return checksum.read_text().split()[0]
+    except (OSError, IndexError, UnicodeDecodeError):
+        return None
+
+
+# ------------------------------------------------------------------------------ atomic writes
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _tensor_bytes(obj: object) -> int:
+    """About what ``torch.save(obj)`` writes: the tensors' bytes (for the message of a full disk)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[Path], object], size: int = 0) -> None:
     if not distributed.is_main():  # under torchrun rank 0 alone writes; the other ranks hold the same state
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    tmp = _tmp_name(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:  # a full disk, or Ctrl-C: no temp file is left behind
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_failed(path, exc, size) from None
+        raise
+
+
+def write_failed(path: Path, exc: OSError, size: int) -> ConfigError:
+    """One line for a write that failed: the folder, the bytes it needed, the fix."""
+    folder = path.parent
+    try:
+        free = f"{shutil.disk_usage(existing_ancestor(folder)).free / MB:.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = f"the disk (or quota) holding it is full: writing {path.name} needs about {size / MB:.1f} MB"
+    else:
+        what = f"writing {path.name} failed ({exc.strerror or exc}), {size / MB:.1f} MB"
+    fix = (f"{what}, {free}; free space there (what is written so far is kept), then run the "
+           "same command with trainer.resume=true")  # fmt: skip
+    return ConfigError("folder", str(folder), fix)
+
+
+_TMP = re.compile(r"^\..+\.tmp(\d+)$")
+STALE_AFTER_S = 600  # a shared folder's temp of a pid dead here may be a live writer's on another machine
+
+
+def remove_stale_temps(folder: str | os.PathLike, min_age_s: float = 0) -> list[Path]:
+    """Remove the temp files (``.<name>.tmp<pid>``) that killed writers left under ``folder``: only
+    those whose pid is no longer alive (and untouched for ``min_age_s``). Returns what was removed."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir() or not distributed.is_main():
+        return removed
+    now = time.time()
+    for path in folder.rglob(".*.tmp*"):
+        match = _TMP.match(path.name)
+        if match is None or not path.is_file() or _alive(int(match[1])):
+            continue
+        try:
+            if now - path.stat().st_mtime >= min_age_s:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:  # another process cleaned it first
+            pass
+    if removed:
+        log.info("removed %d temp file(s) left by killed writers under %s", len(removed), folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+# ------------------------------------------------------------------------------ checks before a run
 
 
 def existing_ancestor(path: Path) -> Path:
@@ -79,9 +323,25 @@ def check_free_space(folder: str | os.PathLike, needed_bytes: int, key: str, wha
 
 
 def checkpoint_bytes(parameter_count: int) -> int:
-    """Disk a trained model takes in a run: final weights + the resumable last checkpoint (weights
-    and the optimizer's two AdamW moments), fp32."""
-    return parameter_count * 4 * (1 + 3)
+    """Disk a trained model takes in a run, fp32: final weights, the best epoch's weights, and the
+    resumable last checkpoint (weights and the optimizer's two AdamW moments) with its previous copy."""
+    return parameter_count * 4 * (1 + 1 + 3 + 3)
+
+
+def disk_of(folder: str | os.PathLike) -> int:
+    return existing_ancestor(Path(folder)).stat().st_dev
+
+
+def check_free_space_per_disk(needs: list[tuple[str | os.PathLike, str, int, str]]) -> None:
+    """:func:`check_free_space` for ``(folder, key, bytes, what)`` needs, summed per disk: a run folder
+    and a cache on one disk share its free space, so they are checked together, once."""
+    disks: dict[int, list] = {}
+    for folder, key, nbytes, what in needs:
+        found = disks.setdefault(disk_of(folder), [folder, key, 0, []])
+        found[2] += nbytes
+        found[3].append(what)
+    for folder, key, nbytes, whats in disks.values():
+        check_free_space(folder, nbytes, key, "; ".join(whats))
 
 
 class OutputFolderCheck(Callback):

@@ -149,11 +149,11 @@ def test_output_cap_falls_back_to_online(tmp_path, caplog):
 def test_corrupt_cache_entry_is_rebuilt(tmp_path, caplog):
     cache = f"cache.dir={tmp_path / 'cache'}"
     runner.run(compose_config(TINY + [cache]), tmp_path / "a")
-    (entry,) = (tmp_path / "cache" / "teachers").glob("*.pt")
+    (entry,) = (tmp_path / "cache" / "teachers").glob("*.model.pt")
     entry.write_bytes(entry.read_bytes()[:100])
     with caplog.at_level("INFO"):
         runner.run(compose_config(TINY + [cache]), tmp_path / "b")
-    assert "unreadable" in caplog.text and "fine-tuning teacher" in caplog.text
+    assert f"cache entry {entry} is damaged" in caplog.text and "fine-tuning teacher" in caplog.text
 
 
 def _distill_run(*args, cwd):

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from distill_runner import distributed
 from distill_runner.errors import ConfigError
 from distill_runner.models.features import FeatureTap
-from distill_runner.storage import atomic_save
+from distill_runner.storage import DamagedFile, keep_previous, load_verified, save_verified
 from distill_runner.train.health import class_count, learning_check
 
 if TYPE_CHECKING:
@@ -182,8 +182,9 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
     history: list[dict] = []
     last = Path(checkpoint_dir) / f"{stage.name}_last.pt" if checkpoint_dir is not None else None
-    if resume and last is not None and last.is_file():
-        state = torch.load(last, map_location="cpu", weights_only=True)
+    found = _resume_state(last, stage.name) if resume and last is not None else None
+    if found is not None:
+        state, last_good = found
         model.load_state_dict(state["model"])
         recipe.load_state_dict(state["recipe"])
         optimizer.load_state_dict(state["optimizer"])
@@ -191,7 +192,7 @@ def fit(
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         history = state["history"]
-        log.info("%s: resuming after epoch %d/%d from %s", stage.name, state["epoch"], stage.epochs, last)
+        log.info("%s: resuming after epoch %d/%d from %s", stage.name, state["epoch"], stage.epochs, last_good)
     step_model = distributed.wrap(speed.apply(model), device)
     step_recipe = distributed.wrap(recipe, device)
     forward = FeatureTap(model, recipe.student_layers, call=step_model)  # {"logits", "features"}
@@ -264,9 +265,10 @@ def fit(
                     "rng": torch.get_rng_state(),
                     "recipe": recipe.state_dict(),
                 }
-                atomic_save(state, last)
+                keep_previous(last, previous_checkpoint(last))  # a damaged _last.pt falls back on it
+                save_verified(state, last)
                 if record["val/acc"] >= max(h["val/acc"] for h in history):  # the best epoch so far (ties: the later)
-                    atomic_save(
+                    save_verified(
                         {"model": model.state_dict(), "epoch": epoch + 1, "val_acc": record["val/acc"]},
                         last.with_name(f"{stage.name}_best.pt"),
                     )
@@ -284,6 +286,35 @@ def fit(
     finally:
         forward.remove()
     return history
+
+
+def previous_checkpoint(last: Path) -> Path:
+    return last.with_name(f"{last.stem}.prev.pt")  # teacher_last.pt -> teacher_last.prev.pt
+
+
+def _resume_state(last: Path, name: str) -> tuple[dict, Path] | None:
+    """The newest good checkpoint to resume stage ``name`` from: ``last``, else the one before it
+    (``<stage>_last.prev.pt``); None when there is neither. Damaged files are named in a warning; when
+    every one is damaged the run stops with one line (resuming from epoch 0 would be a silent loss)."""
+    damaged = []
+    for path in (last, previous_checkpoint(last)):
+        if not path.is_file():
+            continue
+        try:
+            state = load_verified(path)
+        except DamagedFile as exc:
+            log.warning("%s: %s", name, exc)
+            damaged.append(exc)
+            continue
+        if damaged:
+            log.warning("%s: resuming from the previous checkpoint %s instead (one epoch is trained again)", name, path)
+        return state, path
+    if not damaged:
+        return None
+    files = " and ".join(str(exc.path) for exc in damaged)
+    fix = (f"cannot resume stage {name}: {files} damaged ({damaged[0].reason}); delete "
+           f"{'them' if len(damaged) > 1 else 'it'} to train the stage again from its first epoch")  # fmt: skip
+    raise ConfigError("trainer.resume", str(last), fix)
 
 
 def _finite_everywhere(loss: torch.Tensor) -> bool:

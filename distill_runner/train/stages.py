@@ -14,13 +14,12 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 
-from distill_runner import distributed
+from distill_runner import distributed, storage
 from distill_runner.cache import Cache
 from distill_runner.data.bundle import DataBundle
 from distill_runner.errors import instantiate
 from distill_runner.models.factories import count_parameters
 from distill_runner.reporting.results import StageResult
-from distill_runner.storage import atomic_save, atomic_write_text
 from distill_runner.train import engine
 
 log = logging.getLogger(__name__)
@@ -63,15 +62,18 @@ def run_stage(ctx: RunContext, stage: engine.Stage) -> StageResult:
     """Fit one stage (logged to tb/<stage>), save its final weights as checkpoints/<stage>.pt.
 
     ``checkpoints/<stage>.json`` marks a finished stage: a resumed run loads its weights and skips
-    it; an unfinished one continues from ``<stage>_last.pt``.
+    it; an unfinished one continues from ``<stage>_last.pt``. Both are verified against their
+    checksums: a damaged one does not count as finished (the stage is trained again, with a warning).
     """
     start = time.perf_counter()
     weights, done = ctx.checkpoint_dir / f"{stage.name}.pt", ctx.checkpoint_dir / f"{stage.name}.json"
     resume = bool(ctx.cfg.trainer.get("resume", False))
     if resume and distributed.broadcast(done.is_file() and weights.is_file()):
-        stage.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        log.info("stage %s: finished before, loaded from %s", stage.name, weights)
-        return StageResult(**json.loads(done.read_text()))
+        finished = _load_finished(stage.name, weights, done)  # every rank reads the same files: the same answer
+        if finished is not None:
+            stage.model.load_state_dict(finished[0])
+            log.info("stage %s: finished before, loaded from %s", stage.name, weights)
+            return finished[1]
     history = []
     if stage.epochs > 0:
         params = f"{count_parameters(stage.model):,}"
@@ -89,29 +91,44 @@ def run_stage(ctx: RunContext, stage: engine.Stage) -> StageResult:
     result = StageResult(
         stage.epochs, history[-1]["val/acc"] if history else None, time.perf_counter() - start, history
     )
-    atomic_save(stage.model.state_dict(), weights)
-    atomic_write_text(done, json.dumps(asdict(result)))
+    storage.save_verified(stage.model.state_dict(), weights)
+    storage.write_text_verified(done, json.dumps(asdict(result)))  # last: only now is the stage finished
+    if distributed.is_main():  # finished: the verified weights and <stage>_last.pt are two copies already
+        storage.remove_verified(engine.previous_checkpoint(ctx.checkpoint_dir / f"{stage.name}_last.pt"))
     return result
+
+
+def _load_finished(name: str, weights: Path, done: Path) -> tuple[dict, StageResult] | None:
+    """A finished stage's weights and result, or None (with a warning) when either file is damaged."""
+    try:
+        state = storage.load_verified(weights)
+        result = StageResult(**json.loads(storage.read_text_verified(done)))
+    except (storage.DamagedFile, ValueError, TypeError) as exc:  # ValueError, TypeError: an unverified file of before
+        log.warning("stage %s: the finished stage's checkpoint is damaged (%s); training the stage again", name, exc)
+        return None
+    return state, result
 
 
 def run_or_reuse(ctx: RunContext, stage: engine.Stage, kind: str, cache_key: str) -> StageResult:
     """:func:`run_stage`, unless the cache holds this stage's result under ``cache_key`` (then load
-    it). The entry's lock makes parallel jobs wait for the one that trains."""
+    it). The entry's lock makes parallel jobs wait for the one that trains. ``checkpoints/<stage>.pt``
+    is a hard link to the cached weights: a sweep's jobs share one copy of the teacher on disk."""
     cache = ctx.cache
     if cache is None:
         return run_stage(ctx, stage)
     start = time.perf_counter()
 
-    def train() -> dict:
+    def train() -> tuple[dict, dict]:
         verb = "fine-tuning" if kind == "teachers" else "training"
         log.info("%s %s %s (not in the cache yet)", verb, stage.name, cache_key)
-        return {"model": stage.model.state_dict(), "info": asdict(run_stage(ctx, stage))}
+        info = asdict(run_stage(ctx, stage))
+        return stage.model.state_dict(), info
 
-    entry, source = cache.fetch(kind, cache_key, train)
-    result = StageResult(**entry["info"])
+    state, info, source = cache.fetch_model(kind, cache_key, train)
+    result = StageResult(**info)
+    storage.link_verified(cache.weights_path(kind, cache_key), ctx.checkpoint_dir / f"{stage.name}.pt")
     if source.startswith("reused"):
-        stage.model.load_state_dict(entry["model"])
-        atomic_save(stage.model.state_dict(), ctx.checkpoint_dir / f"{stage.name}.pt")
+        stage.model.load_state_dict(state)
         result.reused, result.wall_time_s = True, time.perf_counter() - start
         log.info("reusing %s %s, %s (trained before: same config, data and seed)", stage.name, cache_key, source)
     result.cache_key = cache_key
