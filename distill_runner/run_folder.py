@@ -16,7 +16,7 @@ from distill_runner.build import build_model
 from distill_runner.cache import NOT_RESULTS
 from distill_runner.errors import ConfigError
 from distill_runner.models.factories import count_parameters
-from distill_runner.storage import atomic_write_text
+from distill_runner.storage import atomic_write_text, pid_alive
 from distill_runner.train.stages import RunContext
 
 
@@ -100,16 +100,6 @@ OWNER = ".owner"  # "<pid> <host>" of the distill-run writing here
 STARTING_S = 60  # an owner file still empty this long after its creation belongs to no live run
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def _owner(path: Path) -> tuple[int, str] | None:
     try:
         pid, host = path.read_text().split()
@@ -137,7 +127,7 @@ def claim(cfg: DictConfig, run_dir: Path, resuming: bool) -> None:
             raise ConfigError("hydra.run.dir", str(run_dir), fix) from None
         if found is not None and found[0] != os.getpid():
             pid, host = found
-            if host == socket.gethostname() and _alive(pid):
+            if host == socket.gethostname() and pid_alive(pid):
                 fix = (
                     f"another distill-run (pid {pid}) is writing into this folder; wait for it or choose another folder"
                 )

@@ -259,7 +259,7 @@ def remove_stale_temps(folder: str | os.PathLike, min_age_s: float = 0) -> list[
     now = time.time()
     for path in folder.rglob(".*.tmp*"):
         match = _TMP.match(path.name)
-        if match is None or not path.is_file() or _alive(int(match[1])):
+        if match is None or not path.is_file() or pid_alive(int(match[1])):
             continue
         try:
             if now - path.stat().st_mtime >= min_age_s:
@@ -272,7 +272,8 @@ def remove_stale_temps(folder: str | os.PathLike, min_age_s: float = 0) -> list[
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """A process with this pid runs on this machine (ours included; another user's counts)."""
     if pid == os.getpid():
         return True
     try:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 
 # A run that takes seconds: tiny images, a few dozen of them, one epoch per stage.
@@ -32,3 +33,14 @@ def tiny_cfg():
 def _run_in_tmp(tmp_path, monkeypatch):
     """Relative paths (outputs/, the cache, data roots) land in the test's own folder."""
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def fast(tmp_path_factory):
+    """Overrides for a seconds-long run: a saved untrained teacher, used as loaded."""
+    from distill_runner.build import build_data, build_teacher
+
+    cfg = compose_config(TINY)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.save(build_teacher(cfg.teacher, "teacher", build_data(cfg), cfg.seed).state_dict(), path)
+    return [*TINY, "teacher.epochs=0", f"teacher.checkpoint={path}", "cache.enabled=false"]

@@ -31,15 +31,6 @@ def flip_byte(path, at=0.5):
     path.write_bytes(bytes(data))
 
 
-@pytest.fixture(scope="module")
-def fast(tmp_path_factory):
-    """Overrides for a seconds-long run: a saved untrained teacher, used as loaded."""
-    cfg = compose_config(TINY)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(build_teacher(cfg.teacher, "teacher", build_data(cfg), cfg.seed).state_dict(), path)
-    return [*TINY, "teacher.epochs=0", f"teacher.checkpoint={path}", "cache.enabled=false"]
-
-
 # ------------------------------------------------------------------------------ verified files
 
 

@@ -6,22 +6,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from conftest import TINY, compose_config
+from conftest import compose_config
 
 from distill_runner import runner
-from distill_runner.build import build_data, build_teacher
 from distill_runner.errors import ConfigError
 from distill_runner.run_folder import OWNER, STARTED
-
-
-@pytest.fixture(scope="module")
-def fast(tmp_path_factory):
-    """Overrides for a seconds-long run: a saved untrained teacher, used as loaded."""
-    cfg = compose_config(TINY)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(build_teacher(cfg.teacher, "teacher", build_data(cfg), cfg.seed).state_dict(), path)
-    return [*TINY, "teacher.epochs=0", f"teacher.checkpoint={path}", "cache.enabled=false"]
 
 
 def test_resume_into_a_fixed_folder_with_another_config_is_refused_naming_the_keys(fast, tmp_path):
