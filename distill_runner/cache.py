@@ -91,12 +91,23 @@ def _processes() -> dict:
     return {"processes": n} if n > 1 else {}
 
 
+def covered(key: str, declared) -> bool:
+    """``key`` is one of ``declared`` or lies under one (a declaration names its whole subtree)."""
+    return any(key == d or key.startswith(d + ".") for d in declared)
+
+
+def declared_keys(cfg: DictConfig) -> list[str]:
+    """Every key the lists above take in or classify, the nodes of extra teachers included."""
+    teachers = ["teacher", *(f"distill.teachers.{n}" for n in (OmegaConf.select(cfg, "distill.teachers") or {}))]
+    inputs = [*DATA_INPUTS, *BASELINE_INPUTS, *TEACHER_SHARED_INPUTS, *TEACHER_OUTPUTS_INPUTS, *EVAL_INPUTS,
+              *(f"{t}.{k}" for t in teachers for k in TEACHER_INPUTS)]  # fmt: skip
+    return [*inputs, *RUN_ONLY, *NOT_RESULTS]
+
+
 def data_inputs(cfg: DictConfig, fingerprint: str | None) -> dict:
     """What determines the training data: its config keys and the image files' identity. A key of a
     data set factory of the user's own (in no list here) counts too: changing it never reuses a teacher."""
-    declared = (*DATA_INPUTS, *NOT_RESULTS)
-    own = [f"dataset.{k}" for k in cfg.dataset if not any(f"dataset.{k}" == d or f"dataset.{k}".startswith(d + ".")
-                                                        for d in declared)]  # fmt: skip
+    own = [f"dataset.{k}" for k in cfg.dataset if not covered(f"dataset.{k}", (*DATA_INPUTS, *NOT_RESULTS))]
     return {**select(cfg, DATA_INPUTS), **select(cfg, own), "files": fingerprint}
 
 

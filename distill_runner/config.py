@@ -85,12 +85,9 @@ def _check_read_keys(cfg: DictConfig) -> None:
     checked by the factory itself (an unknown keyword is one line), so those nodes are passed through."""
     from distill_runner import cache
 
-    teachers = ["teacher", *(f"distill.teachers.{n}" for n in (OmegaConf.select(cfg, "distill.teachers") or {}))]
-    teacher_keys = [f"{t}.{k}" for t in teachers for k in cache.TEACHER_INPUTS]
-    known = [*cache.DATA_INPUTS, *cache.BASELINE_INPUTS, *cache.TEACHER_SHARED_INPUTS, *cache.TEACHER_OUTPUTS_INPUTS,
-             *cache.EVAL_INPUTS, *cache.RUN_ONLY, *cache.NOT_RESULTS, *teacher_keys, "dataset"]  # fmt: skip
+    known = [*cache.declared_keys(cfg), "dataset"]
     for key in _leaf_keys(cfg):
-        if not any(key == k or key.startswith(k + ".") for k in known):
+        if not cache.covered(key, known):
             close = difflib.get_close_matches(key, [k for k in known if "." in k], n=1)
             hint = f"did you mean {close[0]}? " if close else ""
             fix = f"no part of distill-runner reads this key; {hint}remove it (distill-run --cfg job lists every key)"

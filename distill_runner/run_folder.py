@@ -13,7 +13,7 @@ from torch import nn
 
 from distill_runner import storage
 from distill_runner.build import build_model
-from distill_runner.cache import NOT_RESULTS
+from distill_runner.cache import NOT_RESULTS, covered
 from distill_runner.errors import ConfigError
 from distill_runner.models.factories import count_parameters
 from distill_runner.storage import atomic_write_text, pid_alive
@@ -176,8 +176,7 @@ def check_same_config(cfg: DictConfig, saved_file: Path, folder: Path) -> None:
     (progress bars, loader workers, ...: :data:`distill_runner.cache.NOT_RESULTS`)."""
     saved = _flat(OmegaConf.to_container(OmegaConf.load(saved_file), resolve=True))
     now = _flat(OmegaConf.to_container(cfg, resolve=True))
-    harmless = lambda k: any(k == d or k.startswith(d + ".") for d in NOT_RESULTS)
-    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and not harmless(k))
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and not covered(k, NOT_RESULTS))
     if diff:
         shown = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:5]) + (
             " ..." if len(diff) > 5 else ""

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 from conftest import compose_config
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from distill_runner import cache
 
@@ -36,22 +36,11 @@ def leaf_keys(node, prefix=""):
             yield path
 
 
-def covered(path: str, declared) -> bool:
-    return any(path == d or path.startswith(d + ".") for d in declared)
-
-
-def declared_keys(cfg) -> list[str]:
-    teacher_nodes = ["teacher", *(f"distill.teachers.{n}" for n in (OmegaConf.select(cfg, "distill.teachers") or {}))]
-    inputs = [*cache.DATA_INPUTS, *cache.BASELINE_INPUTS, *cache.TEACHER_SHARED_INPUTS, *cache.TEACHER_OUTPUTS_INPUTS,
-              *cache.EVAL_INPUTS, *(f"{node}.{k}" for node in teacher_nodes for k in cache.TEACHER_INPUTS)]  # fmt: skip
-    return [*inputs, *cache.RUN_ONLY, *cache.NOT_RESULTS]
-
-
 def test_every_config_key_is_a_cache_input_or_declared_not_to_change_a_result():
     unclassified = set()
     for cfg in every_composed_config():
-        declared = declared_keys(cfg)
-        unclassified |= {k for k in leaf_keys(cfg) if not covered(k, declared)}
+        declared = cache.declared_keys(cfg)
+        unclassified |= {k for k in leaf_keys(cfg) if not cache.covered(k, declared)}
     assert not unclassified, (
         f"config keys in no cache key and not declared in cache.RUN_ONLY / cache.NOT_RESULTS: {sorted(unclassified)}; "
         "add each to the inputs of the artefacts it determines, or declare it"
