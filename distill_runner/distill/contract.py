@@ -24,13 +24,16 @@ HYPERPARAMETERS = ("temperature", "alpha", "beta")  # the recipe-level values te
 
 @dataclass(frozen=True)
 class TermState:
-    """What a term reads from its recipe at one step: the current (scheduled) hyperparameters and
-    per-sample weights (class balance, teacher confidence; None when the recipe uses neither)."""
+    """What a term reads from its recipe at one step: the current (scheduled) hyperparameters,
+    per-sample weights (class balance, teacher confidence; None when the recipe uses neither) and
+    where training stands (``epoch`` of ``epochs``, for terms with their own curriculum)."""
 
     temperature: float
     alpha: float
     beta: float
     sample_weights: torch.Tensor | None = None
+    epoch: int = 0
+    epochs: int = 1
 
 
 @runtime_checkable

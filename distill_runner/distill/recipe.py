@@ -176,7 +176,7 @@ class Recipe(nn.Module):
         for name, spec in self.weight_specs.items():
             base = TIED[spec](cur["alpha"]) if spec in TIED else float(spec)
             cur[f"weight/{name}"] = self.schedules[name].value(base, epoch, epochs) if name in self.schedules else base
-        self.current = cur
+        self.current, self.epoch, self.epochs = cur, epoch, epochs
         used = {h for t in self.terms.values() for h in t.hyperparameters} | set(self.schedules)
         used |= {"alpha"} if any(w in TIED for w in self.weight_specs.values()) else set()
         shown = {k: cur[k] for k in HYPERPARAMETERS if k in used}
@@ -199,7 +199,8 @@ class Recipe(nn.Module):
 
     def forward(self, batch, student, teacher=None) -> dict[str, torch.Tensor]:
         cur = self.current
-        state = TermState(cur["temperature"], cur["alpha"], cur["beta"], self._sample_weights(batch, teacher))
+        weights = self._sample_weights(batch, teacher)
+        state = TermState(cur["temperature"], cur["alpha"], cur["beta"], weights, self.epoch, self.epochs)
         out = {}
         for name, term in self.terms.items():
             weight = cur[f"weight/{name}"]

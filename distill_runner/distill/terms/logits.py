@@ -13,6 +13,14 @@ from distill_runner.distill.contract import Term, TermState
 from distill_runner.errors import ConfigError
 
 
+def standardize(logits: torch.Tensor) -> torch.Tensor:
+    """Logit standardization (Sun et al., CVPR 2024): z-score each sample's logits over the classes,
+    ``(z - mean) / (std + 1e-7)`` with the unbiased std, as the official code does; applied before
+    the temperature, it makes the student match the teacher's logit relations, not their scale."""
+    z = logits.float()
+    return (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-7)
+
+
 def kd_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton et al. (2015) per sample: ``T^2 * KL(softmax(t/T) || softmax(s/T))``.
 
