@@ -45,6 +45,8 @@ class LossTerm(Protocol):
     - ``student_layers`` / ``teacher_layers``: module paths whose outputs it reads (known after ``bind``);
     - ``hyperparameters``: which of the recipe's temperature, alpha, beta it reads (logged per epoch);
     - ``mixes_alpha``: it weighs two losses by ``1 - alpha`` and ``alpha``, so alpha must lie in [0, 1];
+    - ``weighs_samples``: it applies ``state.sample_weights`` per sample (class balance and teacher
+      confidence act only on such terms; a recipe asking for them needs at least one);
     - trainable parameters (adapters, auxiliary heads): an ``nn.Module``'s own, trained with the student.
     ``bind`` sees the models and the data before training: check layer names, build adapters.
     """
@@ -54,6 +56,7 @@ class LossTerm(Protocol):
     teacher_layers: tuple[str, ...]
     hyperparameters: tuple[str, ...]
     mixes_alpha: bool
+    weighs_samples: bool
 
     def bind(self, student: nn.Module, teacher: nn.Module | None, data: Any, key: str) -> None: ...
 
@@ -68,6 +71,7 @@ class Term(nn.Module):
     teacher_layers: tuple[str, ...] = ()
     hyperparameters: tuple[str, ...] = ()
     mixes_alpha: bool = False
+    weighs_samples: bool = False
 
     def bind(self, student: nn.Module, teacher: nn.Module | None, data: Any, key: str) -> None:
         """Nothing to check or build by default."""

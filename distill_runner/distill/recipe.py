@@ -91,6 +91,14 @@ class Recipe(nn.Module):
         if not _is_number(class_balance_beta) or not 0 < class_balance_beta < 1:
             raise ConfigError("class_balance_beta", class_balance_beta, "use a number in (0, 1), e.g. 0.999 or 0.9999")
         self.sample_weighting, self.class_balance = sample_weighting, class_balance
+        weighed = [name for name, t in self.terms.items() if t.weighs_samples]
+        if (sample_weighting or class_balance) and not weighed:
+            key = "sample_weighting" if sample_weighting else "class_balance"
+            value = sample_weighting or class_balance
+            fix = "no term of this recipe weighs samples (kd and dkd do); add one or set null"
+            raise ConfigError(key, value, fix)
+        if sample_weighting or class_balance:
+            log.info("per-sample weights (%s) apply to: %s", sample_weighting or class_balance, ", ".join(weighed))
         self.class_balance_beta = float(class_balance_beta)
         self.register_buffer("class_weight", None)
         self.current: dict[str, float] = {}

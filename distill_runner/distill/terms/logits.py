@@ -92,6 +92,7 @@ class HintonKD(Term):
     """Hinton KD at the recipe's temperature, per-sample weighted when the recipe says so."""
 
     hyperparameters = ("temperature",)
+    weighs_samples = True
 
     def forward(self, batch, student, teacher, state: TermState):
         values = kd_per_sample(student["logits"], teacher["logits"], state.temperature)
@@ -102,6 +103,7 @@ class DecoupledKD(Term):
     """Decoupled KD with the recipe's alpha (TCKD), beta (NCKD) and temperature."""
 
     hyperparameters = ("temperature", "alpha", "beta")
+    weighs_samples = True
 
     def forward(self, batch, student, teacher, state: TermState):
         values = dkd_per_sample(
