@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY, compose_config
+from hydra.utils import get_class
+from omegaconf import OmegaConf
 
 from distill_runner import runner
 from distill_runner.build import build_data, build_teacher
@@ -330,7 +332,12 @@ def test_every_recipe_runs_one_epoch_end_to_end(recipe, random_teacher, tmp_path
     )
     # logged per epoch: the term weights, and the temperature where a term reads it (kd included now)
     assert any(k.startswith("schedule/weight/") for k in history[0])
-    if recipe not in ("feature", "attention"):
+    reads_temperature = any(
+        "temperature" in get_class(term["_target_"]).hyperparameters
+        for term in OmegaConf.load(CONF / "distill" / f"{recipe}.yaml").terms.values()
+    )
+    assert reads_temperature == ("schedule/temperature" in history[0])
+    if reads_temperature:
         assert history[0]["schedule/temperature"] > 0
     if recipe in ("feature", "self", "combo"):
         assert metrics.stages["student"].recipe_params > 0

@@ -49,6 +49,7 @@ class LossTerm(Protocol):
       confidence act only on such terms; a recipe asking for them needs at least one);
     - trainable parameters (adapters, auxiliary heads): an ``nn.Module``'s own, trained with the student.
     ``bind`` sees the models and the data before training: check layer names, build adapters.
+    ``logged`` returns values the term learns (a learned temperature), logged after each epoch.
     """
 
     needs_teacher: bool
@@ -59,6 +60,8 @@ class LossTerm(Protocol):
     weighs_samples: bool
 
     def bind(self, student: nn.Module, teacher: nn.Module | None, data: Any, key: str) -> None: ...
+
+    def logged(self) -> dict[str, float]: ...
 
     def __call__(self, batch: Batch, student: Outputs, teacher: Outputs | None, state: TermState) -> torch.Tensor: ...
 
@@ -75,6 +78,10 @@ class Term(nn.Module):
 
     def bind(self, student: nn.Module, teacher: nn.Module | None, data: Any, key: str) -> None:
         """Nothing to check or build by default."""
+
+    def logged(self) -> dict[str, float]:
+        """Nothing learned to log by default."""
+        return {}
 
 
 @runtime_checkable

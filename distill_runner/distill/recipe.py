@@ -192,6 +192,10 @@ class Recipe(nn.Module):
             shown.update({k: v for k, v in cur.items() if k.startswith("weight/")})
         return shown
 
+    def logged(self) -> dict[str, float]:
+        """What the terms learn (``kd/temperature`` of CTKD), for the epoch log."""
+        return {f"{name}/{k}": v for name, term in self.terms.items() for k, v in term.logged().items()}
+
     def describe(self) -> str:
         """The terms and their weights, for the log: ``(1-alpha)*ce + alpha*kd``."""
         return " + ".join(f"({w})*{name}" if w in TIED else f"{w}*{name}" for name, w in self.weight_specs.items())

@@ -1,0 +1,96 @@
+"""Multi-level logit distillation, MLKD (Jin, Wang & Lin, CVPR 2023), on the one view the runner gives.
+
+With ``P = softmax(z / T)`` of shape (batch B, classes C), for each temperature T in the recipe's
+``temperature`` followed by ``extra_temperatures`` (official: 4, then 3, 5, 2, 6, "prediction augmentation"):
+
+- instance level: ``T^2 * mean_i KL(P_t,i || P_s,i)`` (Hinton KD);
+- batch level: ``||P_t P_t^T - P_s P_s^T||_F^2 / B``, the B x B sample-relation Gram matrices;
+- class level: ``||P_t^T P_t - P_s^T P_s||_F^2 / C``, the C x C class-relation Gram matrices;
+
+    mlkd = sum_T  m_s * instance(T) + m_s * batch(T) + m_c * class(T)
+
+The masks come from the teacher at temperature 1: ``m_s`` is the fraction of samples whose max
+probability is at most the batch's median, ``m_c`` the fraction of classes whose summed probability is at
+most the median over classes. In the official code (KD_ours.py, github Jin-Ying/Multi-Level-Logit-Distillation
+5ee473f) the losses are reduced to scalars before ``* mask`` (``reduce=False`` is commented out), so a mask
+scales its levels by that fraction (0.5 for an even batch of distinct confidences) and selects nothing; we
+reproduce that. The batch and class levels couple samples, so no per-sample weights apply.
+
+Official terms covered: ``loss_kd_weak + loss_cc_weak + loss_bc_weak`` of ``forward_train`` (cc: class
+level, bc: batch level), divided by ``KD_WEIGHT`` (the recipe's weight on this term). The official method
+also trains on a second, strongly augmented view (RandAugment(2, 10) + Cutout): CE on it, and unmasked KD
+at temperatures 4, 3, 5 (``loss_kd_strong``, whose T = 2, 6 terms reuse the weak logits, unmasked);
+``loss_cc_strong`` and ``loss_bc_strong`` are computed but never added to the loss. The runner gives one
+augmented view per step, so that strong branch is omitted; none of the shipped data sets has a
+RandAugment-style key (CIFAR: ``crop_padding``, ``hflip``; image folders: ``resized_crop_scale``, ``hflip``).
+
+``logit_standardization=True`` z-scores student and teacher logits with :func:`standardize` before the
+temperature in the instance level only, as the LS paper's MLKD (Sun et al., CVPR 2024, github
+sunshangquan/logit-standardization-KD, mdistiller/distillers/MLKD.py) does; the Gram matrices and the
+masks stay on the raw logits there, and here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from distill_runner.distill.contract import Term, TermState
+from distill_runner.distill.terms.logits import kd_per_sample, standardize
+from distill_runner.errors import ConfigError
+
+
+def confidence_fractions(teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``m_s``, ``m_c``: the fractions of samples (by max probability) and classes (by summed probability)
+    at or below their median, the teacher at temperature 1 (np.percentile(..., 50) in the official code)."""
+    p = F.softmax(teacher_logits.float(), dim=1)
+    confidence, class_confidence = p.max(1).values, p.sum(0)
+    at_most_median = lambda x: (x <= torch.quantile(x, 0.5)).float().mean()
+    return at_most_median(confidence), at_most_median(class_confidence)
+
+
+def relation_gap(p_student: torch.Tensor, p_teacher: torch.Tensor) -> torch.Tensor:
+    """``||p_t p_t^T - p_s p_s^T||_F^2 / rows``: pass (B, C) for the batch level, (C, B) for the class level."""
+    gap = p_teacher @ p_teacher.T - p_student @ p_student.T
+    return gap.pow(2).sum() / p_student.shape[0]
+
+
+def _check_temperatures(temperatures) -> list[float]:
+    fix = "use a list of numbers > 0, e.g. [3.0, 5.0, 2.0, 6.0] (official), or [] for the recipe's temperature alone"
+    if not isinstance(temperatures, (list, tuple)):
+        raise ConfigError("extra_temperatures", temperatures, fix)
+    for t in temperatures:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise ConfigError("extra_temperatures", temperatures, fix)
+    return [float(t) for t in temperatures]
+
+
+class MLKD(Term):
+    """Instance-, batch- and class-level logit alignment at the recipe's ``temperature`` and each of
+    ``extra_temperatures``; the official weak-view loss (see the module docstring)."""
+
+    hyperparameters = ("temperature",)
+
+    def __init__(self, extra_temperatures=(3.0, 5.0, 2.0, 6.0), logit_standardization: bool = False):
+        super().__init__()
+        self.extra_temperatures = _check_temperatures(extra_temperatures)
+        if not isinstance(logit_standardization, bool):
+            raise ConfigError("logit_standardization", logit_standardization, "use true or false")
+        self.logit_standardization = logit_standardization
+
+    def forward(self, batch, student, teacher, state: TermState):
+        s, t = student["logits"].float(), teacher["logits"].detach().float()
+        # the Gram matrices are matmuls, which autocast would run in half precision
+        with torch.autocast(s.device.type, enabled=False):
+            with torch.no_grad():
+                sample_fraction, class_fraction = confidence_fractions(t)
+            s_inst, t_inst = (standardize(s), standardize(t)) if self.logit_standardization else (s, t)
+            loss = s.new_zeros(())
+            for temperature in [state.temperature, *self.extra_temperatures]:
+                p_s, p_t = F.softmax(s / temperature, dim=1), F.softmax(t / temperature, dim=1)
+                instance = kd_per_sample(s_inst, t_inst, temperature).mean()
+                loss = loss + sample_fraction * (instance + relation_gap(p_s, p_t))
+                loss = loss + class_fraction * relation_gap(p_s.T, p_t.T)
+            return loss
