@@ -1,13 +1,14 @@
-"""Run every loss recipe on the quickstart for seeds 0, 1, 2 and print the README's Markdown table.
+"""Run every loss recipe on the quickstart for seeds 0-4 and print the README's Markdown table.
 
-    nice -n 10 python scripts/recipes_table.py [--seeds 0 1 2] [--out outputs/recipes_table] [override ...]
+    nice -n 10 python scripts/recipes_table.py [--seeds 0 1 2 3 4] [--out outputs/recipes_table] [override ...]
 
 Each seed's ResNet-18 teacher, its replayable outputs and the scratch baseline (same student init,
 same schedule) are trained once and reused by the other recipes through the runner's cache
-(outputs/cache/), exactly as in a sweep. "gain" is the KD student's test accuracy minus the
-baseline's, per seed, then averaged.
-Extra arguments are Hydra overrides applied to every run (e.g. trainer.epochs=2 for a smoke test);
-`<recipe>:<override>` applies to that recipe's runs only (multi_teacher:distill.teachers.cnn.epochs=1).
+(outputs/cache/), exactly as in a sweep. Per recipe: the KD student's test accuracy (mean ± std over
+seeds), and the paired gain over the scratch baseline: per seed student minus baseline, its mean ±
+std. A gain larger than its std is marked with *. Extra arguments are Hydra overrides applied to
+every run (e.g. trainer.epochs=2 for a smoke test); `<recipe>:<override>` applies to that recipe's
+runs only (multi_teacher:distill.teachers.cnn.epochs=1).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import logging
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -26,15 +28,65 @@ from distill_runner import runner
 # recipe -> (what it does, paper, config keys); the order of the table
 RECIPES = {
     "kd": ("soft teacher targets: (1-alpha)·CE + alpha·T²·KL", "Hinton et al. 2015", "`temperature`, `alpha`"),
+    "kd_ls": (
+        "KD on z-scored logits (logit standardization), T 2, 0.1·CE + 9·KD",
+        "Sun et al., CVPR 2024",
+        "`temperature`, `terms.kd.weight`, `terms.kd.logit_standardization`",
+    ),
+    "dkd": (
+        "decoupled KD: alpha·TCKD + beta·NCKD, warm-up over 20/240 of training, + CE",
+        "Zhao et al., CVPR 2022",
+        "`alpha` (1), `beta` (8), `temperature`, `schedule.dkd`",
+    ),
+    "dkd_ls": (
+        "DKD on z-scored logits, T 2, DKD weight 9",
+        "Sun et al., CVPR 2024",
+        "`alpha`, `beta`, `temperature`, `terms.dkd.weight`",
+    ),
+    "dist": (
+        "DIST: Pearson-correlation relations, inter-class (per sample) and intra-class (per class over the batch)",
+        "Huang et al., NeurIPS 2022",
+        "`temperature` (tau), `terms.dist.beta`, `terms.dist.gamma`, `terms.dist.weight`",
+    ),
+    "ttm": (
+        "transformed teacher matching: KL to the power-transformed teacher, student at T 1",
+        "Zheng & Yang, ICLR 2024",
+        "`terms.ttm.gamma`, `terms.ttm.weight`",
+    ),
+    "wttm": (
+        "TTM weighted per sample by the teacher's power sum",
+        "Zheng & Yang, ICLR 2024",
+        "`terms.wttm.gamma`, `terms.wttm.weight`",
+    ),
+    "nkd": (
+        "normalized KD: target part + normalized non-target part",
+        "Yang et al., ICCV 2023",
+        "`temperature`, `terms.nkd.gamma`",
+    ),
+    "ctkd": (
+        "KD at a learned temperature, adversarial through gradient reversal, cosine curriculum",
+        "Li et al., AAAI 2023",
+        "`terms.kd.t_min`, `terms.kd.t_range`, `terms.kd.lambda_*`",
+    ),
+    "mlkd": (
+        "multi-level KD: instance, batch and class alignment over 5 temperatures (weak view only)",
+        "Jin et al., CVPR 2023",
+        "`temperature`, `terms.mlkd.extra_temperatures`, `terms.mlkd.weight`",
+    ),
+    "mlkd_ls": (
+        "MLKD with logit standardization, T 2, weight 9",
+        "Sun et al., CVPR 2024",
+        "as `mlkd`",
+    ),
     "feature": (
-        "FitNets hints: MSE of adapted student maps to teacher maps (features.0→layer2, features.1→layer3) + CE",
+        "FitNets hints: MSE of adapted student maps to teacher maps + CE",
         "Romero et al., ICLR 2015",
         "`terms.feature.weight`, `terms.feature.pairs`, `terms.feature.adapter`",
     ),
     "attention": (
-        "attention transfer: squared distance of normalized spatial attention maps, same pairs, + CE",
+        "attention transfer: squared distance of normalized spatial attention maps + CE",
         "Zagoruyko & Komodakis, ICLR 2017",
-        "`terms.attention.weight` (1000), `terms.attention.p`, `terms.attention.pairs`",
+        "`terms.attention.weight`, `terms.attention.p`, `terms.attention.pairs`",
     ),
     "multi_teacher": (
         "KD from the averaged logits of ResNet-18 and a wide CNN teacher",
@@ -42,7 +94,7 @@ RECIPES = {
         "`teachers.<name>` (teacher configs), `teacher_weights`, `temperature`, `alpha`",
     ),
     "self": (
-        "no teacher: an auxiliary head on features.0 learns from the student's own final logits and features",
+        "no teacher: an auxiliary head learns from the student's own final logits and features",
         "Zhang et al., ICCV 2019",
         "`terms.self.heads`, `terms.self.deepest`, `terms.self.hint_weight`, `alpha`, `temperature`",
     ),
@@ -51,13 +103,31 @@ RECIPES = {
         "Cui et al., CVPR 2019",
         "`class_balance`, `class_balance_beta`, `alpha`, `temperature`",
     ),
-    "dkd": (
-        "decoupled KD: alpha·TCKD + beta·NCKD, warm-up over 10% of training, + CE",
-        "Zhao et al., CVPR 2022",
-        "`alpha` (1), `beta` (8), `temperature`, `schedule.dkd`",
-    ),
-    "combo": ("(1-alpha)·CE + alpha·KD + 1·feature + 1000·attention", "—", "`terms.<name>.weight`, `schedule.<name>`"),
+    "combo": ("(1-alpha)·CE + alpha·KD + feature + attention", "—", "`terms.<name>.weight`, `schedule.<name>`"),
 }
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def table(results: dict[str, list[dict]]) -> list[str]:
+    """The Markdown rows: student mean ± std, baseline mean, paired gain mean ± std (in points)."""
+    lines = [
+        "| recipe | what it does | paper | config keys (`distill.`) | student acc | baseline acc | paired gain |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
+    for recipe, rows in results.items():
+        what, paper, keys = RECIPES[recipe]
+        student, student_sd = mean_std([r["student"] for r in rows])
+        baseline, baseline_sd = mean_std([r["baseline"] for r in rows])
+        gain, gain_sd = mean_std([(r["student"] - r["baseline"]) * 100 for r in rows])
+        mark = "*" if gain > gain_sd else ""
+        lines.append(
+            f"| `{recipe}` | {what} | {paper} | {keys} | {student:.4f} ± {student_sd:.4f} | "
+            f"{baseline:.4f} ± {baseline_sd:.4f} | {gain:+.2f} ± {gain_sd:.2f} pts{mark} |"
+        )
+    return lines
 
 
 def compose_cfg(overrides: list[str]):
@@ -67,7 +137,7 @@ def compose_cfg(overrides: list[str]):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--out", default="outputs/recipes_table")
     parser.add_argument("overrides", nargs="*")
@@ -101,25 +171,16 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
     seeds = ",".join(map(str, args.seeds))
-    lines = [
-        "| recipe | what it does | paper | config keys (`distill.`) | student acc | baseline acc | gain |",
-        "|---|---|---|---|---:|---:|---:|",
-    ]
-    for recipe, rows in results.items():
-        what, paper, keys = RECIPES[recipe]
-        mean = lambda k, rows=rows: statistics.mean(r[k] for r in rows)
-        gain = statistics.mean(r["student"] - r["baseline"] for r in rows)
-        lines.append(
-            f"| `{recipe}` | {what} | {paper} | {keys} | {mean('student'):.4f} | {mean('baseline'):.4f} | "
-            f"{gain * 100:+.2f} pts |"
-        )
-    teacher = statistics.mean(r["teacher"] for r in results["kd" if "kd" in results else args.recipes[0]])
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    teacher, teacher_sd = mean_std([r["teacher"] for r in results["kd" if "kd" in results else args.recipes[0]]])
+    command = " ".join(["python scripts/recipes_table.py", *args.overrides])
     print()
-    print("\n".join(lines))
+    print("\n".join(table(results)))
     print(
-        f"\nTest accuracy on the quickstart (359 test images), mean of seeds {seeds}; "
-        f"teacher (ResNet-18) {teacher:.4f}. "
-        f"Overrides: {' '.join(args.overrides) or '(none)'}. Wall time {time.perf_counter() - start:.0f} s."
+        f"\nTest accuracy on the quickstart (359 test images), mean ± std over seeds {seeds}; paired gain: per seed "
+        f"student minus scratch baseline (same init, schedule, seed), mean ± std, * where the gain exceeds its std; "
+        f"teacher (ResNet-18) {teacher:.4f} ± {teacher_sd:.4f}. `{command}` "
+        f"at commit {commit}, wall time {time.perf_counter() - start:.0f} s."
     )
 
 

@@ -2,8 +2,26 @@
 ``distill_runner.distill.terms.HintonKD``. A term of your own is any class meeting
 :class:`distill_runner.distill.contract.LossTerm` (subclass :class:`~distill_runner.distill.contract.Term`)."""
 
+from distill_runner.distill.terms.ctkd import CTKD
+from distill_runner.distill.terms.dist import DIST
 from distill_runner.distill.terms.features import AttentionTransfer, FeatureHints
 from distill_runner.distill.terms.logits import CrossEntropy, DecoupledKD, HintonKD
+from distill_runner.distill.terms.mlkd import MLKD
+from distill_runner.distill.terms.nkd import NKD
 from distill_runner.distill.terms.self_distillation import SelfDistillation
+from distill_runner.distill.terms.ttm import TTM, WTTM
 
-__all__ = ["AttentionTransfer", "CrossEntropy", "DecoupledKD", "FeatureHints", "HintonKD", "SelfDistillation"]
+__all__ = [
+    "CTKD",
+    "DIST",
+    "MLKD",
+    "NKD",
+    "TTM",
+    "WTTM",
+    "AttentionTransfer",
+    "CrossEntropy",
+    "DecoupledKD",
+    "FeatureHints",
+    "HintonKD",
+    "SelfDistillation",
+]
