@@ -95,6 +95,83 @@ def test_non_finite_loss_stops_with_stage_epoch_batch_and_terms(small_digits):
         )
 
 
+class _BadAt(Term):
+    """Cross-entropy plus ``bad[(epoch, step)]`` at those steps (a constant: the gradients stay finite)."""
+
+    needs_teacher = False
+
+    def __init__(self, bad: dict, steps_per_epoch: int):
+        super().__init__()
+        self.bad, self.per_epoch, self.calls = bad, steps_per_epoch, 0
+
+    def forward(self, batch, student, teacher, state):
+        where = (state.epoch, self.calls % self.per_epoch)
+        self.calls += 1
+        return torch.nn.functional.cross_entropy(student["logits"], batch["target"]) + self.bad.get(where, 0.0)
+
+
+@pytest.fixture(scope="module")
+def many_steps():  # batches of 2: more steps per epoch than engine.SYNC_EVERY
+    return digits(image_size=16, batch_size=2, limit=128)
+
+
+def _fit_bad_at(data, bad, checkpoint_dir=None, epochs=1):
+    recipe = Recipe.cross_entropy()
+    recipe.terms["ce"] = _BadAt(bad, len(data.train))
+    return engine.fit(
+        _stage(data, recipe, epochs=epochs),
+        data.train,
+        data.val,
+        CPU,
+        engine.resolve_precision("32", CPU),
+        checkpoint_dir=checkpoint_dir,
+        progress=False,
+    )
+
+
+def test_non_finite_check_names_the_first_bad_step_mid_window(many_steps):
+    first, later = engine.SYNC_EVERY + 3, engine.SYNC_EVERY + 7  # both in the second window
+    assert len(many_steps.train) > later
+    # a one-off inf (training would recover from it) before a NaN: the inf's step is named
+    with pytest.raises(FloatingPointError, match=rf"stage test, epoch 1, batch {first}: ce=inf$"):
+        _fit_bad_at(many_steps, {(0, first): float("inf"), (0, later): float("nan")})
+    with pytest.raises(FloatingPointError, match=r"stage test, epoch 1, batch 5: ce=nan$"):
+        _fit_bad_at(many_steps, {(0, 5): float("nan")})
+
+
+def test_non_finite_loss_in_an_epochs_last_steps_stops_before_its_checkpoint(many_steps, tmp_path):
+    last_step = len(many_steps.train) - 1  # in the epoch's last, partial window
+    assert (last_step + 1) % engine.SYNC_EVERY
+    with pytest.raises(FloatingPointError, match=rf"epoch 2, batch {last_step}: ce=nan; the last good checkpoint is"):
+        _fit_bad_at(many_steps, {(1, last_step): float("nan")}, tmp_path, epochs=2)
+    assert torch.load(tmp_path / "test_last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_the_loop_reads_the_device_per_epoch_not_per_step(many_steps, monkeypatch):
+    reads = {"n": 0}
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            reads["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    epochs, steps = 2, len(many_steps.train)
+    history = engine.fit(
+        _stage(many_steps, epochs=epochs),
+        many_steps.train,
+        many_steps.val,
+        CPU,
+        engine.resolve_precision("32", CPU),
+        progress=False,
+    )
+    monkeypatch.undo()
+    assert len(history) == epochs and steps > 2 * engine.SYNC_EVERY
+    checks = -(-steps // engine.SYNC_EVERY)  # the non-finite check: once per SYNC_EVERY steps and at the epoch's end
+    assert reads["n"] <= epochs * (checks + 6), reads  # was 3 or more per step
+
+
 def test_same_seed_same_run(small_digits):
     runs = []
     for _ in range(2):

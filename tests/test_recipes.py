@@ -339,6 +339,8 @@ def test_every_recipe_runs_one_epoch_end_to_end(recipe, random_teacher, tmp_path
     assert reads_temperature == ("schedule/temperature" in history[0])
     if reads_temperature:
         assert history[0]["schedule/temperature"] > 0
+    if recipe == "ctkd":  # the learned temperature, logged per epoch; official range (1, 21)
+        assert 1 < history[0]["learned/kd/temperature"] < 21
     if recipe in ("feature", "self", "combo"):
         assert metrics.stages["student"].recipe_params > 0
         # the shipped student is the plain student: same keys as the baseline

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+# Training steps between reads of the device (the non-finite check and the progress bar's running loss). Each read
+# waits for all queued kernels, so reading every step would leave a GPU idle while Python prepares the next batch.
+SYNC_EVERY = 25
 
 
 @dataclass(frozen=True)
@@ -206,7 +209,9 @@ def fit(
             schedule = recipe.set_epoch(epoch, stage.epochs)
             if teacher is not None:  # a replayed teacher signal follows the epoch
                 teacher.set_epoch(epoch)
-            sums: dict[str, float] = defaultdict(float)
+            names: list[str] = []  # the loss terms, in the recipe's order
+            acc = None  # per term, then the total: sum of loss x batch size (float64, on the device)
+            window: list[torch.Tensor] = []  # [terms..., total] of the steps not yet checked for non-finite values
             seen = 0
             bar = tqdm(
                 train,
@@ -215,34 +220,46 @@ def fit(
                 disable=None if progress and main else True,  # None: drawn only on a terminal, not into logs
                 dynamic_ncols=True,
             )
-            for step, batch in enumerate(bar):
-                batch = to_device(batch, device, speed.channels_last)
-                with precision.autocast():
-                    student_out = forward(batch["image"])
-                    teacher_out = teacher(batch) if teacher is not None else None
-                    terms = step_recipe(batch, student_out, teacher_out)
-                loss = sum(terms.values())
-                if not precision.use_scaler and not _finite_everywhere(loss):  # fp16: the scaler skips the step
-                    values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-                    where = f"; the last good checkpoint is {last}" if last is not None and last.is_file() else ""
-                    raise FloatingPointError(
-                        f"non-finite loss in stage {stage.name}, epoch {epoch + 1}, batch {step}: {values}{where}"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                n = len(batch["target"])
-                seen += n
-                for k, v in terms.items():
-                    sums[k] += v.item() * n
-                sums["total"] += loss.item() * n
-                bar.set_postfix(loss=f"{sums['total'] / seen:.4f}")
+            where = f"; the last good checkpoint is {last}" if last is not None and last.is_file() else ""
+            guard = partial(_guard, names, f"stage {stage.name}, epoch {epoch + 1}", where, not precision.use_scaler)
+            step = -1
+            try:
+                for step, batch in enumerate(bar):
+                    batch = to_device(batch, device, speed.channels_last)
+                    with precision.autocast():
+                        student_out = forward(batch["image"])
+                        teacher_out = teacher(batch) if teacher is not None else None
+                        terms = step_recipe(batch, student_out, teacher_out)
+                    loss = sum(terms.values())
+                    if not names:  # filled in place: the guard holds this list
+                        names.extend(terms)
+                    values = torch.stack([*(terms[k] for k in names), loss]).detach().double()
+                    window.append(values)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    scheduler.step()
+                    n = len(batch["target"])
+                    seen += n
+                    acc = values * n if acc is None else acc.add_(values, alpha=n)
+                    if len(window) == SYNC_EVERY:
+                        guard(window, step, over_processes=True)
+                        window = []
+                        if not bar.disable:
+                            bar.set_postfix(loss=f"{acc[-1].item() / seen:.4f}")
+            except FloatingPointError:
+                raise
+            except Exception:
+                guard(window, step, over_processes=False)  # a non-finite step may have caused it: name that first
+                raise
+            guard(window, step, over_processes=True)  # the epoch's last steps, before its checkpoint
+            sums = dict(zip([*names, "total"], acc.tolist())) if acc is not None else {}  # the epoch's one read
             totals = distributed.sum_over_processes(torch.tensor([*sums.values(), seen], dtype=torch.float64)).tolist()
             record = {f"loss/{k}": v / totals[-1] for k, v in zip(sums, totals)}
             record["lr"] = optimizer.param_groups[0]["lr"]
             record.update({f"schedule/{k}": v for k, v in schedule.items()})
+            record.update({f"learned/{k}": v for k, v in recipe.logged().items()})  # e.g. CTKD's temperature
             record["val/acc"] = accuracy(*predict(model, val, device, precision), over_processes=True)
             record["epoch_time_s"] = time.perf_counter() - start
             history.append(record)
@@ -317,11 +334,26 @@ def _resume_state(last: Path, name: str) -> tuple[dict, Path] | None:
     raise ConfigError("trainer.resume", str(last), fix)
 
 
-def _finite_everywhere(loss: torch.Tensor) -> bool:
-    """The loss is finite here and, under torchrun, in every process (so that all of them stop
-    together instead of leaving the others waiting in the next gradient all-reduce)."""
-    finite = torch.isfinite(loss.detach()).float()
-    return bool(distributed.sum_over_processes(finite.cpu()).item() == distributed.world_size())
+def _guard(names: list[str], place: str, checkpoint: str, on: bool, window: list, step: int, over_processes: bool):
+    """Raise FloatingPointError naming the first of the ``window`` steps (the last ends at ``step``) whose loss
+    is not finite, here or, with ``over_processes`` under torchrun, in any process (so that all of them stop
+    together instead of leaving the others waiting in the next gradient all-reduce). One read of the device.
+
+    The check runs every SYNC_EVERY steps, so the optimizer has taken the steps after the bad one; only the
+    checkpoint of the epoch's start is good (no checkpoint is written before the epoch's last steps are checked).
+    ``on`` is False under fp16 (the gradient scaler skips steps with non-finite gradients itself)."""
+    if not on or not window:
+        return
+    rows = torch.stack(window)
+    bad = (~torch.isfinite(rows).all(1)).double().cpu()
+    bad = distributed.sum_over_processes(bad) if over_processes else bad
+    if not bad.any():
+        return
+    first = int(bad.nonzero()[0, 0])
+    values = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, rows[first].tolist()))
+    raise FloatingPointError(
+        f"non-finite loss in {place}, batch {step + 1 - len(window) + first}: {values}{checkpoint}"
+    )
 
 
 @torch.inference_mode()
@@ -335,12 +367,12 @@ def predict(
     for batch in loader:
         with precision.autocast():
             out = model(batch["image"].to(device, non_blocking=True))
-        logits.append(out.float().cpu())
+        logits.append(out.float())  # kept on the device: one read at the end, not one per batch
         targets.append(batch["target"])
     model.train(was_training)
     if not logits:  # an empty split
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
-    return torch.cat(logits), torch.cat(targets)
+    return torch.cat(logits).cpu(), torch.cat(targets)
 
 
 def accuracy(logits: torch.Tensor, targets: torch.Tensor, over_processes: bool = False) -> float:
