@@ -95,7 +95,9 @@ def measure(name: str, train, num_classes: int, image_size: int, device, precisi
     online = OnlineTeacher(teacher)
     start = time.perf_counter()
     cached = ReplayedTeacher(
-        compute_teacher_logits(online, train, views=1, device=device, precision=precision, progress=False)
+        compute_teacher_logits(
+            online, train, views=1, device=device, precision=precision, dtype=torch.float16, progress=False
+        )
     )
     build_s = time.perf_counter() - start
     kd = Recipe.hinton(temperature=4.0, alpha=0.5)
