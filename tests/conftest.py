@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from hydra import compose, initialize_config_module
@@ -44,3 +47,16 @@ def fast(tmp_path_factory):
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
     torch.save(build_teacher(cfg.teacher, "teacher", build_data(cfg), cfg.seed).state_dict(), path)
     return [*TINY, "teacher.epochs=0", f"teacher.checkpoint={path}", "cache.enabled=false"]
+
+
+def reference_cases(method: str) -> dict[str, dict]:
+    """The official code's reference values for ``method`` (tests/reference/<method>.json), by case name."""
+    reference = json.loads((Path(__file__).parent / "reference" / f"{method}.json").read_text())
+    return {case["name"]: case for case in reference["cases"]}
+
+
+def reference_inputs(case: dict):
+    """A reference case's ``(batch, student outputs, teacher outputs)``; the student logits take gradients."""
+    student = torch.tensor(case["student_logits"], dtype=torch.float32, requires_grad=True)
+    teacher = torch.tensor(case["teacher_logits"], dtype=torch.float32)
+    return {"target": torch.tensor(case["target"])}, {"logits": student}, {"logits": teacher}

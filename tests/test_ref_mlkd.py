@@ -2,12 +2,12 @@
 Distillation 5ee473f; MLKD+LS: sunshangquan/logit-standardization-KD f6e5aa5): values, each level, and
 student-logit gradients stored in tests/reference/mlkd.json, computed by the official code."""
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import reference_cases, reference_inputs
 from omegaconf import OmegaConf
 
 from distill_runner.distill.contract import TermState
@@ -18,14 +18,7 @@ from distill_runner.distill.terms.mlkd import MLKD, confidence_fractions, relati
 from distill_runner.errors import ConfigError, instantiate
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = json.loads((ROOT / "tests/reference/mlkd.json").read_text())
-CASES = {case["name"]: case for case in REFERENCE["cases"]}
-
-
-def _inputs(case):
-    student = torch.tensor(case["student_logits"], dtype=torch.float32, requires_grad=True)
-    teacher = torch.tensor(case["teacher_logits"], dtype=torch.float32)
-    return {"target": torch.tensor(case["target"])}, {"logits": student}, {"logits": teacher}
+CASES = reference_cases("mlkd")
 
 
 def _state(temperature):
@@ -35,7 +28,7 @@ def _state(temperature):
 @pytest.mark.parametrize("name", CASES)
 def test_matches_official_value_and_gradient(name):
     case = CASES[name]
-    batch, student, teacher = _inputs(case)
+    batch, student, teacher = reference_inputs(case)
     term = MLKD(case["extra_temperatures"], logit_standardization=case["logit_standardization"])
     loss = term(batch, student, teacher, _state(case["temperature"]))
     loss.backward()
@@ -47,7 +40,7 @@ def test_matches_official_value_and_gradient(name):
 @pytest.mark.parametrize("name", CASES)
 def test_each_level_and_mask_match_official(name):
     case = CASES[name]
-    _, student, teacher = _inputs(case)
+    _, student, teacher = reference_inputs(case)
     s, t = student["logits"].detach(), teacher["logits"]
     m_s, m_c = confidence_fractions(t)
     assert (m_s.item(), m_c.item()) == pytest.approx((case["sample_mask_fraction"], case["class_mask_fraction"]))
@@ -74,7 +67,7 @@ def test_shipped_recipes_are_the_official_settings():
         assert term.extra_temperatures == [3.0, 5.0, 2.0, 6.0] and term.logit_standardization is ls
         assert not term.weighs_samples and term.hyperparameters == ("temperature",)
         case = CASES[key]
-        batch, student, teacher = _inputs(case)
+        batch, student, teacher = reference_inputs(case)
         out = recipe(batch, student, teacher)
         torch.testing.assert_close(out["mlkd"], torch.tensor(weight * case["loss"]), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(out["ce"], 0.1 * F.cross_entropy(student["logits"], batch["target"]))

@@ -1,12 +1,12 @@
 """NKD (distill_runner.distill.terms.nkd) against the official NKDLoss (yzd-v/cls_KD, fixed mask of 9466b3f):
 values and student-logit gradients stored in tests/reference/nkd.json, computed by the official code."""
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import reference_cases, reference_inputs
 from omegaconf import OmegaConf
 
 from distill_runner.distill.contract import TermState
@@ -16,14 +16,7 @@ from distill_runner.distill.terms.nkd import NKD
 from distill_runner.errors import ConfigError, instantiate
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = json.loads((ROOT / "tests/reference/nkd.json").read_text())
-CASES = {case["name"]: case for case in REFERENCE["cases"]}
-
-
-def _inputs(case):
-    student = torch.tensor(case["student_logits"], dtype=torch.float32, requires_grad=True)
-    teacher = torch.tensor(case["teacher_logits"], dtype=torch.float32)
-    return {"target": torch.tensor(case["target"])}, {"logits": student}, {"logits": teacher}
+CASES = reference_cases("nkd")
 
 
 def _state(temperature, weights=None):
@@ -33,7 +26,7 @@ def _state(temperature, weights=None):
 @pytest.mark.parametrize("name", CASES)
 def test_matches_official_value_and_gradient(name):
     case = CASES[name]
-    batch, student, teacher = _inputs(case)
+    batch, student, teacher = reference_inputs(case)
     term = NKD(gamma=case["gamma"], logit_standardization=case["logit_standardization"])
     loss = term(batch, student, teacher, _state(case["temperature"]))
     loss.backward()
@@ -46,14 +39,14 @@ def test_matches_official_value_and_gradient(name):
 def test_follows_the_fixed_non_target_mask(name):
     """The official mask kept the target class in the non-target part until 9466b3f; we follow the fix."""
     case = CASES[name]
-    loss = NKD(gamma=case["gamma"])(*_inputs(case), _state(case["temperature"])).item()
+    loss = NKD(gamma=case["gamma"])(*reference_inputs(case), _state(case["temperature"])).item()
     assert loss == pytest.approx(case["loss"], rel=1e-5)
     assert abs(loss - case["loss_before_fix"]) > 0.5
 
 
 def test_sample_weights_weigh_each_sample():
     case = CASES["cifar100_T3_gamma3.5"]
-    batch, student, teacher = _inputs(case)
+    batch, student, teacher = reference_inputs(case)
     term, state = NKD(gamma=case["gamma"]), _state(case["temperature"])
     per_sample = torch.stack(
         [
@@ -79,7 +72,7 @@ def test_shipped_recipe_is_the_official_cifar100_setting():
     assert recipe.targets["temperature"] == 3.0 and recipe.terms["nkd"].gamma == 3.5
     assert recipe.terms["nkd"].weighs_samples and recipe.terms["nkd"].hyperparameters == ("temperature",)
     case = CASES["cifar100_T3_gamma3.5"]
-    batch, student, teacher = _inputs(case)
+    batch, student, teacher = reference_inputs(case)
     out = recipe(batch, student, teacher)
     torch.testing.assert_close(out["nkd"], torch.tensor(case["loss"]), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(out["ce"], F.cross_entropy(student["logits"], batch["target"]))
