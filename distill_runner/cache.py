@@ -47,7 +47,8 @@ BASELINE_INPUTS = (
     "student.model", "trainer.epochs", "trainer.optimizer", "trainer.scheduler", "trainer.precision",
     "trainer.channels_last", "trainer.compile",
 )  # fmt: skip
-# Replayable teacher outputs: the teachers' keys, plus these, the data and the number of views.
+# Replayable teacher outputs: the teachers' keys, plus these, the data, the number of views and the recipe's
+# teacher summaries (layers and reductions of its feature terms: not config keys, see teacher_outputs_key).
 TEACHER_OUTPUTS_INPUTS = ("distill.teacher_weights", "cache.teacher_outputs_dtype", "trainer.precision")
 # An evaluation of a cached model: its key, plus these and the device it ran on.
 EVAL_INPUTS = ("eval.latency_budget_s", "eval.throughput_budget_s", "eval.cka_samples", "dataset.eval_batch_size")
@@ -129,9 +130,15 @@ def baseline_key(cfg: DictConfig, fingerprint: str | None) -> str:
                    **_processes()})  # fmt: skip
 
 
-def teacher_outputs_key(cfg: DictConfig, teacher_keys: list[str], fingerprint: str | None, views: int) -> str:
+def teacher_outputs_key(
+    cfg: DictConfig, teacher_keys: list[str], fingerprint: str | None, views: int, summaries: dict | None = None
+) -> str:
+    """Replayable teacher outputs: the teachers, these inputs, the data, the views, and what is stored besides
+    logits (``summaries``: the recipe's :meth:`~distill_runner.distill.Recipe.summary_spec`, its feature-reading
+    terms' layers and reductions; absent for logits alone, so a logit-only entry never serves a feature recipe)."""
+    stored = {"summaries": summaries} if summaries else {}
     return digest({"format": FORMAT, "teachers": teacher_keys, "outputs": select(cfg, TEACHER_OUTPUTS_INPUTS),
-                   "data": data_inputs(cfg, fingerprint), "views": views, **_processes()})  # fmt: skip
+                   "data": data_inputs(cfg, fingerprint), "views": views, **stored, **_processes()})  # fmt: skip
 
 
 def eval_key(cfg: DictConfig, model_key: str, role: str, layers: list[str], device: torch.device) -> str:

@@ -183,7 +183,7 @@ def train_students(ctx: RunContext, built: Built, teachers: list[nn.Module], don
         progress=cfg.trainer.progress,
     )
     fetch = ctx.cache.fetch if ctx.cache is not None else None
-    key = lambda views: teacher_outputs_key(cfg, teacher_keys, ctx.data.fingerprint, views)
+    key = lambda views, summaries: teacher_outputs_key(cfg, teacher_keys, ctx.data.fingerprint, views, summaries)
     signal = signals.distill_signal(online, built.recipe, ctx.data, replay, ctx.device, ctx.precision, fetch, key)
     students = schedule(cfg.trainer, "trainer")
     student = run_stage(ctx, engine.Stage("student", built.student, built.recipe, teacher=signal, **students))

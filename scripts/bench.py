@@ -7,6 +7,11 @@ Measures, with the runner's own training loop (``engine.fit``), one epoch of:
 and the teacher's inference images/s, at 32 px (small-image ResNet-18 stem) and 224 px (ImageNet
 stem), on synthetic tensors, plus the same three epochs on the quickstart's digits data.
 
+The ``feature`` section does the same for ``distill=feature`` (FitNets hints) and ``distill=attention``
+(features.0->layer2, features.1->layer3, + CE) on the quickstart's digits: CE alone, the recipe with the
+online teacher, and replaying what ``distill.teacher_outputs=cached`` stores for it (float16 feature maps
+for hints, attention maps for attention transfer); ``lookup_over_ce`` is the lookups' own share.
+
 The ``speed`` section (:mod:`bench_speed`, on CUDA; ``--speed`` on a CPU) trains the student and
 the teacher at 224 px per precision x channels_last x torch.compile configuration (images/s).
 
@@ -16,6 +21,7 @@ The ``data`` section (:mod:`bench_data`) generates X-ray-sized grayscale JPEGs o
 
     python scripts/bench.py              # ~7 min on 2 CPU cores (the first run also generates 1,000 JPEGs)
     python scripts/bench.py --only data  # the data section alone (~4 min)
+    python scripts/bench.py --only feature  # distill=feature/attention: replayed vs CE alone (~2 min)
     python scripts/bench.py --quick      # fewer images, for a smoke test
 
 The last line printed is one JSON object: for each image size, the images/s figures and the
@@ -38,7 +44,7 @@ import torch
 from distill_runner.data.bundle import Augment, DataBundle, TensorBatches
 from distill_runner.data.digits import digits
 from distill_runner.distill.recipe import Recipe
-from distill_runner.distill.signals import OnlineTeacher, ReplayedTeacher, compute_teacher_logits
+from distill_runner.distill.signals import OnlineTeacher, ReplayedTeacher, compute_teacher_outputs
 from distill_runner.models.factories import count_parameters, tiny_cnn, torchvision_model
 from distill_runner.train import engine
 
@@ -94,11 +100,10 @@ def measure(name: str, train, num_classes: int, image_size: int, device, precisi
     student = tiny_cnn(num_classes=num_classes)
     online = OnlineTeacher(teacher)
     start = time.perf_counter()
-    cached = ReplayedTeacher(
-        compute_teacher_logits(
-            online, train, views=1, device=device, precision=precision, dtype=torch.float16, progress=False
-        )
+    outputs = compute_teacher_outputs(
+        online, train, views=1, device=device, precision=precision, dtype=torch.float16, progress=False
     )
+    cached = ReplayedTeacher(outputs["logits"])
     build_s = time.perf_counter() - start
     kd = Recipe.hinton(temperature=4.0, alpha=0.5)
     n = train.num_samples
@@ -128,15 +133,74 @@ def measure(name: str, train, num_classes: int, image_size: int, device, precisi
     return result
 
 
+PAIRS = ["features.0:layer2", "features.1:layer3"]
+FEATURE_RECIPES = {  # the terms of conf/distill/feature.yaml and attention.yaml
+    "feature": {"_target_": "distill_runner.distill.terms.FeatureHints", "pairs": PAIRS},
+    "attention": {"_target_": "distill_runner.distill.terms.AttentionTransfer", "weight": 1000.0, "pairs": PAIRS},
+}
+
+
+def lookup_seconds(replayed: ReplayedTeacher, train) -> float:
+    """One epoch of replayed lookups (index the stored views, to float32), less the loader's own time."""
+    start = time.perf_counter()
+    for _batch in train:
+        pass
+    loader_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for batch in train:
+        replayed(batch)
+    return time.perf_counter() - start - loader_s
+
+
+def measure_features(data: DataBundle, device, precision, repeats: int) -> dict:
+    """distill=feature and distill=attention on ``data``: one epoch of CE alone, of each recipe with the
+    online teacher and replaying its stored (float16) teacher summaries, in one run (ratios are comparable
+    within it); ``lookup_over_ce``: the replay's own share (the rest is the term's own work: adapters, maps)."""
+    torch.manual_seed(0)
+    teacher = torchvision_model("resnet18", num_classes=data.num_classes, image_size=data.image_size).eval()
+    student = tiny_cnn(num_classes=data.num_classes)
+    train, n = data.train, data.train.num_samples
+    ce_s = epoch_seconds(student, Recipe.cross_entropy(), None, train, device, precision, repeats)
+    results = {"images": n, "ce_images_per_s": n / ce_s}
+    for name, term in FEATURE_RECIPES.items():
+        recipe = Recipe({"ce": {"_target_": "distill_runner.distill.terms.CrossEntropy"}, name: term})
+        recipe.bind(student, teacher, data)
+        online = OnlineTeacher(teacher, recipe.teacher_layers)
+        start = time.perf_counter()
+        outputs = compute_teacher_outputs(online, train, 1, device, precision, torch.float16, False, recipe.summarize)
+        build_s = time.perf_counter() - start
+        replayed = ReplayedTeacher(outputs["logits"], outputs["summaries"])
+        stored = [outputs["logits"], *(v for layers in outputs["summaries"].values() for v in layers.values())]
+        online_s = epoch_seconds(student, recipe, online, train, device, precision, repeats)
+        replayed_s = epoch_seconds(student, recipe, replayed, train, device, precision, repeats)
+        result = results[name] = {
+            "stored_mb_per_augmented_epoch": sum(v.numel() * v.element_size() for v in stored) / 2**20,
+            "teacher_outputs_build_s": build_s,
+            "online_images_per_s": n / online_s,
+            "replayed_images_per_s": n / replayed_s,
+            "replayed_over_ce": replayed_s / ce_s,
+            "online_over_ce": online_s / ce_s,
+            "lookup_over_ce": lookup_seconds(replayed, train) / ce_s,
+        }
+        print(
+            f"{name + ' (digits)':<22} {data.image_size:>4}px  CE {n / ce_s:8.0f}  online {n / online_s:8.0f}  "
+            f"replayed {n / replayed_s:8.0f} images/s   online/CE {result['online_over_ce']:5.2f}x  replayed/CE "
+            f"{result['replayed_over_ce']:5.2f}x (lookups {result['lookup_over_ce']:4.2f}x)  "
+            f"{result['stored_mb_per_augmented_epoch']:.1f} MB stored per augmented epoch",
+            flush=True,
+        )
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer images and repeats (smoke test)")
     parser.add_argument("--precision", default="32", choices=engine.PRECISIONS)
     parser.add_argument(
         "--only",
-        choices=("all", "kd", "data", "speed"),
+        choices=("all", "kd", "feature", "data", "speed"),
         default="all",
-        help="kd: the distillation epochs; data: the data path; speed: GPU options",
+        help="kd: the distillation epochs; feature: distill=feature's; data: the data path; speed: GPU options",
     )
     parser.add_argument(
         "--speed", action="store_true", help="run the speed section (precision x channels_last x compile) on a CPU too"
@@ -178,6 +242,10 @@ def main() -> None:
         results["quickstart_32px"] = measure(
             "quickstart (digits)", data.train, data.num_classes, 32, device, precision, repeats
         )
+    if args.only in ("all", "feature"):
+        # the quickstart's shift augmentation, as a sweep trains (the loader then yields channels_last images)
+        data = digits(image_size=32, batch_size=32, limit=256 if args.quick else None, crop_padding=2)
+        results["features_32px"] = measure_features(data, device, precision, repeats)
     if args.only in ("all", "data"):
         import bench_data  # scripts/ is on sys.path when this file runs as a script
 

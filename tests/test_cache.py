@@ -11,9 +11,17 @@ from conftest import TINY, compose_config
 from PIL import Image
 
 from distill_runner import runner
+from distill_runner.build import build_data, build_model, build_recipe
 from distill_runner.data.digits import digits
 from distill_runner.distill.recipe import Recipe
-from distill_runner.distill.signals import OnlineTeacher, ReplayedTeacher, compute_teacher_logits
+from distill_runner.distill.signals import (
+    OnlineTeacher,
+    ReplayedTeacher,
+    compute_teacher_outputs,
+    online_signal,
+    store_mb,
+    stored_shapes,
+)
 from distill_runner.evaluation import metrics as measure
 from distill_runner.models.factories import tiny_cnn, torchvision_model
 from distill_runner.train import engine
@@ -35,7 +43,9 @@ def test_cached_kd_losses_match_online_per_batch(setup, dtype, tolerance):
     data, teacher = setup
     online = OnlineTeacher(teacher)
     cached = ReplayedTeacher(
-        compute_teacher_logits(online, data.train, views=3, device=CPU, precision=FP32, dtype=dtype, progress=False)
+        compute_teacher_outputs(online, data.train, views=3, device=CPU, precision=FP32, dtype=dtype, progress=False)[
+            "logits"
+        ]
     )
     kd = Recipe.hinton(4, 0.9)
     student = tiny_cnn(num_classes=10, hidden=16).eval()
@@ -55,9 +65,9 @@ def test_cached_and_online_training_give_the_same_student(setup):
     data, teacher = setup
     online = OnlineTeacher(teacher)
     cached = ReplayedTeacher(
-        compute_teacher_logits(
+        compute_teacher_outputs(
             online, data.train, views=2, device=CPU, precision=FP32, dtype=torch.float32, progress=False
-        )
+        )["logits"]
     )
     students = []
     for signal in (online, cached):
@@ -225,11 +235,51 @@ def test_without_augmentation_one_view_serves_every_epoch(tmp_path, caplog):
     assert "cached, 1 augmented views" in caplog.text
 
 
-def test_logit_recipes_replay_cached_outputs_by_default_and_feature_recipes_stay_online(tmp_path, caplog):
+def test_feature_recipes_replay_too_and_a_logit_entry_never_serves_them(tmp_path, caplog):
+    cache = f"cache.dir={tmp_path / 'cache'}"
     with caplog.at_level("INFO"):
-        runner.run(compose_config(TINY + ["distill=dkd"]), tmp_path / "dkd")
-    assert "teacher outputs: cached" in caplog.text
+        runner.run(compose_config(TINY + [cache, "distill=dkd"]), tmp_path / "dkd")
+    assert "teacher outputs: cached, 1 augmented views x 48 images x (10 logits) as float16" in caplog.text
     caplog.clear()
-    with caplog.at_level("INFO"):
-        runner.run(compose_config(TINY + ["distill=attention", "teacher.epochs=1"]), tmp_path / "attention")
-    assert "teacher outputs: online (the recipe needs teacher features" in caplog.text
+    with caplog.at_level("INFO"):  # same teacher, data and views: only what is stored differs
+        runner.run(compose_config(TINY + [cache, "distill=attention"]), tmp_path / "attention")
+    line = (
+        "cached, 1 augmented views x 48 images x (10 logits + attention/layer2 8x8 + attention/layer3 4x4) as float16"
+    )
+    assert f"{line} = 0.01 MB (estimated 0.01 MB), computed and stored" in caplog.text
+    assert len(list((tmp_path / "cache" / "teacher_outputs").glob("*.pt"))) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_the_store_size_is_estimated_before_it_is_built(dtype):
+    cfg = compose_config(TINY + ["distill=combo", "trainer.epochs=2"])
+    data = build_data(cfg)
+    torch.manual_seed(0)
+    teacher = build_model(cfg.teacher, "teacher", data, cfg.seed).eval()
+    recipe = build_recipe(cfg, data, build_model(cfg.student, "student", data, cfg.seed))
+    online = online_signal([teacher], None, recipe.teacher_layers)
+    shapes = stored_shapes(online, recipe.summarize, data.train, CPU)
+    # combo: the feature term keeps layer3 itself, attention only the maps of layer2 and layer3
+    assert shapes == {"logits": (10,), "feature/layer3": (256, 4, 4), "attention/layer2": (8, 8),
+                      "attention/layer3": (4, 4)}  # fmt: skip
+    entry = compute_teacher_outputs(online, data.train, 2, CPU, FP32, dtype, False, recipe.summarize)
+    stored = [entry["logits"], *(v for layers in entry["summaries"].values() for v in layers.values())]
+    assert all(v.dtype == dtype for v in stored)
+    assert store_mb(shapes, 2, data.train.num_samples, dtype) * 2**20 == sum(
+        v.numel() * v.element_size() for v in stored
+    )
+
+
+def test_above_the_cap_a_feature_recipe_says_so_and_runs_online(tmp_path, caplog):
+    cache, cap = f"cache.dir={tmp_path / 'cache'}", "cache.max_teacher_outputs_mb=0.5"
+    with caplog.at_level("INFO"):  # 48 images x (10 + 128x8x8 + 256x4x4) values as float16 = 1.1 MB
+        feature = runner.run(compose_config(TINY + [cache, cap, "distill=feature"]), tmp_path / "feature")
+    why = (
+        "teacher outputs: online (they would take 1.13 MB > cache.max_teacher_outputs_mb=0.5; raise it to replay them)"
+    )
+    assert why in caplog.text and not (tmp_path / "cache" / "teacher_outputs").exists()
+    assert feature.stages["student"].history[-1]["loss/feature"] > 0
+    caplog.clear()
+    with caplog.at_level("INFO"):  # the same cap holds a logit recipe's 1 KB
+        runner.run(compose_config(TINY + [cache, cap, "distill=kd"]), tmp_path / "kd")
+    assert "teacher outputs: cached" in caplog.text

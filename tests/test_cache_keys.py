@@ -82,3 +82,30 @@ def test_each_artefact_follows_only_its_own_inputs():
 def test_a_key_of_the_users_own_data_set_factory_enters_the_data_key():
     (t0, b0), (t1, b1) = keys(["+dataset.my_crop=4"]), keys(["+dataset.my_crop=8"])
     assert t0 != t1 and b0 != b1
+
+
+def summaries(overrides):
+    """The recipe's teacher summaries (what replay stores besides logits), built as the runner builds them."""
+    from distill_runner.build import build_data, build_model, build_recipe
+
+    cfg = compose_config(["dataset.image_size=16", "dataset.limit=16", *overrides])
+    data = build_data(cfg)
+    return build_recipe(cfg, data, build_model(cfg.student, "student", data, cfg.seed)).summary_spec()
+
+
+def test_replayed_outputs_follow_what_is_stored_besides_logits():
+    """The recipe is not a cache input (RUN_ONLY), but what its feature terms store is: the layers and how
+    each term reduces them. A logit recipe stores none, and keeps the key it had before features were replayed."""
+    cfg = compose_config()
+    key = lambda stored=None: cache.teacher_outputs_key(cfg, ["teacher"], "files", 10, stored)
+    feature, attention = summaries(["distill=feature"]), summaries(["distill=attention"])
+    assert summaries(["distill=kd"]) == {} and key({}) == key()
+    assert len({key(), key(feature), key(attention), key(summaries(["distill=combo"]))}) == 4
+    assert feature == {"feature": {"layers": ["layer2", "layer3"], "summary": "identity"}}
+    # the KD settings and the terms' weights are not stored: a sweep over them shares one entry
+    swept = ["distill.alpha=0.9", "distill.temperature=8", "distill.terms.feature.weight=3"]
+    assert summaries(["distill=feature", *swept]) == feature
+    assert summaries(["distill=attention", "distill.terms.attention.weight=10"]) == attention
+    # what the stored values depend on is: the layers, and a reduction's own arguments
+    assert summaries(["distill=feature", "distill.terms.feature.pairs=[features.1:layer3]"]) != feature
+    assert summaries(["distill=attention", "distill.terms.attention.p=4"]) != attention

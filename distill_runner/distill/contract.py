@@ -4,6 +4,12 @@ Data moves as dicts: a batch is ``{"image", "target", "index"}`` (``index``: the
 its split, what replayed teacher outputs are looked up by); a model's outputs are ``{"logits",
 "features": {module path: tensor}}`` (features only for the layers a recipe asked for).
 
+Teacher features reach a term reduced by its own ``teacher_summary(layer, feature)`` (the feature
+itself by default; attention transfer keeps only the attention map): the recipe turns a teacher
+signal's raw ``features`` into ``summaries[term][layer]`` (:meth:`Recipe.summarize`), and each term
+sees its own as ``teacher["features"][layer]``. Replay stores exactly those summaries, so online and
+replayed teachers give a term the same tensors (up to the storage dtype).
+
 A loss term declares what it needs as class attributes; :class:`Term` holds their defaults, and no
 other module guesses them. The training loop, the runner and the teacher signal read these
 attributes directly.
@@ -42,6 +48,8 @@ class LossTerm(Protocol):
 
     Capabilities (declared as attributes; defaults in :class:`Term`):
     - ``needs_teacher``: reads teacher outputs (logits, or features at ``teacher_layers``);
+    - ``teacher_summary(layer, feature)``: what it reads of a teacher feature (per sample, batch first);
+      it receives that as ``teacher["features"][layer]``, online and replayed alike; replay stores it;
     - ``student_layers`` / ``teacher_layers``: module paths whose outputs it reads (known after ``bind``);
     - ``hyperparameters``: which of the recipe's temperature, alpha, beta it reads (logged per epoch);
     - ``mixes_alpha``: it weighs two losses by ``1 - alpha`` and ``alpha``, so alpha must lie in [0, 1];
@@ -63,6 +71,8 @@ class LossTerm(Protocol):
 
     def logged(self) -> dict[str, float]: ...
 
+    def teacher_summary(self, layer: str, feature: torch.Tensor) -> torch.Tensor: ...
+
     def __call__(self, batch: Batch, student: Outputs, teacher: Outputs | None, state: TermState) -> torch.Tensor: ...
 
 
@@ -83,11 +93,18 @@ class Term(nn.Module):
         """Nothing learned to log by default."""
         return {}
 
+    def teacher_summary(self, layer: str, feature: torch.Tensor) -> torch.Tensor:
+        """The teacher feature itself by default. Override it to keep less (replay stores what it
+        returns): it must be a function of ``feature`` alone, per sample; a term that overrides it has
+        its ``_target_`` and arguments in the replayed outputs' cache key."""
+        return feature
+
 
 @runtime_checkable
 class TeacherSignal(Protocol):
     """What the distillation loop gets from the teacher for a batch: online (the frozen teacher's
-    forward pass), an ensemble of teachers, or replayed from cached outputs
+    forward pass: ``{"logits", "features"}``), an ensemble of teachers, or replayed from cached outputs
+    (``{"logits", "summaries": {term: {layer: tensor}}}``, the terms' teacher summaries as stored)
     (:mod:`distill_runner.distill.signals`). ``set_epoch`` is called before each epoch."""
 
     def to(self, device: torch.device) -> TeacherSignal: ...

@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from distill_runner.distill.contract import HYPERPARAMETERS, LossTerm, TermState
+from distill_runner.distill.contract import HYPERPARAMETERS, LossTerm, Outputs, Term, TermState
 from distill_runner.distill.schedules import Schedule, parse_schedule
 from distill_runner.distill.weighting import (
     CLASS_BALANCE,
@@ -78,8 +78,10 @@ class Recipe(nn.Module):
         self.targets = {"temperature": float(temperature), "alpha": alpha, "beta": float(beta)}
         self.terms = nn.ModuleDict()
         self.weight_specs: dict[str, object] = {}
+        self.term_specs: dict[str, dict] = {}  # what each term was built from (its weight aside)
         for name, spec in terms.items():
-            self.terms[name], self.weight_specs[name] = self._build_term(name, dict(spec or {}))
+            self.term_specs[name] = dict(spec or {})
+            self.terms[name], self.weight_specs[name] = self._build_term(name, self.term_specs[name])
         self._check_alpha(alpha)
         self.targets["alpha"] = float(alpha)
         self.schedules = self._parse_schedules(_plain(schedule) or {})
@@ -162,6 +164,34 @@ class Recipe(nn.Module):
     def teacher_layers(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(n for t in self.terms.values() for n in t.teacher_layers))
 
+    def summary_spec(self) -> dict[str, dict]:
+        """What the teacher summaries depend on, for the replayed outputs' cache key: per term that reads
+        teacher features, its layers and its reduction (``identity``, or the term's ``_target_`` and
+        arguments when it overrides ``teacher_summary``)."""
+        return {
+            name: {
+                "layers": list(term.teacher_layers),
+                "summary": "identity" if type(term).teacher_summary is Term.teacher_summary else self.term_specs[name],
+            }
+            for name, term in self.terms.items()
+            if term.teacher_layers
+        }
+
+    def summarize(self, teacher: Outputs | None) -> Outputs | None:
+        """Teacher outputs as the terms read them: each term's ``teacher_summary`` of the raw ``features``
+        at its layers, as ``summaries[term][layer]``. Replayed outputs hold the summaries this returned
+        when they were computed; they pass unchanged."""
+        if teacher is None or "summaries" in teacher:
+            return teacher
+        features = teacher.get("features", {})
+        out = {k: v for k, v in teacher.items() if k != "features"}
+        out["summaries"] = {
+            name: {layer: term.teacher_summary(layer, features[layer]) for layer in term.teacher_layers}
+            for name, term in self.terms.items()
+            if term.teacher_layers
+        }
+        return out
+
     def bind(self, student: nn.Module, teacher: nn.Module | None, data) -> None:
         """Check layer names and build adapters/heads for these models (architecture only)."""
         for name, term in self.terms.items():
@@ -211,6 +241,7 @@ class Recipe(nn.Module):
 
     def forward(self, batch, student, teacher=None) -> dict[str, torch.Tensor]:
         cur = self.current
+        teacher = self.summarize(teacher)
         weights = self._sample_weights(batch, teacher)
         state = TermState(cur["temperature"], cur["alpha"], cur["beta"], weights, self.epoch, self.epochs)
         out = {}
@@ -219,5 +250,8 @@ class Recipe(nn.Module):
             tied_and_scheduled = self.weight_specs[name] in TIED and "alpha" in self.schedules
             if weight == 0 and name not in self.schedules and not tied_and_scheduled:
                 continue  # a term switched off costs nothing
-            out[name] = weight * term(batch, student, teacher, state)
+            seen = teacher  # a term reading features sees its own summaries as teacher["features"]
+            if teacher is not None and term.teacher_layers:
+                seen = {**teacher, "features": teacher["summaries"][name]}
+            out[name] = weight * term(batch, student, seen, state)
         return out

@@ -2,9 +2,12 @@
 
 - online: the frozen teacher's forward pass on each training batch (eval mode, no gradients);
 - ensemble: several teachers, logits averaged with weights (features from the first, the run's ``teacher``);
-- replayed: the online signal's logits computed once per (image, augmented epoch) and looked up by the
-  batch's ``index``. Exact because the loaders replay an epoch's augmentation from (seed, epoch) and the
-  teacher is frozen; shared between the jobs of a sweep through the cache.
+- replayed: the online signal's logits, and the recipe's teacher summaries of its features (each
+  term's ``teacher_summary``: the feature maps for FitNets, only the attention maps for attention
+  transfer), computed once per (image, augmented epoch) and looked up by the batch's ``index``. Exact
+  because the loaders replay an epoch's augmentation from (seed, epoch) and the teacher is frozen;
+  shared between the jobs of a sweep through the cache. Its size is estimated before anything is
+  computed; above ``cache.max_teacher_outputs_mb`` the teacher runs online.
 
 The keys of the ``distill`` node read here (``teacher_outputs``, ``teachers``, ``teacher_weights``) are
 not passed to the recipe.
@@ -13,8 +16,9 @@ not passed to the recipe.
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -79,18 +83,21 @@ class EnsembleTeacher:
 
 
 class ReplayedTeacher:
-    """Teacher logits replayed from ``logits[view, index]`` ([views, N, classes]).
+    """Teacher outputs replayed from ``[view, index]``: logits ``[views, N, classes]`` and the recipe's
+    teacher summaries ``{term: {layer: [views, N, ...]}}`` (what :meth:`Recipe.summarize` made of the
+    online teacher's features), returned as float32.
 
     Epoch ``e`` replays view ``e % views``; with one view per epoch it is exactly the online teacher
     on the same augmented batches (up to the storage dtype).
     """
 
-    def __init__(self, logits: torch.Tensor):
-        self.logits = logits
+    def __init__(self, logits: torch.Tensor, summaries: dict[str, dict[str, torch.Tensor]] | None = None):
+        self.logits, self.summaries = logits, summaries or {}
         self.view = 0
 
     def to(self, device: torch.device) -> ReplayedTeacher:
         self.logits = self.logits.to(device)
+        self.summaries = {t: {k: v.to(device) for k, v in layers.items()} for t, layers in self.summaries.items()}
         return self
 
     def set_epoch(self, epoch: int) -> None:
@@ -98,7 +105,11 @@ class ReplayedTeacher:
 
     def __call__(self, batch: Batch) -> Outputs:
         index = batch["index"].to(self.logits.device)
-        return {"logits": self.logits[self.view, index].float()}
+        look_up = lambda stored: stored[self.view].index_select(0, index).float()
+        return {
+            "logits": look_up(self.logits),
+            "summaries": {t: {k: look_up(v) for k, v in layers.items()} for t, layers in self.summaries.items()},
+        }
 
 
 def online_signal(models: Sequence[nn.Module], weights: Sequence[float] | None = None, layers: Sequence[str] = ()):
@@ -163,26 +174,54 @@ def views_needed(train, epochs: int) -> int:
     return min(epochs, train.distinct_epochs or epochs)
 
 
-def replay_blocker(recipe, train, replay: Replay, num_classes: int) -> str | None:
-    """Why the teacher's outputs cannot be replayed for this stage, or None when they can."""
+def replay_blocker(train, replay: Replay, estimate_mb: Callable[[], float]) -> str | None:
+    """Why the teacher's outputs cannot be replayed for this stage, or None when they can;
+    ``estimate_mb()``: the size they would take (asked last: it runs the teacher once)."""
     if replay.mode == "online":
         return "distill.teacher_outputs=online"
     if not train.replayable:
         return "the training loader cannot replay its augmentation"
-    if recipe.teacher_layers:
-        return "the recipe needs teacher features, which are not cached"
-    size_mb = views_needed(train, replay.epochs) * train.num_samples * num_classes * replay.dtype.itemsize / 2**20
+    size_mb = estimate_mb()
     if size_mb > replay.max_mb:
-        return f"they would take {size_mb:.0f} MB > cache.max_teacher_outputs_mb={replay.max_mb}"
+        return (
+            f"they would take {size_mb:.2f} MB > cache.max_teacher_outputs_mb={replay.max_mb}; raise it to replay them"
+        )
     return None
 
 
+def _tensors(outputs: Outputs) -> Iterator[tuple[tuple[str, ...], torch.Tensor]]:
+    """What replay stores of one batch's (summarized) teacher outputs: ``("logits",)`` and ``(term, layer)``."""
+    yield ("logits",), outputs["logits"]
+    for term, layers in outputs.get("summaries", {}).items():
+        for layer, value in layers.items():
+            yield (term, layer), value
+
+
+@torch.no_grad()
+def stored_shapes(teacher, summarize: Callable[[Outputs], Outputs], train, device) -> dict[str, tuple[int, ...]]:
+    """Per-image shapes of what replay stores, ``{"logits": (classes,), "<term>/<layer>": (...)}``: the
+    teacher and ``summarize`` (the recipe's) on two images of the first batch, before anything is computed."""
+    images = next(iter(train))["image"][:2].to(device)
+    out = summarize(teacher.to(device)({"image": images}))
+    return {"/".join(name): tuple(value.shape[1:]) for name, value in _tensors(out)}
+
+
+def store_mb(shapes: Mapping[str, Sequence[int]], views: int, images: int, dtype: torch.dtype) -> float:
+    """MB (2**20 bytes) of ``views x images`` of each shape in ``dtype``."""
+    return views * images * sum(math.prod(s) for s in shapes.values()) * dtype.itemsize / 2**20
+
+
 @torch.inference_mode()
-def compute_teacher_logits(teacher, train, views: int, device, precision: Precision, dtype, progress: bool = True):
-    """The online signal's logits for every training image under the augmentation of epochs
-    0..views-1 (the loader replays an epoch's augmentation from the seed): [views, N, classes]."""
+def compute_teacher_outputs(
+    teacher, train, views: int, device, precision: Precision, dtype, progress: bool = True, summarize=None
+) -> dict:
+    """The online signal's outputs for every training image under the augmentation of epochs 0..views-1
+    (the loader replays an epoch's augmentation from the seed), in ``dtype``: ``{"logits": [views, N,
+    classes], "summaries": {term: {layer: [views, N, ...]}}}``. ``summarize`` (the recipe's) reduces the
+    teacher's features to what each term reads, under the same autocast as training; without it, logits alone."""
     teacher = teacher.to(device)
-    logits = filled = None
+    stored: dict[tuple[str, ...], torch.Tensor] = {}
+    filled = torch.zeros(views, train.num_samples, dtype=torch.float32)
     total = views * len(train)
     show = progress and distributed.is_main()
     bar = tqdm(total=total, desc="teacher outputs", leave=False, disable=None if show else True, dynamic_ncols=True)
@@ -190,18 +229,27 @@ def compute_teacher_logits(teacher, train, views: int, device, precision: Precis
         train.set_epoch(view)
         for batch in train:  # under torchrun: this process's shard
             with precision.autocast():
-                out = teacher({"image": batch["image"].to(device, non_blocking=True)})["logits"].float()
-            if logits is None:
-                logits = torch.zeros(views, train.num_samples, out.shape[1], dtype=torch.float32)
-                filled = torch.zeros(views, train.num_samples, dtype=torch.float32)
-            logits[view, batch["index"].cpu()] = out.cpu()
-            filled[view, batch["index"].cpu()] = 1.0
+                out = teacher({"image": batch["image"].to(device, non_blocking=True)})
+                out = summarize(out) if summarize is not None else {"logits": out["logits"]}
+            index = batch["index"].cpu()
+            for name, value in _tensors(out):
+                if name not in stored:
+                    stored[name] = torch.zeros(views, train.num_samples, *value.shape[1:], dtype=dtype)
+                stored[name][view, index] = value.detach().to(dtype).cpu()
+            filled[view, index] = 1.0
             bar.update()
     bar.close()
-    if distributed.active():  # every process computed its shard: put them together
-        logits, filled = distributed.sum_over_processes(logits), distributed.sum_over_processes(filled)
-        logits = logits / filled.clamp_min(1)[..., None]  # shards overlap where the last one was padded
-    return logits.to(dtype)
+    if distributed.active():  # every process computed its shard: put them together, a view at a time
+        filled = distributed.sum_over_processes(filled).clamp_min(1)  # shards overlap where the last one was padded
+        for value in stored.values():
+            for view in range(views):
+                shape = (-1, *[1] * (value.ndim - 2))
+                value[view] = (distributed.sum_over_processes(value[view]) / filled[view].view(shape)).to(dtype)
+    summaries: dict[str, dict[str, torch.Tensor]] = {}
+    for name, value in stored.items():
+        if name != ("logits",):
+            summaries.setdefault(name[0], {})[name[1]] = value
+    return {"logits": stored[("logits",)], "summaries": summaries}
 
 
 def distill_signal(
@@ -212,36 +260,47 @@ def distill_signal(
     device,
     precision: Precision,
     fetch: Callable | None,
-    key: Callable[[int], str],
+    key: Callable[[int, dict], str],
 ) -> TeacherSignal | None:
-    """The distill stage's teacher signal: None when the recipe needs no teacher; replayed where that
-    is exact and fits ``replay.max_mb``; else ``online``. ``fetch(kind, key, build)`` is the cache's
-    (None: no cache, compute here); ``key(views)`` the outputs' cache key."""
+    """The distill stage's teacher signal: None when the recipe needs no teacher; replayed (logits and
+    the recipe's teacher summaries) where that is exact and fits ``replay.max_mb``; else ``online``.
+    ``fetch(kind, key, build)`` is the cache's (None: no cache, compute here); ``key(views, summaries)``
+    the outputs' cache key (``summaries``: :meth:`Recipe.summary_spec`, what is stored besides logits)."""
     if not recipe.needs_teacher:
         return None
-    why_not = replay_blocker(recipe, data.train, replay, data.num_classes)
+    views = views_needed(data.train, replay.epochs)
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def estimate_mb() -> float:
+        shapes.update(stored_shapes(online, recipe.summarize, data.train, device))
+        return store_mb(shapes, views, data.train.num_samples, replay.dtype)
+
+    why_not = replay_blocker(data.train, replay, estimate_mb)
     if why_not is not None:
         log.info("teacher outputs: online (%s)", why_not)
         return online
-    views = views_needed(data.train, replay.epochs)
 
     def build() -> dict:
-        return {
-            "logits": compute_teacher_logits(
-                online, data.train, views, device, precision, replay.dtype, replay.progress
-            )
-        }
+        return compute_teacher_outputs(
+            online, data.train, views, device, precision, replay.dtype, replay.progress, recipe.summarize
+        )
 
     start = time.perf_counter()
-    entry, source = (build(), "computed") if fetch is None else fetch("teacher_outputs", key(views), build)
-    logits = entry["logits"]
-    size_mb = logits.numel() * logits.element_size() / 2**20
+    entry, source = (
+        (build(), "computed") if fetch is None else fetch("teacher_outputs", key(views, recipe.summary_spec()), build)
+    )
+    logits, summaries = entry["logits"], entry.get("summaries", {})  # entries of logit recipes before #18: logits
+    size_mb = sum(v.numel() * v.element_size() for _, v in _tensors(entry)) / 2**20
+    what = " + ".join(f"{s[0]} logits" if n == "logits" else f"{n} {'x'.join(map(str, s))}" for n, s in shapes.items())
     log.info(
-        "teacher outputs: cached, %d augmented views x %d images x %d classes as %s = %.1f MB, %s (%.1fs)",
-        *logits.shape,
+        "teacher outputs: cached, %d augmented views x %d images x (%s) as %s = %.2f MB (estimated %.2f MB), %s "
+        "(%.1fs)",
+        *logits.shape[:2],
+        what,
         str(logits.dtype).removeprefix("torch."),
         size_mb,
+        store_mb(shapes, views, data.train.num_samples, replay.dtype),
         source,
         time.perf_counter() - start,
     )
-    return ReplayedTeacher(logits)
+    return ReplayedTeacher(logits, summaries)
