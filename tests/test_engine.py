@@ -1,5 +1,6 @@
 import itertools
 import logging
+from dataclasses import replace
 from functools import partial
 
 import pytest
@@ -170,6 +171,31 @@ def test_the_loop_reads_the_device_per_epoch_not_per_step(many_steps, monkeypatc
     assert len(history) == epochs and steps > 2 * engine.SYNC_EVERY
     checks = -(-steps // engine.SYNC_EVERY)  # the non-finite check: once per SYNC_EVERY steps and at the epoch's end
     assert reads["n"] <= epochs * (checks + 6), reads  # was 3 or more per step
+
+
+def test_on_epoch_adds_to_the_record_and_can_stop_training(small_digits):
+    fp32 = engine.resolve_precision("32", CPU)
+
+    def add(epoch, record, model):
+        record["extra/epoch"] = float(epoch) + record["val/acc"]
+
+    history = engine.fit(
+        replace(_stage(small_digits, epochs=2), on_epoch=add),
+        small_digits.train,
+        small_digits.val,
+        CPU,
+        fp32,
+        progress=False,
+    )
+    assert [h["extra/epoch"] - h["val/acc"] for h in history] == [0.0, 1.0]
+
+    def stop(epoch, record, model):
+        if epoch == 1:
+            raise KeyboardInterrupt  # a search's pruner raises its own exception; the loop lets it through
+
+    stage = replace(_stage(small_digits, epochs=3), on_epoch=stop)
+    with pytest.raises(KeyboardInterrupt):
+        engine.fit(stage, small_digits.train, small_digits.val, CPU, fp32, progress=False)
 
 
 def test_same_seed_same_run(small_digits):

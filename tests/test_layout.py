@@ -3,6 +3,8 @@
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "distill_runner"
 MAX_LINES = 420  # "about 400"
 
@@ -81,3 +83,12 @@ def test_no_capability_probing_outside_the_contract():
                 if args and isinstance(args[0], ast.Constant) and args[0].value in probes:
                     offenders.append(f"{name}: {ast.unparse(node)}")
     assert not offenders, offenders
+
+
+def test_every_package_ships_in_a_wheel():
+    """pyproject lists packages explicitly (the config tree is mapped in), so a new subpackage must be added there
+    or a non-editable install lacks it."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages in pyproject.toml"

@@ -119,6 +119,9 @@ class Stage:
     optimizer: Callable  # partial: params -> Optimizer
     scheduler: Callable  # partial: (optimizer, epochs, steps_per_epoch) -> LR scheduler
     teacher: TeacherSignal | None = None  # online or replayed (distill_runner.distill.signals)
+    # Called after each epoch's validation as on_epoch(epoch, record, model), on every process: it may add values to
+    # the epoch's record (logged and kept in the history) or raise to stop training (a search pruning a trial).
+    on_epoch: Callable[[int, dict, nn.Module], None] | None = None
 
 
 def to_device(
@@ -261,6 +264,8 @@ def fit(
             record.update({f"schedule/{k}": v for k, v in schedule.items()})
             record.update({f"learned/{k}": v for k, v in recipe.logged().items()})  # e.g. CTKD's temperature
             record["val/acc"] = accuracy(*predict(model, val, device, precision), over_processes=True)
+            if stage.on_epoch is not None:
+                stage.on_epoch(epoch, record, model)
             record["epoch_time_s"] = time.perf_counter() - start
             history.append(record)
             if not warned and (warning := learning_check(history, class_count(model), stage.name)):
