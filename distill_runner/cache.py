@@ -52,6 +52,9 @@ BASELINE_INPUTS = (
 TEACHER_OUTPUTS_INPUTS = ("distill.teacher_weights", "cache.teacher_outputs_dtype", "trainer.precision")
 # An evaluation of a cached model: its key, plus these and the device it ran on.
 EVAL_INPUTS = ("eval.latency_budget_s", "eval.throughput_budget_s", "eval.cka_samples", "dataset.eval_batch_size")
+# A timing session of a run's models: their printed structure, plus these, the image size and where it ran.
+SPEED_INPUTS = ("eval.latency_budget_s", "eval.throughput_budget_s", "dataset.eval_batch_size", "dataset.image_size",
+                "trainer.channels_last", "trainer.compile")  # fmt: skip
 # Keys that change this run's own results, which are never cached: the recipe, the export.
 RUN_ONLY = ("distill", "export", "reference_teacher")
 # Keys that change where things are written, how fast, or what is shown: never a result.
@@ -61,6 +64,7 @@ NOT_RESULTS = (
     "hydra", "cache.enabled", "cache.dir", "cache.max_teacher_outputs_mb", "trainer.device", "trainer.progress",
     "trainer.resume", "data.on_device", "dataset.num_workers", "dataset.pin_memory", "dataset.device",
     "dataset.store_dir", "dataset.progress", "dataset.download", "dataset.name", "teacher.name", "student.name",
+    "eval.speed",
 )  # fmt: skip
 
 
@@ -144,6 +148,13 @@ def teacher_outputs_key(
 def eval_key(cfg: DictConfig, model_key: str, role: str, layers: list[str], device: torch.device) -> str:
     inputs = {"model": model_key, "role": role, "layers": layers, "eval": select(cfg, EVAL_INPUTS)}
     return digest({"format": FORMAT, **inputs, "device": str(device), "threads": torch.get_num_threads()})
+
+
+def speed_key(cfg: DictConfig, models: dict[str, str], device: torch.device, precision: str, host: dict) -> str:
+    """A timing session: each role's model structure (a digest of its repr), the settings, the precision,
+    the device, the host and the threads (speed is a property of the machine, not of the weights)."""
+    inputs = {"models": models, "settings": select(cfg, SPEED_INPUTS), "precision": precision}
+    return digest({"format": FORMAT, **inputs, "device": str(device), **host, "threads": torch.get_num_threads()})
 
 
 class Cache:

@@ -199,7 +199,7 @@ def evaluate_models(ctx: RunContext, built: Built, models: dict, stages: dict[st
     layer_pairs = measure.feature_layers(built.recipe)
     cache_keys = {"teacher": stages["teacher"].cache_key if "teacher" in stages and not built.extra_teachers else None,
                   "baseline": stages["baseline"].cache_key}  # fmt: skip
-    found = evaluate(
+    found, speed_source = evaluate(
         ctx.cfg, ctx.data, models, ctx.device, ctx.precision, ctx.checkpoint_dir, layer_pairs, ctx.cache, cache_keys
     )
     data = ctx.data
@@ -207,7 +207,7 @@ def evaluate_models(ctx: RunContext, built: Built, models: dict, stages: dict[st
         dataset=data.name, num_classes=data.num_classes, class_names=data.class_names, class_counts=data.class_counts,
         device=str(ctx.device), processes=distributed.world_size(), precision=ctx.precision.name, seed=ctx.cfg.seed,
         eval_batch_size=data.test.batch_size, torch_threads=torch.get_num_threads(), models=found, stages=stages,
-        **comparison(found, built.no_teacher), eval_time_s=time.perf_counter() - start,
+        **comparison(found, built.no_teacher), eval_time_s=time.perf_counter() - start, speed_source=speed_source,
     )  # fmt: skip
 
 

@@ -106,21 +106,32 @@ def test_run_reuses_teacher_and_outputs_and_reports_it(tmp_path, caplog, monkeyp
     with caplog.at_level("INFO"):
         first = runner.run(cfg, tmp_path / "a")
         second = runner.run(cfg, tmp_path / "b")
-    assert caplog.text.count("fine-tuning teacher") == 1 and caplog.text.count("reusing teacher") == 1
+        timed_again = len(calls)
+        third = runner.run(
+            compose_config(TINY + [f"cache.dir={tmp_path / 'cache'}", "eval.speed=measure"]), tmp_path / "c"
+        )
+    assert caplog.text.count("fine-tuning teacher") == 1 and caplog.text.count("reusing teacher") == 2
     assert "computed and stored" in caplog.text and "reused from" in caplog.text
     assert first.stages["teacher"].reused is False and second.stages["teacher"].reused is True
     assert first.stages["baseline"].reused is False and second.stages["baseline"].reused is True
-    assert "reusing the evaluation of teacher" in caplog.text and "latency and images/s measured again" in caplog.text
-    assert len(calls) == 12  # latency and throughput of 3 models in each run: none borrowed
-    written = json.loads((tmp_path / "b" / "metrics.json").read_text())["models"]
-    for role in ("teacher", "student", "baseline"):  # the reused evaluations are timed in this run
-        assert second.models[role].latency_ms > first.models[role].latency_ms
-        assert second.models[role].images_per_s > first.models[role].images_per_s
-        assert written[role]["latency_ms"] == second.models[role].latency_ms
+    assert "reusing the evaluation of teacher" in caplog.text
+    # one timing session per run that times: the teacher, then the student's architecture once (the scratch
+    # baseline is its twin); the second run reuses the first's session whole, eval.speed=measure times again
+    assert timed_again == 4 and len(calls) == 8
+    assert first.speed_source == third.speed_source == "timed in this run"
+    assert "timed together" in second.speed_source and "eval.speed=cached" in second.speed_source
+    assert first.models["student"].latency_ms == first.models["baseline"].latency_ms
+    written = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert written["speed_source"] == second.speed_source
+    for role in ("teacher", "student", "baseline"):
+        assert second.models[role].latency_ms == first.models[role].latency_ms  # one session, never mixed
+        assert third.models[role].latency_ms > first.models[role].latency_ms
+        assert written["models"][role]["images_per_s"] == second.models[role].images_per_s
         assert first.models[role].test_acc == second.models[role].test_acc  # quality is reused
-    assert second.models["student"].speedup == pytest.approx(
-        second.models["student"].images_per_s / second.models["teacher"].images_per_s
-    )
+    for run in (first, second, third):
+        assert run.models["student"].speedup == pytest.approx(
+            run.models["student"].images_per_s / run.models["teacher"].images_per_s
+        )
     a = torch.load(tmp_path / "a" / "checkpoints" / "teacher.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "checkpoints" / "teacher.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -47,7 +47,7 @@ def evaluated():
     student = tiny_cnn(num_classes=2, hidden=32)
     models = {"teacher": clone(student), "student": student, "baseline": tiny_cnn(num_classes=2, hidden=32)}
     pairs = [("features.1", "features.1"), ("features.0", "features.1")]
-    results = evaluate.evaluate(cfg, data, models, CPU, engine.resolve_precision("32", CPU), layer_pairs=pairs)
+    results, _ = evaluate.evaluate(cfg, data, models, CPU, engine.resolve_precision("32", CPU), layer_pairs=pairs)
     return cfg, data, results
 
 

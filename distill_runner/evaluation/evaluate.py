@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import platform
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from distill_runner.cache import Cache, eval_key
+from distill_runner.cache import Cache, digest, eval_key, speed_key
 from distill_runner.data.bundle import DataBundle
+from distill_runner.errors import ConfigError
 from distill_runner.evaluation import metrics as measure
 from distill_runner.models.factories import architecture, count_parameters
 from distill_runner.reporting.results import STUDENTS, ModelResult
@@ -19,7 +22,8 @@ from distill_runner.train import engine
 log = logging.getLogger(__name__)
 
 # eval.* keys (conf/config.yaml); configs written before they existed get these values
-EVAL_DEFAULTS = {"latency_budget_s": 0.5, "throughput_budget_s": 2.0, "cka_samples": 2048}
+EVAL_DEFAULTS = {"latency_budget_s": 0.5, "throughput_budget_s": 2.0, "cka_samples": 2048, "speed": "cached"}
+SPEED_MODES = ("cached", "measure")
 
 
 def evaluate(
@@ -40,9 +44,13 @@ def evaluate(
     compression are relative to the run's first teacher (null without one).
     Sizes are those of ``checkpoint_dir/<role>.pt`` when it exists, else of a serialized state_dict.
     A model with a cache key (a cached teacher or baseline) is evaluated once per key, device and
-    evaluation settings; the jobs of a sweep reuse its results and test-split features.
+    evaluation settings; the jobs of a sweep reuse its results and test-split features. Speeds come
+    from one timing session of all the run's models (:func:`speeds`). Returns the results and where
+    the speeds come from.
     """
     settings = {k: OmegaConf.select(cfg, f"eval.{k}", default=v) for k, v in EVAL_DEFAULTS.items()}
+    if settings["speed"] not in SPEED_MODES:
+        raise ConfigError("eval.speed", settings["speed"], f"use one of {', '.join(SPEED_MODES)}")
     results, features = {}, {}
     for role, model in models.items():
         model = model.to(device)
@@ -57,14 +65,15 @@ def evaluate(
             entry, source = cache.fetch("evals", eval_key(cfg, model_key, role, layers, device), build, shared=False)
             results[role], features[role] = dict(entry["result"]), entry["features"]
             if source.startswith("reused"):
-                # speed depends on this run's load: measured now, never borrowed from the run that stored it
-                results[role].update(_speed(model, data, device, precision, settings), name=architecture(model))
-                log.info("reusing the evaluation of %s (%s), %s; latency and images/s measured again", role,
-                         model_key, source)  # fmt: skip
+                results[role]["name"] = architecture(model)
+                log.info("reusing the evaluation of %s (%s), %s", role, model_key, source)
         else:
             results[role], features[role] = _evaluate_one(
                 role, model, data, device, precision, checkpoint_dir, layers, settings
             )
+    timed, speed_source = speeds(cfg, models, data, device, precision, settings, cache)
+    for role, r in results.items():
+        r.update(timed[role])
     teacher = results.get("teacher")
     for role, r in results.items():
         if teacher is not None:  # relative to the run's (first) teacher
@@ -81,7 +90,35 @@ def evaluate(
                 else {}
             )
             r["cka"].update({f"{t} ~ {s}": measure.linear_cka(theirs[t], ours[s]) for t, s in layer_pairs})
-    return {role: ModelResult(**r) for role, r in results.items()}
+    return {role: ModelResult(**r) for role, r in results.items()}, speed_source
+
+
+def speeds(cfg, models, data, device, precision, settings, cache: Cache | None) -> tuple[dict[str, dict], str]:
+    """Batch-1 latency and images/s of every model, timed back to back in one session, so that a speed-up never
+    divides figures taken under different loads; and where they come from. Speed depends on the architecture
+    alone, so models that print the same (the KD student and its scratch twin) are timed once. With
+    ``eval.speed=cached`` the session is stored in the cache: a later run on this host with the same models,
+    device, threads, precision and budgets (a sweep's later jobs) reuses it whole instead of timing again."""
+    shapes = {role: digest(repr(model)) for role, model in models.items()}
+
+    def session() -> dict:
+        timed: dict[str, dict] = {}
+        for role, model in models.items():
+            if shapes[role] not in timed:
+                timed[shapes[role]] = _speed(model, data, device, precision, settings)
+        when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return {"speeds": {role: timed[shapes[role]] for role in models}, "when": when}
+
+    if cache is None or settings["speed"] == "measure":
+        return session()["speeds"], "timed in this run"
+    host = {"host": platform.node(), "cpu": platform.processor() or platform.machine()}
+    key = speed_key(cfg, shapes, device, precision.name, host)
+    entry, source = cache.fetch("speeds", key, session, shared=False)
+    if source.startswith("reused"):
+        log.info("latency and images/s timed together on %s, %s (eval.speed=measure times them again)",
+                 entry["when"], source)  # fmt: skip
+        return entry["speeds"], f"timed together on {entry['when']} by an earlier run on this host (eval.speed=cached)"
+    return entry["speeds"], "timed in this run"
 
 
 def _speed(model, data, device, precision, settings) -> dict:
@@ -121,7 +158,6 @@ def _evaluate_one(role, model, data, device, precision, checkpoint_dir, layers, 
         "roc_auc": quality["roc_auc"],
         "per_class": quality["per_class"],
         "confusion": quality["confusion"],
-        **_speed(model, data, device, precision, settings),
         "penultimate_layer": head,
     }
     return result, features

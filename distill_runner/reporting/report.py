@@ -145,7 +145,8 @@ def verdict(metrics: RunResults) -> list[str]:
         f"{t.macs / max(s.macs, 1):.1f}x fewer multiply-adds per image than the teacher.",
         f"- **Speed on {metrics.device}**: {s.speedup:.1f}x the teacher's throughput at batch "
         f"{metrics.eval_batch_size}, "
-        f"{s.latency_speedup:.1f}x lower latency at batch 1 ({s.latency_ms:.2f} ms vs {t.latency_ms:.2f} ms).",
+        f"{s.latency_speedup:.1f}x lower latency at batch 1 ({s.latency_ms:.2f} ms vs {t.latency_ms:.2f} ms); "
+        f"{metrics.speed_source}.",
         f"- **Calibration**: ECE {num(s.ece, '.3f')} (teacher {num(t.ece, '.3f')}, scratch {num(b.ece, '.3f')}).",
     ]
     if "penultimate" in s.cka:

@@ -92,6 +92,7 @@ class RunResults:
     retention_reason: str | None = None  # why retention is null (e.g. no teacher: the recipe needs none)
     eval_time_s: float | None = None
     wall_time_s: float | None = None
+    speed_source: str = "timed in this run"  # or reused whole from an earlier run's timing session (eval.speed)
     version: int = VERSION
 
     def to_dict(self) -> dict:
