@@ -214,12 +214,14 @@ def validate(cfg: DictConfig) -> None:
         lambda v: v is None or isinstance(v, str),
         "use null or a torchvision weights name, e.g. teacher.weights=IMAGENET1K_V1",
     )
-    _check(
-        cfg,
-        "teacher.checkpoint",
-        lambda v: v is None or Path(str(v)).expanduser().is_file(),
-        "no such file; give the path of a saved state_dict or null",
-    )
+    for node in ("teacher", "student"):
+        _check(
+            cfg,
+            f"{node}.checkpoint",
+            lambda v: v is None or Path(str(v)).expanduser().is_file(),
+            "no such file; give the path of a saved state_dict, training checkpoint or .safetensors file, or null",
+            required=node == "teacher",
+        )
     if cfg.teacher.epochs == 0 and cfg.teacher.weights is None and cfg.teacher.checkpoint is None:
         raise ConfigError(
             "teacher.epochs",
