@@ -96,8 +96,7 @@ def content_digest(path: str | None) -> str | None:
 
 
 def file_inputs(cfg: DictConfig, keys, under: str = "") -> dict:
-    """``{key: content digest}`` for each of ``keys`` that names a file; keys set to null are left out, so
-    a config without files keeps the key it had before files counted."""
+    """``{key: content digest}`` for each of ``keys`` that names a file (keys set to null are left out)."""
     paths = {key: OmegaConf.select(cfg, f"{under}{key}", default=None) for key in keys}
     return {key: content_digest(str(path)) for key, path in paths.items() if path is not None}
 
@@ -152,7 +151,7 @@ def teacher_key(cfg: DictConfig, node_key: str, fingerprint: str | None) -> str:
 
 def baseline_key(cfg: DictConfig, fingerprint: str | None) -> str:
     """The scratch baseline: the student, its schedule, the content of ``student.checkpoint`` when set, the data."""
-    files = file_inputs(cfg, BASELINE_FILE_INPUTS)
+    files = file_inputs(cfg, BASELINE_FILE_INPUTS)  # absent when unset: baselines cached before keep their keys
     return digest({"format": FORMAT, "baseline": select(cfg, BASELINE_INPUTS), "data": data_inputs(cfg, fingerprint),
                    **({"files": files} if files else {}), **_processes()})  # fmt: skip
 

@@ -212,7 +212,7 @@ def validate(cfg: DictConfig) -> None:
         cfg,
         "teacher.weights",
         lambda v: v is None or isinstance(v, str),
-        "use null or a torchvision weights name, e.g. teacher.weights=IMAGENET1K_V1",
+        "use null or a weights name: torchvision's (teacher.weights=IMAGENET1K_V1) or a timm tag (a1_in1k)",
     )
     for node in ("teacher", "student"):
         _check(

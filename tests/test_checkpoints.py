@@ -210,3 +210,9 @@ def test_checkpoint_contents_key_the_cached_teacher_and_baseline(tmp_path):
     _write_student(a, seed=3)
     teacher_edited = keys(f"teacher.checkpoint={a}")
     assert teacher_a[0] != none[0] and teacher_edited[0] != teacher_a[0] and teacher_edited[1] == none[1]
+
+
+def test_a_missing_student_checkpoint_stops_before_any_work():
+    with pytest.raises(ConfigError, match=r"^student\.checkpoint='/nonexistent/s\.pt': no such file") as err:
+        runner.validate(compose_config(["student=mobilenet_v2", "student.checkpoint=/nonexistent/s.pt"]))
+    assert "\n" not in str(err.value)
