@@ -13,7 +13,7 @@ from distill_runner.data.bundle import DataBundle
 from distill_runner.distill import signals
 from distill_runner.distill.recipe import Recipe
 from distill_runner.errors import ConfigError, instantiate
-from distill_runner.models.factories import load_checkpoint
+from distill_runner.models.checkpoints import load_checkpoint
 from distill_runner.train import engine
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,18 @@ def build_teacher(node: DictConfig, key: str, data: DataBundle, seed: int) -> nn
         raise ConfigError(f"{key}.weights", exc.value, exc.fix) if exc.key == f"{key}.model.weights" else exc from None
     if node.checkpoint is not None:
         load_checkpoint(teacher, node.checkpoint, key=f"{key}.checkpoint")
-        log.info("%s weights loaded from %s", key, node.checkpoint)
     return teacher
+
+
+def build_student(node: DictConfig, data: DataBundle, seed: int) -> nn.Module:
+    """The student: its architecture, then ``student.checkpoint`` when set. The weights are an initialisation:
+    the KD student and the scratch baseline both start from them (the baseline is the same student trained
+    without the teacher, so the comparison measures what distillation adds)."""
+    student = build_model(node, "student", data, seed)
+    path = node.get("checkpoint")
+    if path is not None:
+        load_checkpoint(student, path, key="student.checkpoint")
+    return student
 
 
 def build_recipe(cfg: DictConfig, data: DataBundle, student: nn.Module) -> Recipe:

@@ -13,6 +13,7 @@ named in a warning and rebuilt.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from distill_runner import distributed
-from distill_runner.storage import DamagedFile, load_verified, save_verified
+from distill_runner.storage import DamagedFile, load_verified, save_verified, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,11 @@ DATA_INPUTS = (
     "dataset.on_bad_image", "dataset.mean", "dataset.std", "dataset.decode_cache", "seed",
 )  # fmt: skip
 # A fine-tuned teacher, relative to its node (``teacher`` or ``distill.teachers.<name>``), plus the data.
-TEACHER_INPUTS = ("model", "weights", "checkpoint", "epochs", "optimizer", "scheduler")
+TEACHER_INPUTS = ("model", "weights", "epochs", "optimizer", "scheduler")
+# Weight files a model starts from: their content (sha256) is the input, not their path, so an edited
+# file is never served a stale teacher or baseline, and a copy of the same file elsewhere reuses it.
+TEACHER_FILE_INPUTS = ("checkpoint",)
+BASELINE_FILE_INPUTS = ("student.checkpoint",)
 TEACHER_SHARED_INPUTS = ("trainer.precision",)
 # The scratch baseline: the student and the students' schedule, plus the data.
 BASELINE_INPUTS = (
@@ -81,6 +86,25 @@ def file_identity(path: str | None) -> dict | None:
     return {"path": str(Path(path).expanduser().resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_of(path)  # size and mtime_ns: a file changed since is hashed again
+
+
+def content_digest(path: str | None) -> str | None:
+    """The sha256 of a file's content (hashed once per process while the file is unchanged)."""
+    if path is None:
+        return None
+    found = file_identity(path)
+    return _sha256(found["path"], found["size"], found["mtime_ns"])
+
+
+def file_inputs(cfg: DictConfig, keys, under: str = "") -> dict:
+    """``{key: content digest}`` for each of ``keys`` that names a file (keys set to null are left out)."""
+    paths = {key: OmegaConf.select(cfg, f"{under}{key}", default=None) for key in keys}
+    return {key: content_digest(str(path)) for key, path in paths.items() if path is not None}
+
+
 def select(cfg: DictConfig, keys, under: str = "") -> dict:
     """``{key: value}`` for each key (missing keys are None), resolved to plain values."""
     out = {}
@@ -104,8 +128,9 @@ def covered(key: str, declared) -> bool:
 def declared_keys(cfg: DictConfig) -> list[str]:
     """Every key the lists above take in or classify, the nodes of extra teachers included."""
     teachers = ["teacher", *(f"distill.teachers.{n}" for n in (OmegaConf.select(cfg, "distill.teachers") or {}))]
-    inputs = [*DATA_INPUTS, *BASELINE_INPUTS, *TEACHER_SHARED_INPUTS, *TEACHER_OUTPUTS_INPUTS, *EVAL_INPUTS,
-              *(f"{t}.{k}" for t in teachers for k in TEACHER_INPUTS)]  # fmt: skip
+    per_teacher = (*TEACHER_INPUTS, *TEACHER_FILE_INPUTS)
+    inputs = [*DATA_INPUTS, *BASELINE_INPUTS, *BASELINE_FILE_INPUTS, *TEACHER_SHARED_INPUTS, *TEACHER_OUTPUTS_INPUTS,
+              *EVAL_INPUTS, *(f"{t}.{k}" for t in teachers for k in per_teacher)]  # fmt: skip
     return [*inputs, *RUN_ONLY, *NOT_RESULTS]
 
 
@@ -117,12 +142,11 @@ def data_inputs(cfg: DictConfig, fingerprint: str | None) -> dict:
 
 
 def teacher_key(cfg: DictConfig, node_key: str, fingerprint: str | None) -> str:
-    """A fine-tuned teacher: its node's inputs, the checkpoint file it starts from, the data, precision."""
-    node = OmegaConf.select(cfg, node_key)
+    """A fine-tuned teacher: its node's inputs, the content of the checkpoint it starts from, the data, precision."""
     return digest({
         "format": FORMAT,
         "teacher": select(cfg, TEACHER_INPUTS, under=f"{node_key}."),
-        "checkpoint": file_identity(node.checkpoint),
+        "files": file_inputs(cfg, TEACHER_FILE_INPUTS, under=f"{node_key}."),
         "shared": select(cfg, TEACHER_SHARED_INPUTS),
         "data": data_inputs(cfg, fingerprint),
         **_processes(),
@@ -130,8 +154,10 @@ def teacher_key(cfg: DictConfig, node_key: str, fingerprint: str | None) -> str:
 
 
 def baseline_key(cfg: DictConfig, fingerprint: str | None) -> str:
+    """The scratch baseline: the student, its schedule, the content of ``student.checkpoint`` when set, the data."""
+    files = file_inputs(cfg, BASELINE_FILE_INPUTS)  # absent when unset: baselines cached before keep their keys
     return digest({"format": FORMAT, "baseline": select(cfg, BASELINE_INPUTS), "data": data_inputs(cfg, fingerprint),
-                   **_processes()})  # fmt: skip
+                   **({"files": files} if files else {}), **_processes()})  # fmt: skip
 
 
 def teacher_outputs_key(

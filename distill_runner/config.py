@@ -212,14 +212,16 @@ def validate(cfg: DictConfig) -> None:
         cfg,
         "teacher.weights",
         lambda v: v is None or isinstance(v, str),
-        "use null or a torchvision weights name, e.g. teacher.weights=IMAGENET1K_V1",
+        "use null or a weights name: torchvision's (teacher.weights=IMAGENET1K_V1) or a timm tag (a1_in1k)",
     )
-    _check(
-        cfg,
-        "teacher.checkpoint",
-        lambda v: v is None or Path(str(v)).expanduser().is_file(),
-        "no such file; give the path of a saved state_dict or null",
-    )
+    for node in ("teacher", "student"):
+        _check(
+            cfg,
+            f"{node}.checkpoint",
+            lambda v: v is None or Path(str(v)).expanduser().is_file(),
+            "no such file; give the path of a saved state_dict, training checkpoint or .safetensors file, or null",
+            required=node == "teacher",
+        )
     if cfg.teacher.epochs == 0 and cfg.teacher.weights is None and cfg.teacher.checkpoint is None:
         raise ConfigError(
             "teacher.epochs",

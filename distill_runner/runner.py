@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from distill_runner import distributed
-from distill_runner.build import build_data, build_model, build_recipe, build_teacher, cross_entropy
+from distill_runner.build import build_data, build_recipe, build_student, build_teacher, cross_entropy
 from distill_runner.cache import baseline_key, teacher_key, teacher_outputs_key
 from distill_runner.config import validate
 from distill_runner.distill import signals
@@ -39,7 +39,7 @@ class Built:
 
     recipe: Recipe
     no_teacher: str | None  # why this run trains no teacher (see reference_teacher); None: it trains them
-    student: nn.Module  # the KD student; the baseline starts from a copy of its initial weights
+    student: nn.Module  # the KD student; the baseline starts from a copy of its initial weights (student.checkpoint)
     baseline: nn.Module
     extra_teachers: dict[str, DictConfig]  # distill.teachers.<name> -> teacher node
 
@@ -117,7 +117,7 @@ def build(ctx: RunContext) -> Built:
     together when it lacks room, not only rank 0)."""
     cfg = ctx.cfg
     extra_teachers = signals.extra_teachers(cfg.distill)
-    student = build_model(cfg.student, "student", ctx.data, cfg.seed)
+    student = build_student(cfg.student, ctx.data, cfg.seed)
     recipe = build_recipe(cfg, ctx.data, student)
     problem = None
     if distributed.is_main():

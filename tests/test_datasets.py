@@ -18,7 +18,8 @@ from distill_runner.build import build_data
 from distill_runner.config import validate
 from distill_runner.data.imagefolder import imagefolder
 from distill_runner.errors import ConfigError
-from distill_runner.models.factories import load_checkpoint, tiny_cnn
+from distill_runner.models.checkpoints import load_checkpoint
+from distill_runner.models.factories import tiny_cnn
 
 
 @pytest.fixture

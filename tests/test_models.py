@@ -7,7 +7,8 @@ from torch import nn
 
 from distill_runner import build
 from distill_runner.errors import ConfigError, instantiate
-from distill_runner.models.factories import architecture, count_parameters, load_checkpoint, tiny_cnn, torchvision_model
+from distill_runner.models.checkpoints import load_checkpoint
+from distill_runner.models.factories import architecture, count_parameters, tiny_cnn, torchvision_model
 
 
 @pytest.mark.parametrize("image_size", [32, 224])

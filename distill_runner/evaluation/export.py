@@ -189,7 +189,7 @@ def export_run(run_dir: str | Path, role: str = "student") -> dict:
     from omegaconf import OmegaConf
 
     from distill_runner.build import build_data, build_model
-    from distill_runner.models.factories import load_checkpoint
+    from distill_runner.models.checkpoints import load_checkpoint
     from distill_runner.reporting.report import write_report
     from distill_runner.reporting.results import RunResults
 

@@ -150,8 +150,28 @@ def torchvision_model(
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.momentum = bn_momentum
+    problem = dry_run(model, in_channels, image_size)
+    if problem is not None:
+        fix = f"does not run on {image_size} px images ({problem}); use a larger dataset.image_size or another arch"
+        raise ConfigError("arch", arch, fix)
     model.architecture = arch  # reported as such, whatever the config calls it
     return model
+
+
+@torch.no_grad()
+def dry_run(model: nn.Module, in_channels: int, image_size: int) -> str | None:
+    """None when the model takes a batch of ``image_size`` images, else what went wrong: a model too deep
+    for small images fails here with one line, not in the middle of a run. Eval mode: no BatchNorm
+    statistics change."""
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, in_channels, image_size, image_size))
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        return f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+    finally:
+        model.train(was_training)
+    return None
 
 
 def _shape_kwargs(arch: str, image_size: int, kwargs: dict) -> dict:
@@ -240,48 +260,6 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, key: str = "teacher.checkpoint") -> None:
-    """Load a saved state_dict (or a {'model'|'state_dict': ...} checkpoint) with a clear mismatch error."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(
-            key, str(path), "no such file; give the path of a saved state_dict (torch.save(model.state_dict(), path))"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, pickle of a whole model, ...
-        raise ConfigError(key, str(path), f"could not be read as a state_dict ({type(exc).__name__}: {exc})") from None
-    for wrapper in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DistributedDataParallel
-    own = model.state_dict()
-    missing = sorted(own.keys() - state.keys())
-    unexpected = sorted(state.keys() - own.keys())
-    shapes = [
-        f"{k} {tuple(state[k].shape)} in file vs {tuple(own[k].shape)} in model"
-        for k in own.keys() & state.keys()
-        if state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            parts.append("shape mismatch: " + "; ".join(sorted(shapes)[:3]))
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-        hint = "the checkpoint was saved from a different architecture, stem or class count"
-        head = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1:]
-        weight = f"{head[0]}.weight" if head else None
-        if weight in state and weight in own and state[weight].shape[0] != own[weight].shape[0]:
-            classes = f"the checkpoint has {state[weight].shape[0]} classes, the data set has {own[weight].shape[0]}"
-            hint = "train the teacher on this data set or load a checkpoint saved from it"
-            parts.insert(0, classes)
-        raise ConfigError(key, str(path), f"does not fit the model: {'; '.join(parts)} ({hint})")
-    model.load_state_dict(state)
 
 
 def count_parameters(model: nn.Module) -> int:
