@@ -78,15 +78,25 @@ def confusion_figure(matrix, class_names, title: str) -> Figure:
     return fig
 
 
+def render(fig: Figure) -> np.ndarray:
+    """The figure as an RGB image, ``[H, W, 3]`` uint8 (drawn once: the run folder and TensorBoard share it)."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
 def save_curves(path: str | os.PathLike, stages: dict[str, StageResult]) -> None:
-    curves_figure(stages).savefig(path, dpi=100, bbox_inches="tight")
+    curves_figure(stages).savefig(path, dpi=100)  # the constrained layout already fits the labels
 
 
-def save_confusions(path: str | os.PathLike, matrices: dict[str, list], class_names) -> None:
-    """One panel per model, side by side; counts in the cells, colour = share of the true class."""
-    size = 3 + 0.25 * min(len(class_names), 40)
-    fig = _figure(size * len(matrices), size)
-    axes = np.atleast_1d(fig.subplots(1, len(matrices)))
-    for ax, (title, matrix) in zip(axes, matrices.items()):
-        _draw_confusion(ax, matrix, class_names, title)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+def confusion_images(matrices: dict[str, list], class_names) -> dict[str, np.ndarray]:
+    """Each model's confusion matrix drawn once: counts in the cells, colour = share of the true class."""
+    return {title: render(confusion_figure(matrix, class_names, title)) for title, matrix in matrices.items()}
+
+
+def save_side_by_side(path: str | os.PathLike, images: list[np.ndarray]) -> None:
+    """Images in one PNG, left to right, top-aligned on a white background."""
+    from PIL import Image
+
+    height = max(image.shape[0] for image in images)
+    padded = [np.pad(im, ((0, height - im.shape[0]), (0, 0), (0, 0)), constant_values=255) for im in images]
+    Image.fromarray(np.concatenate(padded, axis=1)).save(path)

@@ -11,6 +11,8 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
+
 from distill_runner.reporting.results import ROLE_LABELS, STUDENTS, RunResults, label, model_order
 
 MAX_CLASSES_IN_TABLES = 20  # larger confusion matrices only go to confusion.png and metrics.json
@@ -345,18 +347,25 @@ def render_markdown(metrics: RunResults, overrides: list[str]) -> str:
     return "\n".join(md)
 
 
-def write_report(run_dir: str | os.PathLike, metrics: RunResults, overrides: list[str]) -> str:
-    """Write metrics.json, report.md, curves.png and confusion.png into ``run_dir``; return the
-    console table."""
+def confusions(metrics: RunResults) -> dict[str, np.ndarray]:
+    """Each model's confusion matrix, drawn once (``plots.confusion_images``), by role."""
+    from distill_runner.reporting import plots
+
+    roles = model_order(metrics.models)
+    drawn = plots.confusion_images({label(r): metrics.models[r].confusion for r in roles}, metrics.class_names)
+    return {role: drawn[label(role)] for role in roles}
+
+
+def write_report(
+    run_dir: str | os.PathLike, metrics: RunResults, overrides: list[str], drawn: dict[str, np.ndarray] | None = None
+) -> str:
+    """Write metrics.json, report.md, curves.png and confusion.png (``drawn``: the confusion matrices
+    already drawn by :func:`confusions`) into ``run_dir``; return the console table."""
     from distill_runner.reporting import plots
 
     run_dir = Path(run_dir)
     metrics.save(run_dir / "metrics.json")
     plots.save_curves(run_dir / "curves.png", metrics.stages)
-    plots.save_confusions(
-        run_dir / "confusion.png",
-        {label(r): metrics.models[r].confusion for r in model_order(metrics.models)},
-        metrics.class_names,
-    )
+    plots.save_side_by_side(run_dir / "confusion.png", list((drawn or confusions(metrics)).values()))
     (run_dir / "report.md").write_text(render_markdown(metrics, overrides))
     return text_table(HEADER, comparison_rows(metrics)) + "\n" + summary_line(metrics)

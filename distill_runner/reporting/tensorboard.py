@@ -125,26 +125,28 @@ def hparams_summaries(hparams: dict, group: str) -> list:
 
 
 def write_tensorboard(
-    tb_dir: str | os.PathLike, metrics: RunResults, hparams: dict, overrides: list[str], name: str | None = None
+    tb_dir: str | os.PathLike,
+    metrics: RunResults,
+    hparams: dict,
+    overrides: list[str],
+    name: str | None = None,
+    drawn: dict | None = None,
 ) -> None:
     """Into ``tb_dir`` itself: the run's hyperparameters and final numbers (HParams, the session
-    named ``name`` and the run folder), a confusion matrix figure per model (``confusion/<model>``)
-    and the report as text (``report``)."""
+    named ``name`` and the run folder), a confusion matrix image per model (``confusion/<model>``;
+    ``drawn``: already drawn by ``report.confusions``) and the report as text (``report``)."""
     from pathlib import Path
 
     from torch.utils.tensorboard import SummaryWriter
 
-    from distill_runner.reporting import plots
-    from distill_runner.reporting.report import render_markdown
-    from distill_runner.reporting.results import label, model_order
+    from distill_runner.reporting.report import confusions, render_markdown
 
     run_dir = Path(tb_dir).resolve().parent  # Hydra's run folder tells repeats of one setting apart
     folder = f"{run_dir.parent.name}/{run_dir.name}" if run_dir.name.isdigit() else run_dir.name  # sweep job
     name = name or hparams.get("run") or folder
     with SummaryWriter(tb_dir) as writer:
-        for role in model_order(metrics.models):
-            figure = plots.confusion_figure(metrics.models[role].confusion, metrics.class_names, label(role))
-            writer.add_figure(f"confusion/{role}", figure, close=False)
+        for role, image in (drawn or confusions(metrics)).items():
+            writer.add_image(f"confusion/{role}", image, dataformats="HWC")
         writer.add_text("report", render_markdown(metrics, overrides))
         writer.add_text("run", name)
         for summary in hparams_summaries(hparams, f"{name} ({folder})"):
