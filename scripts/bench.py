@@ -12,6 +12,10 @@ The ``feature`` section does the same for ``distill=feature`` (FitNets hints) an
 online teacher, and replaying what ``distill.teacher_outputs=cached`` stores for it (float16 feature maps
 for hints, attention maps for attention transfer); ``lookup_over_ce`` is the lookups' own share.
 
+The ``sweep`` section (:mod:`bench_sweep`) runs the quickstart cold (empty cache) in this process, then
+later jobs of a ``distill.temperature`` sweep, and reports each later job's wall time over training the
+student alone (job 0's scratch baseline): ``later_over_student_alone``.
+
 The ``speed`` section (:mod:`bench_speed`, on CUDA; ``--speed`` on a CPU) trains the student and
 the teacher at 224 px per precision x channels_last x torch.compile configuration (images/s).
 
@@ -22,6 +26,7 @@ The ``data`` section (:mod:`bench_data`) generates X-ray-sized grayscale JPEGs o
     python scripts/bench.py              # ~7 min on 2 CPU cores (the first run also generates 1,000 JPEGs)
     python scripts/bench.py --only data  # the data section alone (~4 min)
     python scripts/bench.py --only feature  # distill=feature/attention: replayed vs CE alone (~2 min)
+    python scripts/bench.py --only sweep    # the quickstart cold, then 3 later jobs of a temperature sweep
     python scripts/bench.py --quick      # fewer images, for a smoke test
 
 The last line printed is one JSON object: for each image size, the images/s figures and the
@@ -198,9 +203,10 @@ def main() -> None:
     parser.add_argument("--precision", default="32", choices=engine.PRECISIONS)
     parser.add_argument(
         "--only",
-        choices=("all", "kd", "feature", "data", "speed"),
+        choices=("all", "kd", "feature", "sweep", "data", "speed"),
         default="all",
-        help="kd: the distillation epochs; feature: distill=feature's; data: the data path; speed: GPU options",
+        help="kd: the distillation epochs; feature: distill=feature's; sweep: the quickstart cold and a sweep's "
+        "later jobs; data: the data path; speed: GPU options",
     )
     parser.add_argument(
         "--speed", action="store_true", help="run the speed section (precision x channels_last x compile) on a CPU too"
@@ -246,6 +252,11 @@ def main() -> None:
         # the quickstart's shift augmentation, as a sweep trains (the loader then yields channels_last images)
         data = digits(image_size=32, batch_size=32, limit=256 if args.quick else None, crop_padding=2)
         results["features_32px"] = measure_features(data, device, precision, repeats)
+    if args.only in ("all", "sweep"):
+        import bench_sweep  # scripts/ is on sys.path when this file runs as a script
+
+        quick = ["teacher.epochs=1", "trainer.epochs=2", "dataset.limit=200"] if args.quick else []
+        results["sweep"] = bench_sweep.measure_sweep([f"trainer.precision={precision.name}", *quick])
     if args.only in ("all", "data"):
         import bench_data  # scripts/ is on sys.path when this file runs as a script
 
