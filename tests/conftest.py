@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_module
 # A run that takes seconds: tiny images, a few dozen of them, one epoch per stage.
 TINY = [
     "dataset.image_size=16",
+    "dataset.crop_padding=2",  # the digits' augmentation before the 8 px quickstart: tests exercise replayed views
     "dataset.limit=48",
     "dataset.batch_size=16",
     "dataset.eval_batch_size=16",
