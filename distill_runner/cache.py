@@ -52,6 +52,9 @@ BASELINE_INPUTS = (
 TEACHER_OUTPUTS_INPUTS = ("distill.teacher_weights", "cache.teacher_outputs_dtype", "trainer.precision")
 # An evaluation of a cached model: its key, plus these and the device it ran on.
 EVAL_INPUTS = ("eval.latency_budget_s", "eval.throughput_budget_s", "eval.cka_samples", "dataset.eval_batch_size")
+# Protocol values other keys interpolate (conf/experiment/cifar100_bench.yaml: trainer.optimizer.lr is
+# ${student.benchmark_lr}): they reach results only through those keys, which are inputs above.
+INTERPOLATED_ONLY = ("teacher.benchmark_lr", "student.benchmark_lr")
 # Keys that change this run's own results, which are never cached: the recipe, the export.
 RUN_ONLY = ("distill", "export", "reference_teacher")
 # Keys that change where things are written, how fast, or what is shown: never a result.
@@ -102,7 +105,7 @@ def declared_keys(cfg: DictConfig) -> list[str]:
     teachers = ["teacher", *(f"distill.teachers.{n}" for n in (OmegaConf.select(cfg, "distill.teachers") or {}))]
     inputs = [*DATA_INPUTS, *BASELINE_INPUTS, *TEACHER_SHARED_INPUTS, *TEACHER_OUTPUTS_INPUTS, *EVAL_INPUTS,
               *(f"{t}.{k}" for t in teachers for k in TEACHER_INPUTS)]  # fmt: skip
-    return [*inputs, *RUN_ONLY, *NOT_RESULTS]
+    return [*inputs, *RUN_ONLY, *NOT_RESULTS, *INTERPOLATED_ONLY]
 
 
 def data_inputs(cfg: DictConfig, fingerprint: str | None) -> dict:
