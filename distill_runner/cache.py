@@ -41,11 +41,11 @@ DATA_INPUTS = (
 )  # fmt: skip
 # A fine-tuned teacher, relative to its node (``teacher`` or ``distill.teachers.<name>``), plus the data.
 TEACHER_INPUTS = ("model", "weights", "checkpoint", "epochs", "optimizer", "scheduler")
-TEACHER_SHARED_INPUTS = ("trainer.precision",)
+TEACHER_SHARED_INPUTS = ("trainer.precision", "eval.test_every_epoch")  # the latter: test/acc in the history
 # The scratch baseline: the student and the students' schedule, plus the data.
 BASELINE_INPUTS = (
     "student.model", "trainer.epochs", "trainer.optimizer", "trainer.scheduler", "trainer.precision",
-    "trainer.channels_last", "trainer.compile",
+    "trainer.channels_last", "trainer.compile", "eval.test_every_epoch",
 )  # fmt: skip
 # Replayable teacher outputs: the teachers' keys, plus these, the data, the number of views and the recipe's
 # teacher summaries (layers and reductions of its feature terms: not config keys, see teacher_outputs_key).
