@@ -15,7 +15,8 @@ from distill_runner.train.engine import multistep
 
 # A run of seconds: the smallest zoo ResNet as teacher and student, 2 epochs, short timing budgets.
 SMALL = ["teacher=resnet8", "student=resnet8", "teacher.epochs=1", "trainer.epochs=2", "trainer.progress=false",
-         "dataset.download=false", "eval.latency_budget_s=0.01", "eval.throughput_budget_s=0.01"]  # fmt: skip
+         "dataset.download=false", "eval.latency_budget_s=0.01", "eval.throughput_budget_s=0.01",
+         "dataset.eval_batch_size=100"]  # fmt: skip
 
 
 def test_multistep_decays_at_the_milestone_epochs_stepped_per_batch():
