@@ -50,6 +50,17 @@ def teacher_checkpoint(folder: Path | None, teacher: str) -> list[str]:
     return [f"teacher.checkpoint={path.resolve()}", "teacher.epochs=0"]
 
 
+def layer_pairs(spec: dict, teacher: str, student: str, stages: dict) -> list[str]:
+    """A feature recipe's layer pairs for this teacher and student (RepDistiller's choice, by module path):
+    ``hint``: the second stage output (FitNets, --hint_layer 2); ``all``: every stage output, zipped (attention)."""
+    if "layers" not in spec:
+        return []
+    t, s = stages[teacher], stages[student]
+    chosen = [(s[1], t[1])] if spec["layers"] == "hint" else list(zip(s, t))
+    items = ", ".join(f"{{student: {a}, teacher: {b}}}" for a, b in chosen)
+    return [f"distill.terms.{spec['term']}.pairs=[{items}]"]
+
+
 def stage_accuracy(results, stage: str, model: str) -> dict:
     """Best-epoch and last-epoch test accuracy of a stage; a teacher used as loaded has only its final one."""
     found = results.stages.get(stage)
@@ -63,7 +74,9 @@ def run_pair(pair: dict, recipes: list[str], published: dict, args, out: Path) -
     teacher, student = pair["teacher"], pair["student"]
     row = {"teacher": teacher, "student": student, "ours": {}, "published": pair["published"]}
     for recipe in recipes:
-        settings = published["recipes"].get(recipe, {}).get("overrides", [])
+        spec = published["recipes"].get(recipe, {})
+        stages = published["stage_outputs"]["models"]
+        settings = [*spec.get("overrides", []), *layer_pairs(spec, teacher, student, stages)]
         overrides = [
             f"teacher={teacher}", f"student={student}", f"distill={recipe}", "trainer.progress=false", *settings,
             *pair["overrides"].get(recipe, []), *teacher_checkpoint(args.teachers, teacher),
@@ -105,7 +118,8 @@ def table(rows: list[dict], recipes: list[str], published: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", nargs="+", default=["kd", "dkd"], help="recipes of conf/distill")
+    parser.add_argument("--recipes", nargs="+", default=["kd", "dkd"], help="recipes of conf/distill (feature and "
+                        "attention get the pair's layers; others run as configured)")  # fmt: skip
     parser.add_argument("--pairs", nargs="+", default=None, help="teacher:student pairs (default: all published)")
     parser.add_argument("--teachers", type=Path, default=None, help="folder of RepDistiller's published teachers")
     parser.add_argument("--out", type=Path, default=Path("outputs/cifar100_table"))

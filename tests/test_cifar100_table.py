@@ -39,6 +39,8 @@ def test_published_numbers_cover_the_standard_pairs_with_their_sources():
         assert (numbers["dkd"] is None) == ((teacher, student) == ("ResNet50", "vgg8"))  # not in the DKD tables
     for source in PUBLISHED["sources"].values():
         assert "commit" in source["copied_from"] and source["paper"]
+    models = {name for pair in pairs for name in pair}
+    assert set(PUBLISHED["stage_outputs"]["models"]) == models  # feature recipes find every model's layers
 
 
 def fake_run(calls):
@@ -73,6 +75,18 @@ def test_each_run_gets_the_protocol_the_papers_settings_and_a_published_teacher(
     assert kd.trainer.epochs == 240 and kd.eval.test_every_epoch
     text = (tmp_path / "out" / "table.md").read_text()
     assert "| resnet56 -> resnet20 | 50.00 (50.00) / 72.34 | 50.00 (50.00) / 69.06 | 50.00 (50.00) / 70.66 |" in text
+
+
+def test_feature_recipes_read_the_stage_outputs_repdistiller_uses(table, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(table.runner, "run", fake_run(calls))
+    table.main(["--recipes", "feature", "attention", "--pairs", "vgg13:MobileNetV2", "--out", str(tmp_path)])
+    feature, attention = calls
+    assert [dict(p) for p in feature.distill.terms.feature.pairs] == [{"student": "blocks.2", "teacher": "relu2"}]
+    assert feature.distill.terms.feature.weight == 100 and attention.distill.terms.attention.weight == 1000
+    pairs = [(p.student, p.teacher) for p in attention.distill.terms.attention.pairs]
+    assert pairs == [("blocks.1", "relu1"), ("blocks.2", "relu2"), ("blocks.4", "relu3"), ("blocks.6", "relu4")]
+    assert "| vgg13 -> MobileNetV2 |" in (tmp_path / "table.md").read_text()
 
 
 def test_unknown_pairs_and_recipes_are_refused(table, capsys):
