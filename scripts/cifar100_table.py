@@ -8,8 +8,8 @@ chosen recipes under experiment=cifar100_bench, printed beside the published num
 A full run trains every teacher with the protocol (240 epochs, once: the runner's cache reuses it for every recipe
 and pair), or loads RepDistiller's published teachers with --teachers DIR (its layout, as scripts/
 fetch_pretrained_teachers.sh saves them: DIR/<teacher>_vanilla/ckpt_epoch_240.pth, used with teacher.epochs=0).
-The scratch student (the baseline stage) is trained once per student. It needs a GPU: one 240-epoch stage of a
-ResNet-8x4 takes about an hour. Each recipe runs with the papers' settings (recipes in the JSON), the pair's own
+The scratch student (the baseline stage) is trained once per student. It needs a GPU (a full run's time is not
+measured yet). Each recipe runs with the papers' settings (recipes in the JSON), the pair's own
 where the papers set one (DKD's beta). Our numbers: best-epoch test accuracy (what the papers report) and, in
 brackets, last-epoch; the published number follows the slash. Extra arguments are Hydra overrides for every run.
 """
