@@ -46,11 +46,11 @@ TEACHER_INPUTS = ("model", "weights", "epochs", "optimizer", "scheduler")
 # file is never served a stale teacher or baseline, and a copy of the same file elsewhere reuses it.
 TEACHER_FILE_INPUTS = ("checkpoint",)
 BASELINE_FILE_INPUTS = ("student.checkpoint",)
-TEACHER_SHARED_INPUTS = ("trainer.precision",)
+TEACHER_SHARED_INPUTS = ("trainer.precision", "eval.test_every_epoch")  # the latter: test/acc in the history
 # The scratch baseline: the student and the students' schedule, plus the data.
 BASELINE_INPUTS = (
     "student.model", "trainer.epochs", "trainer.optimizer", "trainer.scheduler", "trainer.precision",
-    "trainer.channels_last", "trainer.compile",
+    "trainer.channels_last", "trainer.compile", "eval.test_every_epoch",
 )  # fmt: skip
 # Replayable teacher outputs: the teachers' keys, plus these, the data, the number of views and the recipe's
 # teacher summaries (layers and reductions of its feature terms: not config keys, see teacher_outputs_key).
@@ -60,6 +60,9 @@ EVAL_INPUTS = ("eval.latency_budget_s", "eval.throughput_budget_s", "eval.cka_sa
 # A timing session of a run's models: their printed structure, plus these, the image size and where it ran.
 SPEED_INPUTS = ("eval.latency_budget_s", "eval.throughput_budget_s", "dataset.eval_batch_size", "dataset.image_size",
                 "trainer.channels_last", "trainer.compile")  # fmt: skip
+# Protocol values other keys interpolate (conf/experiment/cifar100_bench.yaml: trainer.optimizer.lr is
+# ${student.benchmark_lr}): they reach results only through those keys, which are inputs above.
+INTERPOLATED_ONLY = ("teacher.benchmark_lr", "student.benchmark_lr")
 # Keys that change this run's own results, which are never cached: the recipe, the export.
 RUN_ONLY = ("distill", "export", "reference_teacher")
 # Keys that change where things are written, how fast, or what is shown: never a result.
@@ -131,7 +134,7 @@ def declared_keys(cfg: DictConfig) -> list[str]:
     per_teacher = (*TEACHER_INPUTS, *TEACHER_FILE_INPUTS)
     inputs = [*DATA_INPUTS, *BASELINE_INPUTS, *BASELINE_FILE_INPUTS, *TEACHER_SHARED_INPUTS, *TEACHER_OUTPUTS_INPUTS,
               *EVAL_INPUTS, *(f"{t}.{k}" for t in teachers for k in per_teacher)]  # fmt: skip
-    return [*inputs, *RUN_ONLY, *NOT_RESULTS]
+    return [*inputs, *RUN_ONLY, *NOT_RESULTS, *INTERPOLATED_ONLY]
 
 
 def data_inputs(cfg: DictConfig, fingerprint: str | None) -> dict:

@@ -127,8 +127,8 @@ def validate(cfg: DictConfig) -> None:
     _check(
         cfg,
         "dataset.val_from_train",
-        lambda v: v is None or (_is_number(v) and 0 < v < 1),
-        "use null or a fraction in (0, 1), e.g. dataset.val_from_train=0.1",
+        lambda v: v is None or (_is_number(v) and 0 <= v < 1),  # 0: CIFAR validates on its test split
+        "use null or a fraction in [0, 1), e.g. dataset.val_from_train=0.1",
         required=False,
     )
     _check(cfg, "dataset.balance", lambda v: v in BALANCE, f"use one of {', '.join(BALANCE)}", required=False)
@@ -336,3 +336,4 @@ def validate(cfg: DictConfig) -> None:
         "use an integer >= 2, e.g. eval.cka_samples=2048",
         required=False,
     )
+    _check(cfg, "eval.test_every_epoch", lambda v: isinstance(v, bool), "use true or false", required=False)

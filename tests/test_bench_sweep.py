@@ -6,7 +6,7 @@ from pathlib import Path
 from conftest import TINY
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import bench_sweep  # noqa: E402
+import bench_sweep
 
 
 def test_sweep_section_reuses_all_but_the_kd_student_and_reports_ratios():

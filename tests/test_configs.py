@@ -12,7 +12,8 @@ from distill_runner import build
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-STUDENTS = sorted(p.stem for p in (CONF / "student").glob("*.yaml"))
+# The CIFAR-100 zoo (conf/student/<zoo>.yaml, built at 32 px against the reference code) is tested in test_cifar_zoo.py.
+STUDENTS = sorted(p.stem for p in (CONF / "student").glob("*.yaml") if "models.cifar." not in p.read_text())
 
 
 def test_no_argument_run_is_the_quickstart():

@@ -17,7 +17,14 @@ from distill_runner.train.health import class_count, learning_check
 from distill_runner.train.stages import schedule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-MODELS = [(group, p.stem) for group in ("teacher", "student") for p in sorted((CONF / group).glob("*.yaml"))]
+# The CIFAR-100 zoo (22 models in both groups, up to 24M parameters) is tested in test_cifar_zoo.py and
+# test_cifar_bench.py: its models equal the reference code's, which the published numbers come from.
+MODELS = [
+    (group, p.stem)
+    for group in ("teacher", "student")
+    for p in sorted((CONF / group).glob("*.yaml"))
+    if "models.cifar." not in p.read_text()
+]
 
 # Sized so that the file runs in well under a minute on 2 busy CPU cores, and every model lands far
 # above chance (0.1) yet a model at chance in eval mode fails (mobilenet_v3_small with BN momentum

@@ -49,24 +49,31 @@ def cifar(
     name: str | None = None,
 ) -> DataBundle:
     """CIFAR-10/100: train/test as published; ``val_from_train`` (a fraction, stratified, seeded)
-    of the training images become the validation split. Images are resized in memory when
-    ``image_size`` is not 32. ``limit`` keeps N images per split, every class represented."""
+    of the training images become the validation split; 0 trains on all of them and validates on the
+    test split, as the CIFAR benchmarks' code does (then epoch selection has seen the test images).
+    Images are resized in memory when ``image_size`` is not 32. ``limit`` keeps N images per split,
+    every class represented."""
     import torchvision.datasets
 
     if variant not in VARIANTS:
         raise ConfigError("variant", variant, f"use one of {', '.join(VARIANTS)}")
-    if not isinstance(val_from_train, (int, float)) or not 0 < val_from_train < 1:
+    if not isinstance(val_from_train, (int, float)) or not 0 <= val_from_train < 1:
         raise ConfigError(
             "val_from_train",
             val_from_train,
-            "CIFAR has no validation split: carve one from train with a fraction in (0, 1), e.g. 0.1",
+            "CIFAR has no validation split: carve one from train with a fraction in (0, 1), e.g. 0.1, "
+            "or 0 to validate on the test split (the benchmarks' protocol)",
         )
     cls = getattr(torchvision.datasets, VARIANTS[variant])
     train_set, test_set = _load(cls, Path(root).expanduser(), download)
 
     train_targets = np.asarray(train_set.targets)
     try:
-        val_idx, train_idx = stratified_split(train_targets, [val_from_train], seed)
+        val_idx, train_idx = (
+            stratified_split(train_targets, [val_from_train], seed)
+            if val_from_train > 0
+            else (np.arange(0), np.arange(len(train_targets)))
+        )
     except ValueError as exc:  # too few images per class (only with partial files)
         raise ConfigError(
             "val_from_train", val_from_train, f"cannot carve a stratified validation split: {exc}"
@@ -77,17 +84,23 @@ def cifar(
         val_idx = val_idx[take_per_class(train_targets[val_idx], limit)]
         test_idx = test_idx[take_per_class(np.asarray(test_set.targets), limit)]
     n_train = len(train_targets)
-    log.info(
-        "%s: validation split = %.0f%% of train (stratified, seed %d): %d images",
-        variant,
-        100 * val_from_train,
-        seed,
-        len(val_idx),
-    )
+    if val_from_train > 0:
+        log.info(
+            "%s: validation split = %.0f%% of train (stratified, seed %d): %d images",
+            variant,
+            100 * val_from_train,
+            seed,
+            len(val_idx),
+        )
+    else:
+        log.info("%s: val_from_train=0: training on all %d training images, validating on the test split", variant,
+                 len(train_idx))  # fmt: skip
     images = torch.from_numpy(np.concatenate([train_set.data, test_set.data])).permute(0, 3, 1, 2)
     targets = torch.as_tensor(np.concatenate([train_targets, np.asarray(test_set.targets)]), dtype=torch.long)
-    splits = {"train": train_idx, "val": val_idx, "test": test_idx + n_train}
+    val = val_idx if val_from_train > 0 else test_idx + n_train
+    splits = {"train": train_idx, "val": val, "test": test_idx + n_train}
     keep = np.concatenate(list(splits.values()))
+    keep = keep[np.sort(np.unique(keep, return_index=True)[1])]  # each image once (val may be the test split)
     if len(keep) < len(targets):  # limit: drop what no split uses before any resizing
         remap = np.full(len(targets), -1)
         remap[keep] = np.arange(len(keep))

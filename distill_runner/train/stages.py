@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from distill_runner import distributed, storage
@@ -75,6 +76,8 @@ def run_stage(ctx: RunContext, stage: engine.Stage) -> StageResult:
             log.info("stage %s: finished before, loaded from %s", stage.name, weights)
             return finished[1]
     history = []
+    if OmegaConf.select(ctx.cfg, "eval.test_every_epoch", default=False):
+        stage.on_epoch = with_test_accuracy(ctx, stage.on_epoch)
     if stage.epochs > 0:
         params = f"{count_parameters(stage.model):,}"
         log.info(
@@ -91,11 +94,27 @@ def run_stage(ctx: RunContext, stage: engine.Stage) -> StageResult:
     result = StageResult(
         stage.epochs, history[-1]["val/acc"] if history else None, time.perf_counter() - start, history
     )
+    tested = [(h["test/acc"], epoch) for epoch, h in enumerate(history, 1) if "test/acc" in h]
+    if tested:
+        result.best_test_acc, result.best_test_epoch = max(tested, key=lambda t: (t[0], -t[1]))  # ties: the first
+        result.last_test_acc = tested[-1][0]
     storage.save_verified(stage.model.state_dict(), weights)
     storage.write_text_verified(done, json.dumps(asdict(result)))  # last: only now is the stage finished
     if distributed.is_main():  # finished: the verified weights and <stage>_last.pt are two copies already
         storage.remove_verified(engine.previous_checkpoint(ctx.checkpoint_dir / f"{stage.name}_last.pt"))
     return result
+
+
+def with_test_accuracy(ctx: RunContext, then: Callable | None) -> Callable:
+    """A Stage.on_epoch that adds the test split's accuracy to each epoch's record as ``test/acc`` (every
+    process measures the whole test split, which is not sharded), then calls ``then``."""
+
+    def on_epoch(epoch: int, record: dict, model: torch.nn.Module) -> None:
+        record["test/acc"] = engine.accuracy(*engine.predict(model, ctx.data.test, ctx.device, ctx.precision))
+        if then is not None:
+            then(epoch, record, model)
+
+    return on_epoch
 
 
 def _load_finished(name: str, weights: Path, done: Path) -> tuple[dict, StageResult] | None:

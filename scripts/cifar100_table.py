@@ -1,0 +1,153 @@
+"""The CIFAR-100 benchmark table: the standard teacher-student pairs of the CRD and DKD papers, each run with the
+chosen recipes under experiment=cifar100_bench, printed beside the published numbers (cifar100_published.json).
+
+    python scripts/cifar100_table.py [--recipes kd dkd] [--pairs resnet32x4:resnet8x4 ...] [--teachers DIR]
+                                     [--out outputs/cifar100_table] [override ...]
+    python scripts/cifar100_table.py --smoke dataset.root=DIR dataset.download=false   # a few batches per pair
+
+A full run trains every teacher with the protocol (240 epochs, once: the runner's cache reuses it for every recipe
+and pair), or loads RepDistiller's published teachers with --teachers DIR (its layout, as scripts/
+fetch_pretrained_teachers.sh saves them: DIR/<teacher>_vanilla/ckpt_epoch_240.pth, used with teacher.epochs=0).
+The scratch student (the baseline stage) is trained once per student. It needs a GPU (a full run's time is not
+measured yet). Each recipe runs with the papers' settings (recipes in the JSON), the pair's own
+where the papers set one (DKD's beta). Our numbers: best-epoch test accuracy (what the papers report) and, in
+brackets, last-epoch; the published number follows the slash. Extra arguments are Hydra overrides for every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+
+from distill_runner import runner
+from distill_runner.storage import atomic_write_text
+
+PUBLISHED = Path(__file__).with_name("cifar100_published.json")
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "conf" / "distill"
+# --smoke: one epoch per stage on at most SMOKE_IMAGES images per split (a few batches of 64), short timings.
+# Teacher outputs in float32: a deep teacher after two steps, in eval mode with BN statistics that have not
+# followed the data yet, can give logits beyond float16's range (resnet110 did).
+SMOKE_IMAGES = 128
+SMOKE = ["teacher.epochs=1", "trainer.epochs=1", f"dataset.limit={SMOKE_IMAGES}", "eval.latency_budget_s=0.01",
+         "eval.throughput_budget_s=0.01", f"dataset.eval_batch_size={SMOKE_IMAGES}",
+         "cache.teacher_outputs_dtype=float32"]  # fmt: skip
+
+
+def teacher_checkpoint(folder: Path | None, teacher: str) -> list[str]:
+    """Overrides that load RepDistiller's published teacher, when --teachers holds it; none otherwise."""
+    if folder is None:
+        return []
+    path = folder / f"{teacher}_vanilla" / "ckpt_epoch_240.pth"
+    if not path.is_file():
+        print(f"{teacher}: no {path}, training it with the protocol", file=sys.stderr)
+        return []
+    return [f"teacher.checkpoint={path.resolve()}", "teacher.epochs=0"]
+
+
+def layer_pairs(spec: dict, teacher: str, student: str, stages: dict) -> list[str]:
+    """A feature recipe's layer pairs for this teacher and student (RepDistiller's choice, by module path):
+    ``hint``: the second stage output (FitNets, --hint_layer 2); ``all``: every stage output, zipped (attention)."""
+    if "layers" not in spec:
+        return []
+    t, s = stages[teacher], stages[student]
+    chosen = [(s[1], t[1])] if spec["layers"] == "hint" else list(zip(s, t))
+    items = ", ".join(f"{{student: {a}, teacher: {b}}}" for a, b in chosen)
+    return [f"distill.terms.{spec['term']}.pairs=[{items}]"]
+
+
+def stage_accuracy(results, stage: str, model: str) -> dict:
+    """Best-epoch and last-epoch test accuracy of a stage; a teacher used as loaded has only its final one."""
+    found = results.stages.get(stage)
+    if found is not None and found.best_test_acc is not None:
+        return {"best": found.best_test_acc, "last": found.last_test_acc, "best_epoch": found.best_test_epoch}
+    final = results.models[model].test_acc
+    return {"best": final, "last": final, "best_epoch": None}
+
+
+def run_pair(pair: dict, recipes: list[str], published: dict, args, out: Path) -> dict:
+    teacher, student = pair["teacher"], pair["student"]
+    row = {"teacher": teacher, "student": student, "ours": {}, "published": pair["published"]}
+    for recipe in recipes:
+        spec = published["recipes"].get(recipe, {})
+        stages = published["stage_outputs"]["models"]
+        settings = [*spec.get("overrides", []), *layer_pairs(spec, teacher, student, stages)]
+        overrides = [
+            f"teacher={teacher}", f"student={student}", f"distill={recipe}", "trainer.progress=false", *settings,
+            *pair["overrides"].get(recipe, []), *teacher_checkpoint(args.teachers, teacher),
+            *(SMOKE if args.smoke else []), *args.overrides,
+        ]  # fmt: skip
+        start = time.perf_counter()
+        with initialize_config_module(config_module="distill_runner.conf", version_base="1.3"):
+            cfg = compose(config_name="config", overrides=["experiment=cifar100_bench", *overrides])
+        results = runner.run(cfg, out / f"{teacher}-{student}" / recipe, overrides)
+        row["ours"]["teacher"] = stage_accuracy(results, "teacher", "teacher")
+        row["ours"]["student"] = stage_accuracy(results, "baseline", "baseline")
+        row["ours"][recipe] = stage_accuracy(results, "student", "student")
+        print(f"{teacher} -> {student} {recipe}: {cell(row['ours'][recipe], None)} "
+              f"({time.perf_counter() - start:.0f}s)", flush=True)  # fmt: skip
+    return row
+
+
+def cell(ours: dict | None, paper: float | None) -> str:
+    """``best (last) / published`` in percent."""
+    mine = f"{100 * ours['best']:.2f} ({100 * ours['last']:.2f})" if ours else "-"
+    return f"{mine} / {paper:.2f}" if paper is not None else f"{mine} / -"
+
+
+def table(rows: list[dict], recipes: list[str], published: dict) -> list[str]:
+    columns = ["teacher", "student", *recipes]
+    names = {"teacher": "teacher", "student": "student (scratch)"}
+    lines = [
+        "| teacher -> student | " + " | ".join(names.get(c, c) for c in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for row in rows:
+        cells = []
+        for c in columns:
+            column = c if c in names else published["recipes"].get(c, {}).get("column")
+            cells.append(cell(row["ours"].get(c), row["published"].get(column) if column else None))
+        lines.append(f"| {row['teacher']} -> {row['student']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", nargs="+", default=["kd", "dkd"], help="recipes of conf/distill (feature and "
+                        "attention get the pair's layers; others run as configured)")  # fmt: skip
+    parser.add_argument("--pairs", nargs="+", default=None, help="teacher:student pairs (default: all published)")
+    parser.add_argument("--teachers", type=Path, default=None, help="folder of RepDistiller's published teachers")
+    parser.add_argument("--out", type=Path, default=Path("outputs/cifar100_table"))
+    parser.add_argument("--smoke", action="store_true", help="a few batches per pair (checks the script, not numbers)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    published = json.loads(PUBLISHED.read_text())
+    unknown = [r for r in args.recipes if not (RECIPES_DIR / f"{r}.yaml").is_file()]
+    pairs = published["pairs"]
+    if args.pairs is not None:
+        wanted = [tuple(p.split(":", 1)) for p in args.pairs]
+        known = {(p["teacher"], p["student"]) for p in pairs}
+        unknown += [":".join(w) for w in wanted if w not in known]
+        pairs = [p for p in pairs if (p["teacher"], p["student"]) in wanted]
+    if unknown:
+        choices = ", ".join(f"{p['teacher']}:{p['student']}" for p in published["pairs"])
+        parser.error(f"unknown recipe or pair {', '.join(unknown)}; recipes are conf/distill/*.yaml, pairs: {choices}")
+    logging.basicConfig(level=logging.WARNING)
+    rows = [run_pair(pair, args.recipes, published, args, args.out) for pair in pairs]
+    lines = table(rows, args.recipes, published)
+    note = ("Top-1 test accuracy (%), ours: best epoch (last epoch) / published (best epoch; "
+            "CRD: Tian et al. ICLR 2020 Tables 1-2; DKD: Zhao et al. CVPR 2022 Tables 1-2; see cifar100_published.json)"
+            + (". SMOKE RUN: a few batches, the numbers mean nothing." if args.smoke else "."))  # fmt: skip
+    atomic_write_text(args.out / "results.json", json.dumps(rows, indent=2) + "\n")
+    atomic_write_text(args.out / "table.md", "\n".join([*lines, "", note]) + "\n")
+    print("\n".join(["", *lines, "", note]))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""scripts/cifar100_table.py: the published numbers are complete and sourced, each run gets the protocol and the
+papers' settings, and --smoke runs the pairs through experiment=cifar100_bench on a CIFAR-100-format folder."""
+
+import importlib.util
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from fake_data import make_cifar, skip_cifar_md5
+
+ROOT = Path(__file__).resolve().parents[1]
+PUBLISHED = json.loads((ROOT / "scripts" / "cifar100_published.json").read_text())
+# The pairs of the CRD/DKD tables the issue names.
+STANDARD_PAIRS = {
+    ("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"),
+    ("wrn_40_2", "wrn_40_1"), ("vgg13", "vgg8"), ("resnet32x4", "ShuffleV1"), ("resnet32x4", "ShuffleV2"),
+    ("wrn_40_2", "ShuffleV1"), ("vgg13", "MobileNetV2"), ("ResNet50", "MobileNetV2"), ("ResNet50", "vgg8"),
+}  # fmt: skip
+
+
+@pytest.fixture
+def table():
+    spec = importlib.util.spec_from_file_location("cifar100_table", ROOT / "scripts" / "cifar100_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_published_numbers_cover_the_standard_pairs_with_their_sources():
+    pairs = {(p["teacher"], p["student"]): p for p in PUBLISHED["pairs"]}
+    assert set(pairs) == STANDARD_PAIRS
+    for (teacher, student), pair in pairs.items():
+        assert (ROOT / "conf" / "teacher" / f"{teacher}.yaml").is_file()
+        assert (ROOT / "conf" / "student" / f"{student}.yaml").is_file()
+        numbers = pair["published"]
+        assert all(50 < numbers[k] < 80 for k in ("teacher", "student", "kd", "crd"))
+        assert numbers["teacher"] > numbers["student"] and numbers["kd"] > numbers["student"]
+        assert (numbers["dkd"] is None) == ((teacher, student) == ("ResNet50", "vgg8"))  # not in the DKD tables
+    for source in PUBLISHED["sources"].values():
+        assert "commit" in source["copied_from"] and source["paper"]
+    models = {name for pair in pairs for name in pair}
+    assert set(PUBLISHED["stage_outputs"]["models"]) == models  # feature recipes find every model's layers
+
+
+def fake_run(calls):
+    """runner.run replaced: records the composed config, returns results without training."""
+
+    def run(cfg, run_dir, overrides):
+        calls.append(cfg)
+        model = SimpleNamespace(test_acc=0.5)
+        return SimpleNamespace(stages={}, models={"teacher": model, "student": model, "baseline": model})
+
+    return run
+
+
+def test_each_run_gets_the_protocol_the_papers_settings_and_a_published_teacher(table, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(table.runner, "run", fake_run(calls))
+    checkpoint = tmp_path / "teachers" / "resnet56_vanilla" / "ckpt_epoch_240.pth"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"")
+    table.main(["--recipes", "kd", "dkd", "--teachers", str(tmp_path / "teachers"), "--out", str(tmp_path / "out")])
+    assert len(calls) == 2 * len(STANDARD_PAIRS)  # every pair, both recipes, composed under cifar100_bench
+    by_pair = {(c.teacher.name, c.student.name, c.distill.terms.get("dkd") is not None): c for c in calls}
+    for pair in PUBLISHED["pairs"]:
+        beta = float(pair["overrides"]["dkd"][0].split("=")[1])
+        assert by_pair[pair["teacher"], pair["student"], True].distill.beta == beta
+    kd, dkd = by_pair["resnet56", "resnet20", False], by_pair["resnet56", "resnet20", True]
+    mv2_kd, mv2_dkd = by_pair["vgg13", "MobileNetV2", False], by_pair["vgg13", "MobileNetV2", True]
+    assert kd.distill.alpha == 0.9 and kd.distill.temperature == 4.0 and dkd.distill.beta == 2.0
+    assert mv2_dkd.distill.beta == 6.0 and mv2_kd.trainer.optimizer.lr == 0.01 and kd.trainer.optimizer.lr == 0.05
+    assert kd.teacher.checkpoint == str(checkpoint.resolve()) and kd.teacher.epochs == 0
+    assert mv2_kd.teacher.checkpoint is None and mv2_kd.teacher.epochs == 240  # none published here: trained
+    assert kd.trainer.epochs == 240 and kd.eval.test_every_epoch
+    text = (tmp_path / "out" / "table.md").read_text()
+    assert "| resnet56 -> resnet20 | 50.00 (50.00) / 72.34 | 50.00 (50.00) / 69.06 | 50.00 (50.00) / 70.66 |" in text
+
+
+def test_feature_recipes_read_the_stage_outputs_repdistiller_uses(table, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(table.runner, "run", fake_run(calls))
+    table.main(["--recipes", "feature", "attention", "--pairs", "vgg13:MobileNetV2", "--out", str(tmp_path)])
+    feature, attention = calls
+    assert [dict(p) for p in feature.distill.terms.feature.pairs] == [{"student": "blocks.2", "teacher": "relu2"}]
+    assert feature.distill.terms.feature.weight == 100 and attention.distill.terms.attention.weight == 1000
+    pairs = [(p.student, p.teacher) for p in attention.distill.terms.attention.pairs]
+    assert pairs == [("blocks.1", "relu1"), ("blocks.2", "relu2"), ("blocks.4", "relu3"), ("blocks.6", "relu4")]
+    assert "| vgg13 -> MobileNetV2 |" in (tmp_path / "table.md").read_text()
+
+
+def test_unknown_pairs_and_recipes_are_refused(table, capsys):
+    for argv in (["--pairs", "resnet8:resnet20"], ["--recipes", "no_such_recipe"]):
+        with pytest.raises(SystemExit):
+            table.main(argv)
+        assert "unknown recipe or pair" in capsys.readouterr().err
+
+
+def test_smoke_runs_the_pairs_and_prints_ours_beside_the_published_numbers(table, tmp_path, monkeypatch):
+    """10 classes at 8 px keep each pair to a few seconds; the test budget allows six pairs: every teacher family but
+    ResNet50 (24M parameters: about 10 s a pair even so) and every student family. The other pairs' configs are
+    composed above; `--smoke` by hand runs all twelve."""
+    skip_cifar_md5(monkeypatch)
+    make_cifar(tmp_path / "data", "cifar100", per_class=1, num_classes=10)
+    pairs = ["resnet56:resnet20", "wrn_40_2:wrn_16_2", "vgg13:vgg8", "resnet32x4:ShuffleV2", "wrn_40_2:ShuffleV1",
+             "vgg13:MobileNetV2"]  # fmt: skip
+    rows = table.main(["--smoke", "--recipes", "dkd", "--pairs", *pairs, "--out", str(tmp_path / "out"),
+                       f"dataset.root={tmp_path / 'data'}", "dataset.download=false", "dataset.image_size=8",
+                       "eval.cka_samples=8"])  # fmt: skip
+    assert [f"{r['teacher']}:{r['student']}" for r in rows] == pairs
+    for row in rows:
+        for column in ("teacher", "student", "dkd"):
+            ours = row["ours"][column]
+            assert 0 <= ours["last"] <= ours["best"] <= 1 and ours["best_epoch"] == 1
+    text = (tmp_path / "out" / "table.md").read_text()
+    assert "SMOKE RUN" in text and "| wrn_40_2 -> ShuffleV1 |" in text and "/ 76.70 |" in text
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == rows
