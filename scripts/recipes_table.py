@@ -18,6 +18,7 @@ import json
 import logging
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -173,7 +174,7 @@ def main() -> None:
     seeds = ",".join(map(str, args.seeds))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     teacher, teacher_sd = mean_std([r["teacher"] for r in results["kd" if "kd" in results else args.recipes[0]]])
-    command = " ".join(["python scripts/recipes_table.py", *args.overrides])
+    command = " ".join(["python scripts/recipes_table.py", *sys.argv[1:]])
     print()
     print("\n".join(table(results)))
     print(
