@@ -158,15 +158,16 @@ def main() -> None:
             m = metrics.models
             row = {
                 "seed": seed,
-                "teacher": m["teacher"].test_acc,
+                "teacher": m["teacher"].test_acc if "teacher" in m else None,  # self-distillation has none
                 "student": m["student"].test_acc,
                 "baseline": m["baseline"].test_acc,
             }
             if recipe in results:
                 results[recipe].append(row)
+            teacher = "none" if row["teacher"] is None else f"{row['teacher']:.4f}"
             print(
                 f"seed {seed} {recipe:14s} student {row['student']:.4f} baseline {row['baseline']:.4f} teacher "
-                f"{row['teacher']:.4f} ({time.perf_counter() - t0:.0f}s)",
+                f"{teacher} ({time.perf_counter() - t0:.0f}s)",
                 flush=True,
             )
     (out / "results.json").write_text(json.dumps(results, indent=2))

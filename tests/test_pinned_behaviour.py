@@ -30,7 +30,14 @@ VARIANTS = {
     **{r: [f"distill={r}"] for r in RECIPES},
     # pinned with dkd's former warm-up (10% of training; mdistiller's 20 of 240 epochs since)
     "dkd": ["distill=dkd", "distill.schedule.dkd.ramp=0.1"],
-    "combo_teacher_confidence": ["distill=combo", "distill.sample_weighting=teacher_confidence"],
+    # pinned with attention transfer's former weight (the paper's 1000; 10 since it was tuned on validation)
+    "attention": ["distill=attention", "distill.terms.attention.weight=1000.0"],
+    "combo": ["distill=combo", "distill.terms.attention.weight=1000.0"],
+    "combo_teacher_confidence": [
+        "distill=combo",
+        "distill.sample_weighting=teacher_confidence",
+        "distill.terms.attention.weight=1000.0",
+    ],
     "balanced_inverse_frequency": ["distill=balanced", "distill.class_balance=inverse_frequency"],
     "kd_t1_alpha0.9": ["distill=kd", "distill.temperature=1.0", "distill.alpha=0.9"],
     "dkd_ce_weighted": [
