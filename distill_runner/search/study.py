@@ -1,0 +1,150 @@
+"""The Optuna study of a search: its storage (a journal file in the search folder, or an RDB URL), the
+sampler and pruner the config names, and the loop each process runs until the study holds
+``search.trials`` finished trials.
+
+Pruning: Optuna's pruners work on single-objective studies only (``Trial.report`` and
+``should_prune`` refuse a multi-objective one), so each trial of the search has a twin in a second,
+single-objective study of the same storage (``<study_name>.pruning``, maximize). The twin receives the
+trial's per-epoch validation accuracy, and the configured pruner decides on the twin exactly as it would
+on a single-objective study of accuracy; a pruned twin prunes the trial.
+
+Resume: a trial left running by a killed process is marked failed and its parameters are enqueued
+again, so the same student is retried: by Optuna's heartbeat for an RDB storage
+(``RetryFailedTrialCallback``), and for the journal (which has no heartbeat) by the process id and host
+each trial records, when the search restarts on that host.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from distill_runner.errors import ConfigError, instantiate
+from distill_runner.storage import pid_alive
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 60  # RDB storages: a trial whose process stopped beating for 2 heartbeats is failed and retried
+FINISHED = ("COMPLETE", "PRUNED")
+
+
+def optuna():
+    """The optuna module, or one line saying what to install."""
+    try:
+        import optuna as module
+    except ImportError:
+        raise ConfigError("search", "optuna", "distill-search needs Optuna >= 4: pip install -e '.[search]'") from None
+    if int(module.__version__.split(".")[0]) < 4:
+        fix = f"Optuna {module.__version__} is installed; distill-search needs >= 4: pip install -e '.[search]'"
+        raise ConfigError("search", "optuna", fix)
+    return module
+
+
+def storage(search: DictConfig, search_dir: Path):
+    """``search.storage`` (an RDB URL, with a heartbeat) or the journal file ``<search folder>/study.journal``."""
+    opt = optuna()
+    if search.storage is None:
+        from optuna.storages.journal import JournalFileBackend
+
+        path = search_dir / "study.journal"
+        return opt.storages.JournalStorage(JournalFileBackend(str(path)))
+    if not isinstance(search.storage, str) or "://" not in search.storage:
+        raise ConfigError(
+            "search.storage", search.storage, "use null (a journal file) or an RDB URL, e.g. sqlite:///s.db"
+        )
+    retry = opt.storages.RetryFailedTrialCallback(max_retry=3)
+    return opt.storages.RDBStorage(search.storage, heartbeat_interval=HEARTBEAT_S, failed_trial_callback=retry)
+
+
+def directions(search: DictConfig) -> list[str]:
+    return ["maximize"] if search.objective is None else ["maximize", "minimize"]
+
+
+def constraints(trial) -> list[float]:
+    """Optuna's constraints: each budget's excess (<= 0 within budget), recorded by the trial before training."""
+    return trial.user_attrs.get("constraints", [])
+
+
+def studies(search: DictConfig, search_dir: Path):
+    """The search's study and its pruning twin, created or loaded from the storage."""
+    opt = optuna()
+    store = storage(search, search_dir)
+    budgets = [k for k, v in search.budget.items() if v is not None]
+    extra = {"constraints_func": constraints} if budgets else {}
+    try:
+        sampler = instantiate(search.sampler, "search.sampler", **extra)
+    except ConfigError:  # a sampler that takes no constraints: budgets still decide the final choice
+        sampler = instantiate(search.sampler, "search.sampler")
+        log.warning(
+            "search.sampler %s takes no constraints_func: it does not learn the budgets", search.sampler._target_
+        )
+    pruner = instantiate(search.pruner, "search.pruner")
+    name = search.study_name
+    study = opt.create_study(
+        study_name=name, storage=store, sampler=sampler, directions=directions(search), load_if_exists=True
+    )
+    if list(study.directions) != [opt.study.StudyDirection[d.upper()] for d in directions(search)]:
+        fix = "the study in this storage has other objectives; use another search folder or search.study_name"
+        raise ConfigError("search.objective", search.objective, fix)
+    twin = opt.create_study(study_name=f"{name}.pruning", storage=store, pruner=pruner, direction="maximize",
+                            load_if_exists=True)  # fmt: skip
+    return study, twin
+
+
+def counts(study) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        out[t.state.name] = out.get(t.state.name, 0) + 1
+    return out
+
+
+def recover_orphans(study, twin) -> int:
+    """Fail (and enqueue again) the trials left running by a killed process of this host."""
+    opt = optuna()
+    host, found = socket.gethostname(), 0
+    for t in study.get_trials(deepcopy=False, states=(opt.trial.TrialState.RUNNING,)):
+        pid = t.user_attrs.get("pid")
+        if t.user_attrs.get("host") != host or pid is None or pid_alive(pid):
+            continue
+        study.tell(t.number, state=opt.trial.TrialState.FAIL, skip_if_finished=True)
+        if (number := t.user_attrs.get("twin")) is not None:
+            twin.tell(number, state=opt.trial.TrialState.FAIL, skip_if_finished=True)
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        log.info("trial %d was left running by a killed process (pid %d): failed, its parameters enqueued again",
+                 t.number, pid)  # fmt: skip
+        found += 1
+    return found
+
+
+def enqueue_requested(study, search: DictConfig, entries) -> None:
+    """``search.enqueue``: trials to run first, once per study (a resumed search does not add them again)."""
+    from omegaconf import OmegaConf
+
+    requested = OmegaConf.to_container(search.enqueue, resolve=True) or []
+    if study.user_attrs.get("enqueued") == len(requested) or not requested:
+        return
+    labels = {e.key: e for e in entries}
+    for i, params in enumerate(requested):
+        if unknown := [k for k in params if k not in labels]:
+            raise ConfigError(f"search.enqueue[{i}].{unknown[0]}", params[unknown[0]], "not a key of search.space")
+        fixed = {
+            k: labels[k].labels()[labels[k].choices.index(v)] if labels[k].choices else v for k, v in params.items()
+        }
+        study.enqueue_trial(fixed, skip_if_exists=True)
+    study.set_user_attr("enqueued", len(requested))
+
+
+def mark(trial) -> None:
+    """Record who runs ``trial`` (a restart on this host fails it if that process is gone)."""
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", os.getpid())
+
+
+def should_start(study, total: int) -> bool:
+    """Another trial is wanted: finished + running trials are fewer than ``total``."""
+    c = counts(study)
+    return sum(c.get(s, 0) for s in (*FINISHED, "RUNNING")) < total

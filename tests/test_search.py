@@ -1,0 +1,170 @@
+"""distill-search: a 4-trial search on digits (1-epoch trials, one pruned), its Pareto files and plots, the
+budget respected by the choice, the one-line errors, and a killed search resumed from its journal."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_module
+
+optuna = pytest.importorskip("optuna", minversion="4")
+
+from distill_runner.errors import ConfigError  # noqa: E402
+from distill_runner.search import driver  # noqa: E402
+
+# Seconds-long trials: 16 px digits, 200 images, 1 epoch, a 1-epoch teacher; latency timed briefly.
+SMALL = [
+    "dataset.image_size=16",
+    "dataset.limit=400",
+    "dataset.batch_size=8",
+    "dataset.eval_batch_size=64",
+    "teacher.epochs=1",
+    "trainer.epochs=1",
+    "trainer.progress=false",
+    "eval.latency_budget_s=0.02",
+    "eval.throughput_budget_s=0.05",
+]
+PARAMS_BUDGET = 60_000  # tiny_cnn [4, 8] and [8, 16] are within it, [16, 32] (~104k) is not
+SPACE = {
+    "trials": 4,
+    "trial_epochs": None,
+    "objective": "latency_ms",
+    "budget": {"latency_ms": None, "params": PARAMS_BUDGET, "macs": None},
+    "space": {
+        "student.model.channels": {"choices": [[4, 8], [8, 16], [16, 32]]},
+        "distill.temperature": {"low": 1.0, "high": 8.0},
+        "trainer.optimizer.lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True},
+    },
+    # A learning rate that cannot learn in one epoch (outside the searched range: Optuna warns and runs it): at
+    # chance, under the pruner's threshold, so pruned; the searched rates all pass it.
+    "enqueue": [{"student.model.channels": [8, 16], "trainer.optimizer.lr": 1.0e-6}],
+    "sampler": {"_target_": "optuna.samplers.RandomSampler", "seed": 0},
+    "pruner": {"_target_": "optuna.pruners.ThresholdPruner", "lower": 0.2},
+    "storage": None,
+    "study_name": "distill-search",
+    "workers": 1,
+    "role": "main",
+    "final": True,
+    "int8": False,
+    "int8_calibration_images": 32,
+}
+
+
+def write_space(conf_dir: Path, name: str, **changes) -> str:
+    """A search config of the user's own (conf_dir/search/<name>.yaml), found through hydra.searchpath."""
+    (conf_dir / "search").mkdir(parents=True, exist_ok=True)
+    (conf_dir / "search" / f"{name}.yaml").write_text(yaml.safe_dump({**SPACE, **changes}))
+    return f"hydra.searchpath=[file://{conf_dir}]"
+
+
+def run_search(folder: Path, overrides: list[str]):
+    with initialize_config_module(config_module="distill_runner.conf", version_base="1.3"):
+        cfg = compose(config_name="distill_search", overrides=overrides)
+        folder.mkdir(parents=True, exist_ok=True)
+        return driver.search(cfg, folder, [o for o in overrides if not o.startswith("hydra.")])
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """One 4-trial search (module-wide: the tests below read its folder)."""
+    root = tmp_path_factory.mktemp("search")
+    cwd = os.getcwd()
+    os.chdir(root)  # the cache (outputs/cache) lands here
+    try:
+        overrides = [*SMALL, "search=tiny", write_space(root / "conf", "tiny")]
+        best = run_search(root / "s", overrides)
+    finally:
+        os.chdir(cwd)
+    return root, root / "s", best, overrides
+
+
+def test_four_trials_one_pruned_pareto_files_and_budget(searched):
+    root, folder, best, _ = searched
+    rows = list(csv_rows(folder / "trials.csv"))
+    assert len(rows) == 4 and best["trials"] == {"COMPLETE": 3, "PRUNED": 1}
+    pruned = next(r for r in rows if r["state"] == "PRUNED")
+    assert "trainer.optimizer.lr=1e-06" in pruned["overrides"]
+    assert float(pruned["val_acc"]) < 0.2  # the pruner's threshold
+    for name in ("pareto.csv", "report.md", "best.json", "pareto_latency.png", "pareto_macs.png", "pareto_params.png",
+                 "history.png", "teacher.json"):  # fmt: skip
+        assert (folder / name).stat().st_size > 0, name
+    assert "## Pareto front" in (folder / "report.md").read_text()
+    assert list((folder / "tb").glob("events.out.tfevents.*"))
+    chosen = best["trial"]
+    assert chosen["params"] <= PARAMS_BUDGET and chosen["state"] == "COMPLETE"
+    within = [r for r in rows if r["state"] == "COMPLETE" and int(r["params"]) <= PARAMS_BUDGET]
+    assert chosen["val_acc"] == max(float(r["val_acc"]) for r in within)  # best on validation within budget
+    # the teacher was fine-tuned once: one cached teacher, reused by every trial
+    assert len(list((root / "outputs" / "cache" / "teachers").glob("*.model.pt"))) == 1
+    final = best["final"]
+    assert final["params"] == chosen["params"] and 0 <= final["test_acc"] <= 1
+    assert final["export"]["onnx"]["max_abs_diff"] < 1e-3 and final["export"]["torchscript"]["max_abs_diff"] < 1e-3
+    assert not final["retrained"]  # its trial trained as many epochs as trainer.epochs: its weights are shipped
+
+
+def csv_rows(path: Path):
+    import csv
+
+    with open(path) as f:
+        yield from csv.DictReader(f)
+
+
+def test_a_budget_no_student_meets_is_one_line_naming_the_smallest(searched, monkeypatch):
+    root, folder, _, overrides = searched
+    monkeypatch.chdir(root)
+    with pytest.raises(ConfigError) as err:  # the study already holds 4 trials: no new one runs
+        run_search(folder, [*overrides, "search.budget.params=100"])
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("search.budget.params=100: no student tried meets it")
+    smallest = min(csv_rows(folder / "trials.csv"), key=lambda r: int(r["params"]))
+    assert f"trial {smallest['number']} (student.model.channels=[4,8])" in message and " ms batch-1 latency" in message
+
+
+def test_an_unknown_key_in_the_space_is_one_line_naming_it(tmp_path):
+    space = {**SPACE["space"], "trainer.optimiser.lr": {"low": 0.1, "high": 1.0}}
+    overrides = [*SMALL, "search=bad", write_space(tmp_path / "conf", "bad", space=space)]
+    with pytest.raises(ConfigError, match=r"^search.space.trainer.optimiser.lr='trainer.optimiser.lr': no such key"):
+        run_search(tmp_path / "s", overrides)
+    assert not (tmp_path / "s" / "trials").exists()  # refused before any trial
+
+
+def finished_trials(journal: Path) -> list:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if not journal.is_file():
+        return []
+    study = optuna.load_study(study_name="distill-search", storage=JournalStorage(JournalFileBackend(str(journal))))
+    return [t for t in study.get_trials() if t.state.name in ("COMPLETE", "PRUNED")]
+
+
+def test_a_killed_search_resumes_from_its_journal(tmp_path):
+    folder = tmp_path / "s"
+    overrides = [*SMALL, "search=tiny", write_space(tmp_path / "conf", "tiny", final=False, enqueue=[])]
+    command = [sys.executable, "-m", "distill_runner.search", *overrides, f"hydra.run.dir={folder}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not finished_trials(folder / "study.journal"):
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "no trial finished"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = {t.number: t.values for t in finished_trials(folder / "study.journal")}
+    assert 1 <= len(before) < 4
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = finished_trials(folder / "study.journal")
+    assert len(after) == 4  # the requested total, not 4 more
+    assert all(before[t.number] == t.values for t in after if t.number in before)  # finished trials are kept
+    best = json.loads((folder / "best.json").read_text())
+    assert best["trial"]["params"] <= PARAMS_BUDGET and best["final"] == {}
