@@ -26,6 +26,7 @@ SMALL = [
     "dataset.limit=400",
     "dataset.batch_size=8",
     "dataset.eval_batch_size=64",
+    "teacher=wide_cnn",  # a small teacher, trained for 1 epoch
     "teacher.epochs=1",
     "trainer.epochs=1",
     "trainer.progress=false",
@@ -73,21 +74,27 @@ def run_search(folder: Path, overrides: list[str]):
 
 
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory):
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache for the module's searches: the teacher is fine-tuned once for all of them."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, cache_dir):
     """One 4-trial search (module-wide: the tests below read its folder)."""
     root = tmp_path_factory.mktemp("search")
     cwd = os.getcwd()
-    os.chdir(root)  # the cache (outputs/cache) lands here
+    os.chdir(root)
     try:
-        overrides = [*SMALL, "search=tiny", write_space(root / "conf", "tiny")]
+        overrides = [*SMALL, f"cache.dir={cache_dir}", "search=tiny", write_space(root / "conf", "tiny")]
         best = run_search(root / "s", overrides)
     finally:
         os.chdir(cwd)
     return root, root / "s", best, overrides
 
 
-def test_four_trials_one_pruned_pareto_files_and_budget(searched):
-    root, folder, best, _ = searched
+def test_four_trials_one_pruned_pareto_files_and_budget(searched, cache_dir):
+    _, folder, best, _ = searched
     rows = list(csv_rows(folder / "trials.csv"))
     assert len(rows) == 4 and best["trials"] == {"COMPLETE": 3, "PRUNED": 1}
     pruned = next(r for r in rows if r["state"] == "PRUNED")
@@ -103,7 +110,7 @@ def test_four_trials_one_pruned_pareto_files_and_budget(searched):
     within = [r for r in rows if r["state"] == "COMPLETE" and int(r["params"]) <= PARAMS_BUDGET]
     assert chosen["val_acc"] == max(float(r["val_acc"]) for r in within)  # best on validation within budget
     # the teacher was fine-tuned once: one cached teacher, reused by every trial
-    assert len(list((root / "outputs" / "cache" / "teachers").glob("*.model.pt"))) == 1
+    assert len(list((cache_dir / "teachers").glob("*.model.pt"))) == 1
     final = best["final"]
     assert final["params"] == chosen["params"] and 0 <= final["test_acc"] <= 1
     assert final["export"]["onnx"]["max_abs_diff"] < 1e-3 and final["export"]["torchscript"]["max_abs_diff"] < 1e-3
@@ -136,35 +143,44 @@ def test_an_unknown_key_in_the_space_is_one_line_naming_it(tmp_path):
     assert not (tmp_path / "s" / "trials").exists()  # refused before any trial
 
 
-def finished_trials(journal: Path) -> list:
+def trials(journal: Path, *states: str) -> list:
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     if not journal.is_file():
         return []
     study = optuna.load_study(study_name="distill-search", storage=JournalStorage(JournalFileBackend(str(journal))))
-    return [t for t in study.get_trials() if t.state.name in ("COMPLETE", "PRUNED")]
+    return [t for t in study.get_trials() if t.state.name in states]
 
 
-def test_a_killed_search_resumes_from_its_journal(tmp_path):
-    folder = tmp_path / "s"
-    overrides = [*SMALL, "search=tiny", write_space(tmp_path / "conf", "tiny", final=False, enqueue=[])]
+def test_a_killed_search_resumes_from_its_journal(tmp_path, searched, cache_dir):
+    folder = tmp_path / "s"  # the searched fixture has the teacher in the cache: no process here trains it
+    space = write_space(tmp_path / "conf", "tiny", final=False, enqueue=[])
+    overrides = [*SMALL, f"cache.dir={cache_dir}", "search=tiny", space]
     command = [sys.executable, "-m", "distill_runner.search", *overrides, f"hydra.run.dir={folder}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while not finished_trials(folder / "study.journal"):
+    journal, deadline = folder / "study.journal", time.monotonic() + 300
+    # killed once a trial has finished and the next one is training (measured: its student is built)
+    while not (
+        trials(journal, "COMPLETE", "PRUNED") and any("cost" in t.user_attrs for t in trials(journal, "RUNNING"))
+    ):
         assert process.poll() is None, process.stderr.read().decode()[-2000:]
         assert time.monotonic() < deadline, "no trial finished"
-        time.sleep(0.2)
+        time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    before = {t.number: t.values for t in finished_trials(folder / "study.journal")}
-    assert 1 <= len(before) < 4
+    before = {t.number: t.values for t in trials(journal, "COMPLETE", "PRUNED")}
+    killed = trials(journal, "RUNNING")
+    assert 1 <= len(before) < 4 and len(killed) == 1
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    after = finished_trials(folder / "study.journal")
+    after = trials(journal, "COMPLETE", "PRUNED")
     assert len(after) == 4  # the requested total, not 4 more
     assert all(before[t.number] == t.values for t in after if t.number in before)  # finished trials are kept
+    # the trial the kill interrupted is failed and the same student tried again
+    assert [t.number for t in trials(journal, "FAIL")] == [killed[0].number]
+    retry = next(t for t in after if t.user_attrs.get("retry_of") == killed[0].number)
+    assert retry.params == killed[0].params
     best = json.loads((folder / "best.json").read_text())
     assert best["trial"]["params"] <= PARAMS_BUDGET and best["final"] == {}

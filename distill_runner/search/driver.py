@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from distill_runner import storage
 from distill_runner.errors import ConfigError
@@ -70,7 +69,9 @@ def search(
     main = node.role == "main"
     if main:
         # resume=auto: a search run again in its folder continues there (and must keep the distill-run config)
-        teacher = prepare_teacher(compose(base + ["trainer.progress=false", "trainer.resume=auto"]), search_dir / "teacher")
+        teacher = prepare_teacher(
+            compose(base + ["trainer.progress=false", "trainer.resume=auto"]), search_dir / "teacher"
+        )
         storage.atomic_write_text(search_dir / "teacher.json", json.dumps(teacher, indent=2))
     workers = start_workers(node.workers - 1, search_dir, [*hydra_overrides, *task_overrides]) if main else []
     trial_epochs = node.trial_epochs or cfg.trainer.epochs
@@ -184,27 +185,3 @@ def wait_for_running(study, poll_s: float = 2.0) -> None:
 
 def _cost_text(cost: dict) -> str:
     return f"{cost['latency_ms']:.3f} ms, {cost['macs']:,} MACs, {cost['params']:,} params" if cost else "no cost"
-
-
-def copy_finished_student(trial_dir: Path, final_dir: Path) -> bool:
-    """A trial that trained as long as the final run would: its finished student (weights, record and
-    their checksums) goes into the final run folder, which then loads it instead of training it again."""
-    found = [trial_dir / "checkpoints" / f for f in ("student.pt", "student.json")]
-    try:
-        if not all(storage.verify(p) for p in found):
-            return False
-    except storage.DamagedFile as exc:
-        log.warning("trial's student is damaged (%s): the final run trains it again", exc.reason)
-        return False
-    (final_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    for path in found:
-        for f in (path, storage.sidecar(path)):
-            target = final_dir / "checkpoints" / f.name
-            if not target.exists():
-                shutil.copyfile(f, target.with_name(target.name + ".tmp"))
-                target.with_name(target.name + ".tmp").replace(target)
-    return True
-
-
-def as_dict(node) -> dict:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)

@@ -5,10 +5,12 @@ was, tested next to the teacher and the scratch baseline, exported with the pari
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig
 
+from distill_runner import storage
 from distill_runner.errors import ConfigError
 from distill_runner.search import study as studies
 from distill_runner.search.trial import compose
@@ -54,9 +56,10 @@ def choose(study, node: DictConfig, full_epochs: int) -> dict:
     if not ok:
         key, limit = next(iter(budgets.items()))
         smallest = min((r for r in found if key in r), key=lambda r: r[key])
-        fix = (f"no student tried meets it; the smallest tried is trial {smallest['number']} ({student_text(smallest)}) "
-               f"at {smallest['latency_ms']:.3f} ms batch-1 latency, {smallest['params']:,} params, "
-               f"{smallest['macs']:,} MACs; raise the budget or add smaller students to search.space")  # fmt: skip
+        fix = (f"no student tried meets it; the smallest tried is trial {smallest['number']} "
+               f"({student_text(smallest)}) at {smallest['latency_ms']:.3f} ms batch-1 latency, "
+               f"{smallest['params']:,} params, {smallest['macs']:,} MACs; raise the budget or add smaller students "
+               "to search.space")  # fmt: skip
         raise ConfigError(f"search.budget.{key}", limit, fix)
     cheaper = node.objective or "latency_ms"
     best = max(ok, key=lambda r: (r["val_acc"], -r[cheaper]))
@@ -69,7 +72,6 @@ def finish(chosen: dict, node: DictConfig, base: list[str], full_epochs: int, se
     """The chosen student as a distill-run in ``final-<trial>/``: trained fully (or its finished trial's
     weights loaded), tested, exported (ONNX, TorchScript, parity checked), and int8 when asked."""
     from distill_runner import runner
-    from distill_runner.search.driver import copy_finished_student
 
     number = chosen["number"]
     final_dir = search_dir / f"final-{number:04d}"
@@ -101,3 +103,23 @@ def finish(chosen: dict, node: DictConfig, base: list[str], full_epochs: int, se
         outcome["int8"] = quantize(final_dir / onnx_path if onnx_path else None, cfg, final_dir / "export",
                                    node.int8_calibration_images)  # fmt: skip
     return outcome
+
+
+def copy_finished_student(trial_dir: Path, final_dir: Path) -> bool:
+    """A trial that trained as long as the final run would: its finished student (weights, record and
+    their checksums) goes into the final run folder, which then loads it instead of training it again."""
+    found = [trial_dir / "checkpoints" / f for f in ("student.pt", "student.json")]
+    try:
+        if not all(storage.verify(p) for p in found):
+            return False
+    except storage.DamagedFile as exc:
+        log.warning("trial's student is damaged (%s): the final run trains it again", exc.reason)
+        return False
+    (final_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    for path in found:
+        for f in (path, storage.sidecar(path)):
+            target = final_dir / "checkpoints" / f.name
+            if not target.exists():
+                shutil.copyfile(f, target.with_name(target.name + ".tmp"))
+                target.with_name(target.name + ".tmp").replace(target)
+    return True

@@ -56,9 +56,11 @@ def quantize(onnx_path: Path | None, cfg: DictConfig, out_dir: Path, calibration
     for name, path in (("fp32", onnx_path), ("int8", int8_path)):
         session = _session(path)
         result[name] = {"path": f"{out_dir.name}/{path.name}", "size_bytes": path.stat().st_size,
-                        "test_acc": _accuracy(session, data.test), "latency_ms": _latency_ms(session, shape)}  # fmt: skip
-    log.info("int8: test acc %.4f (fp32 %.4f), batch-1 latency %.3f ms (fp32 %.3f ms), %s", result["int8"]["test_acc"],
-             result["fp32"]["test_acc"], result["int8"]["latency_ms"], result["fp32"]["latency_ms"], int8_path)  # fmt: skip
+                        "test_acc": _accuracy(session, data.test),
+                        "latency_ms": _latency_ms(session, shape)}  # fmt: skip
+    fp32, int8 = result["fp32"], result["int8"]
+    log.info("int8: test acc %.4f (fp32 %.4f), batch-1 latency %.3f ms (fp32 %.3f ms), %s", int8["test_acc"],
+             fp32["test_acc"], int8["latency_ms"], fp32["latency_ms"], int8_path)  # fmt: skip
     return result
 
 

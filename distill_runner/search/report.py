@@ -107,7 +107,9 @@ def optuna_figures(study, search_dir: Path) -> dict:
         importances = opt.importance.get_param_importances(study, evaluator=evaluator, target=target["target"])
         atomic_write_text(search_dir / "importances.csv",
                           "param,importance\n" + "".join(f"{k},{v}\n" for k, v in importances.items()))  # fmt: skip
-        figures["importances.png"] = opt.visualization.matplotlib.plot_param_importances(study, evaluator, **target).figure
+        figures["importances.png"] = opt.visualization.matplotlib.plot_param_importances(
+            study, evaluator, **target
+        ).figure
     except Exception as exc:  # fewer than two complete trials, or one parameter that never varied
         notes.append(f"importances: {type(exc).__name__}: {str(exc).splitlines()[0]}")
     return {"figures": figures, "notes": notes}
@@ -165,8 +167,9 @@ def render(best: dict, front, found, budgets: dict, cost: str, figures: list[str
         t = best["teacher"]
         lines += ["", f"Teacher: validation accuracy {t['val_acc']:.4f}, {t['latency_ms']:.3f} ms, {t['macs']:,} MACs, "
                   f"{t['params']:,} params."]  # fmt: skip
-    lines += ["", f"## Pareto front (validation accuracy vs {LABELS[cost]})", "", table(front, budgets, chosen["number"]),
-              "", "## Every trial", "", table(found, budgets, chosen["number"]), "", "## Figures", ""]  # fmt: skip
+    number = chosen["number"]
+    lines += ["", f"## Pareto front (validation accuracy vs {LABELS[cost]})", "", table(front, budgets, number),
+              "", "## Every trial", "", table(found, budgets, number), "", "## Figures", ""]  # fmt: skip
     lines += [f"![{name}]({name})" for name in figures] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
