@@ -127,7 +127,7 @@ def optimize(study, twin, node: DictConfig, entries, base: list[str], epochs: in
         def measured(cost: dict) -> None:
             found.update(cost)
             trial.set_user_attr("cost", cost)
-            trial.set_user_attr("constraints", [float(cost[k] - v) for k, v in budgets.items()])
+            studies.set_constraints(trial, {k: float(cost[k] - v) for k, v in budgets.items()})
 
         def on_epoch(epoch: int, record: dict, model) -> None:
             acc = record["val/acc"]

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import math
+import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -55,8 +56,9 @@ def _num(v, fmt: str) -> str:
 
 
 def table(found: list[dict], budgets: dict, chosen: int | None) -> str:
-    header = ["trial", "val acc", "latency ms", "MACs", "params", "within budget", "overrides"]
-    body = [[f"**{r['number']}**" if r["number"] == chosen else str(r["number"]), _num(r["val_acc"], ".4f"),
+    header = ["trial", "state", "val acc", "latency ms", "MACs", "params", "within budget", "overrides"]
+    body = [[f"**{r['number']}**" if r["number"] == chosen else str(r["number"]), r["state"].lower(),
+             _num(r["val_acc"], ".4f"),
              _num(r.get("latency_ms"), ".3f"), _num(r.get("macs"), ","), _num(r.get("params"), ","),
              "yes" if within(r, budgets) else "no", " ".join(r["overrides"])] for r in found]  # fmt: skip
     return markdown_table(header, body)
@@ -97,6 +99,7 @@ def optuna_figures(study, search_dir: Path) -> dict:
     opt = studies.optuna()
     target = {"target": lambda t: t.values[0], "target_name": "validation accuracy"}
     figures, notes = {}, []
+    warnings.simplefilter("ignore", opt.exceptions.ExperimentalWarning)  # the matplotlib plots are "experimental"
     try:
         figures["history.png"] = opt.visualization.matplotlib.plot_optimization_history(study, **target).figure
     except Exception as exc:  # e.g. no complete trial

@@ -65,8 +65,21 @@ def directions(search: DictConfig) -> list[str]:
 
 
 def constraints(trial) -> list[float]:
-    """Optuna's constraints: each budget's excess (<= 0 within budget), recorded by the trial before training."""
+    """Optuna 4's constraints_func: each budget's excess (<= 0 within budget), recorded by the trial before training."""
     return trial.user_attrs.get("constraints", [])
+
+
+def set_constraints(trial, excess: dict[str, float]) -> None:
+    """Each budget's excess for the sampler: ``Trial.set_constraint`` on Optuna 5 (which deprecates
+    ``constraints_func``), the user attribute :func:`constraints` reads on Optuna 4."""
+    trial.set_user_attr("constraints", list(excess.values()))
+    if hasattr(trial, "set_constraint"):
+        for key, value in excess.items():
+            trial.set_constraint(f"budget.{key}", value)
+
+
+def sampler_takes_constraints_func() -> bool:
+    return not hasattr(optuna().trial.Trial, "set_constraint")
 
 
 def studies(search: DictConfig, search_dir: Path):
@@ -74,7 +87,7 @@ def studies(search: DictConfig, search_dir: Path):
     opt = optuna()
     store = storage(search, search_dir)
     budgets = [k for k, v in search.budget.items() if v is not None]
-    extra = {"constraints_func": constraints} if budgets else {}
+    extra = {"constraints_func": constraints} if budgets and sampler_takes_constraints_func() else {}
     try:
         sampler = instantiate(search.sampler, "search.sampler", **extra)
     except ConfigError:  # a sampler that takes no constraints: budgets still decide the final choice
