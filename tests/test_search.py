@@ -53,6 +53,7 @@ SPACE = {
     "study_name": "distill-search",
     "workers": 1,
     "role": "main",
+    "worker": 0,
     "final": True,
     "int8": False,
     "int8_calibration_images": 32,

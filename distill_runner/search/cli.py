@@ -3,14 +3,27 @@ distill-run (conf/distill_search.yaml adds the ``search`` group); the work is in
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from distill_runner.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class SearchSweepNote(Callback):
+    """After ``distill-search -m`` (workers started through a Hydra launcher, sweeping ``search.worker``): where
+    the report is. It replaces distill-run's sweep summary, which reads run folders a search does not write."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        main = "the folder of the job with search.worker=0 (search.role=main)"
+        log.info("search report: report.md and best.json in %s under %s", main, config.hydra.sweep.dir)
 
 
 @hydra.main(config_path="pkg://distill_runner.conf", config_name="distill_search", version_base="1.3")

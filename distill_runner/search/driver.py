@@ -42,6 +42,10 @@ def check_search(search: DictConfig) -> None:
             raise ConfigError(f"search.budget.{key}", value, f"budgets are {', '.join(COSTS)}")
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
             raise ConfigError(f"search.budget.{key}", value, "use null or a number > 0")
+    if not isinstance(search.get("worker", 0), int):
+        raise ConfigError(
+            "search.worker", search.worker, "use an integer (sweep it to start workers: search.worker=1,2,3)"
+        )
     for key in ("trials", "workers", "int8_calibration_images"):
         if not isinstance(search[key], int) or isinstance(search[key], bool) or search[key] < 1:
             raise ConfigError(f"search.{key}", search[key], "use an integer >= 1")
@@ -66,7 +70,7 @@ def search(
     studies.enqueue_requested(study, node, entries)
     if studies.recover_orphans(study, twin):
         log.info("resuming the search in %s", search_dir)
-    main = node.role == "main"
+    main = node.role == "main" and node.worker == 0  # a launcher sweeping search.worker: job 0 is the main one
     if main:
         # resume=auto: a search run again in its folder continues there (and must keep the distill-run config)
         teacher = prepare_teacher(
@@ -93,12 +97,12 @@ def search(
 
 def start_workers(n: int, search_dir: Path, overrides: list[str]) -> list[subprocess.Popen]:
     """``n`` more processes running trials of the same study (each logs to distill-search-worker<i>.log)."""
-    keep = ("hydra.run.dir", "hydra.output_subdir", "hydra.job.name")  # each worker sets its own
+    keep = ("hydra.run.dir", "hydra.output_subdir", "hydra.job.name", "search.worker=")  # each worker sets its own
     overrides = [o for o in overrides if not o.startswith(keep)]
     workers = []
     for i in range(1, n + 1):
         command = [sys.executable, "-m", "distill_runner.search", *overrides, "search.role=worker",
-                   f"hydra.run.dir={search_dir.resolve()}", "hydra.output_subdir=null",
+                   f"search.worker={i}", f"hydra.run.dir={search_dir.resolve()}", "hydra.output_subdir=null",
                    f"hydra.job.name=distill-search-worker{i}"]  # fmt: skip
         workers.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))
     if n:
@@ -138,8 +142,10 @@ def optimize(study, twin, node: DictConfig, entries, base: list[str], epochs: in
                 raise opt.TrialPruned(f"validation accuracy {acc:.4f} after epoch {epoch + 1}")
 
         log.info("trial %d: %s", trial.number, " ".join(trial_overrides))
+        folder = search_dir.resolve() / "trials" / f"{trial.number:04d}"
+        trial.set_user_attr("folder", str(folder))  # workers of a Hydra launcher each write under their own folder
         try:
-            acc = run_trial(cfg, search_dir / "trials" / f"{trial.number:04d}", measured, on_epoch)
+            acc = run_trial(cfg, folder, measured, on_epoch)
         except opt.TrialPruned as exc:
             log.info("trial %d pruned: %s", trial.number, exc)
             raise

@@ -23,7 +23,8 @@ def trial_row(t) -> dict:
     per_epoch = t.user_attrs.get("val_acc_per_epoch", [])
     acc = t.user_attrs.get("val_acc", per_epoch[-1] if per_epoch else None)
     return {"number": t.number, "state": t.state.name, "overrides": t.user_attrs.get("overrides", []),
-            "epochs": t.user_attrs.get("epochs"), "val_acc": acc, **(t.user_attrs.get("cost") or {})}  # fmt: skip
+            "epochs": t.user_attrs.get("epochs"), "folder": t.user_attrs.get("folder"), "val_acc": acc,
+            **(t.user_attrs.get("cost") or {})}  # fmt: skip
 
 
 def rows(study) -> list[dict]:
@@ -77,7 +78,8 @@ def finish(chosen: dict, node: DictConfig, base: list[str], full_epochs: int, se
     final_dir = search_dir / f"final-{number:04d}"
     extra = ["export=onnx", "trainer.resume=auto", "trainer.progress=false"]
     overrides = [*[o for o in base if o not in extra], *chosen["overrides"], *extra]
-    reused = not chosen["shortened"] and copy_finished_student(search_dir / "trials" / f"{number:04d}", final_dir)
+    trial_dir = Path(chosen.get("folder") or search_dir / "trials" / f"{number:04d}")
+    reused = not chosen["shortened"] and copy_finished_student(trial_dir, final_dir)
     what = "its trial's weights (trained as long)" if reused else f"retrained with trainer.epochs={full_epochs}"
     log.info("final: trial %d as a distill-run in %s, %s", number, final_dir, what)
     cfg = compose(overrides)

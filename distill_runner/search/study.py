@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 60  # RDB storages: a trial whose process stopped beating for 2 heartbeats is failed and retried
 FINISHED = ("COMPLETE", "PRUNED")
+WORKER_SEED_STEP = 100_003  # worker i's sampler seed: search.sampler.seed + i * this (+ the trials already run)
 
 
 def optuna():
@@ -45,19 +46,22 @@ def optuna():
 
 
 def storage(search: DictConfig, search_dir: Path):
-    """``search.storage`` (an RDB URL, with a heartbeat) or the journal file ``<search folder>/study.journal``."""
+    """``search.storage``: null (the journal file ``<search folder>/study.journal``), a journal file of its own
+    (``PATH.journal``: workers started in other folders, e.g. by a Hydra launcher, share it) or an RDB URL (with
+    a heartbeat)."""
     opt = optuna()
-    if search.storage is None:
+    value = search.storage
+    if value is None or (isinstance(value, str) and value.endswith(".journal") and "://" not in value):
         from optuna.storages.journal import JournalFileBackend
 
-        path = search_dir / "study.journal"
+        path = search_dir / "study.journal" if value is None else Path(value).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
         return opt.storages.JournalStorage(JournalFileBackend(str(path)))
-    if not isinstance(search.storage, str) or "://" not in search.storage:
-        raise ConfigError(
-            "search.storage", search.storage, "use null (a journal file) or an RDB URL, e.g. sqlite:///s.db"
-        )
+    if not isinstance(value, str) or "://" not in value:
+        fix = "use null (<search folder>/study.journal), a file PATH.journal or an RDB URL, e.g. sqlite:///search.db"
+        raise ConfigError("search.storage", value, fix)
     retry = opt.storages.RetryFailedTrialCallback(max_retry=3)
-    return opt.storages.RDBStorage(search.storage, heartbeat_interval=HEARTBEAT_S, failed_trial_callback=retry)
+    return opt.storages.RDBStorage(value, heartbeat_interval=HEARTBEAT_S, failed_trial_callback=retry)
 
 
 def directions(search: DictConfig) -> list[str]:
@@ -82,27 +86,34 @@ def sampler_takes_constraints_func() -> bool:
     return not hasattr(optuna().trial.Trial, "set_constraint")
 
 
+def sampler(search: DictConfig, offset: int):
+    """``search.sampler``, its seed (if any) moved by ``offset``: parallel workers and a resumed search must not
+    draw the same values as the process before them (a seeded sampler in each repeats one sequence)."""
+    budgets = [k for k, v in search.budget.items() if v is not None]
+    extra = {"constraints_func": constraints} if budgets and sampler_takes_constraints_func() else {}
+    if search.sampler.get("seed") is not None:
+        extra["seed"] = search.sampler.seed + offset
+    try:
+        return instantiate(search.sampler, "search.sampler", **extra)
+    except ConfigError:  # a sampler that takes no constraints: budgets still decide the final choice
+        extra.pop("constraints_func", None)
+        log.warning("search.sampler %s takes no constraints_func: it does not learn the budgets",
+                    search.sampler._target_)  # fmt: skip
+        return instantiate(search.sampler, "search.sampler", **extra)
+
+
 def studies(search: DictConfig, search_dir: Path):
     """The search's study and its pruning twin, created or loaded from the storage."""
     opt = optuna()
     store = storage(search, search_dir)
-    budgets = [k for k, v in search.budget.items() if v is not None]
-    extra = {"constraints_func": constraints} if budgets and sampler_takes_constraints_func() else {}
-    try:
-        sampler = instantiate(search.sampler, "search.sampler", **extra)
-    except ConfigError:  # a sampler that takes no constraints: budgets still decide the final choice
-        sampler = instantiate(search.sampler, "search.sampler")
-        log.warning(
-            "search.sampler %s takes no constraints_func: it does not learn the budgets", search.sampler._target_
-        )
-    pruner = instantiate(search.pruner, "search.pruner")
     name = search.study_name
-    study = opt.create_study(
-        study_name=name, storage=store, sampler=sampler, directions=directions(search), load_if_exists=True
-    )
+    study = opt.create_study(study_name=name, storage=store, directions=directions(search), load_if_exists=True)
     if list(study.directions) != [opt.study.StudyDirection[d.upper()] for d in directions(search)]:
         fix = "the study in this storage has other objectives; use another search folder or search.study_name"
         raise ConfigError("search.objective", search.objective, fix)
+    # a fresh single-process search draws from search.sampler.seed itself: it is repeatable
+    study.sampler = sampler(search, WORKER_SEED_STEP * search.get("worker", 0) + len(study.get_trials(deepcopy=False)))
+    pruner = instantiate(search.pruner, "search.pruner")
     twin = opt.create_study(study_name=f"{name}.pruning", storage=store, pruner=pruner, direction="maximize",
                             load_if_exists=True)  # fmt: skip
     return study, twin
