@@ -185,3 +185,72 @@ def test_a_killed_search_resumes_from_its_journal(tmp_path, searched, cache_dir)
     assert retry.params == killed[0].params
     best = json.loads((folder / "best.json").read_text())
     assert best["trial"]["params"] <= PARAMS_BUDGET and best["final"] == {}
+
+
+def test_space_entries_sample_into_overrides_and_bad_entries_are_one_line():
+    from distill_runner.search import space
+
+    entries = space.parse(
+        {
+            "student": {"choices": ["tiny_cnn", "mobilenet_v2"]},
+            "student.model.channels": {"choices": [[8, 16], [16, 32]], "when": {"student": "tiny_cnn"}},
+            "student.model.width_mult": {"choices": [0.5, 1.0], "when": {"student": "mobilenet_v2"}},
+            "distill.temperature": {"low": 1.0, "high": 8.0},
+        }
+    )
+    trial = optuna.trial.FixedTrial(
+        {"student": "tiny_cnn", "student.model.channels": "[16, 32]", "distill.temperature": 2.5}
+    )
+    values = space.sample(entries, trial)
+    assert values == {"student": "tiny_cnn", "student.model.channels": [16, 32], "distill.temperature": 2.5}
+    assert space.overrides(values) == ["student=tiny_cnn", "student.model.channels=[16,32]", "distill.temperature=2.5"]
+    bad = {
+        "distill.alpha": ({"low": 0.9, "high": 0.1}, "search.space.distill.alpha="),
+        "distill.beta": ({"choices": []}, "search.space.distill.beta.choices=[]"),
+        "trainer.optimizer.lr": ({"low": 1e-3, "high": 1e-2, "lgo": True}, "search.space.trainer.optimizer.lr.lgo="),
+    }
+    for key, (spec, start) in bad.items():
+        with pytest.raises(ConfigError) as err:
+            space.parse({key: spec})
+        assert str(err.value).startswith(start) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"^search.space.student='resnet50': not an option of the student group"):
+        space.check(space.parse({"student": {"choices": ["tiny_cnn", "resnet50"]}}), [], None)
+
+
+def test_the_kd_preset_is_the_old_kd_search():
+    with initialize_config_module(config_module="distill_runner.conf", version_base="1.3"):
+        node = compose(config_name="distill_search", overrides=["search=kd"]).search
+    assert node.objective is None and node.trials == 20  # validation accuracy alone, 20 trials
+    assert dict(node.space) == {
+        "distill.temperature": {"low": 1.0, "high": 10.0},
+        "distill.alpha": {"low": 0.0, "high": 1.0},
+    }
+
+
+def test_a_bad_storage_is_one_line(tmp_path):
+    from distill_runner.search import study
+
+    with initialize_config_module(config_module="distill_runner.conf", version_base="1.3"):
+        node = compose(config_name="distill_search", overrides=["search.storage=my-db"]).search
+    with pytest.raises(ConfigError, match=r"^search.storage='my-db': use null .* or an RDB URL"):
+        study.storage(node, tmp_path)
+
+
+def test_int8_beside_fp32_and_one_line_without_onnxruntime(searched, tmp_path, monkeypatch):
+    from distill_runner.search import int8
+    from distill_runner.search.trial import compose as compose_run
+
+    _, folder, best, _ = searched
+    onnx_path = folder / best["final"]["folder"] / best["final"]["export"]["onnx"]["path"]
+    with initialize_config_module(config_module="distill_runner.conf", version_base="1.3"):
+        cfg = compose_run([*SMALL, *best["trial"]["overrides"]])
+    result = int8.quantize(onnx_path, cfg, tmp_path, calibration_images=32)
+    assert result["calibration_images"] == 32 and (tmp_path / "student.int8.onnx").is_file()
+    assert result["int8"]["size_bytes"] < result["fp32"]["size_bytes"]
+    assert result["fp32"]["test_acc"] == pytest.approx(best["final"]["test_acc"], abs=1e-6)  # the same fp32 model
+    assert abs(result["int8"]["test_acc"] - result["fp32"]["test_acc"]) < 0.1 and result["int8"]["latency_ms"] > 0
+    monkeypatch.setattr(int8, "missing_modules", lambda *names: ["onnxruntime"])
+    skipped = int8.quantize(onnx_path, cfg, tmp_path, calibration_images=32)
+    assert skipped == {
+        "status": "skipped: onnxruntime not installed; pip install -e '.[export]' adds int8 quantization"
+    }

@@ -68,9 +68,10 @@ def search(
     space.check(entries, base, compose)
     study, twin = studies.studies(node, search_dir)
     studies.enqueue_requested(study, node, entries)
-    if studies.recover_orphans(study, twin):
-        log.info("resuming the search in %s", search_dir)
-    main = node.role == "main" and node.worker == 0  # a launcher sweeping search.worker: job 0 is the main one
+    if existing := len(study.get_trials(deepcopy=False)):
+        log.info("the study holds %d trials already (%s): resuming it", existing, studies.counts(study))
+    studies.recover_orphans(study, twin)
+    main = node.role == "main" and node.get("worker", 0) == 0  # a launcher sweeping search.worker: job 0 is main
     if main:
         # resume=auto: a search run again in its folder continues there (and must keep the distill-run config)
         teacher = prepare_teacher(
