@@ -119,6 +119,7 @@ def optimize(study, twin, node: DictConfig, entries, base: list[str], epochs: in
 
     def objective(trial):
         studies.mark(trial)
+        trial.set_user_attr("val_acc_per_epoch", [])  # a retried trial starts with the attributes of the one it retries
         values = space.sample(entries, trial)
         trial_overrides = space.overrides(values)
         trial.set_user_attr("overrides", trial_overrides)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -45,10 +46,10 @@ def optuna():
     return module
 
 
-def storage(search: DictConfig, search_dir: Path):
+def storage(search: DictConfig, search_dir: Path, heartbeat: bool = True):
     """``search.storage``: null (the journal file ``<search folder>/study.journal``), a journal file of its own
-    (``PATH.journal``: workers started in other folders, e.g. by a Hydra launcher, share it) or an RDB URL (with
-    a heartbeat)."""
+    (``PATH.journal``: workers started in other folders, e.g. by a Hydra launcher, share it) or an RDB URL; an
+    RDB's trials beat (``heartbeat``), and one whose process stopped beating is failed and enqueued again."""
     opt = optuna()
     value = search.storage
     if value is None or (isinstance(value, str) and value.endswith(".journal") and "://" not in value):
@@ -60,8 +61,15 @@ def storage(search: DictConfig, search_dir: Path):
     if not isinstance(value, str) or "://" not in value:
         fix = "use null (<search folder>/study.journal), a file PATH.journal or an RDB URL, e.g. sqlite:///search.db"
         raise ConfigError("search.storage", value, fix)
-    retry = opt.storages.RetryFailedTrialCallback(max_retry=3)
-    return opt.storages.RDBStorage(value, heartbeat_interval=HEARTBEAT_S, failed_trial_callback=retry)
+    if not heartbeat:
+        return opt.storages.RDBStorage(value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", opt.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
+        if hasattr(opt.storages, "RetryHeartbeatStaleTrialCallback"):  # Optuna >= 4.9 deprecates the other
+            retry = {"heartbeat_stale_trial_callback": opt.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)}
+        else:
+            retry = {"failed_trial_callback": opt.storages.RetryFailedTrialCallback(max_retry=3)}
+        return opt.storages.RDBStorage(value, heartbeat_interval=HEARTBEAT_S, **retry)
 
 
 def directions(search: DictConfig) -> list[str]:
@@ -114,7 +122,9 @@ def studies(search: DictConfig, search_dir: Path):
     # a fresh single-process search draws from search.sampler.seed itself: it is repeatable
     study.sampler = sampler(search, WORKER_SEED_STEP * search.get("worker", 0) + len(study.get_trials(deepcopy=False)))
     pruner = instantiate(search.pruner, "search.pruner")
-    twin = opt.create_study(study_name=f"{name}.pruning", storage=store, pruner=pruner, direction="maximize",
+    # the twin's trials are told by hand (ask/tell), never by Study.optimize: no heartbeat for them
+    twin_store = store if search.storage is None else storage(search, search_dir, heartbeat=False)
+    twin = opt.create_study(study_name=f"{name}.pruning", storage=twin_store, pruner=pruner, direction="maximize",
                             load_if_exists=True)  # fmt: skip
     return study, twin
 
