@@ -14,6 +14,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from omegaconf import DictConfig
 
 from distill_runner.reporting.report import markdown_table
@@ -86,6 +87,7 @@ def pareto_figure(found: list[dict], cost: str, budgets: dict, teacher: dict | N
     if cost in budgets:
         ax.axvline(budgets[cost], ls="--", c="tab:red", label=f"budget {budgets[cost]:g}")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a log axis overlap
     ax.set_xlabel(LABELS[cost])
     ax.set_ylabel("validation accuracy")
     ax.set_title(f"accuracy vs {LABELS[cost].split(' (')[0]}")
