@@ -161,13 +161,16 @@ def enqueue_requested(study, search: DictConfig, entries) -> None:
     requested = OmegaConf.to_container(search.enqueue, resolve=True) or []
     if study.user_attrs.get("enqueued") == len(requested) or not requested:
         return
-    labels = {e.key: e for e in entries}
+    by_key = {e.key: e for e in entries}
     for i, params in enumerate(requested):
-        if unknown := [k for k in params if k not in labels]:
-            raise ConfigError(f"search.enqueue[{i}].{unknown[0]}", params[unknown[0]], "not a key of search.space")
-        fixed = {
-            k: labels[k].labels()[labels[k].choices.index(v)] if labels[k].choices else v for k, v in params.items()
-        }
+        fixed = {}
+        for key, value in params.items():
+            entry, where = by_key.get(key), f"search.enqueue[{i}].{key}"
+            if entry is None:
+                raise ConfigError(where, value, "not a key of search.space")
+            if entry.choices is not None and value not in entry.choices:
+                raise ConfigError(where, value, f"not one of its choices {entry.choices}")
+            fixed[key] = entry.labels()[entry.choices.index(value)] if entry.choices is not None else value
         study.enqueue_trial(fixed, skip_if_exists=True)
     study.set_user_attr("enqueued", len(requested))
 
