@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -174,16 +175,10 @@ def optimize(study, twin, node: DictConfig, entries, base: list[str], epochs: in
 def wait_for_running(study, poll_s: float = 2.0) -> None:
     """Wait for the trials this host's other live processes still run (other hosts' are left: the report
     covers the finished trials; running distill-search again in the folder updates it)."""
-    import os
-    import socket
-
-    from distill_runner.storage import pid_alive
-
     opt = studies.optuna()
     while True:
         running = study.get_trials(deepcopy=False, states=(opt.trial.TrialState.RUNNING,))
-        here = [t for t in running if t.user_attrs.get("host") == socket.gethostname()
-                and t.user_attrs.get("pid") not in (None, os.getpid()) and pid_alive(t.user_attrs["pid"])]  # fmt: skip
+        here = [t for t in running if studies.runs_here(t) is True and t.user_attrs["pid"] != os.getpid()]
         if not here:
             if running:
                 log.info("%d trials still run elsewhere; the report covers the finished ones", len(running))

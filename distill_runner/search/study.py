@@ -136,14 +136,23 @@ def counts(study) -> dict[str, int]:
     return out
 
 
+def runs_here(trial) -> bool | None:
+    """A running trial's process is alive on this host (True), was on this host and is gone (False), or
+    runs elsewhere (None: no process id of this host to check)."""
+    pid = trial.user_attrs.get("pid")
+    if trial.user_attrs.get("host") != socket.gethostname() or pid is None:
+        return None
+    return pid_alive(pid)
+
+
 def recover_orphans(study, twin) -> int:
     """Fail (and enqueue again) the trials left running by a killed process of this host."""
     opt = optuna()
-    host, found = socket.gethostname(), 0
+    found = 0
     for t in study.get_trials(deepcopy=False, states=(opt.trial.TrialState.RUNNING,)):
-        pid = t.user_attrs.get("pid")
-        if t.user_attrs.get("host") != host or pid is None or pid_alive(pid):
+        if runs_here(t) is not False:
             continue
+        pid = t.user_attrs["pid"]
         study.tell(t.number, state=opt.trial.TrialState.FAIL, skip_if_finished=True)
         if (number := t.user_attrs.get("twin")) is not None:
             twin.tell(number, state=opt.trial.TrialState.FAIL, skip_if_finished=True)
