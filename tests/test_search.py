@@ -174,8 +174,12 @@ def test_a_killed_search_resumes_from_its_journal(tmp_path, searched, cache_dir)
     before = {t.number: t.values for t in trials(journal, "COMPLETE", "PRUNED")}
     killed = trials(journal, "RUNNING")
     assert 1 <= len(before) < 4 and len(killed) == 1
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    # resumed with a second process sharing the study (which trials it gets depends on timing)
+    done = subprocess.run([*command, "search.workers=2"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+    log = (folder / "distill-search.log").read_text()
+    assert "started 1 worker processes" in log and "worker processes failed" not in log
+    assert (folder / "distill-search-worker1.log").is_file()
     after = trials(journal, "COMPLETE", "PRUNED")
     assert len(after) == 4  # the requested total, not 4 more
     assert all(before[t.number] == t.values for t in after if t.number in before)  # finished trials are kept
