@@ -171,6 +171,18 @@ def train_teachers(ctx: RunContext, built: Built) -> tuple[dict[str, nn.Module],
 def train_students(ctx: RunContext, built: Built, teachers: list[nn.Module], done: dict) -> dict[str, StageResult]:
     """The KD student with the recipe and the teacher signal; the baseline with cross-entropy (it
     does not depend on the recipe: a sweep over KD settings trains it once)."""
+    student = train_student(ctx, built, teachers, done)
+    students = schedule(ctx.cfg.trainer, "trainer")
+    baseline_stage = engine.Stage("baseline", built.baseline, cross_entropy(ctx.data, built.baseline), **students)
+    baseline = run_or_reuse(ctx, baseline_stage, "baselines", baseline_key(ctx.cfg, ctx.data.fingerprint))
+    return {"student": student, "baseline": baseline}
+
+
+def train_student(
+    ctx: RunContext, built: Built, teachers: list[nn.Module], done: dict, on_epoch: engine.EpochHook | None = None
+) -> StageResult:
+    """The KD student alone, with the recipe and the teacher signal (replayed from the cache when it
+    can be); ``on_epoch`` sees each epoch's record (a search trial reports it and may stop the stage)."""
     cfg = ctx.cfg
     teacher_keys = [done[k].cache_key or teacher_key(cfg, k, ctx.data.fingerprint) for k in done]
     weights = signals.teacher_weights(cfg.distill)
@@ -186,11 +198,10 @@ def train_students(ctx: RunContext, built: Built, teachers: list[nn.Module], don
     key = lambda views, summaries: teacher_outputs_key(cfg, teacher_keys, ctx.data.fingerprint, views, summaries)
     signal = signals.distill_signal(online, built.recipe, ctx.data, replay, ctx.device, ctx.precision, fetch, key)
     students = schedule(cfg.trainer, "trainer")
-    student = run_stage(ctx, engine.Stage("student", built.student, built.recipe, teacher=signal, **students))
+    stage = engine.Stage("student", built.student, built.recipe, teacher=signal, on_epoch=on_epoch, **students)
+    student = run_stage(ctx, stage)
     student.recipe_params = count_parameters(built.recipe)  # adapters/heads, not shipped
-    baseline_stage = engine.Stage("baseline", built.baseline, cross_entropy(ctx.data, built.baseline), **students)
-    baseline = run_or_reuse(ctx, baseline_stage, "baselines", baseline_key(cfg, ctx.data.fingerprint))
-    return {"student": student, "baseline": baseline}
+    return student
 
 
 def evaluate_models(ctx: RunContext, built: Built, models: dict, stages: dict[str, StageResult]) -> RunResults:

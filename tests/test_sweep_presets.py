@@ -1,4 +1,5 @@
-"""The launcher and sweeper presets compose (the `sweep` extra installs their plugins)."""
+"""The launcher presets compose (the `sweep` extra installs their plugins); Optuna searches are distill-search's
+(tests/test_search.py)."""
 
 import pytest
 from hydra import compose, initialize_config_module
@@ -31,14 +32,6 @@ def test_slurm_preset_is_one_gpu_per_job_with_requeue():
         and launcher.max_num_timeout >= 1
         and launcher.partition == "gpu"
     )
-
-
-def test_optuna_search_preset_composes():
-    cfg = compose_hydra(["hydra/sweeper=kd_search", "hydra.sweeper.n_trials=3"])
-    sweeper = cfg.hydra.sweeper
-    assert sweeper._target_ == "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
-    assert sweeper.direction == "maximize" and sweeper.n_trials == 3
-    assert sweeper.params["distill.temperature"] == "interval(1.0, 10.0)"
 
 
 def test_sweep_summary_callback_is_registered():

@@ -135,6 +135,10 @@ def constant_lr(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
+# on_epoch(epoch, record, model): see Stage.on_epoch
+EpochHook = Callable[[int, dict, nn.Module], None]
+
+
 @dataclass
 class Stage:
     """What one call of :func:`fit` trains, and how."""
@@ -148,7 +152,7 @@ class Stage:
     teacher: TeacherSignal | None = None  # online or replayed (distill_runner.distill.signals)
     # Called after each epoch's validation as on_epoch(epoch, record, model), on every process: it may add values to
     # the epoch's record (logged and kept in the history) or raise to stop training (a search pruning a trial).
-    on_epoch: Callable[[int, dict, nn.Module], None] | None = None
+    on_epoch: EpochHook | None = None
 
 
 def to_device(

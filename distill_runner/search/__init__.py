@@ -1,0 +1,1 @@
+"""distill-search: a multi-objective Optuna search over students, recipes and their hyperparameters."""

@@ -1,0 +1,3 @@
+from distill_runner.search.cli import main
+
+main()

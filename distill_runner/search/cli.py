@@ -1,0 +1,47 @@
+"""``distill-search``: which student should I ship? The Hydra entry point over the same config tree as
+distill-run (conf/distill_search.yaml adds the ``search`` group); the work is in :mod:`.driver`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from distill_runner.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class SearchSweepNote(Callback):
+    """After ``distill-search -m`` (workers started through a Hydra launcher, sweeping ``search.worker``): where
+    the report is. It replaces distill-run's sweep summary, which reads run folders a search does not write."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        main = "the folder of the job with search.worker=0 (search.role=main)"
+        log.info("search report: report.md and best.json in %s under %s", main, config.hydra.sweep.dir)
+
+
+@hydra.main(config_path="pkg://distill_runner.conf", config_name="distill_search", version_base="1.3")
+def search_from_config(cfg: DictConfig) -> None:
+    from distill_runner.search.driver import search  # imported here so --help and --cfg stay fast
+
+    hydra_cfg = HydraConfig.get()
+    try:
+        search(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), list(hydra_cfg.overrides.hydra))
+    except ConfigError as exc:
+        # One line, no traceback: the message names the key, the bad value and the fix.
+        print(f"distill-search: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    search_from_config()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""A search from start to end: check the space, fine-tune the teacher once, run trials (in this process
+and ``search.workers - 1`` more sharing the study), then choose, retrain, export and report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from distill_runner import storage
+from distill_runner.errors import ConfigError
+from distill_runner.search import space
+from distill_runner.search import study as studies
+from distill_runner.search.trial import COSTS, compose, prepare_teacher, run_trial
+
+log = logging.getLogger(__name__)
+
+
+def base_overrides(task_overrides: list[str], entries: list[space.Entry]) -> list[str]:
+    """The user's distill-run overrides a trial starts from: no search.* key, none the space sets."""
+    keys = {e.key for e in entries}
+    out = []
+    for item in task_overrides:
+        key = item.lstrip("+~").split("=", 1)[0]
+        if key == "search" or key.startswith("search.") or key in keys:
+            continue
+        out.append(item)
+    return out
+
+
+def check_search(search: DictConfig) -> None:
+    """The search node's own keys, each one line when wrong."""
+    if search.objective is not None and search.objective not in COSTS:
+        raise ConfigError("search.objective", search.objective, f"use one of {', '.join(COSTS)} or null")
+    for key, value in search.budget.items():
+        if key not in COSTS:
+            raise ConfigError(f"search.budget.{key}", value, f"budgets are {', '.join(COSTS)}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise ConfigError(f"search.budget.{key}", value, "use null or a number > 0")
+    if not isinstance(search.get("worker", 0), int):
+        raise ConfigError(
+            "search.worker", search.worker, "use an integer (sweep it to start workers: search.worker=1,2,3)"
+        )
+    for key in ("trials", "workers", "int8_calibration_images"):
+        if not isinstance(search[key], int) or isinstance(search[key], bool) or search[key] < 1:
+            raise ConfigError(f"search.{key}", search[key], "use an integer >= 1")
+    epochs = search.trial_epochs
+    if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1):
+        raise ConfigError("search.trial_epochs", epochs, "use null (trainer.epochs) or an integer >= 1")
+    if search.role not in ("main", "worker"):
+        raise ConfigError("search.role", search.role, "use main (the whole search) or worker (trials only)")
+
+
+def search(
+    cfg: DictConfig, search_dir: Path, task_overrides: list[str], hydra_overrides: list[str] = ()
+) -> dict | None:
+    """Run (or resume) the search in ``search_dir``; the main process returns best.json's content.
+    ``hydra_overrides`` (e.g. ``hydra.searchpath`` naming the user's own search configs) reach the workers."""
+    node = cfg.search
+    check_search(node)
+    entries = space.parse(node.space)
+    base = base_overrides(task_overrides, entries)
+    space.check(entries, base, compose)
+    study, twin = studies.studies(node, search_dir)
+    studies.enqueue_requested(study, node, entries)
+    if existing := len(study.get_trials(deepcopy=False)):
+        log.info("the study holds %d trials already (%s): resuming it", existing, studies.counts(study))
+    studies.recover_orphans(study, twin)
+    main = node.role == "main" and node.get("worker", 0) == 0  # a launcher sweeping search.worker: job 0 is main
+    if main:
+        # resume=auto: a search run again in its folder continues there (and must keep the distill-run config)
+        teacher = prepare_teacher(
+            compose(base + ["trainer.progress=false", "trainer.resume=auto"]), search_dir / "teacher"
+        )
+        storage.atomic_write_text(search_dir / "teacher.json", json.dumps(teacher, indent=2))
+    workers = start_workers(node.workers - 1, search_dir, [*hydra_overrides, *task_overrides]) if main else []
+    trial_epochs = node.trial_epochs or cfg.trainer.epochs
+    try:
+        optimize(study, twin, node, entries, base, trial_epochs, search_dir)
+    finally:
+        failed = [w.wait() for w in workers]
+    if any(failed):
+        log.warning("%d of %d worker processes failed (their logs: distill-search-worker*.log)", sum(map(bool, failed)),
+                    len(workers))  # fmt: skip
+    if not main:
+        return None
+    from distill_runner.search import final, report
+
+    chosen = final.choose(study, node, cfg.trainer.epochs)
+    outcome = final.finish(chosen, node, base, cfg.trainer.epochs, search_dir) if node.final else {}
+    return report.write(study, node, chosen, outcome, search_dir)
+
+
+def start_workers(n: int, search_dir: Path, overrides: list[str]) -> list[subprocess.Popen]:
+    """``n`` more processes running trials of the same study (each logs to distill-search-worker<i>.log)."""
+    keep = ("hydra.run.dir", "hydra.output_subdir", "hydra.job.name", "search.worker=")  # each worker sets its own
+    overrides = [o for o in overrides if not o.startswith(keep)]
+    workers = []
+    for i in range(1, n + 1):
+        command = [sys.executable, "-m", "distill_runner.search", *overrides, "search.role=worker",
+                   f"search.worker={i}", f"hydra.run.dir={search_dir.resolve()}", "hydra.output_subdir=null",
+                   f"hydra.job.name=distill-search-worker{i}"]  # fmt: skip
+        workers.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))
+    if n:
+        log.info("started %d worker processes sharing the study", n)
+    return workers
+
+
+def optimize(study, twin, node: DictConfig, entries, base: list[str], epochs: int, search_dir: Path) -> None:
+    """Run trials until the study holds ``search.trials`` finished (or running) ones."""
+    opt = studies.optuna()
+    budgets = {k: v for k, v in node.budget.items() if v is not None}
+    failures = 0
+
+    def objective(trial):
+        studies.mark(trial)
+        trial.set_user_attr("val_acc_per_epoch", [])  # a retried trial starts with the attributes of the one it retries
+        values = space.sample(entries, trial)
+        trial_overrides = space.overrides(values)
+        trial.set_user_attr("overrides", trial_overrides)
+        trial.set_user_attr("epochs", epochs)
+        twin_trial = twin.ask()
+        trial.set_user_attr("twin", twin_trial.number)
+        extra = [f"trainer.epochs={epochs}", "trainer.progress=false", "export=null"]
+        cfg = compose([*base, *trial_overrides, *extra])
+        found: dict = {}
+
+        def measured(cost: dict) -> None:
+            found.update(cost)
+            trial.set_user_attr("cost", cost)
+            studies.set_constraints(trial, {k: float(cost[k] - v) for k, v in budgets.items()})
+
+        def on_epoch(epoch: int, record: dict, model) -> None:
+            acc = record["val/acc"]
+            twin_trial.report(acc, epoch)
+            trial.set_user_attr("val_acc_per_epoch", [*trial.user_attrs.get("val_acc_per_epoch", []), acc])
+            if twin_trial.should_prune():
+                twin.tell(twin_trial, state=opt.trial.TrialState.PRUNED)
+                raise opt.TrialPruned(f"validation accuracy {acc:.4f} after epoch {epoch + 1}")
+
+        log.info("trial %d: %s", trial.number, " ".join(trial_overrides))
+        folder = search_dir.resolve() / "trials" / f"{trial.number:04d}"
+        trial.set_user_attr("folder", str(folder))  # workers of a Hydra launcher each write under their own folder
+        try:
+            acc = run_trial(cfg, folder, measured, on_epoch)
+        except opt.TrialPruned as exc:
+            log.info("trial %d pruned: %s", trial.number, exc)
+            raise
+        except BaseException as exc:
+            trial.set_user_attr("failed_because", f"{type(exc).__name__}: {exc}".splitlines()[0])
+            twin.tell(twin_trial, state=opt.trial.TrialState.FAIL, skip_if_finished=True)
+            raise
+        twin.tell(twin_trial, acc)
+        trial.set_user_attr("val_acc", acc)
+        log.info("trial %d: val acc %.4f, %s", trial.number, acc, _cost_text(found))
+        return acc if node.objective is None else (acc, found[node.objective])
+
+    while studies.should_start(study, node.trials):
+        before = studies.counts(study).get("FAIL", 0)
+        study.optimize(objective, n_trials=1, catch=(ConfigError, FloatingPointError))
+        failures += studies.counts(study).get("FAIL", 0) - before
+        if failures >= node.trials:
+            last = study.get_trials(deepcopy=False)[-1].user_attrs.get("failed_because", "?")
+            fix = f"{failures} trials failed, the last: {last}; fix search.space (see distill-search*.log)"
+            raise ConfigError("search.space", "failing trials", fix)
+    wait_for_running(study)
+
+
+def wait_for_running(study, poll_s: float = 2.0) -> None:
+    """Wait for the trials this host's other live processes still run (other hosts' are left: the report
+    covers the finished trials; running distill-search again in the folder updates it)."""
+    opt = studies.optuna()
+    while True:
+        running = study.get_trials(deepcopy=False, states=(opt.trial.TrialState.RUNNING,))
+        here = [t for t in running if studies.runs_here(t) is True and t.user_attrs["pid"] != os.getpid()]
+        if not here:
+            if running:
+                log.info("%d trials still run elsewhere; the report covers the finished ones", len(running))
+            return
+        time.sleep(poll_s)
+
+
+def _cost_text(cost: dict) -> str:
+    return f"{cost['latency_ms']:.3f} ms, {cost['macs']:,} MACs, {cost['params']:,} params" if cost else "no cost"

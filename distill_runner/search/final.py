@@ -1,0 +1,127 @@
+"""The end of a search: the best student within budget by validation accuracy (the test split is never
+looked at to choose), run as a normal distill-run (trained with ``trainer.epochs`` unless its trial already
+was, tested next to the teacher and the scratch baseline, exported with the parity check), and int8."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from distill_runner import storage
+from distill_runner.errors import ConfigError
+from distill_runner.search import study as studies
+from distill_runner.search.trial import compose
+
+log = logging.getLogger(__name__)
+
+
+def trial_row(t) -> dict:
+    """What the report and the choice read of one trial (pruned: its last validation accuracy)."""
+    per_epoch = t.user_attrs.get("val_acc_per_epoch", [])
+    acc = t.user_attrs.get("val_acc", per_epoch[-1] if per_epoch else None)
+    return {"number": t.number, "state": t.state.name, "overrides": t.user_attrs.get("overrides", []),
+            "epochs": t.user_attrs.get("epochs"), "folder": t.user_attrs.get("folder"), "val_acc": acc,
+            **(t.user_attrs.get("cost") or {})}  # fmt: skip
+
+
+def rows(study) -> list[dict]:
+    return [trial_row(t) for t in study.get_trials(deepcopy=False) if t.state.name in (*studies.FINISHED, "FAIL")]
+
+
+def within(row: dict, budgets: dict) -> bool:
+    return all(k in row and row[k] <= v for k, v in budgets.items())
+
+
+def budgets_of(node: DictConfig) -> dict:
+    return {k: v for k, v in node.budget.items() if v is not None}
+
+
+def student_text(row: dict) -> str:
+    chosen = [o for o in row["overrides"] if o.startswith("student")]
+    return " ".join(chosen) or "the configured student"
+
+
+def choose(study, node: DictConfig, full_epochs: int) -> dict:
+    """The complete trial with the best validation accuracy within every budget (ties: the cheaper)."""
+    found = rows(study)
+    complete = [r for r in found if r["state"] == "COMPLETE" and r["val_acc"] is not None and "params" in r]
+    if not complete:
+        states = studies.counts(study)
+        fix = f"no trial finished ({states}); see trials/*/ and distill-search*.log, then run again in this folder"
+        raise ConfigError("search.trials", node.trials, fix)
+    budgets = budgets_of(node)
+    ok = [r for r in complete if within(r, budgets)]
+    if not ok:
+        key, limit = next(iter(budgets.items()))
+        smallest = min((r for r in found if key in r), key=lambda r: r[key])
+        fix = (f"no student tried meets it; the smallest tried is trial {smallest['number']} "
+               f"({student_text(smallest)}) at {smallest['latency_ms']:.3f} ms batch-1 latency, "
+               f"{smallest['params']:,} params, {smallest['macs']:,} MACs; raise the budget or add smaller students "
+               "to search.space")  # fmt: skip
+        raise ConfigError(f"search.budget.{key}", limit, fix)
+    cheaper = node.objective or "latency_ms"
+    best = max(ok, key=lambda r: (r["val_acc"], -r[cheaper]))
+    best["shortened"] = (best["epochs"] or full_epochs) < full_epochs
+    log.info("chosen: trial %d (%s), val acc %.4f", best["number"], " ".join(best["overrides"]), best["val_acc"])
+    return best
+
+
+def finish(chosen: dict, node: DictConfig, base: list[str], full_epochs: int, search_dir: Path) -> dict:
+    """The chosen student as a distill-run in ``final-<trial>/``: trained fully (or its finished trial's
+    weights loaded), tested, exported (ONNX, TorchScript, parity checked), and int8 when asked."""
+    from distill_runner import runner
+
+    number = chosen["number"]
+    final_dir = search_dir / f"final-{number:04d}"
+    extra = ["export=onnx", "trainer.resume=auto", "trainer.progress=false"]
+    overrides = [*[o for o in base if o not in extra], *chosen["overrides"], *extra]
+    trial_dir = Path(chosen.get("folder") or search_dir / "trials" / f"{number:04d}")
+    reused = not chosen["shortened"] and copy_finished_student(trial_dir, final_dir)
+    what = "its trial's weights (trained as long)" if reused else f"retrained with trainer.epochs={full_epochs}"
+    log.info("final: trial %d as a distill-run in %s, %s", number, final_dir, what)
+    cfg = compose(overrides)
+    results = runner.run(cfg, final_dir, overrides)
+    student = results.models["student"]
+    outcome = {
+        "folder": final_dir.name,
+        "command": "distill-run " + " ".join(o for o in overrides if o != "trainer.resume=auto"),
+        "retrained": not reused,
+        "epochs": full_epochs,
+        "test_acc": student.test_acc,
+        "latency_ms": student.latency_ms,
+        "params": student.params,
+        "macs": student.macs,
+        "baseline_test_acc": results.models["baseline"].test_acc,
+        "teacher_test_acc": results.models["teacher"].test_acc if "teacher" in results.models else None,
+        "export": results.exports.get("student"),
+    }
+    if node.int8:
+        from distill_runner.search.int8 import quantize
+
+        onnx_path = (outcome["export"] or {}).get("onnx", {}).get("path")
+        outcome["int8"] = quantize(final_dir / onnx_path if onnx_path else None, cfg, final_dir / "export",
+                                   node.int8_calibration_images)  # fmt: skip
+    return outcome
+
+
+def copy_finished_student(trial_dir: Path, final_dir: Path) -> bool:
+    """A trial that trained as long as the final run would: its finished student (weights, record and
+    their checksums) goes into the final run folder, which then loads it instead of training it again."""
+    found = [trial_dir / "checkpoints" / f for f in ("student.pt", "student.json")]
+    try:
+        if not all(storage.verify(p) for p in found):
+            return False
+    except storage.DamagedFile as exc:
+        log.warning("trial's student is damaged (%s): the final run trains it again", exc.reason)
+        return False
+    (final_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    for path in found:
+        for f in (path, storage.sidecar(path)):
+            target = final_dir / "checkpoints" / f.name
+            if not target.exists():
+                shutil.copyfile(f, target.with_name(target.name + ".tmp"))
+                target.with_name(target.name + ".tmp").replace(target)
+    return True

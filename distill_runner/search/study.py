@@ -1,0 +1,196 @@
+"""The Optuna study of a search: its storage (a journal file in the search folder, or an RDB URL), the
+sampler and pruner the config names, and the loop each process runs until the study holds
+``search.trials`` finished trials.
+
+Pruning: Optuna's pruners work on single-objective studies only (``Trial.report`` and
+``should_prune`` refuse a multi-objective one), so each trial of the search has a twin in a second,
+single-objective study of the same storage (``<study_name>.pruning``, maximize). The twin receives the
+trial's per-epoch validation accuracy, and the configured pruner decides on the twin exactly as it would
+on a single-objective study of accuracy; a pruned twin prunes the trial.
+
+Resume: a trial left running by a killed process is marked failed and its parameters are enqueued
+again, so the same student is retried: by Optuna's heartbeat for an RDB storage
+(``RetryFailedTrialCallback``), and for the journal (which has no heartbeat) by the process id and host
+each trial records, when the search restarts on that host.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import warnings
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from distill_runner.errors import ConfigError, instantiate
+from distill_runner.storage import pid_alive
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 60  # RDB storages: a trial whose process stopped beating for 2 heartbeats is failed and retried
+FINISHED = ("COMPLETE", "PRUNED")
+WORKER_SEED_STEP = 100_003  # worker i's sampler seed: search.sampler.seed + i * this (+ the trials already run)
+
+
+def optuna():
+    """The optuna module, or one line saying what to install."""
+    try:
+        import optuna as module
+    except ImportError:
+        raise ConfigError("search", "optuna", "distill-search needs Optuna >= 4: pip install -e '.[search]'") from None
+    if int(module.__version__.split(".")[0]) < 4:
+        fix = f"Optuna {module.__version__} is installed; distill-search needs >= 4: pip install -e '.[search]'"
+        raise ConfigError("search", "optuna", fix)
+    return module
+
+
+def storage(search: DictConfig, search_dir: Path, heartbeat: bool = True):
+    """``search.storage``: null (the journal file ``<search folder>/study.journal``), a journal file of its own
+    (``PATH.journal``: workers started in other folders, e.g. by a Hydra launcher, share it) or an RDB URL; an
+    RDB's trials beat (``heartbeat``), and one whose process stopped beating is failed and enqueued again."""
+    opt = optuna()
+    value = search.storage
+    if value is None or (isinstance(value, str) and value.endswith(".journal") and "://" not in value):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = search_dir / "study.journal" if value is None else Path(value).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return opt.storages.JournalStorage(JournalFileBackend(str(path)))
+    if not isinstance(value, str) or "://" not in value:
+        fix = "use null (<search folder>/study.journal), a file PATH.journal or an RDB URL, e.g. sqlite:///search.db"
+        raise ConfigError("search.storage", value, fix)
+    if not heartbeat:
+        return opt.storages.RDBStorage(value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", opt.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
+        if hasattr(opt.storages, "RetryHeartbeatStaleTrialCallback"):  # Optuna >= 4.9 deprecates the other
+            retry = {"heartbeat_stale_trial_callback": opt.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)}
+        else:
+            retry = {"failed_trial_callback": opt.storages.RetryFailedTrialCallback(max_retry=3)}
+        return opt.storages.RDBStorage(value, heartbeat_interval=HEARTBEAT_S, **retry)
+
+
+def directions(search: DictConfig) -> list[str]:
+    return ["maximize"] if search.objective is None else ["maximize", "minimize"]
+
+
+def constraints(trial) -> list[float]:
+    """Optuna 4's constraints_func: each budget's excess (<= 0 within budget), recorded by the trial before training."""
+    return trial.user_attrs.get("constraints", [])
+
+
+def set_constraints(trial, excess: dict[str, float]) -> None:
+    """Each budget's excess for the sampler: ``Trial.set_constraint`` on Optuna 5 (which deprecates
+    ``constraints_func``), the user attribute :func:`constraints` reads on Optuna 4."""
+    trial.set_user_attr("constraints", list(excess.values()))
+    if hasattr(trial, "set_constraint"):
+        for key, value in excess.items():
+            trial.set_constraint(f"budget.{key}", value)
+
+
+def sampler_takes_constraints_func() -> bool:
+    return not hasattr(optuna().trial.Trial, "set_constraint")
+
+
+def sampler(search: DictConfig, offset: int):
+    """``search.sampler``, its seed (if any) moved by ``offset``: parallel workers and a resumed search must not
+    draw the same values as the process before them (a seeded sampler in each repeats one sequence)."""
+    budgets = [k for k, v in search.budget.items() if v is not None]
+    extra = {"constraints_func": constraints} if budgets and sampler_takes_constraints_func() else {}
+    if search.sampler.get("seed") is not None:
+        extra["seed"] = search.sampler.seed + offset
+    try:
+        return instantiate(search.sampler, "search.sampler", **extra)
+    except ConfigError:  # a sampler that takes no constraints: budgets still decide the final choice
+        extra.pop("constraints_func", None)
+        log.warning("search.sampler %s takes no constraints_func: it does not learn the budgets",
+                    search.sampler._target_)  # fmt: skip
+        return instantiate(search.sampler, "search.sampler", **extra)
+
+
+def studies(search: DictConfig, search_dir: Path):
+    """The search's study and its pruning twin, created or loaded from the storage."""
+    opt = optuna()
+    store = storage(search, search_dir)
+    name = search.study_name
+    study = opt.create_study(study_name=name, storage=store, directions=directions(search), load_if_exists=True)
+    if list(study.directions) != [opt.study.StudyDirection[d.upper()] for d in directions(search)]:
+        fix = "the study in this storage has other objectives; use another search folder or search.study_name"
+        raise ConfigError("search.objective", search.objective, fix)
+    # a fresh single-process search draws from search.sampler.seed itself: it is repeatable
+    study.sampler = sampler(search, WORKER_SEED_STEP * search.get("worker", 0) + len(study.get_trials(deepcopy=False)))
+    pruner = instantiate(search.pruner, "search.pruner")
+    # the twin's trials are told by hand (ask/tell), never by Study.optimize: no heartbeat for them
+    twin_store = store if search.storage is None else storage(search, search_dir, heartbeat=False)
+    twin = opt.create_study(study_name=f"{name}.pruning", storage=twin_store, pruner=pruner, direction="maximize",
+                            load_if_exists=True)  # fmt: skip
+    return study, twin
+
+
+def counts(study) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        out[t.state.name] = out.get(t.state.name, 0) + 1
+    return out
+
+
+def runs_here(trial) -> bool | None:
+    """A running trial's process is alive on this host (True), was on this host and is gone (False), or
+    runs elsewhere (None: no process id of this host to check)."""
+    pid = trial.user_attrs.get("pid")
+    if trial.user_attrs.get("host") != socket.gethostname() or pid is None:
+        return None
+    return pid_alive(pid)
+
+
+def recover_orphans(study, twin) -> int:
+    """Fail (and enqueue again) the trials left running by a killed process of this host."""
+    opt = optuna()
+    found = 0
+    for t in study.get_trials(deepcopy=False, states=(opt.trial.TrialState.RUNNING,)):
+        if runs_here(t) is not False:
+            continue
+        pid = t.user_attrs["pid"]
+        study.tell(t.number, state=opt.trial.TrialState.FAIL, skip_if_finished=True)
+        if (number := t.user_attrs.get("twin")) is not None:
+            twin.tell(number, state=opt.trial.TrialState.FAIL, skip_if_finished=True)
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        log.info("trial %d was left running by a killed process (pid %d): failed, its parameters enqueued again",
+                 t.number, pid)  # fmt: skip
+        found += 1
+    return found
+
+
+def enqueue_requested(study, search: DictConfig, entries) -> None:
+    """``search.enqueue``: trials to run first, once per study (a resumed search does not add them again)."""
+    from omegaconf import OmegaConf
+
+    requested = OmegaConf.to_container(search.enqueue, resolve=True) or []
+    if study.user_attrs.get("enqueued") == len(requested) or not requested:
+        return
+    by_key = {e.key: e for e in entries}
+    for i, params in enumerate(requested):
+        fixed = {}
+        for key, value in params.items():
+            entry, where = by_key.get(key), f"search.enqueue[{i}].{key}"
+            if entry is None:
+                raise ConfigError(where, value, "not a key of search.space")
+            if entry.choices is not None and value not in entry.choices:
+                raise ConfigError(where, value, f"not one of its choices {entry.choices}")
+            fixed[key] = entry.labels()[entry.choices.index(value)] if entry.choices is not None else value
+        study.enqueue_trial(fixed, skip_if_exists=True)
+    study.set_user_attr("enqueued", len(requested))
+
+
+def mark(trial) -> None:
+    """Record who runs ``trial`` (a restart on this host fails it if that process is gone)."""
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", os.getpid())
+
+
+def should_start(study, total: int) -> bool:
+    """Another trial is wanted: finished + running trials are fewer than ``total``."""
+    c = counts(study)
+    return sum(c.get(s, 0) for s in (*FINISHED, "RUNNING")) < total

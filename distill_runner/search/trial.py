@@ -1,0 +1,87 @@
+"""What one trial of a search runs: the distill-run pipeline's own steps (prepare, build, teachers,
+the KD student) on the config composed with the trial's overrides, without the scratch baseline,
+evaluation or report; and the student's measured cost. The teacher comes from the shared cache, so it
+is trained once per search (:func:`prepare_teacher`) and its outputs are replayed in every trial."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+from torch import nn
+
+from distill_runner import runner
+from distill_runner.config import validate
+from distill_runner.data.bundle import DataBundle
+from distill_runner.evaluation import metrics as measure
+from distill_runner.models.factories import count_parameters
+from distill_runner.run_folder import release
+from distill_runner.train import engine
+
+log = logging.getLogger(__name__)
+
+COSTS = ("latency_ms", "macs", "params")  # what a student costs, as search.objective and search.budget name it
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The distill-run config with ``overrides`` (inside the running Hydra app, or a short-lived one)."""
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name="config", overrides=overrides)
+    with initialize_config_module(config_module="distill_runner.conf", version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def cost(model: nn.Module, data: DataBundle, device: torch.device, precision, latency_budget_s: float) -> dict:
+    """Batch-1 latency (median, ms), MACs per image and parameters of ``model``: what budgets limit."""
+    shape = (data.in_channels, data.image_size, data.image_size)
+    latency_s, _ = measure.latency(model, shape, device, precision, budget_s=latency_budget_s)
+    return {
+        "latency_ms": latency_s * 1e3,
+        "macs": measure.flops_per_image(model, shape, device) // 2,
+        "params": count_parameters(model),
+    }
+
+
+def val_accuracy(model: nn.Module, ctx) -> float:
+    return engine.accuracy(*engine.predict(model, ctx.data.val, ctx.device, ctx.precision))
+
+
+def prepare_teacher(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """Fine-tune the teacher once (or reuse it from the cache) before the trials, and measure it for
+    the report: validation accuracy and cost. None when the configured recipe trains no teacher."""
+    validate(cfg)
+    ctx = runner.prepare(cfg, run_dir, [])
+    try:
+        built = runner.build(ctx)
+        teachers, _ = runner.train_teachers(ctx, built)
+        if "teacher" not in teachers:
+            return None
+        teacher = teachers["teacher"]
+        return {"val_acc": val_accuracy(teacher, ctx), **cost(teacher, ctx.data, ctx.device, ctx.precision,
+                                                              cfg.eval.latency_budget_s)}  # fmt: skip
+    finally:
+        release(ctx.run_dir)
+
+
+def run_trial(cfg: DictConfig, run_dir: Path, measured: Callable[[dict], None], on_epoch: engine.EpochHook) -> float:
+    """Train the KD student of ``cfg`` into ``run_dir``; return its final validation accuracy.
+
+    ``measured(cost)`` is called with the student's cost before training (so a pruned trial has one
+    too: the sampler learns the budgets from every trial); ``on_epoch`` may stop training (pruning).
+    """
+    validate(cfg)
+    ctx = runner.prepare(cfg, run_dir, [])
+    try:
+        built = runner.build(ctx)
+        measured(cost(built.student, ctx.data, ctx.device, ctx.precision, cfg.eval.latency_budget_s))
+        teachers, done = runner.train_teachers(ctx, built)
+        result = runner.train_student(ctx, built, list(teachers.values()), done, on_epoch=on_epoch)
+        return result.final_val_acc
+    finally:
+        release(ctx.run_dir)
