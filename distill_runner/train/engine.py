@@ -135,8 +135,7 @@ def constant_lr(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-# on_epoch(epoch, record, model): see Stage.on_epoch
-EpochHook = Callable[[int, dict, nn.Module], None]
+EpochHook = Callable[[int, dict, nn.Module], None]  # Stage.on_epoch
 
 
 @dataclass
