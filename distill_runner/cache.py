@@ -200,6 +200,11 @@ class Cache:
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / f"{key}.pt"
 
+    def stored_mb(self, kind: str, key: str) -> float | None:
+        """The size of the entry's file in MB (2**20 bytes), None when it is not stored."""
+        path = self.path(kind, key)
+        return path.stat().st_size / 2**20 if path.is_file() else None
+
     @contextmanager
     def locked(self, kind: str, key: str) -> Iterator[Path]:
         """Hold the lock of one entry (waiting for another process that holds it). Under torchrun

@@ -196,7 +196,10 @@ def train_student(
     )
     fetch = ctx.cache.fetch if ctx.cache is not None else None
     key = lambda views, summaries: teacher_outputs_key(cfg, teacher_keys, ctx.data.fingerprint, views, summaries)
-    signal = signals.distill_signal(online, built.recipe, ctx.data, replay, ctx.device, ctx.precision, fetch, key)
+    stored_mb = ctx.cache.stored_mb if ctx.cache is not None else None
+    signal = signals.distill_signal(
+        online, built.recipe, ctx.data, replay, ctx.device, ctx.precision, fetch, key, stored_mb
+    )
     students = schedule(cfg.trainer, "trainer")
     stage = engine.Stage("student", built.student, built.recipe, teacher=signal, on_epoch=on_epoch, **students)
     student = run_stage(ctx, stage)

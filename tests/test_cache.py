@@ -259,6 +259,13 @@ def test_feature_recipes_replay_too_and_a_logit_entry_never_serves_them(tmp_path
     )
     assert f"{line} = 0.01 MB (estimated 0.01 MB), computed and stored" in caplog.text
     assert len(list((tmp_path / "cache" / "teacher_outputs").glob("*.pt"))) == 2
+    caplog.clear()
+    with caplog.at_level("INFO"):  # stored: no teacher pass to estimate it, its file's size is checked instead
+        runner.run(compose_config(TINY + [cache, "distill=attention"]), tmp_path / "again")
+        runner.run(compose_config(TINY + [cache, "distill=attention", "cache.max_teacher_outputs_mb=0.001"]),
+                   tmp_path / "limited")  # fmt: skip
+    assert f"{line} = 0.01 MB (its stored file's size checked against the limit), reused from" in caplog.text
+    assert "teacher outputs: online (they would take 0.01 MB > cache.max_teacher_outputs_mb=0.001" in caplog.text
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

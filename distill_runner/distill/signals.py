@@ -261,17 +261,22 @@ def distill_signal(
     precision: Precision,
     fetch: Callable | None,
     key: Callable[[int, dict], str],
+    stored_mb: Callable[[str, str], float | None] | None = None,
 ) -> TeacherSignal | None:
     """The distill stage's teacher signal: None when the recipe needs no teacher; replayed (logits and
     the recipe's teacher summaries) where that is exact and fits ``replay.max_mb``; else ``online``.
     ``fetch(kind, key, build)`` is the cache's (None: no cache, compute here); ``key(views, summaries)``
-    the outputs' cache key (``summaries``: :meth:`Recipe.summary_spec`, what is stored besides logits)."""
+    the outputs' cache key (``summaries``: :meth:`Recipe.summary_spec`, what is stored besides logits);
+    ``stored_mb(kind, key)`` the size of a stored entry (None: not stored), which spares the estimate."""
     if not recipe.needs_teacher:
         return None
     views = views_needed(data.train, replay.epochs)
     shapes: dict[str, tuple[int, ...]] = {}
 
     def estimate_mb() -> float:
+        stored = stored_mb("teacher_outputs", key(views, recipe.summary_spec())) if stored_mb else None
+        if stored is not None:  # a sweep's later job: no teacher pass to estimate what is already there
+            return stored
         shapes.update(stored_shapes(online, recipe.summarize, data.train, device))
         return store_mb(shapes, views, data.train.num_samples, replay.dtype)
 
@@ -291,15 +296,17 @@ def distill_signal(
     )
     logits, summaries = entry["logits"], entry.get("summaries", {})  # entries of logit recipes before #18: logits
     size_mb = sum(v.numel() * v.element_size() for _, v in _tensors(entry)) / 2**20
-    what = " + ".join(f"{s[0]} logits" if n == "logits" else f"{n} {'x'.join(map(str, s))}" for n, s in shapes.items())
+    found = {"/".join(name): tuple(value.shape[2:]) for name, value in _tensors(entry)}
+    what = " + ".join(f"{s[0]} logits" if n == "logits" else f"{n} {'x'.join(map(str, s))}" for n, s in found.items())
+    estimate = store_mb(shapes, views, data.train.num_samples, replay.dtype)
+    estimated = f"estimated {estimate:.2f} MB" if shapes else "its stored file's size checked against the limit"
     log.info(
-        "teacher outputs: cached, %d augmented views x %d images x (%s) as %s = %.2f MB (estimated %.2f MB), %s "
-        "(%.1fs)",
+        "teacher outputs: cached, %d augmented views x %d images x (%s) as %s = %.2f MB (%s), %s (%.1fs)",
         *logits.shape[:2],
         what,
         str(logits.dtype).removeprefix("torch."),
         size_mb,
-        store_mb(shapes, views, data.train.num_samples, replay.dtype),
+        estimated,
         source,
         time.perf_counter() - start,
     )
