@@ -46,14 +46,18 @@ def _job(overrides: list[str], run_dir: Path) -> dict:
 
 def measure_sweep(overrides: list[str], later_jobs: int = 3) -> dict:
     """Job 0 cold, then ``later_jobs`` jobs at other temperatures; ratios against job 0's baseline."""
-    logging.getLogger("distill_runner").setLevel(logging.WARNING)
     temperatures = [2.0, 8.0, 1.0, 6.0, 3.0][:later_jobs]
-    with tempfile.TemporaryDirectory() as tmp:
-        base = [*overrides, f"cache.dir={tmp}/cache", "trainer.progress=false"]
-        first = _job(base, Path(tmp) / "job0")
-        later = [
-            _job([*base, f"distill.temperature={t}"], Path(tmp) / f"job{i}") for i, t in enumerate(temperatures, 1)
-        ]
+    quiet, level = logging.getLogger("distill_runner"), logging.getLogger("distill_runner").level
+    quiet.setLevel(logging.WARNING)  # the runs' INFO lines would bury the bench's output
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            base = [*overrides, f"cache.dir={tmp}/cache", "trainer.progress=false"]
+            first = _job(base, Path(tmp) / "job0")
+            later = [
+                _job([*base, f"distill.temperature={t}"], Path(tmp) / f"job{i}") for i, t in enumerate(temperatures, 1)
+            ]
+    finally:
+        quiet.setLevel(level)
     alone = first["stages_s"]["baseline"]
     for job in later:
         job["over_student_alone"] = round(job["wall_s"] / alone, 2)

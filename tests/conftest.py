@@ -18,6 +18,8 @@ TINY = [
     "trainer.epochs=1",
     "trainer.progress=false",
 ]
+# TINY for the image-folder data sets (chest X-ray, ImageFolder), whose augmentation has other keys
+TINY_IMAGES = [o for o in TINY if not o.startswith("dataset.crop_padding")]
 
 
 def compose_config(overrides: list[str] | None = None, experiment: str | None = None):

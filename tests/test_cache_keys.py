@@ -66,7 +66,7 @@ def test_progress_resume_workers_memory_and_placement_retrain_nothing(dataset):
     assert keys(plumbing, dataset) == keys([], dataset)
 
 
-@pytest.mark.parametrize("override", ["seed=1", "dataset.image_size=16", "trainer.precision=bf16-mixed"])
+@pytest.mark.parametrize("override", ["seed=1", "dataset.image_size=24", "trainer.precision=bf16-mixed"])
 def test_what_determines_both_changes_both(override):
     (t0, b0), (t1, b1) = keys([]), keys([override])
     assert t0 != t1 and b0 != b1

@@ -9,7 +9,7 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, compose_config
+from conftest import TINY, TINY_IMAGES, compose_config
 from fake_data import make_cifar, make_xray_folder, skip_cifar_md5, truncate_jpeg, truncate_png_pixels
 from PIL import Image
 
@@ -42,7 +42,7 @@ def test_xray_kd_runs_end_to_end_and_reports_skipped_files_and_class_counts(xray
     )
     cfg = compose_config(
         [
-            *TINY,
+            *TINY_IMAGES,
             "dataset.image_size=32",
             "teacher.weights=null",
             f"dataset.root={xray}",

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, compose_config
+from conftest import TINY_IMAGES, compose_config
 from fake_data import make_xray_folder
 from PIL import Image
 from torchvision.transforms import v2
@@ -197,7 +197,7 @@ def test_full_disk_warns_and_falls_back_to_pil_leaving_nothing(tmp_path, monkeyp
 def xray_cfg(root, *extra):
     return compose_config(
         [
-            *TINY,
+            *TINY_IMAGES,
             "dataset.image_size=24",
             "teacher.weights=null",
             f"dataset.root={root}",

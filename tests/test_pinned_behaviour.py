@@ -173,6 +173,7 @@ def test_quickstart_short_schedule_seed_0(tmp_path):
         "dataset.crop_padding=2",
         "dataset.batch_size=32",
         "teacher.optimizer.lr=1e-3",
+        "teacher.optimizer.weight_decay=5e-4",
         "teacher.epochs=1",
         "trainer.epochs=2",
         "trainer.progress=false",
