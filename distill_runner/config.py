@@ -10,6 +10,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torchvision
+from hydra import compose as hydra_compose
+from hydra import initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from distill_runner.data.bundle import BALANCE
@@ -18,6 +21,15 @@ from distill_runner.train.engine import PRECISIONS
 
 _MISSING = object()
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The distill-run config with ``overrides``, as the command line composes it: inside the running Hydra
+    app, or in a short-lived one (scripts, tests, search workers)."""
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name="config", overrides=overrides)
+    with initialize_config_module(config_module="distill_runner.conf", version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
 
 
 def _is_int(v) -> bool:

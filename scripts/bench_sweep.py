@@ -18,19 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_module
-
 from distill_runner import runner
-
-
-def _config(overrides: list[str]):
-    with initialize_config_module(config_module="distill_runner.conf", version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+from distill_runner.config import compose
 
 
 def _job(overrides: list[str], run_dir: Path) -> dict:
     start = time.perf_counter()
-    result = runner.run(_config(overrides), run_dir)
+    result = runner.run(compose(overrides), run_dir)
     wall = time.perf_counter() - start
     stages = {name: round(s.wall_time_s, 2) for name, s in result.stages.items()}
     trained = sum(s.wall_time_s for s in result.stages.values() if not s.reused)

@@ -23,9 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_module
-
 from distill_runner import runner
+from distill_runner.config import compose
 from distill_runner.storage import atomic_write_text
 
 PUBLISHED = Path(__file__).with_name("cifar100_published.json")
@@ -83,8 +82,7 @@ def run_pair(pair: dict, recipes: list[str], published: dict, args, out: Path) -
             *(SMOKE if args.smoke else []), *args.overrides,
         ]  # fmt: skip
         start = time.perf_counter()
-        with initialize_config_module(config_module="distill_runner.conf", version_base="1.3"):
-            cfg = compose(config_name="config", overrides=["experiment=cifar100_bench", *overrides])
+        cfg = compose(["experiment=cifar100_bench", *overrides])
         results = runner.run(cfg, out / f"{teacher}-{student}" / recipe, overrides)
         row["ours"]["teacher"] = stage_accuracy(results, "teacher", "teacher")
         row["ours"]["student"] = stage_accuracy(results, "baseline", "baseline")

@@ -22,9 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_module
-
 from distill_runner import runner
+from distill_runner.config import compose
 
 # recipe -> (what it does, paper, config keys); the order of the table
 RECIPES = {
@@ -131,11 +130,6 @@ def table(results: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def compose_cfg(overrides: list[str]):
-    with initialize_config_module(config_module="distill_runner.conf", version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -154,7 +148,7 @@ def main() -> None:
             overrides = [f"seed={seed}", f"distill={recipe}", "trainer.progress=false", *common, *own]
             run_dir = out / f"seed{seed}" / recipe
             t0 = time.perf_counter()
-            metrics = runner.run(compose_cfg(overrides), run_dir, overrides)
+            metrics = runner.run(compose(overrides), run_dir, overrides)
             m = metrics.models
             row = {
                 "seed": seed,

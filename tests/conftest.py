@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
+
+from distill_runner.config import compose
 
 # A run that takes seconds: tiny images, a few dozen of them, one epoch per stage.
 TINY = [
@@ -26,8 +27,7 @@ def compose_config(overrides: list[str] | None = None, experiment: str | None = 
     overrides = list(overrides or [])
     if experiment is not None:
         overrides.insert(0, f"experiment={experiment}")
-    with initialize_config_module(config_module="distill_runner.conf", version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return compose(overrides)
 
 
 @pytest.fixture

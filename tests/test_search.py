@@ -241,8 +241,8 @@ def test_a_bad_storage_is_one_line(tmp_path):
 
 
 def test_int8_beside_fp32_and_one_line_without_onnxruntime(searched, tmp_path, monkeypatch):
+    from distill_runner.config import compose as compose_run
     from distill_runner.search import int8
-    from distill_runner.search.trial import compose as compose_run
 
     _, folder, best, _ = searched
     onnx_path = folder / best["final"]["folder"] / best["final"]["export"]["onnx"]["path"]

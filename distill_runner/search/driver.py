@@ -14,10 +14,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from distill_runner import storage
+from distill_runner.config import compose
 from distill_runner.errors import ConfigError
 from distill_runner.search import space
 from distill_runner.search import study as studies
-from distill_runner.search.trial import COSTS, compose, prepare_teacher, run_trial
+from distill_runner.search.trial import COSTS, prepare_teacher, run_trial
 
 log = logging.getLogger(__name__)
 

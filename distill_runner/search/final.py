@@ -11,9 +11,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from distill_runner import storage
+from distill_runner.config import compose
 from distill_runner.errors import ConfigError
 from distill_runner.search import study as studies
-from distill_runner.search.trial import compose
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from hydra import compose as hydra_compose
-from hydra import initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 from torch import nn
 
@@ -27,14 +24,6 @@ from distill_runner.train import engine
 log = logging.getLogger(__name__)
 
 COSTS = ("latency_ms", "macs", "params")  # what a student costs, as search.objective and search.budget name it
-
-
-def compose(overrides: list[str]) -> DictConfig:
-    """The distill-run config with ``overrides`` (inside the running Hydra app, or a short-lived one)."""
-    if GlobalHydra.instance().is_initialized():
-        return hydra_compose(config_name="config", overrides=overrides)
-    with initialize_config_module(config_module="distill_runner.conf", version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
 
 
 def cost(model: nn.Module, data: DataBundle, device: torch.device, precision, latency_budget_s: float) -> dict:
