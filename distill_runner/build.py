@@ -61,15 +61,29 @@ def build_student(node: DictConfig, data: DataBundle, seed: int) -> nn.Module:
     return student
 
 
-def build_recipe(cfg: DictConfig, data: DataBundle, student: nn.Module) -> Recipe:
-    """The distill stage's recipe, bound to the student and the teacher's architecture: layer names
-    are checked and adapters built before any training (an untrained teacher is all it needs)."""
+def build_recipe(cfg: DictConfig, data: DataBundle, student: nn.Module, teacher: nn.Module | None = None) -> Recipe:
+    """The distill stage's recipe, bound to the student and the teacher's architecture (``teacher``, or
+    an untrained one built from ``cfg.teacher``: that is all binding needs)."""
+    recipe = new_recipe(cfg)
+    if teacher is None:
+        teacher = build_model(cfg.teacher, "teacher", data, cfg.seed)
+    bind_recipe(recipe, student, teacher, data)
+    return recipe
+
+
+def new_recipe(cfg: DictConfig) -> Recipe:
+    """``distill`` as a Recipe, not bound yet (its terms say whether it needs a teacher)."""
     recipe = instantiate(signals.recipe_node(cfg.distill), "distill", _recursive_=False)
     if not isinstance(recipe, Recipe):
         fix = "a recipe is distill_runner.distill.Recipe with terms (see conf/distill/kd.yaml)"
         raise ConfigError("distill._target_", cfg.distill.get("_target_"), fix)
+    return recipe
+
+
+def bind_recipe(recipe: Recipe, student: nn.Module, teacher: nn.Module, data: DataBundle) -> None:
+    """Check the recipe's layer names against the models and build its adapters, before any training."""
     try:
-        recipe.bind(student, build_model(cfg.teacher, "teacher", data, cfg.seed), data)
+        recipe.bind(student, teacher, data)
     except ConfigError as exc:
         raise exc.under("distill") from None
     n = sum(p.numel() for p in recipe.parameters())
@@ -77,7 +91,6 @@ def build_recipe(cfg: DictConfig, data: DataBundle, student: nn.Module) -> Recip
         log.info(
             "recipe adds %s trainable parameters (adapters/heads): trained with the student, not part of it", f"{n:,}"
         )
-    return recipe
 
 
 def cross_entropy(data: DataBundle, model: nn.Module) -> Recipe:

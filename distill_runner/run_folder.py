@@ -12,7 +12,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from distill_runner import storage
-from distill_runner.build import build_model
 from distill_runner.cache import NOT_RESULTS, covered
 from distill_runner.errors import ConfigError
 from distill_runner.models.factories import count_parameters
@@ -20,17 +19,16 @@ from distill_runner.storage import atomic_write_text, pid_alive
 from distill_runner.train.stages import RunContext
 
 
-def check_room(ctx: RunContext, student: nn.Module, extra_teachers: dict) -> None:
+def check_room(ctx: RunContext, student: nn.Module, teachers: list[nn.Module]) -> None:
     """Before training: the run folder and the cache are writable and their disks hold what the run
     will write (per trained model its final, best, last and previous-last checkpoints; cached teachers,
     baseline and teacher outputs), summed per disk: a run folder and a cache on one disk share its
     free space. Temp files that killed writers left in them are removed first."""
     cfg = ctx.cfg
-    teacher_params = count_parameters(build_model(cfg.teacher, "teacher", ctx.data, cfg.seed))
-    teachers, students = teacher_params * (1 + len(extra_teachers)), count_parameters(student)
+    teacher_params, students = sum(count_parameters(t) for t in teachers), count_parameters(student)
     storage.check_writable(ctx.run_dir, "hydra.run.dir")
     storage.remove_stale_temps(ctx.run_dir)  # the folder is this run's (claimed): no one else writes there
-    run_bytes = storage.checkpoint_bytes(teachers) + 2 * storage.checkpoint_bytes(students)
+    run_bytes = storage.checkpoint_bytes(teacher_params) + 2 * storage.checkpoint_bytes(students)
     needs = [(ctx.run_dir, "hydra.run.dir", run_bytes, "checkpoints of the teacher, the student and the baseline")]
     cache = ctx.cache
     if cache is not None:
@@ -40,7 +38,7 @@ def check_room(ctx: RunContext, student: nn.Module, extra_teachers: dict) -> Non
         )
         storage.check_writable(cache.root, "cache.dir")
         storage.remove_stale_temps(cache.root, min_age_s=storage.STALE_AFTER_S)  # jobs on other machines share it
-        cached = 4 * (teachers + students) + int(outputs_mb * 2**20)
+        cached = 4 * (teacher_params + students) + int(outputs_mb * 2**20)
         needs.append((cache.root, "cache.dir", cached, "cached teachers, baseline and teacher outputs"))
     storage.check_free_space_per_disk(needs)
 

@@ -12,8 +12,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from distill_runner import build as builders
 from distill_runner import distributed
-from distill_runner.build import build_data, build_recipe, build_student, build_teacher, cross_entropy
 from distill_runner.cache import baseline_key, teacher_key, teacher_outputs_key
 from distill_runner.config import validate
 from distill_runner.distill import signals
@@ -41,6 +41,7 @@ class Built:
     no_teacher: str | None  # why this run trains no teacher (see reference_teacher); None: it trains them
     student: nn.Module  # the KD student; the baseline starts from a copy of its initial weights (student.checkpoint)
     baseline: nn.Module
+    teachers: dict[str, nn.Module]  # stage name (teacher, then distill.teachers.<name>) -> model; {} without one
     extra_teachers: dict[str, DictConfig]  # distill.teachers.<name> -> teacher node
 
 
@@ -90,7 +91,7 @@ def prepare(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunContext:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     log.info("run folder %s; device %s, precision %s, seed %d", run_dir, device, precision.name, cfg.seed)
-    data = build_data(cfg, device)
+    data = builders.build_data(cfg, device)
     if distributed.active():  # every process trains on its part of each epoch and validates on its part of val
         data.train.shard(distributed.rank(), distributed.world_size(), pad=True)
         data.val.shard(distributed.rank(), distributed.world_size(), pad=False)
@@ -113,26 +114,36 @@ def own_folder(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
 
 
 def build(ctx: RunContext) -> Built:
-    """The student and the recipe bound to it; the run folder's room checked (every process stops
+    """The student, the teachers (each built once: binding the recipe, sizing the run and training
+    share it) and the recipe bound to them; the run folder's room checked (every process stops
     together when it lacks room, not only rank 0)."""
     cfg = ctx.cfg
-    extra_teachers = signals.extra_teachers(cfg.distill)
-    student = build_student(cfg.student, ctx.data, cfg.seed)
-    recipe = build_recipe(cfg, ctx.data, student)
+    student = builders.build_student(cfg.student, ctx.data, cfg.seed)
+    recipe = builders.new_recipe(cfg)
+    no_teacher = skip_teacher(cfg, recipe)
+    if no_teacher is None:
+        teacher = builders.build_teacher(cfg.teacher, "teacher", ctx.data, cfg.seed)
+    else:  # the architecture alone: no weights to download or load for a teacher the run does not use
+        teacher = builders.build_model(cfg.teacher, "teacher", ctx.data, cfg.seed)
+    builders.bind_recipe(recipe, student, teacher, ctx.data)
+    teachers, extra_teachers = {}, {}
+    if no_teacher is None:
+        extra_teachers = signals.extra_teachers(cfg.distill)
+        extras = {key: builders.build_teacher(node, key, ctx.data, cfg.seed) for key, node in extra_teachers.items()}
+        teachers = {"teacher": teacher, **extras}
     problem = None
     if distributed.is_main():
         try:
-            check_room(ctx, student, extra_teachers)
+            check_room(ctx, student, list(teachers.values()))
         except ConfigError as exc:
             problem = (exc.key, exc.value, exc.fix)
     problem = distributed.broadcast(problem)
     if problem is not None:
         raise ConfigError(*problem)
-    no_teacher = skip_teacher(cfg, recipe)
     if no_teacher is not None:
         log.info("teacher: none in this run (%s)", no_teacher)
-        extra_teachers = {}
-    return Built(recipe, no_teacher, clone(student), clone(student), extra_teachers)  # identical initial weights
+    baseline = clone(student)  # identical initial weights
+    return Built(recipe, no_teacher, clone(student), baseline, teachers, extra_teachers)
 
 
 def skip_teacher(cfg: DictConfig, recipe: Recipe) -> str | None:
@@ -155,11 +166,9 @@ def train_teachers(ctx: RunContext, built: Built) -> tuple[dict[str, nn.Module],
     """Every teacher, fine-tuned with cross-entropy (or loaded from the cache, or used as loaded),
     by stage name: ``teacher`` first, then ``distill.teachers.<name>``; none when the run needs none."""
     teachers, stages = {}, {}
-    if built.no_teacher is not None:
-        return teachers, stages
-    for key, node in {"teacher": ctx.cfg.teacher, **built.extra_teachers}.items():
-        model = build_teacher(node, key, ctx.data, ctx.cfg.seed)
-        stage = engine.Stage(key, model, cross_entropy(ctx.data, model), **schedule(node, key))
+    for key, model in built.teachers.items():
+        node = ctx.cfg.teacher if key == "teacher" else built.extra_teachers[key]
+        stage = engine.Stage(key, model, builders.cross_entropy(ctx.data, model), **schedule(node, key))
         if node.epochs == 0:
             stages[key] = run_stage(ctx, stage)
         else:
@@ -173,7 +182,8 @@ def train_students(ctx: RunContext, built: Built, teachers: list[nn.Module], don
     does not depend on the recipe: a sweep over KD settings trains it once)."""
     student = train_student(ctx, built, teachers, done)
     students = schedule(ctx.cfg.trainer, "trainer")
-    baseline_stage = engine.Stage("baseline", built.baseline, cross_entropy(ctx.data, built.baseline), **students)
+    supervised = builders.cross_entropy(ctx.data, built.baseline)
+    baseline_stage = engine.Stage("baseline", built.baseline, supervised, **students)
     baseline = run_or_reuse(ctx, baseline_stage, "baselines", baseline_key(ctx.cfg, ctx.data.fingerprint))
     return {"student": student, "baseline": baseline}
 

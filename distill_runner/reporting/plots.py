@@ -6,6 +6,7 @@ display, nothing that depends on the machine's default backend.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -90,7 +91,17 @@ def save_curves(path: str | os.PathLike, stages: dict[str, StageResult]) -> None
 
 def confusion_images(matrices: dict[str, list], class_names) -> dict[str, np.ndarray]:
     """Each model's confusion matrix drawn once: counts in the cells, colour = share of the true class."""
-    return {title: render(confusion_figure(matrix, class_names, title)) for title, matrix in matrices.items()}
+    names = tuple(str(c) for c in class_names)
+    return {title: _confusion_image(tuple(map(tuple, matrix)), names, title) for title, matrix in matrices.items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _confusion_image(matrix: tuple, class_names: tuple, title: str) -> np.ndarray:
+    """Remembered: a sweep's jobs in one process (Hydra's basic launcher, a joblib worker) share the
+    reused teacher's and baseline's matrices, so each later job draws only its KD student's."""
+    image = render(confusion_figure(matrix, class_names, title))
+    image.flags.writeable = False  # shared between jobs
+    return image
 
 
 def save_side_by_side(path: str | os.PathLike, images: list[np.ndarray]) -> None:
