@@ -10,6 +10,7 @@ import torch
 from conftest import TINY, compose_config
 from PIL import Image
 
+from distill_runner import build as builders
 from distill_runner import runner
 from distill_runner.build import build_data, build_model, build_recipe
 from distill_runner.data.digits import digits
@@ -24,6 +25,7 @@ from distill_runner.distill.signals import (
 )
 from distill_runner.evaluation import metrics as measure
 from distill_runner.models.factories import tiny_cnn, torchvision_model
+from distill_runner.reporting import plots
 from distill_runner.train import engine
 
 CPU = torch.device("cpu")
@@ -102,6 +104,14 @@ def test_run_reuses_teacher_and_outputs_and_reports_it(tmp_path, caplog, monkeyp
 
     monkeypatch.setattr(measure, "latency", latency)
     monkeypatch.setattr(measure, "throughput", throughput)
+    built, build_model = [], builders.build_model
+
+    def counted(node, key, *args, **kwargs):
+        built.append(key)
+        return build_model(node, key, *args, **kwargs)
+
+    monkeypatch.setattr(builders, "build_model", counted)
+    drawn_before = plots._confusion_image.cache_info()
     cfg = compose_config(TINY + [f"cache.dir={tmp_path / 'cache'}"])
     with caplog.at_level("INFO"):
         first = runner.run(cfg, tmp_path / "a")
@@ -111,6 +121,9 @@ def test_run_reuses_teacher_and_outputs_and_reports_it(tmp_path, caplog, monkeyp
             compose_config(TINY + [f"cache.dir={tmp_path / 'cache'}", "eval.speed=measure"]), tmp_path / "c"
         )
     assert caplog.text.count("fine-tuning teacher") == 1 and caplog.text.count("reusing teacher") == 2
+    assert built.count("teacher") == 3  # once per run: binding the recipe, sizing the run and training share it
+    drawn = plots._confusion_image.cache_info()
+    assert drawn.hits - drawn_before.hits >= 4  # the 2nd and 3rd runs draw the teacher's and baseline's once more
     assert "computed and stored" in caplog.text and "reused from" in caplog.text
     assert first.stages["teacher"].reused is False and second.stages["teacher"].reused is True
     assert first.stages["baseline"].reused is False and second.stages["baseline"].reused is True
