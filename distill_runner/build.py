@@ -93,8 +93,8 @@ def bind_recipe(recipe: Recipe, student: nn.Module, teacher: nn.Module, data: Da
         )
 
 
-def cross_entropy(data: DataBundle, model: nn.Module) -> Recipe:
+def cross_entropy(data: DataBundle, model: nn.Module, label_smoothing: float = 0.0) -> Recipe:
     """The teacher's fine-tune and the baseline: cross-entropy alone, class weights from the data."""
-    recipe = Recipe.cross_entropy()
+    recipe = Recipe.cross_entropy(label_smoothing)
     recipe.bind(model, None, data)
     return recipe

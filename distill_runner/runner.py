@@ -168,7 +168,8 @@ def train_teachers(ctx: RunContext, built: Built) -> tuple[dict[str, nn.Module],
     teachers, stages = {}, {}
     for key, model in built.teachers.items():
         node = ctx.cfg.teacher if key == "teacher" else built.extra_teachers[key]
-        stage = engine.Stage(key, model, builders.cross_entropy(ctx.data, model), **schedule(node, key))
+        recipe = builders.cross_entropy(ctx.data, model, node.get("label_smoothing", 0.0))
+        stage = engine.Stage(key, model, recipe, **schedule(node, key))
         if node.epochs == 0:
             stages[key] = run_stage(ctx, stage)
         else:

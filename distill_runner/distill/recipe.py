@@ -107,9 +107,10 @@ class Recipe(nn.Module):
         self.set_epoch(0, 1)
 
     @classmethod
-    def cross_entropy(cls) -> Recipe:
-        """Supervised training alone: the teacher's fine-tune and the scratch baseline."""
-        return cls({"ce": dict(CROSS_ENTROPY)})
+    def cross_entropy(cls, label_smoothing: float = 0.0) -> Recipe:
+        """Supervised training alone: the teacher's fine-tune (``teacher.label_smoothing``) and the scratch baseline."""
+        smoothing = {"label_smoothing": float(label_smoothing)} if label_smoothing else {}
+        return cls({"ce": {**CROSS_ENTROPY, **smoothing}})
 
     @classmethod
     def hinton(cls, temperature: float = 4.0, alpha: float = 0.5) -> Recipe:

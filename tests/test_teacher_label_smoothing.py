@@ -1,0 +1,25 @@
+"""teacher.label_smoothing: the teacher's fine-tune cross-entropy with label smoothing (unset or 0: plain CE,
+and the teacher's cache key is the one it had before the key existed)."""
+
+from conftest import compose_config
+
+from distill_runner import cache
+from distill_runner.config import validate
+from distill_runner.distill.recipe import Recipe
+
+
+def key(overrides):
+    return cache.teacher_key(compose_config(overrides), "teacher", "files")
+
+
+def test_label_smoothing_is_a_teacher_input_only_when_set():
+    validate(compose_config(["+teacher.label_smoothing=0.1"]))  # a key something reads
+    assert key(["+teacher.label_smoothing=0"]) == key([])
+    assert key(["+teacher.label_smoothing=0.1"]) != key([])
+    b0 = cache.baseline_key(compose_config([]), "files")
+    assert cache.baseline_key(compose_config(["+teacher.label_smoothing=0.1"]), "files") == b0
+
+
+def test_recipe_carries_it_to_the_cross_entropy_term():
+    assert Recipe.cross_entropy(0.1).terms["ce"].label_smoothing == 0.1
+    assert Recipe.cross_entropy().terms["ce"].label_smoothing == 0.0
