@@ -175,6 +175,7 @@ def test_quickstart_short_schedule_seed_0(tmp_path):
         "teacher.optimizer.lr=1e-3",
         "teacher.optimizer.weight_decay=5e-4",
         "teacher.epochs=1",
+        "teacher.label_smoothing=0",
         "trainer.epochs=2",
         "trainer.progress=false",
         "cache.enabled=false",

@@ -13,11 +13,12 @@ def key(overrides):
 
 
 def test_label_smoothing_is_a_teacher_input_only_when_set():
-    validate(compose_config(["+teacher.label_smoothing=0.1"]))  # a key something reads
-    assert key(["+teacher.label_smoothing=0"]) == key([])
-    assert key(["+teacher.label_smoothing=0.1"]) != key([])
-    b0 = cache.baseline_key(compose_config([]), "files")
-    assert cache.baseline_key(compose_config(["+teacher.label_smoothing=0.1"]), "files") == b0
+    validate(compose_config(["++teacher.label_smoothing=0.2"]))  # a key something reads
+    unset = key(["~teacher.label_smoothing"])  # the quickstart sets it
+    assert key(["++teacher.label_smoothing=0"]) == unset
+    assert key(["++teacher.label_smoothing=0.1"]) != unset
+    b0 = cache.baseline_key(compose_config(["~teacher.label_smoothing"]), "files")
+    assert cache.baseline_key(compose_config(["++teacher.label_smoothing=0.1"]), "files") == b0
 
 
 def test_recipe_carries_it_to_the_cross_entropy_term():
