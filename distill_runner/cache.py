@@ -47,6 +47,9 @@ TEACHER_INPUTS = ("model", "weights", "epochs", "optimizer", "scheduler")
 TEACHER_FILE_INPUTS = ("checkpoint",)
 BASELINE_FILE_INPUTS = ("student.checkpoint",)
 TEACHER_SHARED_INPUTS = ("trainer.precision", "eval.test_every_epoch")  # the latter: test/acc in the history
+# Teacher inputs added later: in the key only when set (not 0/false), so teachers cached before keep their keys.
+TEACHER_INPUTS_WHEN_SET = ("label_smoothing",)
+TEACHER_SHARED_INPUTS_WHEN_SET = ("trainer.channels_last", "trainer.compile")
 # The scratch baseline: the student and the students' schedule, plus the data.
 BASELINE_INPUTS = (
     "student.model", "trainer.epochs", "trainer.optimizer", "trainer.scheduler", "trainer.precision",
@@ -131,8 +134,9 @@ def covered(key: str, declared) -> bool:
 def declared_keys(cfg: DictConfig) -> list[str]:
     """Every key the lists above take in or classify, the nodes of extra teachers included."""
     teachers = ["teacher", *(f"distill.teachers.{n}" for n in (OmegaConf.select(cfg, "distill.teachers") or {}))]
-    per_teacher = (*TEACHER_INPUTS, *TEACHER_FILE_INPUTS, "label_smoothing")  # the latter: in the key when set
-    inputs = [*DATA_INPUTS, *BASELINE_INPUTS, *BASELINE_FILE_INPUTS, *TEACHER_SHARED_INPUTS, *TEACHER_OUTPUTS_INPUTS,
+    per_teacher = (*TEACHER_INPUTS, *TEACHER_FILE_INPUTS, *TEACHER_INPUTS_WHEN_SET)
+    inputs = [*DATA_INPUTS, *BASELINE_INPUTS, *BASELINE_FILE_INPUTS, *TEACHER_SHARED_INPUTS,
+              *TEACHER_SHARED_INPUTS_WHEN_SET, *TEACHER_OUTPUTS_INPUTS,
               *EVAL_INPUTS, *(f"{t}.{k}" for t in teachers for k in per_teacher)]  # fmt: skip
     return [*inputs, *RUN_ONLY, *NOT_RESULTS, *INTERPOLATED_ONLY]
 
@@ -153,14 +157,13 @@ def teacher_key(cfg: DictConfig, node_key: str, fingerprint: str | None) -> str:
         "shared": select(cfg, TEACHER_SHARED_INPUTS),
         "data": data_inputs(cfg, fingerprint),
         **_processes(),
-        **_label_smoothing(cfg, node_key),
+        **_when_set(select(cfg, TEACHER_INPUTS_WHEN_SET, under=f"{node_key}.")),
+        **_when_set(select(cfg, TEACHER_SHARED_INPUTS_WHEN_SET)),
     })  # fmt: skip
 
 
-def _label_smoothing(cfg: DictConfig, node_key: str) -> dict:
-    """``<teacher>.label_smoothing`` when set and not 0 (absent otherwise: teachers cached before keep their keys)."""
-    value = OmegaConf.select(cfg, f"{node_key}.label_smoothing", default=0.0) or 0.0
-    return {"label_smoothing": float(value)} if value else {}
+def _when_set(values: dict) -> dict:
+    return {k: v for k, v in values.items() if v}
 
 
 def baseline_key(cfg: DictConfig, fingerprint: str | None) -> str:
