@@ -13,6 +13,7 @@ from conftest import TINY, TINY_IMAGES, compose_config
 from fake_data import make_cifar, make_xray_folder, skip_cifar_md5, truncate_jpeg, truncate_png_pixels
 from PIL import Image
 
+from distill_runner import build as builders
 from distill_runner import runner
 from distill_runner.build import build_data
 from distill_runner.config import validate
@@ -36,10 +37,13 @@ def xray_cfg(root, *extra):
 
 def test_xray_kd_runs_end_to_end_and_reports_skipped_files_and_class_counts(xray, tmp_path, caplog, monkeypatch):
     recipes_seen = []
-    real_ce = runner.cross_entropy
-    monkeypatch.setattr(
-        runner, "cross_entropy", lambda data, model: recipes_seen.append(real_ce(data, model)) or recipes_seen[-1]
-    )
+    real_ce = builders.cross_entropy
+
+    def seen(data, model, *args):
+        recipes_seen.append(real_ce(data, model, *args))
+        return recipes_seen[-1]
+
+    monkeypatch.setattr(builders, "cross_entropy", seen)
     cfg = compose_config(
         [
             *TINY_IMAGES,
