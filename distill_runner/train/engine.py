@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 from distill_runner import distributed
 from distill_runner.errors import ConfigError
 from distill_runner.models.features import FeatureTap
-from distill_runner.storage import DamagedFile, keep_previous, load_verified, save_verified
+from distill_runner.storage import keep_previous, save_verified
 from distill_runner.train.health import class_count, learning_check
+from distill_runner.train.resume import previous_checkpoint, resume_state
 
 if TYPE_CHECKING:
     from distill_runner.distill.contract import TeacherSignal
@@ -218,7 +219,7 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
     history: list[dict] = []
     last = Path(checkpoint_dir) / f"{stage.name}_last.pt" if checkpoint_dir is not None else None
-    found = _resume_state(last, stage.name) if resume and last is not None else None
+    found = resume_state(last, stage.name) if resume and last is not None else None
     if found is not None:
         state, last_good = found
         model.load_state_dict(state["model"])
@@ -338,35 +339,6 @@ def fit(
     finally:
         forward.remove()
     return history
-
-
-def previous_checkpoint(last: Path) -> Path:
-    return last.with_name(f"{last.stem}.prev.pt")  # teacher_last.pt -> teacher_last.prev.pt
-
-
-def _resume_state(last: Path, name: str) -> tuple[dict, Path] | None:
-    """The newest good checkpoint to resume stage ``name`` from: ``last``, else the one before it
-    (``<stage>_last.prev.pt``); None when there is neither. Damaged files are named in a warning; when
-    every one is damaged the run stops with one line (resuming from epoch 0 would be a silent loss)."""
-    damaged = []
-    for path in (last, previous_checkpoint(last)):
-        if not path.is_file():
-            continue
-        try:
-            state = load_verified(path)
-        except DamagedFile as exc:
-            log.warning("%s: %s", name, exc)
-            damaged.append(exc)
-            continue
-        if damaged:
-            log.warning("%s: resuming from the previous checkpoint %s instead (one epoch is trained again)", name, path)
-        return state, path
-    if not damaged:
-        return None
-    files = " and ".join(str(exc.path) for exc in damaged)
-    fix = (f"cannot resume stage {name}: {files} damaged ({damaged[0].reason}); delete "
-           f"{'them' if len(damaged) > 1 else 'it'} to train the stage again from its first epoch")  # fmt: skip
-    raise ConfigError("trainer.resume", str(last), fix)
 
 
 def _guard(names: list[str], place: str, checkpoint: str, on: bool, window: list, step: int, over_processes: bool):

@@ -22,6 +22,7 @@ from distill_runner.errors import instantiate
 from distill_runner.models.factories import count_parameters
 from distill_runner.reporting.results import StageResult
 from distill_runner.train import engine
+from distill_runner.train.resume import previous_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def run_stage(ctx: RunContext, stage: engine.Stage) -> StageResult:
     storage.save_verified(stage.model.state_dict(), weights)
     storage.write_text_verified(done, json.dumps(asdict(result)))  # last: only now is the stage finished
     if distributed.is_main():  # finished: the verified weights and <stage>_last.pt are two copies already
-        storage.remove_verified(engine.previous_checkpoint(ctx.checkpoint_dir / f"{stage.name}_last.pt"))
+        storage.remove_verified(previous_checkpoint(ctx.checkpoint_dir / f"{stage.name}_last.pt"))
     return result
 
 
