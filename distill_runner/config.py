@@ -226,6 +226,14 @@ def validate(cfg: DictConfig) -> None:
         lambda v: v is None or isinstance(v, str),
         "use null or a weights name: torchvision's (teacher.weights=IMAGENET1K_V1) or a timm tag (a1_in1k)",
     )
+    for node in ("teacher", *(f"distill.teachers.{n}" for n in (OmegaConf.select(cfg, "distill.teachers") or {}))):
+        _check(
+            cfg,
+            f"{node}.label_smoothing",
+            lambda v: _is_number(v) and 0 <= v < 1,
+            f"use a number in [0, 1), e.g. {node}.label_smoothing=0.1 (0: plain cross-entropy)",
+            required=False,
+        )
     for node in ("teacher", "student"):
         _check(
             cfg,
