@@ -24,7 +24,7 @@ from distill_runner.evaluation import metrics as measure
 from distill_runner.evaluation.evaluate import comparison, evaluate
 from distill_runner.models.factories import clone, count_parameters
 from distill_runner.reporting import tensorboard
-from distill_runner.reporting.report import confusions, write_report
+from distill_runner.reporting.report import write_report
 from distill_runner.reporting.results import RunResults, StageResult
 from distill_runner.run_folder import check_room, claim, release, resume_dir
 from distill_runner.train import engine
@@ -244,11 +244,10 @@ def export_student(ctx: RunContext, built: Built, results: RunResults) -> None:
 
 def report(ctx: RunContext, built: Built, results: RunResults, overrides: list[str]) -> None:
     """metrics.json, report.md and plots in the run folder; HParams and figures in TensorBoard."""
-    drawn = confusions(results)  # drawn once for the run folder and TensorBoard
-    table = write_report(ctx.run_dir, results, overrides, drawn)
+    table = write_report(ctx.run_dir, results, overrides)
     recipe = tensorboard.recipe_name(built.recipe.terms, overrides)
     name = tensorboard.run_name(ctx.cfg, overrides, recipe)
     hparams = tensorboard.hparams(ctx.cfg, results, recipe, name)
-    tensorboard.write_tensorboard(ctx.tb_dir, results, hparams, overrides, name, drawn)
+    tensorboard.write_tensorboard(ctx.tb_dir, results, hparams, overrides, name)
     log.info("results on the test split (%s):\n%s\nreport: %s (evaluation %.1fs)", name, table,
              ctx.run_dir / "report.md", results.eval_time_s)  # fmt: skip

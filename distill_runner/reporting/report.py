@@ -359,7 +359,8 @@ def render_markdown(metrics: RunResults, overrides: list[str]) -> str:
 
 
 def confusions(metrics: RunResults) -> dict[str, np.ndarray]:
-    """Each model's confusion matrix, drawn once (``plots.confusion_images``), by role."""
+    """Each model's confusion matrix as an image, by role (``plots.confusion_images`` draws each matrix once per
+    process: the run folder and TensorBoard, and a sweep's later jobs, share the images)."""
     from distill_runner.reporting import plots
 
     roles = model_order(metrics.models)
@@ -367,16 +368,13 @@ def confusions(metrics: RunResults) -> dict[str, np.ndarray]:
     return {role: drawn[label(role)] for role in roles}
 
 
-def write_report(
-    run_dir: str | os.PathLike, metrics: RunResults, overrides: list[str], drawn: dict[str, np.ndarray] | None = None
-) -> str:
-    """Write metrics.json, report.md, curves.png and confusion.png (``drawn``: the confusion matrices
-    already drawn by :func:`confusions`) into ``run_dir``; return the console table."""
+def write_report(run_dir: str | os.PathLike, metrics: RunResults, overrides: list[str]) -> str:
+    """Write metrics.json, report.md, curves.png and confusion.png into ``run_dir``; return the console table."""
     from distill_runner.reporting import plots
 
     run_dir = Path(run_dir)
     metrics.save(run_dir / "metrics.json")
     plots.save_curves(run_dir / "curves.png", metrics.stages)
-    plots.save_side_by_side(run_dir / "confusion.png", list((drawn or confusions(metrics)).values()))
+    plots.save_side_by_side(run_dir / "confusion.png", list(confusions(metrics).values()))
     (run_dir / "report.md").write_text(render_markdown(metrics, overrides))
     return text_table(HEADER, comparison_rows(metrics)) + "\n" + summary_line(metrics)

@@ -130,11 +130,10 @@ def write_tensorboard(
     hparams: dict,
     overrides: list[str],
     name: str | None = None,
-    drawn: dict | None = None,
 ) -> None:
     """Into ``tb_dir`` itself: the run's hyperparameters and final numbers (HParams, the session
-    named ``name`` and the run folder), a confusion matrix image per model (``confusion/<model>``;
-    ``drawn``: already drawn by ``report.confusions``) and the report as text (``report``)."""
+    named ``name`` and the run folder), a confusion matrix image per model (``confusion/<model>``)
+    and the report as text (``report``)."""
     from pathlib import Path
 
     from torch.utils.tensorboard import SummaryWriter
@@ -145,7 +144,7 @@ def write_tensorboard(
     folder = f"{run_dir.parent.name}/{run_dir.name}" if run_dir.name.isdigit() else run_dir.name  # sweep job
     name = name or hparams.get("run") or folder
     with SummaryWriter(tb_dir) as writer:
-        for role, image in (drawn or confusions(metrics)).items():
+        for role, image in confusions(metrics).items():
             writer.add_image(f"confusion/{role}", image, dataformats="HWC")
         writer.add_text("report", render_markdown(metrics, overrides))
         writer.add_text("run", name)
