@@ -61,8 +61,9 @@ TEACHER_OUTPUTS_INPUTS = ("distill.teacher_weights", "cache.teacher_outputs_dtyp
 # An evaluation of a cached model: its key, plus these and the device it ran on.
 EVAL_INPUTS = ("eval.latency_budget_s", "eval.throughput_budget_s", "eval.cka_samples", "dataset.eval_batch_size")
 # A timing session of a run's models: their printed structure, plus these, the image size and where it ran.
-SPEED_INPUTS = ("eval.latency_budget_s", "eval.throughput_budget_s", "dataset.eval_batch_size", "dataset.image_size",
-                "trainer.channels_last", "trainer.compile")  # fmt: skip
+SPEED_INPUTS = ("eval.latency_budget_s", "eval.latency_threads", "eval.throughput_budget_s", "dataset.eval_batch_size",
+                "dataset.image_size", "trainer.channels_last", "trainer.compile")  # fmt: skip
+SPEED_ONLY = ("eval.latency_threads",)  # a key of the timing session alone (SPEED_INPUTS): no other artefact
 # Protocol values other keys interpolate (conf/experiment/cifar100_bench.yaml: trainer.optimizer.lr is
 # ${student.benchmark_lr}): they reach results only through those keys, which are inputs above.
 INTERPOLATED_ONLY = ("teacher.benchmark_lr", "student.benchmark_lr")
@@ -138,7 +139,7 @@ def declared_keys(cfg: DictConfig) -> list[str]:
     inputs = [*DATA_INPUTS, *BASELINE_INPUTS, *BASELINE_FILE_INPUTS, *TEACHER_SHARED_INPUTS,
               *TEACHER_SHARED_INPUTS_WHEN_SET, *TEACHER_OUTPUTS_INPUTS,
               *EVAL_INPUTS, *(f"{t}.{k}" for t in teachers for k in per_teacher)]  # fmt: skip
-    return [*inputs, *RUN_ONLY, *NOT_RESULTS, *INTERPOLATED_ONLY]
+    return [*inputs, *SPEED_ONLY, *RUN_ONLY, *NOT_RESULTS, *INTERPOLATED_ONLY]
 
 
 def data_inputs(cfg: DictConfig, fingerprint: str | None) -> dict:

@@ -344,6 +344,13 @@ def validate(cfg: DictConfig) -> None:
     )
     _check(
         cfg,
+        "eval.latency_threads",
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "use a whole number of threads >= 1, as the deployment runs the model, e.g. eval.latency_threads=1",
+        required=False,
+    )
+    _check(
+        cfg,
         "eval.throughput_budget_s",
         lambda v: _is_number(v) and v > 0,
         "use a number of seconds > 0, e.g. eval.throughput_budget_s=2",

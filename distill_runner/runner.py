@@ -27,7 +27,7 @@ from distill_runner.reporting import tensorboard
 from distill_runner.reporting.report import write_report
 from distill_runner.reporting.results import RunResults, StageResult
 from distill_runner.run_folder import check_room, claim, release, resume_dir
-from distill_runner.train import engine
+from distill_runner.train import engine, health
 from distill_runner.train.stages import RunContext, run_or_reuse, run_stage, schedule
 
 log = logging.getLogger(__name__)
@@ -169,13 +169,28 @@ def train_teachers(ctx: RunContext, built: Built) -> tuple[dict[str, nn.Module],
     for key, model in built.teachers.items():
         node = ctx.cfg.teacher if key == "teacher" else built.extra_teachers[key]
         recipe = builders.cross_entropy(ctx.data, model, node.get("label_smoothing", 0.0))
-        stage = engine.Stage(key, model, recipe, **schedule(node, key))
+        hook = run_estimate(ctx, built, model) if key == "teacher" else None
+        stage = engine.Stage(key, model, recipe, on_epoch=hook, **schedule(node, key))
         if node.epochs == 0:
             stages[key] = run_stage(ctx, stage)
         else:
             stages[key] = run_or_reuse(ctx, stage, "teachers", teacher_key(ctx.cfg, key, ctx.data.fingerprint))
         teachers[key] = model
+        if hook is not None and not hook.said and stages[key].history:  # reused: its pace when it was trained
+            hook(stages[key].epochs - 1, stages[key].history[0], model)
+        counts, classes = ctx.data.class_counts.get("val"), ctx.data.num_classes
+        if warning := health.teacher_check(key, stages[key].final_val_acc, counts, classes):
+            log.warning(warning)
     return teachers, stages
+
+
+def run_estimate(ctx: RunContext, built: Built, teacher: nn.Module) -> health.RunEstimate:
+    """The epoch hook that logs the whole run's estimate after the teacher's first epoch."""
+    shape = (ctx.data.in_channels, ctx.data.image_size, ctx.data.image_size)
+    student, cpu = measure.flops_per_image(built.student, shape, torch.device("cpu")), torch.device("cpu")
+    relative = student / max(measure.flops_per_image(teacher.cpu(), shape, cpu), 1)
+    online = ctx.cfg.distill.get("teacher_outputs", "cached") == "online"
+    return health.RunEstimate(ctx.cfg.teacher.epochs, ctx.cfg.trainer.epochs, relative, online)
 
 
 def train_students(ctx: RunContext, built: Built, teachers: list[nn.Module], done: dict) -> dict[str, StageResult]:

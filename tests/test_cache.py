@@ -96,7 +96,7 @@ def test_run_reuses_teacher_and_outputs_and_reports_it(tmp_path, caplog, monkeyp
 
     def latency(*args, **kwargs):
         calls.append("latency")
-        return len(calls) / 1e3, 5
+        return measure.Latency(len(calls) / 1e3, 5, 1, [len(calls) / 1e3], 1.0, None)  # a stable measurement
 
     def throughput(*args, **kwargs):
         calls.append("throughput")

@@ -294,3 +294,23 @@ def test_speed_options_train_the_same_model(small_digits, speed):
         assert b["val/acc"] == pytest.approx(a["val/acc"], abs=0.02)
     if speed.channels_last:
         assert stage.model.features[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_each_stage_logs_its_eta_once_after_its_first_epoch(small_digits, caplog):
+    with caplog.at_level(logging.INFO):
+        engine.fit(_stage(small_digits, epochs=3), small_digits.train, small_digits.val, CPU,
+                   engine.resolve_precision("32", CPU), progress=False)  # fmt: skip
+    etas = [r.getMessage() for r in caplog.records if "ETA" in r.getMessage()]
+    assert len(etas) == 1 and etas[0].startswith("test: ETA about ") and "for the 2 epoch(s) left" in etas[0]
+
+
+def test_an_exploding_loss_is_named_once_with_the_fix(small_digits, caplog):
+    stage = replace(_stage(small_digits, epochs=2), optimizer=partial(torch.optim.SGD, lr=1e4))  # trainer.optimizer.lr
+    with caplog.at_level(logging.WARNING):
+        try:
+            engine.fit(stage, small_digits.train, small_digits.val, CPU, engine.resolve_precision("32", CPU),
+                       progress=False)  # fmt: skip
+        except FloatingPointError:  # it may overflow to inf at once; the NaN guard names that
+            pytest.skip("the loss overflowed at once: the non-finite guard covers it")
+    diverged = [r.getMessage() for r in caplog.records if "training diverged" in r.getMessage()]
+    assert len(diverged) == 1 and "test.optimizer.lr ten times smaller" in diverged[0]

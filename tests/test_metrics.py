@@ -146,10 +146,10 @@ def test_feature_layers_of_a_recipe():
 
 def test_latency_and_throughput_stop_at_the_budget():
     model = tiny_cnn(num_classes=2, channels=(4,), hidden=8)
-    seconds, runs = M.latency(model, (3, 8, 8), CPU, FP32, warmup=1, min_repeats=4, budget_s=0.0)
-    assert seconds > 0 and runs == 4
-    _, runs = M.latency(model, (3, 8, 8), CPU, FP32, warmup=0, min_repeats=1, max_repeats=6, budget_s=60.0)
-    assert runs == 6
+    found = M.latency(model, (3, 8, 8), CPU, FP32, warmup=1, min_repeats=4, budget_s=0.0)
+    assert found.seconds > 0 and found.repeats == 4 * M.LATENCY_ROUNDS and len(found.rounds) == M.LATENCY_ROUNDS
+    found = M.latency(model, (3, 8, 8), CPU, FP32, warmup=0, min_repeats=1, max_repeats=10, budget_s=60.0)
+    assert found.repeats == 10  # max_repeats in all, shared by the rounds
     assert M.throughput(model, 8, (3, 8, 8), CPU, FP32, min_repeats=2, budget_s=0.0) > 0
 
 

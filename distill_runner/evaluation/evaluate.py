@@ -22,7 +22,13 @@ from distill_runner.train import engine
 log = logging.getLogger(__name__)
 
 # eval.* keys (conf/config.yaml); configs written before they existed get these values
-EVAL_DEFAULTS = {"latency_budget_s": 0.5, "throughput_budget_s": 2.0, "cka_samples": 2048, "speed": "cached"}
+EVAL_DEFAULTS = {
+    "latency_budget_s": 0.5,
+    "throughput_budget_s": 2.0,
+    "cka_samples": 2048,
+    "speed": "cached",
+    "latency_threads": 1,
+}
 SPEED_MODES = ("cached", "measure")
 
 
@@ -113,22 +119,36 @@ def speeds(cfg, models, data, device, precision, settings, cache: Cache | None) 
         return session()["speeds"], "timed in this run"
     host = {"host": platform.node(), "cpu": platform.processor() or platform.machine()}
     key = speed_key(cfg, shapes, device, precision.name, host)
-    entry, source = cache.fetch("speeds", key, session, shared=False)
-    if source.startswith("reused"):
-        log.info("latency and images/s timed together on %s, %s (eval.speed=measure times them again)",
-                 entry["when"], source)  # fmt: skip
-        return entry["speeds"], f"timed together on {entry['when']} by an earlier run on this host (eval.speed=cached)"
+    with cache.locked("speeds", key) as path:
+        entry = cache.load(path)
+        if entry is not None:
+            log.info("latency and images/s timed together on %s, reused from %s (eval.speed=measure times them "
+                     "again)", entry["when"], path)  # fmt: skip
+            earlier = f"timed together on {entry['when']} by an earlier run on this host (eval.speed=cached)"
+            return entry["speeds"], earlier
+        entry = session()
+        contended = {role: s["latency_contention"] for role, s in entry["speeds"].items() if s["latency_contention"]}
+        if contended:  # a figure taken on a busy machine must not decide later runs
+            log.warning("latency measured under contention (%s): not cached; later runs time again",
+                        "; ".join(f"{role}: {why}" for role, why in contended.items()))  # fmt: skip
+            return entry["speeds"], "timed in this run, under contention (not cached)"
+        cache.store(path, entry)
     return entry["speeds"], "timed in this run"
 
 
 def _speed(model, data, device, precision, settings) -> dict:
-    """Batch-1 latency and images/s at the evaluation batch size, measured now."""
+    """Batch-1 latency (with ``eval.latency_threads`` threads) and images/s at the evaluation batch size,
+    measured now."""
     shape = (data.in_channels, data.image_size, data.image_size)
-    latency_s, repeats = measure.latency(model, shape, device, precision, budget_s=settings["latency_budget_s"])
+    found = measure.latency(
+        model, shape, device, precision, threads=settings["latency_threads"], budget_s=settings["latency_budget_s"]
+    )
     images_per_s = measure.throughput(
         model, data.test.batch_size, shape, device, precision, budget_s=settings["throughput_budget_s"]
     )
-    return {"latency_ms": latency_s * 1e3, "latency_repeats": repeats, "images_per_s": images_per_s}
+    return {"latency_ms": found.seconds * 1e3, "latency_repeats": found.repeats, "latency_threads": found.threads,
+            "latency_rounds_ms": [r * 1e3 for r in found.rounds], "latency_contention": found.contention,
+            "images_per_s": images_per_s}  # fmt: skip
 
 
 def _evaluate_one(role, model, data, device, precision, checkpoint_dir, layers, settings) -> tuple[dict, dict]:

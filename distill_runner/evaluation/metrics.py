@@ -13,6 +13,7 @@ import statistics
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -112,7 +113,7 @@ def linear_cka(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> fl
         hsic, norm_x, norm_y = (gram_x * gram_y).sum(), gram_x.norm(), gram_y.norm()
     else:
         hsic, norm_x, norm_y = (y.T @ x).pow(2).sum(), (x.T @ x).norm(), (y.T @ y).norm()
-    if norm_x == 0 or norm_y == 0:
+    if norm_x == 0 or norm_y == 0:  # constant features (NaN or infinite ones, e.g. a diverged model, give NaN too)
         return float("nan")
     return float(hsic / (norm_x * norm_y))
 
@@ -242,21 +243,85 @@ def throughput(
     return batch_size / statistics.median(times)
 
 
+# Batch-1 latency is taken in LATENCY_ROUNDS rounds; it counts as measured under contention when the slowest
+# round's median is more than SPREAD_LIMIT times the fastest's, or (on a CPU) when the process got less than
+# CPU_SHARE_MIN seconds of CPU time per second of wall time while timing: another program had the cores.
+LATENCY_ROUNDS = 5
+SPREAD_LIMIT = 1.5
+CPU_SHARE_MIN = 0.7
+LATENCY_ATTEMPTS = 3  # a contended measurement is taken again (contention is often brief), at most this often
+
+
+@dataclass
+class Latency:
+    """A batch-1 latency measurement: the median of the rounds' medians, and how far to trust it."""
+
+    seconds: float
+    repeats: int  # timed forward passes, all rounds together
+    threads: int  # torch threads during the measurement (eval.latency_threads)
+    rounds: list[float]  # each round's median, seconds
+    cpu_share: float | None  # process CPU seconds per wall second while timing (None: not a CPU measurement)
+    contention: str | None  # why the figure is not to be trusted; None: stable
+
+
+def contention(rounds: Sequence[float], cpu_share: float | None) -> str | None:
+    """Why timings taken in ``rounds`` (each round's median) with ``cpu_share`` CPU seconds per wall second
+    look disturbed by other work on the machine; None when they look stable."""
+    reasons = []
+    if rounds and min(rounds) > 0 and max(rounds) / min(rounds) > SPREAD_LIMIT:
+        reasons.append(f"rounds range {min(rounds) * 1e3:.3g}-{max(rounds) * 1e3:.3g} ms "
+                       f"({max(rounds) / min(rounds):.1f}x, over {SPREAD_LIMIT}x)")  # fmt: skip
+    if cpu_share is not None and cpu_share < CPU_SHARE_MIN:
+        reasons.append(f"the process got {cpu_share:.2f} CPU-seconds per second (under {CPU_SHARE_MIN})")
+    return "; ".join(reasons) or None
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` for the block, the previous count restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @torch.inference_mode()
 def latency(
     model: nn.Module,
     image_shape: tuple[int, int, int],
     device: torch.device,
     precision: Precision,
+    threads: int = 1,
     warmup: int = 3,
     min_repeats: int = 5,
     max_repeats: int = 200,
     budget_s: float = 0.5,
-) -> tuple[float, int]:
-    """Batch-1 latency in seconds: the median of timed single-image forward passes after
-    ``warmup`` untimed ones, repeated until ``budget_s`` seconds (at least ``min_repeats``, at
-    most ``max_repeats`` runs). Returns (median seconds, number of timed runs)."""
+) -> Latency:
+    """Batch-1 latency as a deployment runs it: ``threads`` torch threads, ``warmup`` untimed passes, then
+    LATENCY_ROUNDS rounds sharing ``budget_s`` seconds (each at least ``min_repeats`` passes); the result is
+    the median of the rounds' medians. A measurement under contention (:func:`contention`) is taken again,
+    up to LATENCY_ATTEMPTS times; the last one says why it is not to be trusted."""
     model = model.to(device).eval()
     x = torch.randn(1, *image_shape, device=device)
-    times = _repeat(_timer(model, x, device, precision), warmup, min_repeats, max_repeats, budget_s)
-    return statistics.median(times), len(times)
+    timed = _timer(model, x, device, precision)
+    with torch_threads(threads):
+        for _ in range(warmup):
+            timed()
+        for _ in range(LATENCY_ATTEMPTS):
+            found = _latency_rounds(timed, device, threads, min_repeats, max_repeats, budget_s)
+            if found.contention is None:
+                break
+    return found
+
+
+def _latency_rounds(timed, device: torch.device, threads: int, min_repeats, max_repeats, budget_s) -> Latency:
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    rounds = [_repeat(timed, 0, min_repeats, max(max_repeats // LATENCY_ROUNDS, min_repeats),
+                      budget_s / LATENCY_ROUNDS) for _ in range(LATENCY_ROUNDS)]  # fmt: skip
+    wall = time.perf_counter() - wall0
+    cpu_share = (time.process_time() - cpu0) / wall if device.type == "cpu" and wall > 0 else None
+    medians = [statistics.median(r) for r in rounds]
+    return Latency(statistics.median(medians), sum(map(len, rounds)), threads, medians, cpu_share,
+                   contention(medians, cpu_share))  # fmt: skip

@@ -14,8 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from distill_runner.reporting.results import ROLE_LABELS, STUDENTS, RunResults, label, model_order
+from distill_runner.storage import atomic_write_text
+from distill_runner.train import health
+from distill_runner.train.health import CHANCE_MARGIN
 
 MAX_CLASSES_IN_TABLES = 20  # larger confusion matrices only go to confusion.png and metrics.json
+THROUGHPUT = "the teacher's throughput"
+NOISE_IMAGES = 2  # a KD gain of this many test images or fewer is called out as no difference
 
 
 def count(n: float) -> str:
@@ -91,7 +96,55 @@ def _gain_images(metrics: RunResults) -> str:
     if not n:
         return ""
     images = round(metrics.kd_gain * n)
-    return f" ({images:+d} of {n} test images)"
+    small = f"; within {abs(images)} test image{'s' if abs(images) != 1 else ''}: no difference to act on" if (
+        0 < abs(images) <= NOISE_IMAGES) else ""  # fmt: skip
+    return f" ({images:+d} of {n} test images{small})"
+
+
+def cka_text(value) -> str:
+    """A CKA figure, or why there is none (constant or non-finite features, e.g. a diverged model)."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "unavailable (constant or non-finite features)"
+    return f"{value:.3f}"
+
+
+def chance_note(metrics: RunResults) -> str | None:
+    """When every model scores at chance (the test split's largest class share, or 1/classes), what to say."""
+    support = metrics.models["student"].per_class["support"]
+    n = sum(support)
+    if not n or metrics.num_classes < 2:
+        return None
+    chance = max(max(support) / n, 1 / metrics.num_classes)
+    if any(m.test_acc > chance + CHANCE_MARGIN for m in metrics.models.values()):
+        return None
+    return (f"- **At chance**: every model's test accuracy is within {CHANCE_MARGIN} of chance ({chance:.4f}, the "
+            "largest class's share of the test split): no model learned the task, so retention and the KD gain "
+            "say nothing; check the data, the learning rate and the teacher's training.")  # fmt: skip
+
+
+def health_notes(metrics: RunResults) -> list[str]:
+    """A diverged stage and a teacher at chance, as the log warned of them."""
+    notes = [health.divergence_check(stage.history, name) for name, stage in metrics.stages.items()]
+    counts = metrics.class_counts.get("val")
+    notes += [health.teacher_check(name, stage.final_val_acc, counts, metrics.num_classes)
+              for name, stage in metrics.stages.items() if name not in STUDENTS]  # fmt: skip
+    return [f"- **Warning**: {note}." for note in notes if note]
+
+
+def latency_note(metrics: RunResults) -> str:
+    """The thread count of the latency figures and, when any was measured under contention, which and why."""
+    threads = {m.latency_threads for m in metrics.models.values() if m.latency_threads}
+    n = threads.pop() if len(threads) == 1 else None
+    note = f" with {n} thread{'s' if n != 1 else ''}" if n else ""
+    contended = [f"{label(r)}: {m.latency_contention}" for r, m in metrics.models.items() if m.latency_contention]
+    if contended:
+        note += "; latency measured under contention (" + "; ".join(contended) + "): not to be trusted or cached"
+    return note
+
+
+def _times(ratio: float, better: str, worse: str) -> str:
+    """ "2.0x lower latency" for a ratio >= 1, "1.1x slower" (its inverse) for one below."""
+    return f"{ratio:.1f}x {better}" if ratio >= 1 else f"{1 / ratio:.1f}x {worse}"
 
 
 def summary_line(metrics: RunResults) -> str:
@@ -102,7 +155,7 @@ def summary_line(metrics: RunResults) -> str:
         f"KD gain over scratch baseline {metrics.kd_gain:+.4f}{_gain_images(metrics)}"
     )
     cka = [
-        f"{label(r)} {metrics.models[r].cka['penultimate']:.3f}"
+        f"{label(r)} {cka_text(metrics.models[r].cka['penultimate'])}"
         for r in STUDENTS
         if "penultimate" in metrics.models[r].cka and "teacher" in metrics.models
     ]
@@ -145,22 +198,25 @@ def verdict(metrics: RunResults) -> list[str]:
         gain,
         f"- **Cost**: {t.params / s.params:.1f}x fewer parameters, {t.size_bytes / s.size_bytes:.1f}x smaller on disk, "
         f"{t.macs / max(s.macs, 1):.1f}x fewer multiply-adds per image than the teacher.",
-        f"- **Speed on {metrics.device}**: {s.speedup:.1f}x the teacher's throughput at batch "
-        f"{metrics.eval_batch_size}, "
-        f"{s.latency_speedup:.1f}x lower latency at batch 1 ({s.latency_ms:.2f} ms vs {t.latency_ms:.2f} ms); "
-        f"{metrics.speed_source}.",
+        f"- **Speed on {metrics.device}**: {_times(s.speedup, THROUGHPUT, 'lower throughput (slower)')} "
+        f"at batch {metrics.eval_batch_size}, "
+        f"{_times(s.latency_speedup, 'lower latency', 'slower')} at batch 1{latency_note(metrics)} "
+        f"({s.latency_ms:.2f} ms vs {t.latency_ms:.2f} ms); {metrics.speed_source}.",
         f"- **Calibration**: ECE {num(s.ece, '.3f')} (teacher {num(t.ece, '.3f')}, scratch {num(b.ece, '.3f')}).",
     ]
     if "penultimate" in s.cka:
         lines.append(
-            f"- **Representations**: linear CKA to the teacher's penultimate features {s.cka['penultimate']:.3f} "
-            f"(scratch {b.cka.get('penultimate', float('nan')):.3f})."
+            f"- **Representations**: linear CKA to the teacher's penultimate features {cka_text(s.cka['penultimate'])} "
+            f"(scratch {cka_text(b.cka.get('penultimate'))})."
         )
     for e in metrics.exports.values():
         lines.append(
             f"- **Export** ({label(e['model'])}, PyTorch fp32 test acc "
             f"{e['reference_test_acc']:.4f}): {export_line(e, prefix=False)}."
         )
+    if (note := chance_note(metrics)) is not None:
+        lines.insert(0, note)
+    lines[:0] = health_notes(metrics)
     if not metrics.exports:
         lines.append("- **Export**: not exported in this run (`export=onnx`, or `distill-export RUN_DIR` afterwards).")
     return lines
@@ -214,7 +270,7 @@ def cka_table(metrics: RunResults) -> str:
         label = (
             f"penultimate (input of teacher `{t_head}` ~ student `{s_head}`)" if key == "penultimate" else f"`{key}`"
         )
-        rows.append([label] + [num(metrics.models[r].cka.get(key), ".3f") for r in STUDENTS])
+        rows.append([label] + [cka_text(metrics.models[r].cka.get(key)).split(" (")[0] for r in STUDENTS])
     return markdown_table(["teacher ~ student features", ROLE_LABELS["student"], ROLE_LABELS["baseline"]], rows, left=1)
 
 
@@ -376,5 +432,5 @@ def write_report(run_dir: str | os.PathLike, metrics: RunResults, overrides: lis
     metrics.save(run_dir / "metrics.json")
     plots.save_curves(run_dir / "curves.png", metrics.stages)
     plots.save_side_by_side(run_dir / "confusion.png", list(confusions(metrics).values()))
-    (run_dir / "report.md").write_text(render_markdown(metrics, overrides))
+    atomic_write_text(run_dir / "report.md", render_markdown(metrics, overrides))
     return text_table(HEADER, comparison_rows(metrics)) + "\n" + summary_line(metrics)

@@ -69,6 +69,9 @@ class ModelResult:
     latency_repeats: int
     images_per_s: float
     penultimate_layer: str | None = None
+    latency_threads: int | None = None  # torch threads of the batch-1 latency (eval.latency_threads)
+    latency_rounds_ms: list = field(default_factory=list)  # each round's median; latency_ms is their median
+    latency_contention: str | None = None  # why the latency was measured under contention; None: stable
     speedup: float | None = 1.0  # images/s relative to the teacher (null: no teacher in the run)
     latency_speedup: float | None = 1.0
     compression: float | None = 1.0  # teacher parameters / these

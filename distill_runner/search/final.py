@@ -5,6 +5,7 @@ was, tested next to the teacher and the scratch baseline, exported with the pari
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -31,8 +32,34 @@ def rows(study) -> list[dict]:
     return [trial_row(t) for t in study.get_trials(deepcopy=False) if t.state.name in (*studies.FINISHED, "FAIL")]
 
 
-def within(row: dict, budgets: dict) -> bool:
-    return all(k in row and row[k] <= v for k, v in budgets.items())
+def within(row: dict, budgets: dict, found: list[dict] = ()) -> bool:
+    """Whether ``row`` meets every budget. A latency measured under contention is not trusted: the trial is then
+    judged on MACs (:func:`latency_by_macs`) against the stable measurements among ``found``."""
+    for key, limit in budgets.items():
+        if key not in row:
+            return False
+        if key == "latency_ms" and row.get("latency_contention"):
+            if not latency_by_macs(row, limit, found):
+                return False
+        elif row[key] > limit:
+            return False
+    return True
+
+
+def latency_by_macs(row: dict, limit: float, found: list[dict]) -> bool:
+    """Within the latency budget when a trial with at least as many MACs had a stable latency within it."""
+    return any(not o.get("latency_contention") and o.get("latency_ms", math.inf) <= limit
+               and o.get("macs", -1) >= row.get("macs", math.inf) for o in found)  # fmt: skip
+
+
+def budget_note(ok: list[dict], budgets: dict) -> str | None:
+    """How the latency budget was checked, when some latency was measured under contention."""
+    contended = [r["number"] for r in ok if r.get("latency_contention")]
+    if "latency_ms" not in budgets or not contended:
+        return None
+    return (f"latency budget checked on MACs for trials {contended} (their latency was measured under contention: "
+            "within it when a trial with at least as many MACs had a stable latency within it); on the stable "
+            "measured latency for the others")  # fmt: skip
 
 
 def budgets_of(node: DictConfig) -> dict:
@@ -53,7 +80,7 @@ def choose(study, node: DictConfig, full_epochs: int) -> dict:
         fix = f"no trial finished ({states}); see trials/*/ and distill-search*.log, then run again in this folder"
         raise ConfigError("search.trials", node.trials, fix)
     budgets = budgets_of(node)
-    ok = [r for r in complete if within(r, budgets)]
+    ok = [r for r in complete if within(r, budgets, found)]
     if not ok:
         key, limit = next(iter(budgets.items()))
         smallest = min((r for r in found if key in r), key=lambda r: r[key])
@@ -62,11 +89,28 @@ def choose(study, node: DictConfig, full_epochs: int) -> dict:
                f"{smallest['params']:,} params, {smallest['macs']:,} MACs; raise the budget or add smaller students "
                "to search.space")  # fmt: skip
         raise ConfigError(f"search.budget.{key}", limit, fix)
-    cheaper = node.objective or "latency_ms"
-    best = max(ok, key=lambda r: (r["val_acc"], -r[cheaper]))
+    best, tie_note = best_of(ok, node.objective or "latency_ms")
+    best["notes"] = [n for n in (tie_note, budget_note(ok, budgets)) if n]
     best["shortened"] = (best["epochs"] or full_epochs) < full_epochs
     log.info("chosen: trial %d (%s), val acc %.4f", best["number"], " ".join(best["overrides"]), best["val_acc"])
+    for note in best["notes"]:
+        log.info("%s", note)
     return best
+
+
+def best_of(ok: list[dict], cheaper: str) -> tuple[dict, str | None]:
+    """The best validation accuracy; ties go to the cheaper by ``cheaper``, by MACs when that is a latency
+    measured under contention. Returns the trial and, when there was a tie, what broke it."""
+    top = max(r["val_acc"] for r in ok)
+    tied = [r for r in ok if r["val_acc"] == top]
+    if cheaper == "latency_ms" and any(r.get("latency_contention") for r in tied):
+        cheaper, why = "macs", " (a tied trial's latency was measured under contention)"
+    else:
+        why = ""
+    best = min(tied, key=lambda r: r[cheaper])
+    if len(tied) == 1:
+        return best, None
+    return best, f"{len(tied)} trials tie on validation accuracy {top:.4f}; broken on {cheaper}{why}"
 
 
 def finish(chosen: dict, node: DictConfig, base: list[str], full_epochs: int, search_dir: Path) -> dict:

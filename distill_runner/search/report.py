@@ -27,7 +27,17 @@ log = logging.getLogger(__name__)
 
 LABELS = {"latency_ms": "batch-1 latency (ms)", "macs": "MACs per image", "params": "parameters"}
 PLOTS = {"latency_ms": "pareto_latency.png", "macs": "pareto_macs.png", "params": "pareto_params.png"}
-COLUMNS = ["number", "state", "val_acc", "latency_ms", "macs", "params", "within_budget", "overrides"]
+COLUMNS = [
+    "number",
+    "state",
+    "val_acc",
+    "latency_ms",
+    "macs",
+    "params",
+    "within_budget",
+    "overrides",
+    "latency_contention",
+]
 
 
 def pareto(found: list[dict], cost: str) -> list[dict]:
@@ -38,17 +48,18 @@ def pareto(found: list[dict], cost: str) -> list[dict]:
     return sorted(front, key=lambda r: r[cost])
 
 
-def _cells(r: dict, budgets: dict) -> dict:
+def _cells(r: dict, budgets: dict, found: list[dict]) -> dict:
     return {"number": r["number"], "state": r["state"], "val_acc": r["val_acc"], "latency_ms": r.get("latency_ms"),
-            "macs": r.get("macs"), "params": r.get("params"), "within_budget": within(r, budgets),
+            "macs": r.get("macs"), "params": r.get("params"), "within_budget": within(r, budgets, found),
+            "latency_contention": r.get("latency_contention") or "",
             "overrides": " ".join(r["overrides"])}  # fmt: skip
 
 
-def write_csv(path: Path, found: list[dict], budgets: dict) -> None:
+def write_csv(path: Path, rows: list[dict], budgets: dict, found: list[dict]) -> None:
     out = io.StringIO()
     writer = csv.DictWriter(out, COLUMNS)
     writer.writeheader()
-    writer.writerows(_cells(r, budgets) for r in found)
+    writer.writerows(_cells(r, budgets, found) for r in rows)
     atomic_write_text(path, out.getvalue())
 
 
@@ -56,12 +67,13 @@ def _num(v, fmt: str) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
 
-def table(found: list[dict], budgets: dict, chosen: int | None) -> str:
+def table(rows: list[dict], budgets: dict, chosen: int | None, found: list[dict]) -> str:
     header = ["trial", "state", "val acc", "latency ms", "MACs", "params", "within budget", "overrides"]
     body = [[f"**{r['number']}**" if r["number"] == chosen else str(r["number"]), r["state"].lower(),
              _num(r["val_acc"], ".4f"),
-             _num(r.get("latency_ms"), ".3f"), _num(r.get("macs"), ","), _num(r.get("params"), ","),
-             "yes" if within(r, budgets) else "no", " ".join(r["overrides"])] for r in found]  # fmt: skip
+             _num(r.get("latency_ms"), ".3f") + (" (contended)" if r.get("latency_contention") else ""),
+             _num(r.get("macs"), ","), _num(r.get("params"), ","),
+             "yes" if within(r, budgets, found) else "no", " ".join(r["overrides"])] for r in rows]  # fmt: skip
     return markdown_table(header, body)
 
 
@@ -127,8 +139,8 @@ def write(study, node: DictConfig, chosen: dict, outcome: dict, search_dir: Path
     teacher = json.loads(teacher_file.read_text()) if teacher_file.is_file() else None
     cost = node.objective or "latency_ms"
     front = pareto(found, cost)
-    write_csv(search_dir / "trials.csv", found, budgets)
-    write_csv(search_dir / "pareto.csv", front, budgets)
+    write_csv(search_dir / "trials.csv", found, budgets, found)
+    write_csv(search_dir / "pareto.csv", front, budgets, found)
     figures = {PLOTS[c]: pareto_figure(found, c, budgets, teacher, chosen["number"]) for c in COSTS}
     extra = optuna_figures(study, search_dir)
     figures.update(extra["figures"])
@@ -151,6 +163,7 @@ def render(best: dict, front, found, budgets: dict, cost: str, figures: list[str
              f"Chosen: trial {chosen['number']}, `{' '.join(chosen['overrides'])}`: validation accuracy "
              f"{chosen['val_acc']:.4f}, {chosen['latency_ms']:.3f} ms, {chosen['macs']:,} MACs, {chosen['params']:,} "
              "params (chosen by validation accuracy within budget; the test split is reported, never used to choose).",
+             *[f"{note[0].upper()}{note[1:]}." for note in chosen.get("notes", [])],
              "", f"Budgets: {budgets or 'none'}; trials: {best['trials']}."]  # fmt: skip
     if final:
         lines += ["", f"Final run (`{final['folder']}/`, {'retrained' if final['retrained'] else 'trial weights'}, "
@@ -173,8 +186,8 @@ def render(best: dict, front, found, budgets: dict, cost: str, figures: list[str
         lines += ["", f"Teacher: validation accuracy {t['val_acc']:.4f}, {t['latency_ms']:.3f} ms, {t['macs']:,} MACs, "
                   f"{t['params']:,} params."]  # fmt: skip
     number = chosen["number"]
-    lines += ["", f"## Pareto front (validation accuracy vs {LABELS[cost]})", "", table(front, budgets, number),
-              "", "## Every trial", "", table(found, budgets, number), "", "## Figures", ""]  # fmt: skip
+    lines += ["", f"## Pareto front (validation accuracy vs {LABELS[cost]})", "", table(front, budgets, number, found),
+              "", "## Every trial", "", table(found, budgets, number, found), "", "## Figures", ""]  # fmt: skip
     lines += [f"![{name}]({name})" for name in figures] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 

@@ -21,7 +21,7 @@ from distill_runner import distributed
 from distill_runner.errors import ConfigError
 from distill_runner.models.features import FeatureTap
 from distill_runner.storage import keep_previous, save_verified
-from distill_runner.train.health import class_count, learning_check
+from distill_runner.train.health import class_count, divergence_check, eta, learning_check
 from distill_runner.train.resume import previous_checkpoint, resume_state
 
 if TYPE_CHECKING:
@@ -234,9 +234,10 @@ def fit(
     step_recipe = distributed.wrap(recipe, device)
     forward = FeatureTap(model, recipe.student_layers, call=step_model)  # {"logits", "features"}
     main = distributed.is_main()
-    warned = False  # the at-chance warning: once per stage
+    warned = diverged = False  # the at-chance and divergence warnings: once per stage
+    first = len(history)
     try:
-        for epoch in range(len(history), stage.epochs):
+        for epoch in range(first, stage.epochs):
             start = time.perf_counter()
             train.set_epoch(epoch)
             model.train()
@@ -295,13 +296,16 @@ def fit(
             record.update({f"schedule/{k}": v for k, v in schedule.items()})
             record.update({f"learned/{k}": v for k, v in recipe.logged().items()})  # e.g. CTKD's temperature
             record["val/acc"] = accuracy(*predict(model, val, device, precision), over_processes=True)
+            record["epoch_time_s"] = time.perf_counter() - start  # before on_epoch: a run estimate reads it
             if stage.on_epoch is not None:
                 stage.on_epoch(epoch, record, model)
-            record["epoch_time_s"] = time.perf_counter() - start
             history.append(record)
             if not warned and (warning := learning_check(history, class_count(model), stage.name)):
                 log.warning(warning)
                 warned = True
+            if not diverged and (warning := divergence_check(history, stage.name)):
+                log.warning(warning)
+                diverged = True
             if writer is not None:  # the runner gives ranks > 0 none
                 for k, v in record.items():
                     writer.add_scalar(k, v, epoch + 1)
@@ -336,6 +340,8 @@ def fit(
                 record["val/acc"],
                 record["epoch_time_s"],
             )
+            if epoch == first and main and (line := eta(stage.name, epoch + 1, stage.epochs, record["epoch_time_s"])):
+                log.info(line)
     finally:
         forward.remove()
     return history
