@@ -258,11 +258,12 @@ def export_student(ctx: RunContext, built: Built, results: RunResults) -> None:
 
 
 def report(ctx: RunContext, built: Built, results: RunResults, overrides: list[str]) -> None:
-    """metrics.json, report.md and plots in the run folder; HParams and figures in TensorBoard."""
-    table = write_report(ctx.run_dir, results, overrides)
+    """HParams and figures in TensorBoard; metrics.json, plots and report.md in the run folder, report.md last:
+    a folder without it is not a finished run."""
     recipe = tensorboard.recipe_name(built.recipe.terms, overrides)
     name = tensorboard.run_name(ctx.cfg, overrides, recipe)
     hparams = tensorboard.hparams(ctx.cfg, results, recipe, name)
     tensorboard.write_tensorboard(ctx.tb_dir, results, hparams, overrides, name)
+    table = write_report(ctx.run_dir, results, overrides)
     log.info("results on the test split (%s):\n%s\nreport: %s (evaluation %.1fs)", name, table,
              ctx.run_dir / "report.md", results.eval_time_s)  # fmt: skip

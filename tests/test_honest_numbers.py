@@ -208,3 +208,31 @@ def test_the_run_estimate_scales_the_students_by_their_cost(caplog):
     # teacher: 2 more x 10 s; students: 2 x 100000 x 10 s x 0.01 = 20000 s; replayed outputs: 10/3 s
     assert len(lines) == 1 and lines[0].startswith("run estimate: about 5.6 h more") and "estimate" in lines[0]
     assert health.eta("student", 1, 100000, 0.5).startswith("student: ETA about 13.9 h for the 99999 epoch(s)")
+
+
+# --------------------------------------------------------------------------- report.md last
+
+
+def test_report_md_is_written_atomically_and_after_everything_else(tmp_path, monkeypatch):
+    from distill_runner import runner
+    from distill_runner.reporting import plots
+
+    metrics = results(model(0.9, 1.0), model(0.9, 0.1, cka=0.5), model(0.8, 0.1, cka=0.5))
+    monkeypatch.setattr(plots, "save_side_by_side", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        report.write_report(tmp_path, metrics, [])
+    assert (tmp_path / "metrics.json").is_file() and not (tmp_path / "report.md").exists()  # not taken for finished
+    monkeypatch.undo()
+    written = []
+    monkeypatch.setattr(report, "atomic_write_text", lambda path, text: written.append(path.name))
+    report.write_report(tmp_path, metrics, [])
+    assert written == ["report.md"]
+    # the runner writes TensorBoard first, then the run folder's files with report.md last
+    order = []
+    monkeypatch.setattr(runner.tensorboard, "write_tensorboard", lambda *a: order.append("tensorboard"))
+    monkeypatch.setattr(runner, "write_report", lambda *a: order.append("report") or "table")
+    for name in ("recipe_name", "run_name", "hparams"):
+        monkeypatch.setattr(runner.tensorboard, name, lambda *a: "x")
+    ctx = SimpleNamespace(cfg=None, tb_dir=tmp_path / "tb", run_dir=tmp_path)
+    runner.report(ctx, SimpleNamespace(recipe=SimpleNamespace(terms={})), metrics, [])
+    assert order == ["tensorboard", "report"]

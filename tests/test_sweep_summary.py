@@ -40,3 +40,47 @@ def test_several_seeds_give_mean_and_std_per_setting(tmp_path):
     assert "| `distill.temperature=1` | 2 | 0.9200 ± 0.0283 | 0.9200 ± 0.0141 |" in md
     assert "| `distill.temperature=4` | 2 | 0.9300 ± 0.0000 | 0.9600 ± 0.0141 |" in md
     assert "(mean over seeds): `distill.temperature=4`, validation 0.9300 ± 0.0000, test 0.9600 ± 0.0141" in md
+
+
+def test_ties_on_validation_are_named_and_the_first_is_chosen(tmp_path):
+    for num, t in enumerate((1, 2, 4)):
+        job(tmp_path, num, [f"distill.temperature={t}"], val=0.97, test=0.9 + num / 100)
+    sweep.write_summary(tmp_path)
+    md = (tmp_path / "summary.md").read_text()
+    assert "validation accuracy: `distill.temperature=1`" in md
+    assert "3 settings tie on validation (0.9700); chosen: the first (in job order)." in md
+
+
+def test_an_unreadable_job_is_skipped_with_a_warning_and_the_rest_reported(tmp_path, caplog, capsys):
+    job(tmp_path, 0, ["distill.temperature=1"], val=0.95, test=0.99)
+    job(tmp_path, 1, ["distill.temperature=4"], val=0.97, test=0.93)
+    job(tmp_path, 2, ["distill.temperature=8"], val=0.99, test=0.93)
+    (tmp_path / "2" / "metrics.json").write_text('{"version": 2, "models": {"stud')  # cut short
+    assert sweep.main([str(tmp_path)]) == 0
+    assert "skipping job 2" in caplog.text and str(tmp_path / "2" / "metrics.json") in caplog.text
+    md = (tmp_path / "summary.md").read_text()
+    assert "2 jobs;" in md and "`distill.temperature=4`, validation 0.9700" in md and "Skipped 1 job(s)" in md
+    assert "distill-report: error" not in capsys.readouterr().err
+
+
+def test_the_plot_shows_what_the_choice_is_made_on(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    plotted, draw = [], matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, x, y, *a, **k: plotted.append(list(y)) or draw(
+        self, x, y, *a, **k))  # fmt: skip
+    job(tmp_path, 0, ["distill.temperature=1"], val=0.95, test=0.99)
+    job(tmp_path, 1, ["distill.temperature=4"], val=0.97, test=0.93)
+    sweep.write_summary(tmp_path)
+    assert plotted[0] == [0.95, 0.97]  # validation, not test (0.99, 0.93)
+
+
+def test_tensorboard_declares_and_writes_the_validation_metrics(tmp_path):
+    from distill_runner.reporting import tensorboard
+
+    job(tmp_path, 0, ["distill.temperature=1"], val=0.95, test=0.99)
+    results = RunResults.load(tmp_path / "0" / "metrics.json")
+    assert {"val/student_acc", "val/baseline_acc", "val/teacher_acc"} <= set(tensorboard.METRICS)
+    assert tensorboard.METRICS[:5][0] == "test/student_acc"  # the ticked five stay as they were
+    final = tensorboard.final_scalars(results)
+    assert final["val/student_acc"] == 0.95 and final["val/baseline_acc"] == 0.5

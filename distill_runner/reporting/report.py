@@ -425,7 +425,8 @@ def confusions(metrics: RunResults) -> dict[str, np.ndarray]:
 
 
 def write_report(run_dir: str | os.PathLike, metrics: RunResults, overrides: list[str]) -> str:
-    """Write metrics.json, report.md, curves.png and confusion.png into ``run_dir``; return the console table."""
+    """Write metrics.json, curves.png, confusion.png and, last and atomically, report.md into ``run_dir`` (a folder
+    without report.md is not a finished run); return the console table."""
     from distill_runner.reporting import plots
 
     run_dir = Path(run_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import logging
 import statistics
 import sys
@@ -20,37 +21,55 @@ from omegaconf import DictConfig
 
 from distill_runner.errors import ConfigError
 from distill_runner.reporting.results import RunResults
+from distill_runner.storage import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ["job", "overrides", "student_val_acc", "student_acc", "baseline_acc", "teacher_acc", "retention", "kd_gain",
            "wall_time_s"]  # fmt: skip
 SEED = "seed"  # jobs that differ only in it are one setting
+VAL = "student_val_acc"  # what the best setting is chosen on (never test), and what the plot shows
 
 
-def collect(sweep_dir: Path) -> list[dict]:
-    """One row per job folder that holds a metrics.json, in job order."""
+def collect(sweep_dir: Path, skipped: list[str] | None = None) -> list[dict]:
+    """One row per job folder that holds a readable metrics.json, in job order. A job whose files cannot be read
+    (damaged, or from another version) is left out with a warning, and named in ``skipped``."""
     rows = []
-    for metrics_file in sorted(sweep_dir.glob("*/metrics.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
-        job = metrics_file.parent
-        results = RunResults.load(metrics_file)
-        overrides_file = job / ".hydra" / "overrides.yaml"
-        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-        rows.append(
-            {
-                "job": job.name,
-                "overrides": " ".join(overrides),
-                "params": dict(o.split("=", 1) for o in overrides if "=" in o),
-                "student_val_acc": _number(results.stages["student"].final_val_acc),
-                "teacher_acc": results.models["teacher"].test_acc if "teacher" in results.models else float("nan"),
-                "student_acc": results.models["student"].test_acc,
-                "baseline_acc": results.models["baseline"].test_acc,
-                "retention": results.retention if results.retention is not None else float("nan"),
-                "kd_gain": results.kd_gain,
-                "wall_time_s": results.wall_time_s if results.wall_time_s is not None else float("nan"),
-            }
-        )
+    for metrics_file in sorted(sweep_dir.glob("*/metrics.json"), key=lambda p: _job_order(p.parent.name)):
+        try:
+            rows.append(_row(metrics_file.parent))
+        except (ConfigError, OSError, KeyError, TypeError, ValueError, yaml.YAMLError) as exc:
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.warning("sweep summary: skipping job %s (%s): cannot read its results: %s", metrics_file.parent.name,
+                        metrics_file, why)  # fmt: skip
+            if skipped is not None:
+                skipped.append(f"{metrics_file.parent.name} ({why})")
     return rows
+
+
+def _job_order(name: str) -> tuple:
+    """Job folders in job order: by the leading job number (``0``, ``1_T=4,alpha=0.5``), then by name."""
+    number = name.split("_", 1)[0]
+    return (0, int(number), name) if number.isdigit() else (1, 0, name)
+
+
+def _row(job: Path) -> dict:
+    results = RunResults.load(job / "metrics.json")
+    overrides_file = job / ".hydra" / "overrides.yaml"
+    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+    return {
+        "job": job.name,
+        "overrides": " ".join(overrides),
+        "params": dict(o.split("=", 1) for o in overrides if "=" in o),
+        "student_val_acc": _number(results.stages["student"].final_val_acc),
+        "baseline_val_acc": _number(results.stages["baseline"].final_val_acc),
+        "teacher_acc": results.models["teacher"].test_acc if "teacher" in results.models else float("nan"),
+        "student_acc": results.models["student"].test_acc,
+        "baseline_acc": results.models["baseline"].test_acc,
+        "retention": results.retention if results.retention is not None else float("nan"),
+        "kd_gain": results.kd_gain,
+        "wall_time_s": results.wall_time_s if results.wall_time_s is not None else float("nan"),
+    }
 
 
 def _number(v) -> float:
@@ -90,7 +109,8 @@ def _as_number(value: str):
 
 
 def plot(rows: list[dict], path: Path) -> str:
-    """A heatmap of student accuracy over two swept keys, a line over one, bars otherwise."""
+    """The metric the best setting is chosen on, the KD student's validation accuracy: a heatmap over two swept
+    keys, a line over one (the scratch baseline's beside it), bars otherwise."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,7 +126,7 @@ def plot(rows: list[dict], path: Path) -> str:
         grid = np.full((len(ys), len(xs)), np.nan)
         for r in rows:  # several jobs in one cell (e.g. seeds): their mean
             i, j = ys.index(r["params"][ky]), xs.index(r["params"][kx])
-            grid[i, j] = np.nanmean([grid[i, j], r["student_acc"]]) if not np.isnan(grid[i, j]) else r["student_acc"]
+            grid[i, j] = np.nanmean([grid[i, j], r[VAL]]) if not np.isnan(grid[i, j]) else r[VAL]
         image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
         ax.set_xticks(range(len(xs)), xs)
         ax.set_yticks(range(len(ys)), ys)
@@ -123,25 +143,25 @@ def plot(rows: list[dict], path: Path) -> str:
                         va="center",
                         color="w" if grid[i, j] < np.nanmean(grid) else "k",
                     )
-        fig.colorbar(image, ax=ax, label="student test accuracy")
+        fig.colorbar(image, ax=ax, label="KD student validation accuracy")
         kind = "heatmap"
     elif len(keys) == 1:
         (k,) = keys
         pts = sorted(
-            ((_as_number(r["params"][k]), r["student_acc"], r["baseline_acc"]) for r in rows), key=lambda t: t[0]
+            ((_as_number(r["params"][k]), r[VAL], r["baseline_val_acc"]) for r in rows), key=lambda t: t[0]
         )
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="student (KD)")
         ax.plot([p[0] for p in pts], [p[2] for p in pts], "s--", label="student (scratch)")
         ax.set_xlabel(k)
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel("validation accuracy")
         ax.legend()
         kind = "line"
     else:
-        ax.bar([r["job"] for r in rows], [r["student_acc"] for r in rows])
+        ax.bar([r["job"] for r in rows], [r[VAL] for r in rows])
         ax.set_xlabel("job")
-        ax.set_ylabel("student test accuracy")
+        ax.set_ylabel("KD student validation accuracy")
         kind = "bars"
-    ax.set_title("distill-runner sweep: student test accuracy")
+    ax.set_title("distill-runner sweep: KD student validation accuracy (what the choice is made on)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -151,17 +171,20 @@ def plot(rows: list[dict], path: Path) -> str:
 def write_summary(sweep_dir: str | Path) -> list[dict]:
     """Write summary.csv, summary.md and summary.png into ``sweep_dir``; return the rows."""
     sweep_dir = Path(sweep_dir)
-    rows = collect(sweep_dir)
+    skipped: list[str] = []
+    rows = collect(sweep_dir, skipped)
     if not rows:
-        raise FileNotFoundError(f"no job folder with a metrics.json under {sweep_dir}")
+        unread = f" ({len(skipped)} unreadable: {'; '.join(skipped)})" if skipped else ""
+        raise FileNotFoundError(f"no job folder with a readable metrics.json under {sweep_dir}{unread}")
     swept = swept_keys(rows)
     common = " ".join(f"{k}={v}" for k, v in rows[0]["params"].items() if k not in swept)
     for r in rows:  # the table shows what differs between jobs; what they share is said once
         r["overrides"] = " ".join(f"{k}={r['params'][k]}" for k in swept if k in r["params"])
-    with open(sweep_dir / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(sweep_dir / "summary.csv", table.getvalue())
     fmt = {
         "student_val_acc": "{:.4f}",
         "teacher_acc": "{:.4f}",
@@ -204,15 +227,26 @@ def write_summary(sweep_dir: str | Path) -> list[dict]:
         *setting_table,
         f"Best setting, chosen on the KD student's validation accuracy{' (mean over seeds)' if seeded else ''}: "
         f"`{best['setting'] or '(all)'}`, validation {pm(best['val'], best['val_std'])}, "
-        f"test {pm(best['test'], best['test_std'])} (test accuracy is reported, never used to choose).",
+        f"test {pm(best['test'], best['test_std'])} (test accuracy is reported, never used to choose)."
+        + tie_note(per_setting, best, seeded),
         "",
+        *([f"Skipped {len(skipped)} job(s) whose results cannot be read: {'; '.join(skipped)}.", ""] if skipped else []),
         "![student accuracy](summary.png)",
         "",
     ]
-    (sweep_dir / "summary.md").write_text("\n".join(lines))
+    atomic_write_text(sweep_dir / "summary.md", "\n".join(lines))
     kind = plot(rows, sweep_dir / "summary.png")
     log.info("sweep summary of %d jobs (%s plot) written to %s/summary.{csv,md,png}", len(rows), kind, sweep_dir)
     return rows
+
+
+def tie_note(per_setting: list[dict], best: dict, seeded: bool) -> str:
+    """" 3 settings tie on validation (0.9700); chosen: the first." when the best validation accuracy is shared."""
+    tied = [g for g in per_setting if g["val"] == best["val"]]
+    if len(tied) < 2:
+        return ""
+    rule = "the one with the smallest standard deviation over seeds, else the first" if seeded else "the first"
+    return f" {len(tied)} settings tie on validation ({best['val']:.4f}); chosen: {rule} (in job order)."
 
 
 class SweepSummary(Callback):

@@ -21,9 +21,12 @@ from distill_runner.reporting.results import EXTRA_TEACHER, ROLES, STUDENTS, Run
 HEADLINE_HPARAMS = ("recipe", "distill.temperature", "distill.alpha", "student", "seed")
 MODEL_METRICS = ("acc", "macro_f1", "ece", "roc_auc", "latency_ms", "images_per_s", "macs", "params", "size_bytes",
                  "speedup")  # fmt: skip
+# Final validation accuracy per stage: what a sweep (the summary, the Optuna sweeper) chooses on.
+VAL_METRICS = ("val/student_acc", "val/baseline_acc", "val/teacher_acc")
 # Declared in this order by every run, whatever models it has; the first five are ticked.
 METRICS = (
     "test/student_acc", "test/kd_gain", "test/retention", "test/baseline_acc", "test/teacher_acc",
+    *VAL_METRICS,
     "test/student_cka", "test/baseline_cka",
     *(f"test/{role}_{key}" for role in ("student", "baseline", "teacher") for key in MODEL_METRICS if key != "acc"),
 )  # fmt: skip
@@ -41,6 +44,7 @@ def final_scalars(metrics: RunResults) -> dict[str, float]:
         if role in STUDENTS:
             out[f"test/{role}_cka"] = m.cka.get("penultimate")
     out.update({"test/retention": metrics.retention, "test/kd_gain": metrics.kd_gain})
+    out.update({f"val/{role}_acc": stage.final_val_acc for role, stage in metrics.stages.items() if role in ROLES})
     for fmt in ("onnx", "torchscript"):
         for role, export in metrics.exports.items():
             e = export.get(fmt, {})
