@@ -147,9 +147,7 @@ def plot(rows: list[dict], path: Path) -> str:
         kind = "heatmap"
     elif len(keys) == 1:
         (k,) = keys
-        pts = sorted(
-            ((_as_number(r["params"][k]), r[VAL], r["baseline_val_acc"]) for r in rows), key=lambda t: t[0]
-        )
+        pts = sorted(((_as_number(r["params"][k]), r[VAL], r["baseline_val_acc"]) for r in rows), key=lambda t: t[0])
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="student (KD)")
         ax.plot([p[0] for p in pts], [p[2] for p in pts], "s--", label="student (scratch)")
         ax.set_xlabel(k)
@@ -230,7 +228,7 @@ def write_summary(sweep_dir: str | Path) -> list[dict]:
         f"test {pm(best['test'], best['test_std'])} (test accuracy is reported, never used to choose)."
         + tie_note(per_setting, best, seeded),
         "",
-        *([f"Skipped {len(skipped)} job(s) whose results cannot be read: {'; '.join(skipped)}.", ""] if skipped else []),
+        *([f"Skipped {len(skipped)} job(s) whose results cannot be read: {'; '.join(skipped)}.", ""] * bool(skipped)),
         "![student accuracy](summary.png)",
         "",
     ]
@@ -241,7 +239,7 @@ def write_summary(sweep_dir: str | Path) -> list[dict]:
 
 
 def tie_note(per_setting: list[dict], best: dict, seeded: bool) -> str:
-    """" 3 settings tie on validation (0.9700); chosen: the first." when the best validation accuracy is shared."""
+    """ " 3 settings tie on validation (0.9700); chosen: the first." when the best validation accuracy is shared."""
     tied = [g for g in per_setting if g["val"] == best["val"]]
     if len(tied) < 2:
         return ""
