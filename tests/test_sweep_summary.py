@@ -84,3 +84,36 @@ def test_tensorboard_declares_and_writes_the_validation_metrics(tmp_path):
     assert tensorboard.METRICS[:5][0] == "test/student_acc"  # the ticked five stay as they were
     final = tensorboard.final_scalars(results)
     assert final["val/student_acc"] == 0.95 and final["val/baseline_acc"] == 0.5
+
+
+def test_job_folders_are_named_by_the_swept_settings(monkeypatch):
+    from omegaconf import OmegaConf
+
+    monkeypatch.setenv(sweep.SWEPT_ENV, "")  # restored after the test: on_multirun_start below sets it
+    overrides = ["distill.temperature=4", "distill.alpha=0.5", "trainer.resume=auto", "dataset.root=data/x"]
+    assert sweep.job_folder(3, overrides) == "3_T=4,alpha=0.5"  # no plumbing, no paths
+    assert sweep.job_folder(0, []) == "0"
+    multirun = OmegaConf.create({"hydra": {"overrides": {"task": ["distill.temperature=1,4", "seed=0,1",
+                                                                  "student.model.channels=[4,8]", "trainer.epochs=1"]},
+                                           "sweeper": {"params": {"distill.alpha": "0.1,0.9"}}}})  # fmt: skip
+    assert sweep.swept_in(multirun) == ["distill.temperature", "seed", "distill.alpha"]
+    sweep.SweepSummary().on_multirun_start(multirun)  # what the launching process does before the jobs
+    job = ["distill.temperature=4", "seed=1", "student.model.channels=[4,8]", "trainer.epochs=1", "distill.alpha=0.1"]
+    assert sweep.job_folder(2, job) == "2_T=4,seed=1,alpha=0.1"  # what is shared by every job is left out
+
+
+def test_a_sweeps_tensorboard_runs_are_named_by_their_settings(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import TINY
+
+    sweep_dir = tmp_path / "sweep"
+    args = [*TINY, "distill.temperature=1,4", f"hydra.sweep.dir={sweep_dir}", f"cache.dir={tmp_path / 'cache'}"]
+    proc = subprocess.run([sys.executable, "-m", "distill_runner", "-m", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(p.parent.relative_to(sweep_dir).as_posix() for p in sweep_dir.glob("*/tb/*/events.out.*"))
+    assert {"0_T=1/tb/student", "1_T=4/tb/student"} <= set(runs)
+    assert all(run.startswith(("0_T=1/tb/", "1_T=4/tb/")) for run in runs)
+    assert "| 1_T=4 | `distill.temperature=4` |" in (sweep_dir / "summary.md").read_text()

@@ -11,16 +11,19 @@ import argparse
 import csv
 import io
 import logging
+import os
+import re
 import statistics
 import sys
 from pathlib import Path
 
 import yaml
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from distill_runner.errors import ConfigError
 from distill_runner.reporting.results import RunResults
+from distill_runner.reporting.tensorboard import SHORT, plumbing
 from distill_runner.storage import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -28,7 +31,38 @@ log = logging.getLogger(__name__)
 COLUMNS = ["job", "overrides", "student_val_acc", "student_acc", "baseline_acc", "teacher_acc", "retention", "kd_gain",
            "wall_time_s"]  # fmt: skip
 SEED = "seed"  # jobs that differ only in it are one setting
+SWEPT_ENV = "DISTILL_RUNNER_SWEPT_KEYS"  # set by the launching process, inherited by launcher workers
+MAX_FOLDER_NAME = 120  # characters of settings in a job folder's name
 VAL = "student_val_acc"  # what the best setting is chosen on (never test), and what the plot shows
+
+
+def job_folder(num, overrides) -> str:
+    """A sweep job's folder (``hydra.sweep.subdir``): its number, then the settings the sweep varies, e.g.
+    ``3_T=4,alpha=0.5``; TensorBoard names the job's runs by it (``3_T=4,alpha=0.5/tb/student``). The swept keys
+    come from the launching process (:meth:`SweepSummary.on_multirun_start`); without them every override but
+    plumbing (cache.dir, trainer.resume, ...) counts. Path values are left out; the number keeps names unique."""
+    swept = set(filter(None, os.environ.get(SWEPT_ENV, "").split(",")))
+    parts = []
+    for override in overrides or []:
+        key, _, value = str(override).partition("=")
+        key = key.lstrip("+~")
+        if (key in swept if swept else not plumbing(key)) and "/" not in value:
+            parts.append(f"{SHORT.get(key, key)}={value}")
+    name = re.sub(r"[^\w.=,+\-\[\]]", "_", ",".join(parts))[:MAX_FOLDER_NAME]
+    return f"{num}_{name}" if name else str(num)
+
+
+def swept_in(config: DictConfig) -> list[str]:
+    """The keys a multirun varies: its command line's sweep overrides (``distill.temperature=1,4``) and the
+    sweeper's search space (``hydra.sweeper.params``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    keys = [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()]
+    return keys + list(OmegaConf.select(config, "hydra.sweeper.params", default=None) or {})
+
+
+OmegaConf.register_new_resolver("distill_job_folder", job_folder, replace=True)  # conf/config.yaml: hydra.sweep
 
 
 def collect(sweep_dir: Path, skipped: list[str] | None = None) -> list[dict]:
@@ -248,7 +282,15 @@ def tie_note(per_setting: list[dict], best: dict, seeded: bool) -> str:
 
 
 class SweepSummary(Callback):
-    """Hydra callback: write the sweep summary once all jobs of a multirun are done."""
+    """Hydra callback: name the job folders by what the sweep varies; write the sweep summary once all jobs of a
+    multirun are done."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        try:
+            os.environ[SWEPT_ENV] = ",".join(swept_in(config))
+        except Exception as exc:  # folders then name every override: not worth stopping the sweep for
+            log.warning("could not tell the swept keys apart (%s): job folders name every override", exc)
+            os.environ.pop(SWEPT_ENV, None)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -145,7 +145,8 @@ def write_tensorboard(
     from distill_runner.reporting.report import confusions, render_markdown
 
     run_dir = Path(tb_dir).resolve().parent  # Hydra's run folder tells repeats of one setting apart
-    folder = f"{run_dir.parent.name}/{run_dir.name}" if run_dir.name.isdigit() else run_dir.name  # sweep job
+    job = run_dir.name.split("_", 1)[0].isdigit()  # a sweep job: 3, or 3_T=4,alpha=0.5
+    folder = f"{run_dir.parent.name}/{run_dir.name}" if job else run_dir.name
     name = name or hparams.get("run") or folder
     with SummaryWriter(tb_dir) as writer:
         for role, image in confusions(metrics).items():
