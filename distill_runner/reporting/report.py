@@ -198,8 +198,10 @@ DEFINITIONS = """\
 - **MACs/image**: multiply-adds of matmuls and convolutions in one forward pass on one image, counted with
   `torch.utils.flop_counter.FlopCounterMode` (FLOPs = 2 x MACs; elementwise ops, normalisation and pooling
   are not counted).
-- **latency**: median wall time of a batch-1 forward pass after warm-up, repeated for a time budget
-  (`eval.latency_budget_s`); **images/s**: throughput at the evaluation batch size (median of timed
+- **latency**: wall time of a batch-1 forward pass with `eval.latency_threads` torch threads (as a deployment
+  runs it), after warm-up: the median of 5 rounds' medians within a time budget (`eval.latency_budget_s`).
+  Measured under contention (rounds more than 1.5x apart, or the process getting under 0.7 CPU-seconds per
+  second) it is measured again, then marked, said in the summary and never cached; **images/s**: throughput at the evaluation batch size (median of timed
   batches); **speed-up**: images/s relative to the teacher (the summary also gives the latency ratio).
 - **linear CKA** (Kornblith et al. 2019): similarity of the teacher's and a student's features on the same
   test images, ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) for column-centred feature matrices;
