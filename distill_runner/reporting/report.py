@@ -201,8 +201,9 @@ DEFINITIONS = """\
 - **latency**: wall time of a batch-1 forward pass with `eval.latency_threads` torch threads (as a deployment
   runs it), after warm-up: the median of 5 rounds' medians within a time budget (`eval.latency_budget_s`).
   Measured under contention (rounds more than 1.5x apart, or the process getting under 0.7 CPU-seconds per
-  second) it is measured again, then marked, said in the summary and never cached; **images/s**: throughput at the evaluation batch size (median of timed
-  batches); **speed-up**: images/s relative to the teacher (the summary also gives the latency ratio).
+  second) it is measured again, then marked, said in the summary and never cached. **images/s**: throughput
+  at the evaluation batch size (median of timed batches); **speed-up**: images/s relative to the teacher
+  (the summary also gives the latency ratio).
 - **linear CKA** (Kornblith et al. 2019): similarity of the teacher's and a student's features on the same
   test images, ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) for column-centred feature matrices;
   1 = the same up to rotation and scale. Penultimate features are the input of each model's last
