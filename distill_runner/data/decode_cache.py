@@ -31,9 +31,9 @@ or ENOSPC/EDQUOT while writing), a warning names the folder, the bytes needed an
 partial is left, and :func:`open_or_build` returns None: the caller decodes on the fly instead.
 
 A file that fails to decode (truncated: it passed the header check) does not stop the build: its
-row stays zero and the header lists it under ``undecodable`` with the reason
-(:attr:`Store.undecodable`), so the caller skips or refuses it, on this run and on every run that
-reuses the store, without decoding again.
+row stays zero and the header lists its content hash under ``undecodable`` with the reason
+(:attr:`Store.undecodable`: the files that hold that content now), so the caller skips or refuses
+it, on this run and on every run that reuses the store, without decoding again.
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ def open_or_build(
                 "x".join(map(str, images.shape[1:])),
                 time.perf_counter() - start,
             )
-            return Store(images, data, key, built=False, undecodable=undecodable)
+            return Store(images, data, key, built=False, undecodable=_by_path(undecodable, files, hashes))
         if problem is not None:
             log.warning("decoded-image store %s %s; rebuilding it", data, problem)
         if not _build(files, identity, image_size, data, header, key, progress, workers):
@@ -252,7 +252,12 @@ def open_or_build(
         images, problem, undecodable = _open(data, header, key)
         if images is None:
             raise RuntimeError(f"the decoded-image store {data} just built {problem}")
-        return Store(images, data, key, built=True, undecodable=undecodable)
+        return Store(images, data, key, built=True, undecodable=_by_path(undecodable, files, hashes))
+
+
+def _by_path(why_by_hash: dict[str, str], files: list[str], hashes: list[str]) -> dict[str, str]:
+    """The header's undecodable contents (by hash: a reused store may have been built from other names) by path."""
+    return {f: why_by_hash[h] for f, h in zip(files, hashes) if h in why_by_hash}
 
 
 def _build(
@@ -302,7 +307,7 @@ def _build(
         ):
             for first, (pixels, errors) in zip(range(0, len(files), CHUNK), loader):
                 _write(f, pixels.numpy())
-                undecodable.update({files[first + i]: why for i, why in enumerate(errors) if why})
+                undecodable.update({identity[first + i]["sha256"]: why for i, why in enumerate(errors) if why})
                 bar.update(len(pixels))
         checksum, covers = _checksum(tmp_data, needed)
         seconds = time.perf_counter() - start

@@ -161,11 +161,11 @@ def imagefolder(
     # nothing is written: they are hashed every run, which costs less than the decoding of one epoch
     index_dir = store_dir if decode_cache else None
     hashes = dict(zip(files, HashIndex(index_dir).sha256(files)))
-    store = (
-        open_or_build(files, image_size, store_dir, progress=progress, hashes=list(hashes.values()))
-        if decode_cache
-        else None
-    )
+    if decode_cache:  # rows ordered by content: a renamed file or a moved symlink reuses the store
+        files = sorted(files, key=lambda p: (hashes[p], p))
+        store = open_or_build(files, image_size, store_dir, progress, hashes=[hashes[p] for p in files])
+    else:
+        store = None
     if store is not None:
         bad = store.undecodable  # recorded by the build, kept in the store's header
     else:  # decode each file once now, so that no epoch meets a truncated file

@@ -183,8 +183,8 @@ def report_changes(current: DataPrint, folder: str | os.PathLike | None, what: s
     said = None if old is None else current.changes(old)
     if said is not None:
         log.warning(
-            "%s changed since the last run that used it: %s -> the decoded store, teachers, baselines, teacher "
-            "outputs and evaluations cached for the old data are not reused (new keys): rebuilding",
+            "%s changed since the last run that used it: %s -> rebuilding what depends on it: teachers, baselines, "
+            "teacher outputs and evaluations cached for the old data are not reused (new keys)",
             name,
             said,
         )
