@@ -71,6 +71,8 @@ def test_the_index_hashes_once_and_sees_swaps_copies_and_damage(tmp_path, monkey
     with caplog.at_level(logging.WARNING):
         assert index.sha256(paths) == after
     assert "unreadable or damaged" in caplog.text and len(reads) == 7
+    prints.sidecar(index_file).unlink()  # an index without its checksum (planted, or half-copied) is not trusted
+    assert index.sha256(paths) == after and len(reads) == 11
 
 
 def xray_tree(root: Path) -> Path:

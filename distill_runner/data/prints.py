@@ -34,7 +34,7 @@ from filelock import FileLock
 
 from distill_runner.cache import digest
 from distill_runner.errors import ConfigError
-from distill_runner.storage import DamagedFile, read_text_verified, sha256_of, write_text_verified
+from distill_runner.storage import DamagedFile, read_text_verified, sha256_of, sidecar, write_text_verified
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,8 @@ class HashIndex:
 
     def _read(self) -> dict[str, list]:
         try:
+            if not sidecar(self.path).is_file():  # not written by this code: not trusted
+                raise DamagedFile(self.path, f"no checksum {sidecar(self.path).name}")
             meta = json.loads(read_text_verified(self.path))
             assert meta["format"] == INDEX_FORMAT
             entries = meta["entries"]

@@ -221,28 +221,25 @@ def carve_splits(
 
 def split_problem(targets: np.ndarray, fraction: float, classes: Sequence[str]) -> str | None:
     """Why a stratified split of ``targets`` taking ``fraction`` fails, in words naming the class and
-    the fix (a larger fraction, or more images), or None when it works. The carved part and the rest
-    each need an image of every class, so each class needs two; scikit-learn rounds the carved part
-    to round(fraction * n), which must hold at least one image per class, as must the rest."""
+    the fix (a larger fraction, or more images), or None when it works (what scikit-learn checks,
+    without its wording): each class needs two images (one each side), and the carved part,
+    floor(fraction * n) images, and the rest must each hold at least one image per class."""
     counts = np.bincount(targets, minlength=len(classes))
     n, k = len(targets), int((counts > 0).sum())
-    fewest = int(np.argmin(np.where(counts > 0, counts, np.iinfo(np.int64).max)))
-    if counts[fewest] < 2:
-        return (
-            f"needs at least 2 images of every class, and class {classes[fewest]} has {counts[fewest]}: "
-            f"add images of class {classes[fewest]}"
-        )
+    index = int(np.argmin(np.where(counts > 0, counts, np.iinfo(np.int64).max)))
+    smallest, fewest = classes[index], int(counts[index])
+    if fewest < 2:
+        return f"needs at least 2 images of every class, and class {smallest} has {fewest}: add images of it"
     take = math.floor(fraction * n)  # scikit-learn's size of the carved part
+    missing = f"fewer than one per class ({k} classes), so a class (e.g. {smallest}, the smallest) would be missing"
     if take < k:
-        return (
-            f"would hold {take} of {n} images, fewer than one per class ({k} classes), so class "
-            f"{classes[fewest]} would be missing from it: use a larger fraction (at least {k / n:.2f}) or add images"
-        )
+        least = math.ceil(100 * k / n) / 100
+        return f"would hold {take} of {n} images, {missing}: use a larger fraction (at least {least}) or add images"
     if n - take < k:
+        most = math.floor(100 * (n - k) / n) / 100
         return (
-            f"would leave {n - take} of {n} images, fewer than one per class ({k} classes), so class "
-            f"{classes[fewest]} would be missing from the rest: use a smaller fraction (at most {(n - k) / n:.2f}) "
-            "or add images"
+            f"would leave {n - take} of {n} images for the rest, {missing} there: use a smaller fraction "
+            f"(at most {most}) or add images"
         )
     return None
 
