@@ -84,6 +84,8 @@ class HashIndex:
             return _MEMORY
         if not self.path.is_file():
             return {}
+        if not os.access(self.path.parent, os.W_OK):  # a read-only store: no lock to take, no writer to wait for
+            return self._read()
         with FileLock(f"{self.path}.lock"):  # not between a parallel job's data file and its checksum
             return self._read()
 
@@ -92,11 +94,11 @@ class HashIndex:
             if not sidecar(self.path).is_file():  # not written by this code: not trusted
                 raise DamagedFile(self.path, f"no checksum {sidecar(self.path).name}")
             meta = json.loads(read_text_verified(self.path))
-            assert meta["format"] == INDEX_FORMAT
             entries = meta["entries"]
-            assert all(_valid(v) for v in entries.values())
+            if meta["format"] != INDEX_FORMAT or not all(_valid(v) for v in entries.values()):
+                raise ValueError(f"not a format-{INDEX_FORMAT} index")
             return entries
-        except (DamagedFile, OSError, ValueError, KeyError, TypeError, AttributeError, AssertionError) as exc:
+        except (DamagedFile, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("content-hash index %s is unreadable or damaged (%s); hashing the files again", self.path, exc)
             return {}
 
