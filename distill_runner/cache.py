@@ -31,9 +31,10 @@ from distill_runner.storage import DamagedFile, load_verified, save_verified, sh
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # bump when what a cache file holds, or how keys are built, changes
+FORMAT = 3  # bump when what a cache file holds, or how keys are built, changes (3: data prints)
 
-# What determines the training images, their order and augmentation (with the image files' fingerprint).
+# What determines the training images, their order and augmentation (with the data's print: each file's
+# content hash, label and split, see distill_runner.data.prints).
 DATA_INPUTS = (
     "dataset._target_", "dataset.variant", "dataset.root", "dataset.image_size", "dataset.batch_size",
     "dataset.val_fraction", "dataset.test_fraction", "dataset.val_from_train", "dataset.limit",
@@ -86,24 +87,31 @@ def digest(obj: object) -> str:
 
 
 def file_identity(path: str | None) -> dict | None:
-    """What tells a file's content has changed without reading it: resolved path, size, mtime."""
+    """What tells a file's content has changed without reading it: resolved path, inode, size, mtime
+    and ctime (``cp -p``/``rsync -a``/``tar x`` restore an mtime; no one can set a ctime, and a file
+    swapped in by ``mv`` has another inode)."""
     if path is None:
         return None
     stat = Path(path).expanduser().stat()
-    return {"path": str(Path(path).expanduser().resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {
+        "path": str(Path(path).expanduser().resolve()),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "ctime_ns": stat.st_ctime_ns,
+        "inode": f"{stat.st_dev}:{stat.st_ino}",
+    }
 
 
 @functools.lru_cache(maxsize=64)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_of(path)  # size and mtime_ns: a file changed since is hashed again
+def _sha256(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: str) -> str:
+    return sha256_of(path)  # the rest: a file changed since is hashed again
 
 
 def content_digest(path: str | None) -> str | None:
     """The sha256 of a file's content (hashed once per process while the file is unchanged)."""
     if path is None:
         return None
-    found = file_identity(path)
-    return _sha256(found["path"], found["size"], found["mtime_ns"])
+    return _sha256(**file_identity(path))
 
 
 def file_inputs(cfg: DictConfig, keys, under: str = "") -> dict:
@@ -143,7 +151,7 @@ def declared_keys(cfg: DictConfig) -> list[str]:
 
 
 def data_inputs(cfg: DictConfig, fingerprint: str | None) -> dict:
-    """What determines the training data: its config keys and the image files' identity. A key of a
+    """What determines the training data: its config keys and the data's print (``fingerprint``). A key of a
     data set factory of the user's own (in no list here) counts too: changing it never reuses a teacher."""
     own = [f"dataset.{k}" for k in cfg.dataset if not covered(f"dataset.{k}", (*DATA_INPUTS, *NOT_RESULTS))]
     return {**select(cfg, DATA_INPUTS), **select(cfg, own), "files": fingerprint}

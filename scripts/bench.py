@@ -23,10 +23,15 @@ The ``data`` section (:mod:`bench_data`) generates X-ray-sized grayscale JPEGs o
 224 px, torchvision's ImageFolder + PIL transforms with a DataLoader against the decode-once store
 + tensor augmentation, alone and feeding the student's CE step, plus the store's build cost.
 
+The ``prints`` section (:func:`bench_data.measure_print_cost`) times the data print that every cache key
+holds: hashing 5,863 generated X-ray-sized JPEGs (~200 KB each, as many as the Kaggle chest X-ray set)
+into an empty index (cold), then the next run's stat-only check (warm).
+
     python scripts/bench.py              # ~7 min on 2 CPU cores (the first run also generates 1,000 JPEGs)
     python scripts/bench.py --only data  # the data section alone (~4 min)
     python scripts/bench.py --only feature  # distill=feature/attention: replayed vs CE alone (~2 min)
     python scripts/bench.py --only sweep    # the quickstart cold, then 3 later jobs of a temperature sweep
+    python scripts/bench.py --only prints   # the data print: cold (hash every file) and warm (stat only)
     python scripts/bench.py --quick      # fewer images, for a smoke test
 
 The last line printed is one JSON object: for each image size, the images/s figures and the
@@ -203,10 +208,10 @@ def main() -> None:
     parser.add_argument("--precision", default="32", choices=engine.PRECISIONS)
     parser.add_argument(
         "--only",
-        choices=("all", "kd", "feature", "sweep", "data", "speed"),
+        choices=("all", "kd", "feature", "sweep", "data", "prints", "speed"),
         default="all",
         help="kd: the distillation epochs; feature: distill=feature's; sweep: the quickstart cold and a sweep's "
-        "later jobs; data: the data path; speed: GPU options",
+        "later jobs; data: the data path; prints: the data print's cost; speed: GPU options",
     )
     parser.add_argument(
         "--speed", action="store_true", help="run the speed section (precision x channels_last x compile) on a CPU too"
@@ -214,6 +219,7 @@ def main() -> None:
     parser.add_argument(
         "--data-dir", default="outputs/bench", help="where the generated JPEGs and the store go (kept between runs)"
     )
+    parser.add_argument("--print-files", type=int, default=5863, help="JPEGs the prints section generates and hashes")
     args = parser.parse_args()
     device = CPU_OR_GPU
     precision = engine.resolve_precision(args.precision, device)
@@ -261,6 +267,10 @@ def main() -> None:
         import bench_data  # scripts/ is on sys.path when this file runs as a script
 
         results["data"] = bench_data.measure_data_path(Path(args.data_dir), device, precision, quick=args.quick)
+    if args.only in ("all", "prints"):
+        import bench_data
+
+        results["prints"] = bench_data.measure_print_cost(Path(args.data_dir), n=64 if args.quick else args.print_files)
     if args.only == "speed" or (args.only == "all" and (device.type == "cuda" or args.speed)):
         import bench_speed
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from functools import partial
 from multiprocessing import Pool
@@ -39,6 +40,7 @@ from distill_runner.data import decode_cache
 from distill_runner.data.augment import Augment
 from distill_runner.data.bundle import TensorBatches
 from distill_runner.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, loader_settings
+from distill_runner.data.prints import RACY_NS, HashIndex
 from distill_runner.distill.recipe import Recipe
 from distill_runner.models.factories import tiny_cnn
 from distill_runner.train import engine
@@ -91,25 +93,49 @@ def make_xray_jpegs(data_dir: Path, n: int, side: int) -> Path:
     return root
 
 
-class _DictBatches:
-    """A (images, targets) DataLoader as the runner's batch dicts, for ``engine.fit``."""
+class _Feed:
+    """Batches for ``engine.fit`` from a torchvision (images, targets) DataLoader or a list of pre-made
+    batch dicts: the :class:`~distill_runner.data.batches.Batches` members the loop uses (no augmentation
+    of its own to replay, one process)."""
 
-    def __init__(self, loader):
-        self.loader, self.batch_size = loader, loader.batch_size
+    replayable, holds_images = False, False
+
+    def __init__(self, batches, batch_size: int, num_samples: int):
+        self.batches, self.batch_size, self.samples = batches, batch_size, num_samples
+
+    def set_epoch(self, epoch: int) -> None:  # the DataLoader shuffles by itself; pre-made batches repeat
+        pass
+
+    def shard(self, rank: int, world_size: int, pad: bool = True) -> None:
+        raise NotImplementedError("a benchmark feed runs in one process")
+
+    @property
+    def num_samples(self) -> int:
+        return self.samples
+
+    @property
+    def nbytes(self) -> int:
+        return self.samples * 3 * SIZE * SIZE
+
+    @property
+    def distinct_epochs(self) -> int | None:
+        return None
+
+    def place(self, device, resident: bool) -> _Feed:
+        return self
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.batches)
 
     def __iter__(self):
-        for images, targets in self.loader:
-            yield {"image": images, "target": targets}
+        for batch in self.batches:
+            yield batch if isinstance(batch, dict) else {"image": batch[0], "target": batch[1]}
 
 
 def _median_epoch_s(loader, repeats: int, device: torch.device) -> float:
     times = []
     for epoch in range(repeats + 1):  # the first is a warm-up
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
+        loader.set_epoch(epoch)
         start = time.perf_counter()
         for batch in loader:
             batch["image"].to(device)
@@ -145,11 +171,14 @@ def _interleaved_ce_epoch_s(feeds: dict, device: torch.device, precision, repeat
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
-def measure_data_path(data_dir: Path, device: torch.device, precision, quick: bool) -> dict:
+def measure_data_path(
+    data_dir: Path, device: torch.device, precision, quick: bool, n: int | None = None, side: int | None = None
+) -> dict:
+    """The figures above; ``n``/``side`` override the quick or full set's (tests use a handful of small images)."""
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    n, side, repeats = (64, 512, 1) if quick else (1000, 1024, 2)
+    n, side, repeats = (n or 64, side or 512, 1) if quick else (n or 1000, side or 1024, 2)
     root = make_xray_jpegs(data_dir, n, side)
     workers, pin = loader_settings("auto", "auto", str(device))
 
@@ -163,18 +192,17 @@ def measure_data_path(data_dir: Path, device: torch.device, precision, quick: bo
         ]
     )
     folder = datasets.ImageFolder(str(root), transform=tf)
-    pil = _DictBatches(
-        DataLoader(
-            folder, batch_size=BATCH, shuffle=True, num_workers=workers, pin_memory=pin, persistent_workers=workers > 0
-        )
+    loader = DataLoader(
+        folder, batch_size=BATCH, shuffle=True, num_workers=workers, pin_memory=pin, persistent_workers=workers > 0
     )
+    pil = _Feed(loader, BATCH, len(folder))
     pil_alone_s = _median_epoch_s(pil, repeats, device)
 
     # (b) building the store from scratch, then opening it again
     files = [path for path, _ in folder.samples]
     targets = torch.tensor([t for _, t in folder.samples])
     store_dir = data_dir / "store"
-    key = decode_cache.store_key(decode_cache.files_identity(files), SIZE)
+    key = decode_cache.store_key(HashIndex(store_dir).sha256(files), SIZE)
     for old in store_dir.glob(f"{key}.*"):
         old.unlink()
     start = time.perf_counter()
@@ -195,10 +223,10 @@ def measure_data_path(data_dir: Path, device: torch.device, precision, quick: bo
 
     # (d) the student's CE epoch: fed by each path, and on pre-made batches
     tensor.set_epoch(0)
-    premade = [{"image": b["image"].clone(), "target": b["target"]} for b in tensor]
+    premade = _Feed([{"image": b["image"].clone(), "target": b["target"]} for b in tensor], BATCH, n)
     ce = _interleaved_ce_epoch_s({"premade": premade, "store": tensor, "pil": pil}, device, precision, repeats)
     premade_s, store_ce_s, pil_ce_s = ce["premade"], ce["store"], ce["pil"]
-    del pil  # ends the loader's worker processes
+    del pil, loader  # ends the loader's worker processes
 
     mean_kb = json.loads((root / ".complete").read_text())["mean_kb"]
     result = {
@@ -238,6 +266,45 @@ def measure_data_path(data_dir: Path, device: torch.device, precision, quick: bo
         f"{result['store_ce_images_per_s']:5.1f}  pre-made {result['premade_ce_images_per_s']:5.1f} images/s;  "
         f"store build {build_s:.1f}s ({result['store_build_images_per_s']:.0f} images/s), open {open_s:.2f}s;  "
         f"data path = {100 * result['share_of_ce_epoch']:.1f}% of the CE epoch",
+        flush=True,
+    )
+    return result
+
+
+def measure_print_cost(data_dir: Path, n: int = 5863, side: int = 640) -> dict:
+    """What the data print (:mod:`distill_runner.data.prints`) costs on ``n`` generated X-ray-sized JPEGs
+    (5,863 as in the Kaggle chest X-ray set; 640 px at quality 95 is about 200 KB each, the size class
+    of its files): ``cold_s`` hashes every file into an empty index (files in the page cache, as right
+    after generating them: a cold disk adds its read time), ``warm_s`` is the next run (one ``stat``
+    per file, the index read and checked)."""
+    root = make_xray_jpegs(data_dir, n, side)
+    files = sorted(str(p) for p in root.glob("*/*.jpeg"))
+    newest = max(os.stat(f).st_ctime_ns for f in files)
+    time.sleep(max(0.0, (newest + RACY_NS - time.time_ns()) / 1e9 + 0.1))  # else the newest are hashed again
+    index_dir = data_dir / f"print_index_{n}x{side}"
+    for old in index_dir.glob("*"):
+        old.unlink()
+    start = time.perf_counter()
+    HashIndex(index_dir).sha256(files)
+    cold_s = time.perf_counter() - start
+    start = time.perf_counter()
+    HashIndex(index_dir).sha256(files)
+    warm_s = time.perf_counter() - start
+    total_mb = sum(os.stat(f).st_size for f in files) / 2**20
+    result = {
+        "files": n,
+        "mean_kb": round(total_mb * 1024 / n),
+        "total_mb": round(total_mb, 1),
+        "cold_s": cold_s,
+        "cold_mb_per_s": total_mb / cold_s,
+        "warm_s": warm_s,
+        "warm_us_per_file": 1e6 * warm_s / n,
+        "index_kb": round(sum(p.stat().st_size for p in index_dir.glob("*")) / 1024),
+    }
+    print(
+        f"data print of {n} JPEGs ({result['mean_kb']} KB each, {total_mb:.0f} MB): cold (hash every file) "
+        f"{cold_s:.2f}s ({result['cold_mb_per_s']:.0f} MB/s), warm (stat only) {warm_s:.3f}s "
+        f"({result['warm_us_per_file']:.0f} us/file); index {result['index_kb']} KB",
         flush=True,
     )
     return result

@@ -43,21 +43,29 @@ def _epoch_seconds(model_init, train, device, precision, speed, repeats: int) ->
     return times[len(times) // 2]
 
 
-def speed_section(device: torch.device, images: int, repeats: int, compile_too: bool = True) -> dict:
+def speed_section(
+    device: torch.device,
+    images: int,
+    repeats: int,
+    compile_too: bool = True,
+    image_size: int = 224,
+    precisions: list[str] | None = None,
+) -> dict:
+    """``image_size``: 224 as documented; ``precisions``: all the device has by default (tests: a few pixels, fp32)."""
     gen = torch.Generator().manual_seed(0)
-    pixels = torch.randint(0, 256, (images, 3, 224, 224), dtype=torch.uint8, generator=gen)
+    pixels = torch.randint(0, 256, (images, 3, image_size, image_size), dtype=torch.uint8, generator=gen)
     targets = torch.randint(0, 2, (images,), generator=gen)
     train = TensorBatches(pixels, targets, 64, [0.5] * 3, [0.25] * 3, shuffle=True).place(device, resident=True)
     torch.manual_seed(0)
     models = {
         "student": tiny_cnn(num_classes=2),
-        "teacher": torchvision_model("resnet18", num_classes=2, image_size=224),
+        "teacher": torchvision_model("resnet18", num_classes=2, image_size=image_size),
     }
-    precisions = ["32", "bf16-mixed"] + (["16-mixed"] if device.type == "cuda" else [])
+    precisions = precisions or ["32", "bf16-mixed"] + (["16-mixed"] if device.type == "cuda" else [])
     results = {}
     print(
-        f"training images/s at 224 px, batch 64, {images} images on {device} (median of {repeats} epochs after a "
-        "warm-up epoch)"
+        f"training images/s at {image_size} px, batch 64, {images} images on {device} (median of {repeats} epochs "
+        "after a warm-up epoch)"
     )
     for precision_name, channels_last, compiled in itertools.product(
         precisions, (False, True), (False, True) if compile_too else (False,)

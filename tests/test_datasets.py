@@ -394,3 +394,43 @@ def test_an_unwritable_store_folder_is_one_line_with_the_ways_out_even_with_the_
     msg = _error(xray_cfg(xray, "cache.enabled=false", f"cache.dir={blocker / 'cache'}"))
     assert msg.startswith(f"dataset.store_dir='{blocker / 'cache' / 'decoded'}': cannot write the decoded-image store")
     assert "cache.dir=PATH" in msg and "data.decode_cache=false" in msg and "\n" not in msg
+
+
+def _class_folders(root, counts: dict[str, int]):
+    for cls, n in counts.items():
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.new("L", (8, 8), i).save(root / cls / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    "counts,val,test,says",
+    [
+        (
+            {"cats": 1, "dogs": 20},
+            0.1,
+            0.2,
+            "the test split carved from the single folder needs at least 2 images of "
+            "every class, and class cats has 1: add images of it",
+        ),
+        (
+            {"cats": 3, "dogs": 3, "owls": 3},
+            0.1,
+            0.2,
+            "the test split carved from the single folder would hold 1 of 9 images, fewer than one per class "
+            "(3 classes), so a class (e.g. cats, the smallest) would be missing: use a larger fraction (at least "
+            "0.34) or add images",
+        ),
+        ({"cats": 10, "dogs": 10}, 0.01, 0.2, "the val split carved from the train split would hold 0 of 16 images"),
+        ({"cats": 10, "dogs": 10}, 0.99, 0.2, "would leave 1 of 16 images for the rest"),
+    ],
+)
+def test_split_errors_name_the_split_the_class_and_the_fix(tmp_path, counts, val, test, says):
+    root = _class_folders(tmp_path / "pets", counts)
+    with pytest.raises(ConfigError) as err:
+        imagefolder(root=str(root), image_size=8, val_from_train=val, test_fraction=test, num_workers=0,
+                    decode_cache=False)  # fmt: skip
+    message = str(err.value)
+    assert says in message and "\n" not in message
+    assert "least populated" not in message and "should be greater" not in message  # not scikit-learn's words

@@ -20,6 +20,7 @@ from distill_runner.config import validate
 from distill_runner.data import decode_cache
 from distill_runner.data.bundle import TensorBatches
 from distill_runner.data.imagefolder import FolderBatches, imagefolder
+from distill_runner.data.prints import PRINTS_DIR
 from distill_runner.errors import ConfigError
 
 SIZE = 24
@@ -84,6 +85,8 @@ def test_store_backed_bundle_equals_the_pil_path(tmp_path):
 
 
 def test_changed_added_or_removed_files_give_a_new_store(tmp_path, caplog):
+    """The key holds the files' content: a touched file (same bytes) reuses the store; a file whose bytes
+    change with its size and whole-second mtime restored (``cp -p``, ``tar x``) does not."""
     files = make_images(tmp_path / "img")
     build = lambda fs: decode_cache.open_or_build(fs, SIZE, tmp_path / "store", progress=False)
     first = build(files)
@@ -93,14 +96,20 @@ def test_changed_added_or_removed_files_give_a_new_store(tmp_path, caplog):
     st = os.stat(files[0])
     os.utime(files[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: same bytes, new mtime
     touched = build(files)
+    jpeg = next(f for f in files if f.endswith("a.jpeg"))
+    st = os.stat(jpeg)
+    other = Path(jpeg).with_name("b.jpeg").read_bytes()
+    Path(jpeg).write_bytes(other[: st.st_size].ljust(st.st_size, b"\0"))  # new bytes, same size ...
+    os.utime(jpeg, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... and the same mtime
+    rewritten = build(files)
     Image.fromarray(np.zeros((20, 30), np.uint8), "L").save(tmp_path / "img" / "new.png")
     added = build(sorted(files + [str(tmp_path / "img" / "new.png")]))
     removed = build(files[1:])
-    keys = [first.key, touched.key, added.key, removed.key]
-    assert len(set(keys)) == 4 and touched.built and added.built and removed.built
+    assert not touched.built and touched.key == first.key
+    keys = [first.key, rewritten.key, added.key, removed.key]
+    assert len(set(keys)) == 4 and rewritten.built and added.built and removed.built
     assert len(added.images) == len(files) + 1 and len(removed.images) == len(files) - 1
-    assert torch.equal(removed.images, first.images[1:])
-    assert decode_cache.fingerprint(files) != decode_cache.fingerprint(files[1:])
+    assert torch.equal(removed.images[1:], rewritten.images[2:])
 
 
 @pytest.mark.parametrize(
@@ -157,7 +166,7 @@ def test_two_processes_building_the_same_store_make_one(tmp_path):
         assert p.exitcode == 0
     assert sorted(built for built, _, _ in outcomes) == [False, True]  # one built, the other waited and reused it
     assert outcomes[0][1:] == outcomes[1][1:]
-    left = sorted(p.name for p in (tmp_path / "store").iterdir())
+    left = sorted(p.name for p in (tmp_path / "store").iterdir() if p.name != PRINTS_DIR)
     key = outcomes[0][1]
     assert left == [f"{key}.json", f"{key}.lock", f"{key}.u8"]
 
@@ -190,7 +199,8 @@ def test_full_disk_warns_and_falls_back_to_pil_leaving_nothing(tmp_path, monkeyp
         and "are free" in warning
         and "decoding with PIL on the fly" in warning
     )
-    assert [p.suffix for p in (tmp_path / "store").iterdir()] == [".lock"]  # no partial store, no temp file
+    left = [p.suffix for p in (tmp_path / "store").iterdir() if p.name != PRINTS_DIR]
+    assert left == [".lock"]  # no partial store, no temp file
     assert next(iter(data.test))["image"].shape == (6, 3, SIZE, SIZE)
 
 

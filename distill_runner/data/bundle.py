@@ -19,13 +19,14 @@ on the training device, or batches copied there one by one.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from distill_runner.data.augment import Augment
+from distill_runner.data.batches import Batches
 from distill_runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -37,15 +38,15 @@ GPU_SHARE = 0.25  # data.on_device=auto: the training set may take this share of
 
 @dataclass
 class DataBundle:
-    """``train`` may have ``set_epoch(epoch)`` (called before each epoch); every loader has ``len()``
-    and ``batch_size``. ``class_weights`` (one per class) is set when ``balance=class_weights``:
-    the runner passes it to every cross-entropy term. ``fingerprint`` identifies image files read
-    from disk (ImageFolder: their paths, sizes and modification times), for the cache keys; None
-    when the config alone determines the data."""
+    """Every loader is a :class:`~distill_runner.data.batches.Batches` (``set_epoch``, ``shard``,
+    ``num_samples``, ``place``, ...). ``class_weights`` (one per class) is set when ``balance=class_weights``:
+    the runner passes it to every cross-entropy term. ``fingerprint`` is the digest of the data's
+    print (:class:`~distill_runner.data.prints.DataPrint`: each file's content hash, label and split)
+    that every data-derived cache key holds; None when the config alone determines the data."""
 
-    train: Iterable
-    val: Iterable
-    test: Iterable
+    train: Batches
+    val: Batches
+    test: Batches
     num_classes: int
     class_names: list[str]
     image_size: int
@@ -66,9 +67,10 @@ class DataBundle:
         if not (on_device == "auto" or isinstance(on_device, bool)):
             raise ConfigError("data.on_device", on_device, "use auto, true or false")
         device = torch.device(device)
-        if not hasattr(self.train, "place"):
+        if not self.train.holds_images:
             if on_device is True:
                 log.info("data.on_device=true ignored: %s is decoded on the fly, not held as a tensor", self.name)
+            self.train.place(device, resident=False)
             return
         nbytes = self.train.nbytes
         if on_device != "auto":
@@ -110,6 +112,7 @@ class TensorBatches:
     """
 
     replayable = True
+    holds_images = True
 
     def __init__(
         self,

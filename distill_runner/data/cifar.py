@@ -24,6 +24,8 @@ from distill_runner.data.bundle import (
     stratified_split,
     take_per_class,
 )
+from distill_runner.data.prints import DataPrint, HashIndex
+from distill_runner.data.scan import split_problem
 from distill_runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -47,12 +49,15 @@ def cifar(
     limit: int | None = None,
     seed: int = 0,
     name: str | None = None,
+    store_dir: str | None = None,
 ) -> DataBundle:
     """CIFAR-10/100: train/test as published; ``val_from_train`` (a fraction, stratified, seeded)
     of the training images become the validation split; 0 trains on all of them and validates on the
     test split, as the CIFAR benchmarks' code does (then epoch selection has seen the test images).
     Images are resized in memory when ``image_size`` is not 32. ``limit`` keeps N images per split,
-    every class represented."""
+    every class represented. The data print (what cached teachers and baselines are keyed by) holds the
+    content hash of each batch file and its split; ``store_dir``: where those hashes are kept (None:
+    hashed every run, as torchvision's MD5 check reads them anyway)."""
     import torchvision.datasets
 
     if variant not in VARIANTS:
@@ -68,16 +73,14 @@ def cifar(
     train_set, test_set = _load(cls, Path(root).expanduser(), download)
 
     train_targets = np.asarray(train_set.targets)
-    try:
-        val_idx, train_idx = (
-            stratified_split(train_targets, [val_from_train], seed)
-            if val_from_train > 0
-            else (np.arange(0), np.arange(len(train_targets)))
-        )
-    except ValueError as exc:  # too few images per class (only with partial files)
-        raise ConfigError(
-            "val_from_train", val_from_train, f"cannot carve a stratified validation split: {exc}"
-        ) from None
+    problem = split_problem(train_targets, val_from_train, train_set.classes) if val_from_train > 0 else None
+    if problem is not None:  # too few images per class (only with partial files)
+        raise ConfigError("val_from_train", val_from_train, f"the val split carved from the train split {problem}")
+    val_idx, train_idx = (
+        stratified_split(train_targets, [val_from_train], seed)
+        if val_from_train > 0
+        else (np.arange(0), np.arange(len(train_targets)))
+    )
     test_idx = np.arange(len(test_set.targets))
     if limit is not None:
         train_idx = train_idx[take_per_class(train_targets[train_idx], limit)]
@@ -128,7 +131,17 @@ def cifar(
         std=list(std),
         balance=balance,
         limited=limit is not None,
+        fingerprint=batch_files_print(cls, Path(root).expanduser(), store_dir).digest,
     )
+
+
+def batch_files_print(cls, root: Path, store_dir: str | None) -> DataPrint:
+    """Per batch file (train, test, then meta): its content hash and split; the labels are inside the files."""
+    files = [(name, "train") for name, _ in cls.train_list] + [(name, "test") for name, _ in cls.test_list]
+    files.append((cls.meta["filename"], "meta"))
+    paths = [str(root / cls.base_folder / name) for name, _ in files]
+    hashes = HashIndex(store_dir).sha256(paths)
+    return DataPrint(tuple((h, "", split) for h, (_, split) in zip(hashes, files)), tuple(n for n, _ in files))
 
 
 def _load(cls, root: Path, download: bool):

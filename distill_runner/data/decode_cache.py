@@ -11,10 +11,12 @@ model's 3 channels come from broadcasting when the batch is normalized
 the file (parallel jobs share its pages through the OS page cache).
 
 ``<key>.json``, renamed into place after the data file, describes it: format, key, shape, the
-sha256 of the data file, and the file list with sizes and mtimes. A data file without its header
-is never used. The key is a digest of the resolved file paths in order, their sizes and
-``mtime_ns``, the size, the channel rule and the resampling: touching, adding, removing or
-replacing an image, or another ``image_size``, gives another key, so another store.
+sha256 of the data file, and the file list with each file's content hash. A data file without its
+header is never used. The key is a digest of the files' content hashes in order
+(:class:`distill_runner.data.prints.HashIndex`: hashed once, then one ``stat`` per file while
+unchanged), the size, the channel rule and the resampling: changing, adding, removing or reordering
+an image, or another ``image_size``, gives another key, so another store, whatever the files' paths,
+sizes and modification times say.
 
 Checked on every open: the header parses and names this key and format; the data file is exactly
 N*C*size*size bytes (a truncated or extended file fails); its sha256 equals the header's. Up to
@@ -29,9 +31,9 @@ or ENOSPC/EDQUOT while writing), a warning names the folder, the bytes needed an
 partial is left, and :func:`open_or_build` returns None: the caller decodes on the fly instead.
 
 A file that fails to decode (truncated: it passed the header check) does not stop the build: its
-row stays zero and the header lists it under ``undecodable`` with the reason
-(:attr:`Store.undecodable`), so the caller skips or refuses it, on this run and on every run that
-reuses the store, without decoding again.
+row stays zero and the header lists its content hash under ``undecodable`` with the reason
+(:attr:`Store.undecodable`: the files that hold that content now), so the caller skips or refuses
+it, on this run and on every run that reuses the store, without decoding again.
 """
 
 from __future__ import annotations
@@ -56,13 +58,14 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from distill_runner.cache import digest, file_identity
+from distill_runner.cache import digest
 from distill_runner.data.images import GRAY_MODES, to_8bit
+from distill_runner.data.prints import HashIndex
 from distill_runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # bump when the layout or the decoding changes (2: 8 bits per mode, EXIF, undecodable files)
+FORMAT = 3  # bump when the layout, the decoding or the key changes (2: 8 bits per mode, EXIF; 3: content-hash keys)
 INTERPOLATION = InterpolationMode.BILINEAR  # the on-the-fly path's transforms.Resize uses the same
 FULL_CHECK_BYTES = 1 << 30
 BLOCK, SAMPLED_BLOCKS = 1 << 20, 64
@@ -75,26 +78,16 @@ class Store:
     images: torch.Tensor  # uint8 [N, C, S, S], memory-mapped (copy-on-write: never written back)
     path: Path
     key: str
-    fingerprint: str  # of the image files alone (:func:`fingerprint`)
     built: bool  # False: an existing store was reused
     undecodable: dict[str, str]  # path -> why, for the files whose pixels failed to decode (their rows are zero)
 
 
-def files_identity(files: list[str]) -> list[dict]:
-    """Resolved path, size and mtime_ns of each file, in order (one ``stat`` each)."""
-    return [file_identity(f) for f in files]
-
-
-def fingerprint(files: list[str]) -> str:
-    """A digest of the files' identities: changes when a file is touched, added or removed."""
-    return digest(files_identity(files))
-
-
-def store_key(identity: list[dict], image_size: int) -> str:
+def store_key(hashes: list[str], image_size: int) -> str:
+    """The store of files with these content hashes (sha256, in row order) at ``image_size``."""
     return digest(
         {
             "format": FORMAT,
-            "files": identity,
+            "files": hashes,
             "image_size": image_size,
             "channels": "1 if every image is grayscale else 3",
             "resize": f"PIL {INTERPOLATION.value}",
@@ -215,13 +208,20 @@ def _warn_cannot_store(folder: Path, needed: int, why: str) -> None:
 
 
 def open_or_build(
-    files: list[str], image_size: int, store_dir: str | os.PathLike, progress: bool = True, workers: int | None = None
+    files: list[str],
+    image_size: int,
+    store_dir: str | os.PathLike,
+    progress: bool = True,
+    workers: int | None = None,
+    hashes: list[str] | None = None,
 ) -> Store | None:
     """The store of ``files`` at ``image_size``: reused when a valid one exists, else built (one
     builder at a time per key). None when it cannot be written (disk full): decode on the fly.
-    ``workers``: decoding processes (None: every core for large sets, none for small ones)."""
-    identity = files_identity(files)  # the files are stat'ed once: key, fingerprint and header
-    key = store_key(identity, image_size)
+    ``workers``: decoding processes (None: every core for large sets, none for small ones);
+    ``hashes``: the files' content hashes when the caller has them (else from the store's index)."""
+    hashes = HashIndex(store_dir).sha256(files) if hashes is None else hashes
+    identity = [{"path": f, "sha256": h} for f, h in zip(files, hashes)]  # the header's file list
+    key = store_key(hashes, image_size)
     folder = Path(store_dir).expanduser()
     data, header = folder / f"{key}.u8", folder / f"{key}.json"
     try:
@@ -244,7 +244,7 @@ def open_or_build(
                 "x".join(map(str, images.shape[1:])),
                 time.perf_counter() - start,
             )
-            return Store(images, data, key, digest(identity), built=False, undecodable=undecodable)
+            return Store(images, data, key, built=False, undecodable=_by_path(undecodable, files, hashes))
         if problem is not None:
             log.warning("decoded-image store %s %s; rebuilding it", data, problem)
         if not _build(files, identity, image_size, data, header, key, progress, workers):
@@ -252,7 +252,12 @@ def open_or_build(
         images, problem, undecodable = _open(data, header, key)
         if images is None:
             raise RuntimeError(f"the decoded-image store {data} just built {problem}")
-        return Store(images, data, key, digest(identity), built=True, undecodable=undecodable)
+        return Store(images, data, key, built=True, undecodable=_by_path(undecodable, files, hashes))
+
+
+def _by_path(why_by_hash: dict[str, str], files: list[str], hashes: list[str]) -> dict[str, str]:
+    """The header's undecodable contents (by hash: a reused store may have been built from other names) by path."""
+    return {f: why_by_hash[h] for f, h in zip(files, hashes) if h in why_by_hash}
 
 
 def _build(
@@ -302,7 +307,7 @@ def _build(
         ):
             for first, (pixels, errors) in zip(range(0, len(files), CHUNK), loader):
                 _write(f, pixels.numpy())
-                undecodable.update({files[first + i]: why for i, why in enumerate(errors) if why})
+                undecodable.update({identity[first + i]["sha256"]: why for i, why in enumerate(errors) if why})
                 bar.update(len(pixels))
         checksum, covers = _checksum(tmp_data, needed)
         seconds = time.perf_counter() - start

@@ -44,17 +44,14 @@ the teacher runs online. Both paths normalize each batch with ``mean``/``std``.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
-from torchvision import datasets
 from torchvision.transforms import v2
 
 from distill_runner.data.augment import RATIO, Augment
@@ -64,133 +61,26 @@ from distill_runner.data.bundle import (
     balance_weights,
     check_choice,
     in_memory_bundle,
-    shard_order,
-    shard_size,
     take_per_class,
 )
-from distill_runner.data.decode_cache import INTERPOLATION, Store, fingerprint, open_or_build
-from distill_runner.data.images import load_rgb, undecodable
-from distill_runner.data.scan import SPLITS, Layout, carve_splits, check_folder_classes, drop_bad, unreadable
-from distill_runner.errors import BadImageError, ConfigError
+from distill_runner.data.decode_cache import INTERPOLATION, Store, open_or_build
+from distill_runner.data.folder_batches import Folder, FolderBatches
+from distill_runner.data.images import undecodable
+from distill_runner.data.prints import HashIndex
+from distill_runner.data.scan import (
+    SPLITS,
+    Layout,
+    carve_splits,
+    check_folder_classes,
+    drop_bad,
+    folder_print,
+    unreadable,
+)
+from distill_runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class _Folder(datasets.ImageFolder):
-    """torchvision's ImageFolder over a checked file list, yielding the runner's batch dicts.
-
-    ``dataset[(i, aug_seed)]`` applies the transform with the torch RNG seeded by ``aug_seed``
-    (random transforms become reproducible per sample and epoch); ``dataset[i]`` uses seed 0.
-    """
-
-    def __init__(self, root: Path, classes: list[str], files: set[str], transform):
-        self._classes = classes
-        super().__init__(
-            str(root), transform=transform, loader=load_rgb, is_valid_file=files.__contains__, allow_empty=True
-        )
-
-    def find_classes(self, directory):  # the scanned class folders (no hidden folders)
-        return self._classes, {c: i for i, c in enumerate(self._classes)}
-
-    def __getitem__(self, item) -> dict:
-        index, aug_seed = item if isinstance(item, tuple) else (item, 0)
-        path, target = self.samples[index]
-        try:
-            image = self.loader(path)
-        except Exception as exc:  # only if a file changed after the up-front decode check
-            raise BadImageError(
-                f"{path} could not be decoded ({type(exc).__name__}: {exc}); remove or replace the file"
-            ) from None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(aug_seed)
-            image = self.transform(image)
-        return {"image": image, "target": target, "index": index}
-
-    def subset(self, positions: Sequence[int], transform) -> _Folder:
-        """The same data set restricted to ``positions`` (indices restart at 0), with ``transform``."""
-        part = copy.copy(self)
-        part.samples = [self.samples[i] for i in positions]
-        part.imgs, part.targets = part.samples, [t for _, t in part.samples]
-        part.transform = transform
-        return part
-
-
-class _EpochSampler(Sampler):
-    """Yields ``(index, augmentation seed)`` pairs: shuffled, or drawn with replacement by
-    ``weights``, from a generator seeded by (seed, epoch); in order when not shuffling."""
-
-    def __init__(self, n: int, shuffle: bool, seed: int, weights: torch.Tensor | None = None):
-        self.n, self.shuffle, self.seed, self.weights, self.epoch = n, shuffle, seed, weights, 0
-        self.rank, self.world_size, self.pad = 0, 1, True
-
-    def __len__(self) -> int:
-        return shard_size(self.n, self.rank, self.world_size, self.pad)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        if self.weights is not None:
-            order = torch.multinomial(self.weights, self.n, replacement=True, generator=gen)
-        elif self.shuffle:
-            order = torch.randperm(self.n, generator=gen)
-        else:
-            order = torch.arange(self.n)
-        seeds = torch.randint(0, 2**62, (self.n,), generator=gen)
-        mine = shard_order(torch.arange(self.n), self.rank, self.world_size, self.pad)  # DDP: this process's positions
-        return iter(zip(order[mine].tolist(), seeds[mine].tolist()))
-
-
-class FolderBatches:
-    """A DataLoader over an ImageFolder split, with ``set_epoch`` like :class:`TensorBatches`.
-
-    Workers return uint8 images (4x less to pass between processes); each batch is converted to
-    float and normalized with ``mean``/``std`` here, in one vectorized step, then pinned when
-    ``pin_memory`` (for asynchronous copies to the GPU)."""
-
-    def __init__(
-        self,
-        dataset: _Folder,
-        batch_size: int,
-        shuffle: bool,
-        seed: int,
-        num_workers: int,
-        pin_memory: bool,
-        mean: Sequence[float],
-        std: Sequence[float],
-        sample_weights: torch.Tensor | None = None,
-    ):
-        self.dataset, self.batch_size = dataset, batch_size
-        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1) * 255
-        self.sampler = _EpochSampler(len(dataset), shuffle, seed, sample_weights)
-        self.pin_memory = pin_memory
-        self.loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=self.sampler,
-            num_workers=num_workers,
-            persistent_workers=num_workers > 0,
-        )
-
-    @property
-    def targets(self) -> torch.Tensor:
-        return torch.as_tensor(self.dataset.targets, dtype=torch.long)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.epoch = epoch
-
-    def shard(self, rank: int, world_size: int, pad: bool = True) -> None:
-        """Load only this process's part of every epoch (DDP; see :func:`data.shard_order`)."""
-        self.sampler.rank, self.sampler.world_size, self.sampler.pad = rank, world_size, pad
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for batch in self.loader:
-            batch["image"] = (batch["image"].float() - self.mean) / self.std
-            yield {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
 
 
 def loader_settings(num_workers: int | str, pin_memory: bool | str, device: str) -> tuple[int, bool]:
@@ -257,7 +147,7 @@ def imagefolder(
     layout = Layout(root, source, classes_hint, val_from_train)
 
     classes, samples = layout.scan_splits()
-    samples = carve_splits(samples, layout, val_from_train, test_fraction, seed)
+    samples = carve_splits(samples, classes, layout, val_from_train, test_fraction, seed)
     if limit is not None:
         samples = {
             s: [items[i] for i in take_per_class(np.array([t for _, t in items]), limit)]
@@ -267,7 +157,15 @@ def imagefolder(
     check_folder_classes(samples, classes, layout, on_bad_image)  # before decoding anything
 
     files = sorted({p for items in samples.values() for p, _ in items})
-    store = open_or_build(files, image_size, store_dir, progress=progress) if decode_cache else None
+    # content hashes (what the store's and the cache's keys hold), kept beside the store; without the store
+    # nothing is written: they are hashed every run, which costs less than the decoding of one epoch
+    index_dir = store_dir if decode_cache else None
+    hashes = dict(zip(files, HashIndex(index_dir).sha256(files)))
+    if decode_cache:  # rows ordered by content: a renamed file or a moved symlink reuses the store
+        files = sorted(files, key=lambda p: (hashes[p], p))
+        store = open_or_build(files, image_size, store_dir, progress, hashes=[hashes[p] for p in files])
+    else:
+        store = None
     if store is not None:
         bad = store.undecodable  # recorded by the build, kept in the store's header
     else:  # decode each file once now, so that no epoch meets a truncated file
@@ -281,6 +179,8 @@ def imagefolder(
         )
     samples = drop_bad(samples, bad, on_bad_image, layout, "undecodable (truncated or corrupt pixel data)")
     check_folder_classes(samples, classes, layout, on_bad_image)
+    settings = (val_from_train, test_fraction, limit, on_bad_image, seed)
+    fingerprint = folder_print(samples, classes, layout, hashes, index_dir, settings).digest
     if store is not None:
         return _store_bundle(
             store,
@@ -296,6 +196,7 @@ def imagefolder(
             balance,
             seed,
             name,
+            fingerprint,
         )
 
     # per sample: PIL resize (+ resized crop, flip) to uint8 tensors; per batch: float and normalization (FolderBatches)
@@ -309,7 +210,7 @@ def imagefolder(
     eval_tf = v2.Compose([resize, v2.PILToTensor()])
     folders = {}
     for split, items in samples.items():  # torchvision's ImageFolder over the split's folder, restricted to its files
-        folder = _Folder(Path(items[0][0]).parent.parent, classes, {p for p, _ in items}, eval_tf)
+        folder = Folder(Path(items[0][0]).parent.parent, classes, {p for p, _ in items}, eval_tf)
         position = {p: i for i, (p, _) in enumerate(folder.samples)}
         folders[split] = folder.subset([position[p] for p, _ in items], train_tf if split == "train" else eval_tf)
 
@@ -325,10 +226,14 @@ def imagefolder(
         balance,
         f" (class weights {[round(w, 3) for w in class_weights]})" if class_weights else "",
     )
+    loader = dict(seed=seed, num_workers=workers, pin_memory=pin, mean=mean, std=std, image_size=image_size)
+    random = not augment.is_identity
     return DataBundle(
-        train=FolderBatches(folders["train"], batch_size, True, seed, workers, pin, mean, std, sample_weights),
-        val=FolderBatches(folders["val"], eval_batch_size, False, seed, workers, pin, mean, std),
-        test=FolderBatches(folders["test"], eval_batch_size, False, seed, workers, pin, mean, std),
+        train=FolderBatches(
+            folders["train"], batch_size, True, sample_weights=sample_weights, random_augment=random, **loader
+        ),
+        val=FolderBatches(folders["val"], eval_batch_size, False, **loader),
+        test=FolderBatches(folders["test"], eval_batch_size, False, **loader),
         num_classes=len(classes),
         class_names=list(classes),
         image_size=image_size,
@@ -336,7 +241,7 @@ def imagefolder(
         name=name,
         class_counts={s: counts[s] for s in SPLITS},
         class_weights=class_weights,
-        fingerprint=fingerprint(files),
+        fingerprint=fingerprint,
     )
 
 
@@ -354,6 +259,7 @@ def _store_bundle(
     balance: str,
     seed: int,
     name: str,
+    fingerprint: str,
 ) -> DataBundle:
     """Every split as TensorBatches over the store's rows (3 channels for the model either way)."""
     row = {p: i for i, p in enumerate(files)}
@@ -376,7 +282,7 @@ def _store_bundle(
         list(std),
         balance,
         channels=3,
-        fingerprint=store.fingerprint,
+        fingerprint=fingerprint,
     )
     log.info(
         "%s: %s, from the decoded-image store (%d channel%s), balance=%s%s",

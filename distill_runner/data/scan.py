@@ -17,6 +17,7 @@ only a full decode finds (the store build, or :func:`distill_runner.data.images.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ import numpy as np
 from torchvision import datasets
 
 from distill_runner.data.bundle import check_classes, stratified_split
+from distill_runner.data.prints import DataPrint, report_changes
 from distill_runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,8 @@ class Layout:
         """Class folders (sorted, hidden ones ignored) and image files of one split folder."""
         folder = self.folder(split)
         classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith((".", "__")))
+        for cls in classes:
+            self.check_class_name(folder, cls)
         if not classes:
             self.fail(f"{folder} has no class folders")
         items, ignored, nested = [], 0, []
@@ -120,6 +124,25 @@ class Layout:
                 ", ..." if len(nested) > NESTED_LISTED else "",
             )
         return classes, items
+
+    def check_class_name(self, folder: Path, name: str) -> None:
+        """A class name is written into reports, plots, TensorBoard and metrics.json: refuse, before any
+        model is built, one that is not valid UTF-8 or holds a newline (or another control character)."""
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes arrive as surrogate escapes
+            problem = "is not valid UTF-8"
+        else:
+            if not any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+                return
+            problem = "holds a newline or another control character"
+        shown = str(os.fsencode(folder / name))[2:-1]  # its bytes, escaped: one printable line
+        raise ConfigError(
+            "root",
+            self.display,
+            f"the class folder {shown} {problem}; class names go into reports and metrics.json: rename it "
+            "(the same new name in every split), e.g. to plain letters, digits and _",
+        )
 
     def scan_splits(self) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
         """The class folders (the same in every split, else an error) and each split's files."""
@@ -163,17 +186,22 @@ def _images_under(folder: Path) -> list[str]:
     return found
 
 
-def carve_splits(samples: dict, layout: Layout, val_from_train: float | None, test_fraction: float, seed: int) -> dict:
+def carve_splits(
+    samples: dict, classes: list[str], layout: Layout, val_from_train: float | None, test_fraction: float, seed: int
+) -> dict:
     """train/val/test sample lists: carve test (single folder) and val (``val_from_train``) stratified."""
 
     def split(items, fraction, key):
         targets = np.array([t for _, t in items])
-        try:
-            take, rest = stratified_split(targets, [fraction], seed)
-        except ValueError as exc:  # too few images per class for a stratified split
-            raise ConfigError(
-                key, fraction, f"cannot split {len(items)} images of {len(set(targets))} classes stratified ({exc})"
-            ) from None
+        problem = split_problem(targets, fraction, classes)
+        if problem is None:
+            try:
+                take, rest = stratified_split(targets, [fraction], seed)
+            except ValueError as exc:  # a case split_problem does not foresee: still one line
+                problem = f"cannot split {len(items)} images of {len(set(targets))} classes stratified ({exc})"
+        if problem is not None:
+            source, carved = ("single folder", "test") if key == "test_fraction" else ("train split", "val")
+            raise ConfigError(key, fraction, f"the {carved} split carved from the {source} {problem}")
         return [items[i] for i in rest], [items[i] for i in take]
 
     if layout.single:
@@ -189,6 +217,31 @@ def carve_splits(samples: dict, layout: Layout, val_from_train: float | None, te
     if val_from_train is not None:
         samples["train"], samples["val"] = split(samples["train"], val_from_train, "val_from_train")
     return {s: samples[s] for s in SPLITS}
+
+
+def split_problem(targets: np.ndarray, fraction: float, classes: Sequence[str]) -> str | None:
+    """Why a stratified split of ``targets`` taking ``fraction`` fails, in words naming the class and
+    the fix (a larger fraction, or more images), or None when it works (what scikit-learn checks,
+    without its wording): each class needs two images (one each side), and the carved part,
+    floor(fraction * n) images, and the rest must each hold at least one image per class."""
+    counts = np.bincount(targets, minlength=len(classes))
+    n, k = len(targets), int((counts > 0).sum())
+    index = int(np.argmin(np.where(counts > 0, counts, np.iinfo(np.int64).max)))
+    smallest, fewest = classes[index], int(counts[index])
+    if fewest < 2:
+        return f"needs at least 2 images of every class, and class {smallest} has {fewest}: add images of it"
+    take = math.floor(fraction * n)  # scikit-learn's size of the carved part
+    missing = f"fewer than one per class ({k} classes), so a class (e.g. {smallest}, the smallest) would be missing"
+    if take < k:
+        least = math.ceil(100 * k / n) / 100
+        return f"would hold {take} of {n} images, {missing}: use a larger fraction (at least {least}) or add images"
+    if n - take < k:
+        most = math.floor(100 * (n - k) / n) / 100
+        return (
+            f"would leave {n - take} of {n} images for the rest, {missing} there: use a smaller fraction "
+            f"(at most {most}) or add images"
+        )
+    return None
 
 
 def unreadable(samples: dict) -> dict[str, str]:
@@ -240,3 +293,16 @@ def check_folder_classes(samples: dict, classes: list[str], layout: Layout, on_b
         return f"add images to {source / cls}"
 
     check_classes(counts, classes, "root", layout.display, fix)
+
+
+def folder_print(
+    samples: dict, classes: list[str], layout: Layout, hashes: dict[str, str], store_dir, settings: tuple
+) -> DataPrint:
+    """The data print of an ImageFolder (per file, split by split: content hash, label, split). The label
+    is the class folder the file was found in (a symlink counts where it is, not where it points).
+    A change since the last run with the same root and ``settings`` (the split settings) is said in one line."""
+    entries = tuple((hashes[p], classes[t], split) for split in SPLITS for p, t in samples[split])
+    names = tuple(os.path.relpath(p, layout.root) for split in SPLITS for p, _ in samples[split])
+    found = DataPrint(entries, names)
+    report_changes(found, store_dir, f"{layout.root.resolve()} {settings}", f"dataset.root={layout.display}")
+    return found

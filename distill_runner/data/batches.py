@@ -1,0 +1,51 @@
+"""What every loader of a :class:`~distill_runner.data.bundle.DataBundle` offers: the :class:`Batches` protocol.
+
+The runner, the training loop, teacher-output replay and the benchmarks use exactly these members, on
+every loader alike (:class:`~distill_runner.data.bundle.TensorBatches` over a tensor or the decoded-image
+store, :class:`~distill_runner.data.folder_batches.FolderBatches` decoding with PIL); a new loader
+implements all of them (``tests/test_loaders.py`` checks the shipped ones), so no caller has to ask
+what a loader can do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Batches(Protocol):
+    """Batches of ``{"image": float [B,C,H,W], "target": long [B], "index": long [B]}`` (``index``:
+    the sample's position in its split), one epoch per iteration."""
+
+    batch_size: int
+    replayable: bool  # an epoch's batches repeat exactly (set_epoch): teacher outputs can be replayed
+    holds_images: bool  # the images are one uint8 tensor, which place() can move to a device as a whole
+
+    def set_epoch(self, epoch: int) -> None:
+        """The order and augmentation of the next iteration: those of ``epoch`` (call before each)."""
+
+    def shard(self, rank: int, world_size: int, pad: bool = True) -> None:
+        """Yield only this process's part of every epoch (DDP)."""
+
+    @property
+    def num_samples(self) -> int:
+        """Images in the split (all processes together)."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the split's images take as uint8 at the model's input size."""
+
+    @property
+    def distinct_epochs(self) -> int | None:
+        """How many epochs differ in their images: 1 without random augmentation, else None."""
+
+    def place(self, device: torch.device | str, resident: bool) -> Batches:
+        """Yield batches for ``device``; ``resident``: hold the whole split there (only when ``holds_images``)."""
+
+    def __len__(self) -> int:
+        """Batches per epoch (this process's part)."""
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]: ...

@@ -1,0 +1,54 @@
+"""Each section of scripts/bench.py runs in a quick mode (tiny sizes): kd, feature, data (it crashed with
+"'list' object has no attribute 'set_epoch'"), prints and speed. The sweep section: tests/test_bench_sweep.py."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import bench
+import bench_data
+import bench_speed
+
+from distill_runner.data import prints
+from distill_runner.data.digits import digits
+from distill_runner.train import engine
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def fp32():
+    return engine.resolve_precision("32", CPU)
+
+
+def test_kd_and_feature_sections(fp32):
+    kd = bench.measure("synthetic", bench.synthetic(32, 16, 8, 10), 10, 32, CPU, fp32, repeats=1)
+    assert kd["images"] == 16 and kd["cached_over_ce"] > 0 and kd["online_over_ce"] > 0
+    data = digits(image_size=32, batch_size=8, limit=16, crop_padding=2)
+    feature = bench.measure_features(data, CPU, fp32, repeats=1)
+    assert feature["feature"]["replayed_over_ce"] > 0 and feature["attention"]["online_over_ce"] > 0
+
+
+def test_data_section_runs_and_reports_the_goals(tmp_path, fp32):
+    result = bench_data.measure_data_path(tmp_path, CPU, fp32, quick=True, n=8, side=64)
+    assert result["images"] == 8 and result["store_ce_images_per_s"] > 0 and result["pil_ce_images_per_s"] > 0
+    assert set(result["goals_met"]) == {"share_of_ce_epoch<=0.05", "speedup_vs_pil>=10"}
+
+
+def test_prints_section_hashes_cold_then_stats_warm(tmp_path, monkeypatch):
+    monkeypatch.setattr(prints, "RACY_NS", 0)  # no wait for the files just generated
+    reads = []
+    real = prints.sha256_of
+    monkeypatch.setattr(prints, "sha256_of", lambda p: reads.append(p) or real(p))
+    result = bench_data.measure_print_cost(tmp_path, n=6, side=64)
+    assert result["files"] == 6 and len(reads) == 6  # cold: every file read once; warm: none
+    assert result["cold_s"] > 0 and result["warm_s"] > 0 and result["index_kb"] >= 0
+
+
+def test_speed_section_at_a_few_pixels():
+    result = bench_speed.speed_section(CPU, images=8, repeats=1, compile_too=False, image_size=16, precisions=["32"])
+    assert set(result) == {"32", "32 channels_last"}
+    assert all(v > 0 for row in result.values() for v in row.values())
