@@ -294,11 +294,9 @@ def remove_stale_temps(folder: str | os.PathLike, min_age_s: float = 0) -> list[
     """Remove the temp files that killed writers left under ``folder``: ours (this user's, named like
     :func:`open_temp`'s), plain files (a symlink is never followed), no longer flock-ed by a writer (or,
     the previous version's ``.<name>.tmp<pid>``, whose pid is dead) and untouched for ``min_age_s``."""
-    removed = []
-    folder = Path(folder)
+    removed, folder, now = [], Path(folder), time.time()
     if not folder.is_dir() or not distributed.is_main():
         return removed
-    now = time.time()
     for parent, _, names in os.walk(folder):  # os.walk does not follow symlinked folders
         for path in (Path(parent) / n for n in names if _TMP.match(n) or _OLD_TMP.match(n)):
             try:
