@@ -216,8 +216,6 @@ def _digest_in(checksum: Path) -> str | None:
 
 
 TMP_SUFFIX = ".tmp"
-UMASK = os.umask(0o022)  # the umask, read the only way there is (set, then restored), once at import
-os.umask(UMASK)
 
 
 def open_temp(path: Path) -> tuple[BinaryIO, Path]:
@@ -228,7 +226,7 @@ def open_temp(path: Path) -> tuple[BinaryIO, Path]:
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     f = os.fdopen(fd, "w+b")
     try:
-        os.fchmod(fd, 0o666 & ~UMASK)
+        os.fchmod(fd, 0o666 & ~trust.UMASK)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BaseException:
         f.close()

@@ -27,6 +27,8 @@ from distill_runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+UMASK = os.umask(0o022)  # the umask, read the only way there is (set, then restored), once at import
+os.umask(UMASK)
 WAIT_NOTICE_S = 5.0  # a lock not acquired within this is said once, then waited for
 CACHE_KINDS = ("teachers", "baselines", "teacher_outputs", "evals", "speeds")  # cache.dir/<kind>/ (cache.Cache)
 
@@ -50,8 +52,9 @@ def check_cache_folders(cfg: DictConfig) -> None:
 
 
 def make_folder(folder: str | os.PathLike, private: bool) -> Path:
-    """``mkdir -p folder``; with ``private`` every folder it creates is mode 0o700 (chmod after mkdir:
-    the umask cannot widen it). Folders that already exist are left as they are: :func:`check_folder`."""
+    """``mkdir -p folder``. With ``private``, ``folder`` itself, when made here, is mode 0o700 and each
+    folder made above it is not writable by group or others (chmod after mkdir: the umask cannot widen
+    either). Folders that already exist are left as they are: :func:`check_folder` judges them."""
     folder = Path(folder).expanduser().absolute()
     missing = []
     path = folder
@@ -60,11 +63,13 @@ def make_folder(folder: str | os.PathLike, private: bool) -> Path:
         path = path.parent
     for path in reversed(missing):
         try:
-            os.mkdir(path, 0o700 if private else 0o777)
+            os.mkdir(path, 0o700)
         except FileExistsError:  # another process made it meanwhile: checked like any existing folder
             continue
         if private:
-            os.chmod(path, 0o700)
+            os.chmod(path, 0o700 if path == folder else 0o755 & ~UMASK)
+        else:
+            os.chmod(path, 0o777 & ~UMASK)
     return folder
 
 
