@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import grp
 import logging
 import os
+import pwd
 import socket
 import stat
 import time
@@ -93,13 +95,24 @@ def check_folder(folder: str | os.PathLike, key: str, shared: bool) -> None:
     if not shared and info.st_uid != uid:
         raise _refused(key, folder, f"is owned by another user (uid {info.st_uid}), who could replace what it "
                        f"holds; choose a folder of your own (cache.dir=PATH), {shared_fix}")  # fmt: skip
-    if not shared and info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    writers = stat.S_IWOTH | (0 if _private_group(info.st_gid) else stat.S_IWGRP)
+    if not shared and info.st_mode & writers:
         mode = oct(stat.S_IMODE(info.st_mode))
         raise _refused(key, folder, f"is writable by group or others (mode {mode}), who could replace what it "
                        f"holds; make it private (chmod go-w {folder}), {shared_fix}")  # fmt: skip
     if not os.access(folder, os.W_OK | os.X_OK):
         raise _refused(key, folder, "is not writable by you (read-only); make it writable "
                        f"(chmod u+w {folder}) or choose another cache.dir=PATH")  # fmt: skip
+
+
+def _private_group(gid: int) -> bool:
+    """``gid`` is this user's private group (named after the user, no other member: the default of
+    Debian/Ubuntu accounts, whose umask 002 makes folders group-writable): its write bit lets no one else in."""
+    try:
+        group, user = grp.getgrgid(gid), pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return False
+    return gid == os.getgid() and group.gr_name == user and set(group.gr_mem) <= {user}
 
 
 def _refused(key: str, folder: Path, why: str) -> ConfigError:

@@ -117,8 +117,19 @@ def test_a_group_or_other_writable_cache_is_refused_before_any_work_unless_share
     teachers = cache / "teachers"
     cache.chmod(0o700)
     teachers.mkdir(mode=0o700)
-    teachers.chmod(0o770)  # a sub-folder is judged too
+    teachers.chmod(0o707)  # a sub-folder is judged too
     with pytest.raises(ConfigError, match=re.escape(f"cache.dir={str(teachers)!r}: is writable by group or others")):
+        trust.check_cache_folders(_cfg(cache))
+
+
+@pytest.mark.skipif(not ROOT, reason="chgrp to another group needs root")
+def test_group_write_is_refused_unless_the_group_is_the_users_private_one(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o770)
+    trust.check_cache_folders(_cfg(cache))  # group root: root's private group (umask 002 accounts make these)
+    os.chown(cache, -1, NOBODY)  # nogroup: not the user's own
+    with pytest.raises(ConfigError, match="is writable by group or others \\(mode 0o770\\)"):
         trust.check_cache_folders(_cfg(cache))
 
 
@@ -162,7 +173,7 @@ def test_a_read_only_cache_sub_folder_is_named_before_any_work(tmp_path, monkeyp
 def test_a_decoded_store_folder_is_judged_like_the_cache(tmp_path):
     store = tmp_path / "decoded"
     store.mkdir()
-    store.chmod(0o775)
+    store.chmod(0o757)
     cfg = compose_config(["dataset=imagefolder", "dataset.root=x", "cache.enabled=false", f"dataset.store_dir={store}"])
     with pytest.raises(ConfigError, match=re.escape(f"dataset.store_dir={str(store)!r}: is writable by group")):
         trust.check_cache_folders(cfg)
