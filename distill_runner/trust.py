@@ -41,7 +41,12 @@ def check_cache_folders(cfg: DictConfig) -> None:
     cache is enabled) can be trusted (:func:`check_folder`), or one line naming the folder and the fix."""
     shared = bool(OmegaConf.select(cfg, "cache.shared", default=False))
     if OmegaConf.select(cfg, "cache.enabled", default=False):
-        root = make_folder(OmegaConf.select(cfg, "cache.dir"), private=not shared)
+        root = Path(OmegaConf.select(cfg, "cache.dir"))
+        try:
+            root = make_folder(root, private=not shared)
+        except OSError as exc:
+            fix = f"cannot be made ({exc.strerror}); choose a writable folder: cache.dir=PATH"
+            raise _refused("cache.dir", root, fix) from None
         for folder in (root, *(root / kind for kind in CACHE_KINDS)):
             check_folder(folder, "cache.dir", shared)
     store = OmegaConf.select(cfg, "dataset.store_dir", default=None)
@@ -86,15 +91,15 @@ def check_folder(folder: str | os.PathLike, key: str, shared: bool) -> None:
         info = os.lstat(folder)
         if stat.S_ISLNK(info.st_mode) and info.st_uid != uid and not shared:
             raise _refused(key, folder, f"is a symlink made by another user (uid {info.st_uid}); "
-                           f"delete it or choose another cache.dir, {shared_fix}")  # fmt: skip
+                           f"delete it or choose another folder ({key}=PATH), {shared_fix}")  # fmt: skip
         info = os.stat(folder)
     except FileNotFoundError:
         return  # made private when first used
     if not stat.S_ISDIR(info.st_mode):
-        raise _refused(key, folder, "is not a folder; remove it or choose another cache.dir=PATH")
+        raise _refused(key, folder, f"is not a folder; remove it or choose another folder: {key}=PATH")
     if not shared and info.st_uid != uid:
         raise _refused(key, folder, f"is owned by another user (uid {info.st_uid}), who could replace what it "
-                       f"holds; choose a folder of your own (cache.dir=PATH), {shared_fix}")  # fmt: skip
+                       f"holds; choose a folder of your own ({key}=PATH), {shared_fix}")  # fmt: skip
     writers = stat.S_IWOTH | (0 if _private_group(info.st_gid) else stat.S_IWGRP)
     if not shared and info.st_mode & writers:
         mode = oct(stat.S_IMODE(info.st_mode))
@@ -102,7 +107,7 @@ def check_folder(folder: str | os.PathLike, key: str, shared: bool) -> None:
                        f"holds; make it private (chmod go-w {folder}), {shared_fix}")  # fmt: skip
     if not os.access(folder, os.W_OK | os.X_OK):
         raise _refused(key, folder, "is not writable by you (read-only); make it writable "
-                       f"(chmod u+w {folder}) or choose another cache.dir=PATH")  # fmt: skip
+                       f"(chmod u+w {folder}) or choose another folder: {key}=PATH")  # fmt: skip
 
 
 def _private_group(gid: int) -> bool:
