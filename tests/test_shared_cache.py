@@ -212,3 +212,18 @@ def test_waiting_on_a_lock_another_run_holds_is_said_with_its_pid(tmp_path, monk
         holder.wait()
     (line,) = [r.getMessage() for r in caplog.records if "waiting for" in r.getMessage()]
     assert line == f"waiting for {lock} held by another run (pid {holder.pid})..."
+
+
+def test_a_run_into_a_shared_cache_with_planted_symlinks_at_its_entries_leaves_the_victims_file(tmp_path):
+    """The red-team case end to end: another user links the names a run will write to the victim's file."""
+    victim, cache = _victim(tmp_path), tmp_path / "cache"
+    runner.run(_cfg(cache), tmp_path / "first")  # learns the entries' names
+    entries = [p for kind in ("teachers", "baselines") for p in (cache / kind).iterdir() if p.suffix != ".lock"]
+    assert any(p.name.endswith(".model.pt") for p in entries)
+    for path in entries:
+        path.unlink()
+        path.symlink_to(victim)
+    cache.chmod(0o777)
+    runner.run(_cfg(cache, "cache.shared=true"), tmp_path / "second")  # trains and stores them again
+    assert _intact(victim) and not any(p.is_symlink() for p in entries)
+    assert all(storage.verify(p) for p in entries if p.suffix == ".pt")
