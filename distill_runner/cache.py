@@ -23,10 +23,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from distill_runner import distributed
+from distill_runner import distributed, trust
 from distill_runner.storage import DamagedFile, load_verified, save_verified, sha256_of
 
 log = logging.getLogger(__name__)
@@ -74,10 +73,10 @@ RUN_ONLY = ("distill", "export", "reference_teacher")
 # (data.decode_cache reaches results only through dataset.decode_cache, where a data set has it.)
 NOT_RESULTS = (
     "data.decode_cache",
-    "hydra", "cache.enabled", "cache.dir", "cache.max_teacher_outputs_mb", "trainer.device", "trainer.progress",
-    "trainer.resume", "data.on_device", "dataset.num_workers", "dataset.pin_memory", "dataset.device",
-    "dataset.store_dir", "dataset.progress", "dataset.download", "dataset.name", "teacher.name", "student.name",
-    "eval.speed",
+    "hydra", "cache.enabled", "cache.dir", "cache.shared", "cache.max_teacher_outputs_mb", "trainer.device",
+    "trainer.progress", "trainer.resume", "data.on_device", "dataset.num_workers", "dataset.pin_memory",
+    "dataset.device", "dataset.store_dir", "dataset.progress", "dataset.download", "dataset.name", "teacher.name",
+    "student.name", "eval.speed",
 )  # fmt: skip
 
 
@@ -206,15 +205,16 @@ def speed_key(cfg: DictConfig, models: dict[str, str], device: torch.device, pre
 
 
 class Cache:
-    """A folder of cached artefacts, each a file named by its key, written under a lock."""
+    """A folder of cached artefacts, each a file named by its key, written under a lock. Its folders are
+    this user's alone unless ``shared`` (``cache.shared``): see :mod:`distill_runner.trust`."""
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike, shared: bool = False):
+        self.root, self.shared = Path(root).expanduser(), shared
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Cache | None:
         node = cfg.get("cache")
-        return cls(node.dir) if node is not None and node.enabled else None
+        return cls(node.dir, bool(node.get("shared", False))) if node is not None and node.enabled else None
 
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / f"{key}.pt"
@@ -232,8 +232,8 @@ class Cache:
         if not distributed.is_main():
             yield path
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path) + ".lock"):
+        trust.make_folder(path.parent, private=not self.shared)
+        with trust.hold_lock(str(path) + ".lock"):
             yield path
 
     def weights_path(self, kind: str, key: str) -> Path:

@@ -7,11 +7,12 @@ folder, no log file): rank 0 owns the run folder and tells the others where it i
 
 from __future__ import annotations
 
+import importlib.resources
 import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from distill_runner import distributed
 from distill_runner.errors import ConfigError
@@ -22,6 +23,24 @@ SILENT_RANK = [
     "hydra/job_logging=disabled",
     "hydra/hydra_logging=disabled",
 ]
+
+
+NOT_RUN_GROUPS = ("hydra", "search")  # Hydra's own groups (listed apart); conf/search/ is distill-search's
+
+
+def run_groups() -> str:
+    """``distill-run --help``'s "Groups and their options" (``${distill_run_groups:}`` in its template):
+    Hydra's $APP_CONFIG_GROUPS lists every group under conf/, distill-search's ``search`` too."""
+    conf = importlib.resources.files("distill_runner.conf")
+    lines = []
+    for group in sorted((g for g in conf.iterdir() if g.is_dir() and g.name not in NOT_RUN_GROUPS), key=str):
+        options = sorted(p.name.removesuffix(".yaml") for p in group.iterdir() if p.name.endswith(".yaml"))
+        if options:
+            lines.append(f"{group.name}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
+OmegaConf.register_new_resolver("distill_run_groups", run_groups, replace=True)
 
 
 @hydra.main(config_path="pkg://distill_runner.conf", config_name="config", version_base="1.3")

@@ -266,6 +266,7 @@ def validate(cfg: DictConfig) -> None:
     )
     _check(cfg, "cache.enabled", lambda v: isinstance(v, bool), "use true or false")
     _check(cfg, "cache.dir", lambda v: isinstance(v, str) and v != "", "give a folder, e.g. cache.dir=outputs/cache")
+    _check(cfg, "cache.shared", lambda v: isinstance(v, bool), "use true or false", required=False)
     _check(
         cfg,
         "cache.teacher_outputs_dtype",

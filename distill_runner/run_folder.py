@@ -3,7 +3,10 @@ it (and the cache) can take what the run will write, all checked before any trai
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -41,6 +44,33 @@ def check_room(ctx: RunContext, student: nn.Module, teachers: list[nn.Module]) -
         cached = 4 * (teacher_params + students) + int(outputs_mb * 2**20)
         needs.append((cache.root, "cache.dir", cached, "cached teachers, baseline and teacher outputs"))
     storage.check_free_space_per_disk(needs)
+
+
+def follow_log(new_dir: Path, run_dir: Path) -> None:
+    """A run resumed in another folder logs there: Hydra opened ``new_dir/<job>.log`` before that folder
+    was known. What it holds so far is appended to ``run_dir``'s log, which the log goes on in, and
+    ``new_dir``, made for this start and holding nothing else (but Hydra's .hydra/), is removed."""
+    root, moved = logging.getLogger(), False
+    for handler in list(root.handlers):
+        if not isinstance(handler, logging.FileHandler) or Path(handler.baseFilename).parent != new_dir.absolute():
+            continue
+        handler.flush()
+        log_file = Path(handler.baseFilename)
+        target = run_dir / log_file.name
+        with open(target, "a") as f:
+            f.write(log_file.read_text())
+        follower = logging.FileHandler(target, mode="a", encoding=handler.encoding)
+        follower.setLevel(handler.level)
+        follower.setFormatter(handler.formatter)
+        root.addHandler(follower)
+        root.removeHandler(handler)
+        handler.close()
+        log_file.unlink()
+        moved = True
+    if moved and set(os.listdir(new_dir)) <= {".hydra"}:
+        shutil.rmtree(new_dir)
+        with contextlib.suppress(OSError):
+            new_dir.parent.rmdir()  # outputs/<date>/ when it held only this start
 
 
 def _without_resume(items) -> list:
@@ -94,16 +124,39 @@ def resume_dir(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
 # ------------------------------------------------------------------------------- who owns a folder
 
 STARTED = "run_config.yaml"  # the config the folder's run started with (Hydra rewrites .hydra/config.yaml each start)
-OWNER = ".owner"  # "<pid> <host>" of the distill-run writing here
+OWNER = ".owner"  # "<pid> <host> <start time of the pid>" of the distill-run writing here
 STARTING_S = 60  # an owner file still empty this long after its creation belongs to no live run
 
 
-def _owner(path: Path) -> tuple[int, str] | None:
+def _owner(path: Path) -> tuple[int, str, str | None] | None:
     try:
-        pid, host = path.read_text().split()
-        return int(pid), host
-    except (OSError, ValueError):
+        pid, host, *start = path.read_text().split()  # no start time: written by the previous version
+        return int(pid), host, start[0] if start else None
+    except (OSError, ValueError, IndexError):
         return None
+
+
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks after boot: /proc/<pid>/stat field 22); None where unknown.
+    With the pid it names one process: a pid reused by another program has another start time."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]  # after "(comm)": field 3 on
+    except (OSError, IndexError):
+        return None
+
+
+def _runs_here(pid: int, host: str, start: str | None) -> bool:
+    """The owner recorded in ``.owner`` still runs on this machine: its pid is alive and is the same
+    process (same start time), or, for an owner file without one, a Python process at least."""
+    if host != socket.gethostname() or not pid_alive(pid):
+        return False
+    if start is not None:
+        now = process_start(pid)
+        return now is None or now == start
+    try:
+        return b"python" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
 
 
 def claim(cfg: DictConfig, run_dir: Path, resuming: bool) -> None:
@@ -113,7 +166,7 @@ def claim(cfg: DictConfig, run_dir: Path, resuming: bool) -> None:
     ``.hydra/config.yaml``, which the new start has already overwritten)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     owner, started = run_dir / OWNER, run_dir / STARTED
-    me = f"{os.getpid()} {socket.gethostname()}"
+    me = f"{os.getpid()} {socket.gethostname()} {process_start(os.getpid()) or ''}".strip()
     try:  # O_EXCL: of two runs starting together, exactly one creates it
         fd = os.open(owner, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         with os.fdopen(fd, "w") as f:
@@ -121,14 +174,13 @@ def claim(cfg: DictConfig, run_dir: Path, resuming: bool) -> None:
     except FileExistsError:
         found = _owner(owner)
         if found is None and time.time() - owner.stat().st_mtime < STARTING_S:
-            fix = "another distill-run is starting in this folder; wait for it or choose another folder"
+            fix = f"another distill-run is starting in this folder ({owner} is new); wait for it or choose another"
             raise ConfigError("hydra.run.dir", str(run_dir), fix) from None
         if found is not None and found[0] != os.getpid():
-            pid, host = found
-            if host == socket.gethostname() and pid_alive(pid):
-                fix = (
-                    f"another distill-run (pid {pid}) is writing into this folder; wait for it or choose another folder"
-                )
+            pid, host, start = found
+            if _runs_here(pid, host, start):
+                fix = (f"another distill-run (pid {pid}) is writing into this folder ({owner} names it); wait for it "
+                       f"or choose another folder; if no distill-run writes there, delete {owner}")  # fmt: skip
                 raise ConfigError("hydra.run.dir", str(run_dir), fix) from None
             if host != socket.gethostname() and not resuming:
                 fix = f"a distill-run on {host} (pid {pid}) owns this folder; choose another folder or resume it"

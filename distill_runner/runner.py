@@ -26,9 +26,10 @@ from distill_runner.models.factories import clone, count_parameters
 from distill_runner.reporting import tensorboard
 from distill_runner.reporting.report import write_report
 from distill_runner.reporting.results import RunResults, StageResult
-from distill_runner.run_folder import check_room, claim, release, resume_dir
+from distill_runner.run_folder import check_room, claim, follow_log, release, resume_dir
 from distill_runner.train import engine, health
 from distill_runner.train.stages import RunContext, run_or_reuse, run_stage, schedule
+from distill_runner.trust import check_cache_folders
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +103,19 @@ def prepare(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunContext:
 
 
 def own_folder(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
-    """The run folder (another one when resuming), claimed for this run alone."""
-    resume = cfg.trainer.get("resume", False)
+    """The run folder (another one when resuming, where the log goes on), claimed for this run alone;
+    the cache's folders checked first."""
+    check_cache_folders(cfg)
+    resume, found = cfg.trainer.get("resume", False), run_dir
     if resume:
-        run_dir = resume_dir(cfg, run_dir, overrides)
-        resuming = (run_dir / "checkpoints").is_dir()
+        found = resume_dir(cfg, run_dir, overrides)
+        resuming = (found / "checkpoints").is_dir()
         what = "resuming the run in" if resuming else f"nothing to resume yet (trainer.resume={resume}): starting in"
-        log.info("%s %s", what, run_dir)
-    claim(cfg, run_dir, resuming=bool(resume))
-    return run_dir
+        log.info("%s %s", what, found)
+    claim(cfg, found, resuming=bool(resume))
+    if found != run_dir:
+        follow_log(run_dir, found)
+    return found
 
 
 def build(ctx: RunContext) -> Built:

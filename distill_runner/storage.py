@@ -9,22 +9,26 @@ Every stored artefact (checkpoints, cache entries) is written by :func:`save_ver
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import logging
 import os
 import re
+import secrets
 import shutil
+import stat
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from distill_runner import distributed
+from distill_runner import distributed, trust
 from distill_runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -43,12 +47,19 @@ class DamagedFile(Exception):
 
 def atomic_save(obj: object, path: str | os.PathLike) -> None:
     """Write to a temp file then rename, so a crash never leaves a half-written checkpoint."""
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp), _tensor_bytes(obj))
+    _atomic_write(path, lambda f: torch.save(obj, _reopenable(f)), _tensor_bytes(obj))
+
+
+def _reopenable(f: BinaryIO) -> str | BinaryIO:
+    """/proc/self/fd/N: a path to the open file itself, not re-resolved in its folder (torch.save writes
+    other bytes to a file object)."""
+    fd_path = f"/proc/self/fd/{f.fileno()}"
+    return fd_path if os.path.exists(fd_path) else f
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Text written like :func:`atomic_save`: a reader sees the old file or the whole new one."""
-    _atomic_write(path, lambda tmp: tmp.write_text(text), len(text.encode()))
+    _atomic_write(path, lambda f: f.write(text.encode()), len(text.encode()))
 
 
 # ------------------------------------------------------------------------------ verified files
@@ -66,28 +77,34 @@ def sidecar(path: str | os.PathLike) -> Path:
 
 
 def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(4 * MB):
-            digest.update(chunk)
+        return _sha256_from_start(f)
+
+
+def _sha256_from_start(f: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    f.seek(0)
+    while chunk := f.read(4 * MB):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
 def save_verified(obj: object, path: str | os.PathLike) -> None:
     """:func:`atomic_save` plus the sha256 of the written bytes in ``<path>.sha256``."""
-    _write_verified(path, lambda tmp: torch.save(obj, tmp), _tensor_bytes(obj))
+    _write_verified(path, lambda f: torch.save(obj, _reopenable(f)), _tensor_bytes(obj))
 
 
 def write_text_verified(path: str | os.PathLike, text: str) -> None:
-    _write_verified(path, lambda tmp: tmp.write_text(text), len(text.encode()))
+    _write_verified(path, lambda f: f.write(text.encode()), len(text.encode()))
 
 
-def _write_verified(path: str | os.PathLike, write: Callable[[Path], object], size: int) -> None:
+def _write_verified(path: str | os.PathLike, write: Callable[[BinaryIO], object], size: int) -> None:
     found = {}
 
-    def write_and_hash(tmp: Path) -> None:
-        write(tmp)
-        found["digest"] = sha256_of(tmp)  # of the bytes on disk, before they replace the old file
+    def write_and_hash(f: BinaryIO) -> None:
+        write(f)
+        f.flush()
+        found["digest"] = _sha256_from_start(f)  # of the bytes written, before they replace the old file
 
     _atomic_write(path, write_and_hash, size)
     if distributed.is_main():
@@ -164,16 +181,16 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     if not distributed.is_main():
         return
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(dst)
-    tmp.unlink(missing_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")  # random: os.link never reuses a name
     try:
         os.link(src, tmp)
-        os.replace(tmp, dst)
+        os.replace(tmp, dst)  # a symlink at dst is replaced itself, its target never written
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.EACCES):
             raise write_failed(dst, exc, 0) from None
-        _atomic_write(dst, lambda t: shutil.copyfile(src, t), src.stat().st_size)
+        with open(src, "rb") as source:
+            _atomic_write(dst, lambda f: shutil.copyfileobj(source, f), src.stat().st_size)
 
 
 def link_verified(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -198,8 +215,24 @@ def _digest_in(checksum: Path) -> str | None:
 # ------------------------------------------------------------------------------ atomic writes
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+TMP_SUFFIX = ".tmp"
+
+
+def open_temp(path: Path) -> tuple[BinaryIO, Path]:
+    """A new, empty temp file beside ``path``, open for writing (``w+b``): a random name created with
+    ``O_EXCL`` (:func:`tempfile.mkstemp`: never an existing file, never through a symlink planted at a
+    name a writer would use), with the mode a plain ``open`` gives, and flock-ed until closed, which
+    tells :func:`remove_stale_temps` that its writer is alive."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    f = os.fdopen(fd, "w+b")
+    try:
+        os.fchmod(fd, 0o666 & ~trust.UMASK)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        f.close()
+        Path(name).unlink(missing_ok=True)
+        raise
+    return f, Path(name)
 
 
 def _tensor_bytes(obj: object) -> int:
@@ -213,17 +246,22 @@ def _tensor_bytes(obj: object) -> int:
     return 0
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[Path], object], size: int = 0) -> None:
+def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], size: int = 0) -> None:
+    """``write(f)`` into a temp file (:func:`open_temp`) renamed over ``path`` (a symlink there is replaced)."""
     if not distributed.is_main():  # under torchrun rank 0 alone writes; the other ranks hold the same state
         return
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as exc:  # a full disk, or Ctrl-C: no temp file is left behind
-        tmp.unlink(missing_ok=True)
+    tmp = None
+    try:  # a full disk, or Ctrl-C: no temp file is left behind
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f, tmp = open_temp(path)
+        with f:
+            write(f)
+            f.flush()
+            os.replace(tmp, path)
+    except BaseException as exc:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise write_failed(path, exc, size) from None
         raise
@@ -245,31 +283,46 @@ def write_failed(path: Path, exc: OSError, size: int) -> ConfigError:
     return ConfigError("folder", str(folder), fix)
 
 
-_TMP = re.compile(r"^\..+\.tmp(\d+)$")
-STALE_AFTER_S = 600  # a shared folder's temp of a pid dead here may be a live writer's on another machine
+_TMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # open_temp's names: .<name>.<mkstemp's 8 characters>.tmp
+_OLD_TMP = re.compile(r"^\..+\.tmp(\d+)$")  # the previous version's: .<name>.tmp<pid>
+STALE_AFTER_S = 600  # a shared folder's temp may be a live writer's on another machine (no lock seen over NFS)
 
 
 def remove_stale_temps(folder: str | os.PathLike, min_age_s: float = 0) -> list[Path]:
-    """Remove the temp files (``.<name>.tmp<pid>``) that killed writers left under ``folder``: only
-    those whose pid is no longer alive (and untouched for ``min_age_s``). Returns what was removed."""
-    removed = []
-    folder = Path(folder)
+    """Remove the temp files that killed writers left under ``folder``: ours (this user's, named like
+    :func:`open_temp`'s), plain files (a symlink is never followed), no longer flock-ed by a writer (or,
+    the previous version's ``.<name>.tmp<pid>``, whose pid is dead) and untouched for ``min_age_s``."""
+    removed, folder, now = [], Path(folder), time.time()
     if not folder.is_dir() or not distributed.is_main():
         return removed
-    now = time.time()
-    for path in folder.rglob(".*.tmp*"):
-        match = _TMP.match(path.name)
-        if match is None or not path.is_file() or pid_alive(int(match[1])):
-            continue
-        try:
-            if now - path.stat().st_mtime >= min_age_s:
-                path.unlink()
-                removed.append(path)
-        except FileNotFoundError:  # another process cleaned it first
-            pass
+    for parent, _, names in os.walk(folder):  # os.walk does not follow symlinked folders
+        for path in (Path(parent) / n for n in names if _TMP.match(n) or _OLD_TMP.match(n)):
+            try:
+                info = os.lstat(path)
+                ours = stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid()  # never a link, nor another's
+                if ours and now - info.st_mtime >= min_age_s and not _writer_alive(path):
+                    path.unlink()
+                    removed.append(path)
+            except FileNotFoundError:  # another process cleaned it first
+                pass
     if removed:
         log.info("removed %d temp file(s) left by killed writers under %s", len(removed), folder)
     return removed
+
+
+def _writer_alive(path: Path) -> bool:
+    """The temp file's writer holds its flock (:func:`open_temp`); a file we cannot test counts as alive."""
+    old = _OLD_TMP.match(path.name)
+    if old is not None:
+        return pid_alive(int(old[1]))
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:  # held (EWOULDBLOCK), or a file system without flock
+        return True
+    finally:
+        os.close(fd)
 
 
 def pid_alive(pid: int) -> bool:
@@ -346,7 +399,7 @@ def check_free_space_per_disk(needs: list[tuple[str | os.PathLike, str, int, str
 
 
 class OutputFolderCheck(Callback):
-    """Before Hydra creates the run (or sweep) folder: it must be writable, and so must the cache."""
+    """Before Hydra creates the run (or sweep) folder: it and the cache are writable, the cache is yours."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         self._check(config, "hydra.run.dir")
@@ -359,6 +412,7 @@ class OutputFolderCheck(Callback):
             check_writable(OmegaConf.select(config, key), key)
             if OmegaConf.select(config, "cache.enabled", default=False):
                 check_writable(OmegaConf.select(config, "cache.dir"), "cache.dir")
+            trust.check_cache_folders(config)
         except ConfigError as exc:  # Hydra would print a traceback: one line instead
             print(f"distill-run: error: {exc}", file=sys.stderr)
             sys.exit(2)

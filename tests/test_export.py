@@ -1,14 +1,17 @@
 """Export: ONNX and TorchScript round trips, the fallback without onnxruntime, `distill-run export=onnx`
 and `distill-export RUN_DIR`."""
 
+import json
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, compose_config
+from omegaconf import OmegaConf
 from test_report import two_class_data
 
+from distill_runner import runner
 from distill_runner.evaluation import export
 from distill_runner.models.factories import tiny_cnn
 from distill_runner.reporting.results import RunResults
@@ -118,3 +121,34 @@ def test_run_with_export_then_distill_export(tmp_path, capsys):
     assert updated.models == metrics.models
     assert (run_dir / "export" / "baseline.onnx").is_file()
     assert "student (scratch) was exported" in (run_dir / "report.md").read_text()
+
+
+def test_distill_export_checks_the_checkpoint_and_metrics_before_writing_anything(fast, tmp_path, capsys):
+    run = tmp_path / "run"
+    cfg = compose_config(fast)
+    runner.run(cfg, run)
+    (run / ".hydra").mkdir()
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")  # what Hydra writes beside a run
+    checkpoint, metrics = run / "checkpoints" / "student.pt", run / "metrics.json"
+    good, before = checkpoint.read_bytes(), metrics.read_text()
+    damaged = bytearray(good)
+    damaged[len(good) // 2] ^= 0xFF  # inside tensor data: torch.load alone would not notice
+    checkpoint.write_bytes(bytes(damaged))
+
+    def refused() -> str:
+        assert export.main([str(run)]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("distill-export: error: RUN_DIR=")
+        assert not (run / "export").exists() and (run / "report.md").is_file()
+        return line
+
+    line = refused()
+    assert f"{checkpoint} is damaged (sha256 differs" in line and f"trainer.resume={run}" in line
+    assert metrics.read_text() == before
+    checkpoint.write_bytes(good)
+    metrics.write_text("{")  # cut short
+    assert str(metrics) in refused()
+    raw = json.loads(before)
+    del raw["models"]["student"]
+    metrics.write_text(json.dumps(raw))
+    assert "names no student" in refused()

@@ -8,8 +8,9 @@ import time
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, compose_config
 
+from distill_runner import runner
 from distill_runner.reporting.results import RunResults
 
 RUN = TINY + ["trainer.epochs=12", "cache.enabled=false", "distill.teacher_outputs=online"]
@@ -53,8 +54,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
         timeout=600,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    log = "".join(p.read_text() for p in (tmp_path / "again").glob("*.log"))
+    log = (killed / "distill-run.log").read_text()  # one log: the resumed run's goes on in the killed run's
+    assert not (tmp_path / "again").exists()
     assert "stage teacher: finished before" in log and f"student: resuming after epoch {epoch}/12" in log
+    kept = sorted(p.name for p in (killed / "checkpoints").glob("*.pt"))  # final and best weights, no _last
+    assert kept == ["baseline.pt", "baseline_best.pt", "student.pt", "student_best.pt", "teacher.pt", "teacher_best.pt"]
 
     whole = subprocess.run(
         [sys.executable, "-m", "distill_runner", *RUN, f"hydra.run.dir={tmp_path / 'whole'}"],
@@ -121,3 +125,14 @@ def test_resume_auto_starts_fresh_then_continues_the_same_folder(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     text = log.read_text()
     assert "resuming the run in" in text and "stage student: finished before" in text and "reusing baseline" in text
+
+
+def test_a_finished_run_keeps_final_and_best_weights_drops_resumable_states_and_still_resumes(fast, tmp_path, caplog):
+    run = tmp_path / "run"
+    first = runner.run(compose_config(fast), run)
+    names = sorted(p.name for p in (run / "checkpoints").iterdir() if p.suffix == ".pt")
+    assert names == ["baseline.pt", "baseline_best.pt", "student.pt", "student_best.pt", "teacher.pt"]
+    with caplog.at_level("INFO"):
+        again = runner.run(compose_config([*fast, "trainer.resume=auto"]), run)
+    assert "stage student: finished before" in caplog.text and "stage baseline: finished before" in caplog.text
+    assert again.models["student"].test_acc == first.models["student"].test_acc

@@ -1,5 +1,6 @@
 """A run folder belongs to one run: resumed only with the config it started with, never shared."""
 
+import os
 import re
 import socket
 import subprocess
@@ -10,7 +11,7 @@ from conftest import compose_config
 
 from distill_runner import runner
 from distill_runner.errors import ConfigError
-from distill_runner.run_folder import OWNER, STARTED
+from distill_runner.run_folder import OWNER, STARTED, claim, process_start, release
 
 
 def test_resume_into_a_fixed_folder_with_another_config_is_refused_naming_the_keys(fast, tmp_path):
@@ -66,3 +67,45 @@ def test_default_run_and_sweep_folders_are_unique_to_the_microsecond():
     # e.g. outputs/2026-11-25/01-30-05-123456: two runs started in the same second get two folders
     assert re.fullmatch(r"outputs/\d{4}-\d{2}-\d{2}/\d{2}-\d{2}-\d{2}-\d{6}", cfg.hydra.run.dir)
     assert re.fullmatch(r"outputs/multirun/\d{4}-\d{2}-\d{2}/\d{2}-\d{2}-\d{2}-\d{6}", cfg.hydra.sweep.dir)
+
+
+def test_a_dead_runs_pid_reused_by_another_program_does_not_block_its_folder(fast, tmp_path):
+    """``.owner`` records the pid's start time: a live pid that started later is another program."""
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        run = tmp_path / "run"
+        run.mkdir()
+        start = process_start(other.pid)
+        (run / OWNER).write_text(f"{other.pid} {socket.gethostname()} {int(start) - 1}")  # the killed run's
+        cfg = compose_config([*fast, "trainer.resume=auto"])
+        claim(cfg, run, resuming=True)  # taken over
+        assert (run / OWNER).read_text().split()[0] == str(os.getpid())
+        release(run)
+        (run / OWNER).write_text(f"{other.pid} {socket.gethostname()} {start}")  # that very process
+        with pytest.raises(ConfigError) as err:
+            claim(cfg, run, resuming=True)
+        assert f"(pid {other.pid}) is writing into this folder ({run / OWNER} names it)" in str(err.value)
+        (run / OWNER).write_text(f"{other.pid} {socket.gethostname()}")  # the previous version's: not Python
+        claim(cfg, run, resuming=True)
+        release(run)
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_run_resumed_from_another_folder_logs_on_in_that_folders_log(fast, tmp_path):
+    """Hydra opens the new folder's log before the folder to resume is known: the log moves, no folder stays."""
+    first, again = tmp_path / "run", tmp_path / "again"
+    base = [sys.executable, "-m", "distill_runner", *fast]
+    done = subprocess.run([*base, f"hydra.run.dir={first}"], cwd=tmp_path, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before = (first / "distill-run.log").read_text()
+    resumed = subprocess.run(
+        [*base, f"trainer.resume={first}", f"hydra.run.dir={again}"], cwd=tmp_path, capture_output=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not again.exists()
+    log = (first / "distill-run.log").read_text()
+    assert log.startswith(before) and f"resuming the run in {first}" in log[len(before) :]
+    assert "stage student: finished before" in log[len(before) :] and "results on the test split" in log[len(before) :]
+    assert [p.name for p in first.glob("*.log")] == ["distill-run.log"]

@@ -51,7 +51,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
@@ -62,6 +61,8 @@ from distill_runner.cache import digest
 from distill_runner.data.images import GRAY_MODES, to_8bit
 from distill_runner.data.prints import HashIndex
 from distill_runner.errors import ConfigError
+from distill_runner.storage import open_temp
+from distill_runner.trust import hold_lock
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ def open_or_build(
         return None
     if not os.access(folder, os.W_OK):
         raise _unwritable(folder, "not writable")
-    with FileLock(str(folder / f"{key}.lock")):
+    with hold_lock(folder / f"{key}.lock"):  # a wait on another run's build is said after a few seconds
         start = time.perf_counter()
         images, problem, undecodable = _open(data, header, key)
         if images is not None:
@@ -290,12 +291,12 @@ def _build(
         "x".join(map(str, shape[1:])),
         needed / 2**20,
     )
-    tmp_data, tmp_header = (p.with_name(f".{p.name}.tmp{os.getpid()}") for p in (data, header))
+    (data_file, tmp_data), (header_file, tmp_header) = open_temp(data), open_temp(header)  # O_EXCL, random names
     done, undecodable = False, {}
     try:
         loader = DataLoader(_Decode(files, image_size, channels), batch_size=CHUNK, num_workers=workers)
         with (
-            open(tmp_data, "wb") as f,
+            data_file as f,
             tqdm(
                 total=len(files),
                 desc="decoding images (once)",
@@ -324,7 +325,8 @@ def _build(
             "files": identity,
             "undecodable": undecodable,
         }
-        tmp_header.write_text(json.dumps(meta))
+        with header_file:
+            header_file.write(json.dumps(meta).encode())
         os.replace(tmp_data, data)
         os.replace(tmp_header, header)  # last: only now is the store valid
         done = True
@@ -334,6 +336,8 @@ def _build(
         _warn_cannot_store(data.parent, needed, f"the disk filled up while writing ({exc.strerror})")
         return False
     finally:
+        data_file.close()
+        header_file.close()
         if not done:
             for path in (tmp_data, tmp_header, data, header):  # what was there before was damaged
                 path.unlink(missing_ok=True)

@@ -185,13 +185,12 @@ def export_and_check(
 
 def export_run(run_dir: str | Path, role: str = "student") -> dict:
     """Export ``checkpoints/<role>.pt`` of a finished ``distill-run`` folder into ``RUN_DIR/export/``;
-    add the result to its metrics.json and rewrite its report."""
+    add the result to its metrics.json and rewrite its report. The checkpoint (against its checksum)
+    and metrics.json are checked before anything is written: a damaged one is one line, nothing exported."""
     from omegaconf import OmegaConf
 
     from distill_runner.build import build_data, build_model
-    from distill_runner.models.checkpoints import load_checkpoint
     from distill_runner.reporting.report import write_report
-    from distill_runner.reporting.results import RunResults
 
     run_dir = Path(run_dir)
     config = run_dir / ".hydra" / "config.yaml"
@@ -202,27 +201,63 @@ def export_run(run_dir: str | Path, role: str = "student") -> dict:
             "not a distill-run folder (no .hydra/config.yaml); give a folder that distill-run wrote, e.g. "
             "outputs/<date>/<time>",
         )
-    checkpoint = run_dir / "checkpoints" / f"{role}.pt"
-    if not checkpoint.is_file():
-        raise ConfigError(
-            "RUN_DIR", str(run_dir), f"has no checkpoints/{role}.pt; the run did not finish its {role} stage"
-        )
+    state = verified_checkpoint(run_dir, role)
+    results = readable_metrics(run_dir, role)
     cfg = OmegaConf.load(config)
     data = build_data(cfg)
     node = cfg.teacher if role == "teacher" else cfg.student
     kwargs = {"weights": None} if role == "teacher" else {}  # the checkpoint holds all the weights
     model = build_model(node, role, data, cfg.seed, **kwargs)
-    load_checkpoint(model, checkpoint, key="RUN_DIR")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        fix = f"checkpoints/{role}.pt does not fit the model of its run's config ({str(exc).splitlines()[0]})"
+        raise ConfigError("RUN_DIR", str(run_dir), fix) from None
     result = export_and_check(model, data, run_dir / "export", role)
-
-    metrics_path = run_dir / "metrics.json"
-    if metrics_path.is_file():  # one export record per model: the teacher's does not replace the student's
-        results = RunResults.load(metrics_path)
+    if results is not None:  # one export record per model: the teacher's does not replace the student's
         results.exports[role] = result
         overrides_path = run_dir / ".hydra" / "overrides.yaml"
         overrides = list(OmegaConf.load(overrides_path)) if overrides_path.is_file() else []
         write_report(run_dir, results, overrides)
     return result
+
+
+def verified_checkpoint(run_dir: Path, role: str) -> dict:
+    """``checkpoints/<role>.pt`` loaded through its checksum, or one line naming the file and the fix."""
+    from distill_runner.storage import DamagedFile, load_verified
+
+    checkpoint = run_dir / "checkpoints" / f"{role}.pt"
+    if not checkpoint.is_file():
+        raise ConfigError(
+            "RUN_DIR", str(run_dir), f"has no checkpoints/{role}.pt; the run did not finish its {role} stage"
+        )
+    try:
+        return load_verified(checkpoint)
+    except DamagedFile as exc:
+        fix = (
+            f"{checkpoint} is damaged ({exc.reason}), nothing was exported; run the run's distill-run command "
+            f"again with trainer.resume={run_dir} (a damaged stage is trained, or a cached model linked, again)"
+        )
+        raise ConfigError("RUN_DIR", str(run_dir), fix) from None
+
+
+def readable_metrics(run_dir: Path, role: str):
+    """The run's metrics.json (None when the run wrote none), read before anything is written: it must
+    load and name the model exported; else one line naming the file."""
+    from distill_runner.reporting.results import RunResults
+
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        results = RunResults.load(path)
+    except (ValueError, AttributeError) as exc:  # JSON that is not a results object
+        fix = f"cannot read it ({type(exc).__name__}: {exc}); re-run the experiment to rewrite it"
+        raise ConfigError("RUN_DIR", str(path), fix) from None
+    if role not in results.models:
+        fix = f"names no {role} (models: {', '.join(results.models) or 'none'}); export one of those: --model NAME"
+        raise ConfigError("RUN_DIR", str(path), fix)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:

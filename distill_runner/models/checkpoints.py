@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from distill_runner import storage
 from distill_runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,14 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, key: str = "teach
 
 
 def read_file(path: Path, key: str) -> tuple[object, str]:
-    """The file's content and how it was read."""
+    """The file's content and how it was read. A file distill-run stored (a run's ``checkpoints/<model>.pt``,
+    with its ``.sha256``) is checked against its checksum first: a damaged one is never loaded."""
+    if storage.sidecar(path).is_file():
+        try:
+            storage.verify(path)
+        except storage.DamagedFile as exc:
+            fix = f"is damaged ({exc.reason}); give an intact copy, or train that model again"
+            raise ConfigError(key, str(path), fix) from None
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

@@ -64,7 +64,8 @@ def run_stage(ctx: RunContext, stage: engine.Stage) -> StageResult:
     """Fit one stage (logged to tb/<stage>), save its final weights as checkpoints/<stage>.pt.
 
     ``checkpoints/<stage>.json`` marks a finished stage: a resumed run loads its weights and skips
-    it; an unfinished one continues from ``<stage>_last.pt``. Both are verified against their
+    it (its ``<stage>_last.pt`` and ``_last.prev.pt`` are removed once it finishes; ``<stage>_best.pt``
+    stays); an unfinished one continues from ``<stage>_last.pt``. Both are verified against their
     checksums: a damaged one does not count as finished (the stage is trained again, with a warning).
     """
     start = time.perf_counter()
@@ -101,8 +102,10 @@ def run_stage(ctx: RunContext, stage: engine.Stage) -> StageResult:
         result.last_test_acc = tested[-1][0]
     storage.save_verified(stage.model.state_dict(), weights)
     storage.write_text_verified(done, json.dumps(asdict(result)))  # last: only now is the stage finished
-    if distributed.is_main():  # finished: the verified weights and <stage>_last.pt are two copies already
-        storage.remove_verified(previous_checkpoint(ctx.checkpoint_dir / f"{stage.name}_last.pt"))
+    if distributed.is_main():  # finished: the resumable states (weights + optimizer, twice) go; final and best stay
+        last = ctx.checkpoint_dir / f"{stage.name}_last.pt"
+        for path in (previous_checkpoint(last), last):
+            storage.remove_verified(path)
     return result
 
 
