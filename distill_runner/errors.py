@@ -20,6 +20,14 @@ class ConfigError(ValueError):
         return ConfigError(f"{prefix}.{self.key}", self.value, self.fix)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: ``run_dir`` is the folder its checkpoints are in (what a resume continues)."""
+
+    def __init__(self, run_dir):
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
+
+
 class BadImageError(RuntimeError):
     """An image file that passed the up-front check failed to decode."""
 

@@ -360,5 +360,6 @@ class OutputFolderCheck(Callback):
             if OmegaConf.select(config, "cache.enabled", default=False):
                 check_writable(OmegaConf.select(config, "cache.dir"), "cache.dir")
         except ConfigError as exc:  # Hydra would print a traceback: one line instead
-            print(f"distill-run: error: {exc}", file=sys.stderr)
+            app = OmegaConf.select(config, "hydra.help.app_name", default=None) or "distill-run"  # or distill-search
+            print(f"{app}: error: {exc}", file=sys.stderr)
             sys.exit(2)
