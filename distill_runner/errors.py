@@ -3,6 +3,8 @@ are built (``hydra.utils.instantiate``) with errors that name the key."""
 
 from __future__ import annotations
 
+import re
+
 
 class ConfigError(ValueError):
     """A bad config value or bad input: names the key, the value and the fix, on one line.
@@ -16,8 +18,10 @@ class ConfigError(ValueError):
         super().__init__(f"{key}={value!r}: {fix}")
 
     def under(self, prefix: str) -> ConfigError:
-        """The same error with its key placed under a config node: 'arch' -> 'student.model.arch'."""
-        return ConfigError(f"{prefix}.{self.key}", self.value, self.fix)
+        """The same error with its key placed under a config node: 'arch' -> 'student.model.arch', in the fix
+        too ('set weights=null' -> 'set teacher.model.weights=null'), so the override it shows can be pasted."""
+        fix = re.sub(rf"(?<![\w.]){re.escape(self.key)}=", f"{prefix}.{self.key}=", self.fix)
+        return ConfigError(f"{prefix}.{self.key}", self.value, fix)
 
 
 class Interrupted(KeyboardInterrupt):
