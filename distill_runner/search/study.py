@@ -124,8 +124,8 @@ def journal_storage(path: Path, value, repair: bool):
             repair_journal(path, *bad)
         elif bad is not None:
             line, offset = bad
-            fix = (f"{path} is damaged at line {line} (a process stopped while writing it); keep the {line - 1} lines "
-                   f"before it with: truncate -s {offset} {shlex.quote(str(path))} (or run again with "
+            fix = (f"the journal is damaged at line {line} (a process stopped while writing it); keep the {line - 1} "
+                   f"lines before it with: truncate -s {offset} {shlex.quote(str(path))} (or run again with "
                    "search.repair_journal=true, which keeps a copy of the damaged file)")  # fmt: skip
             raise ConfigError("search.storage", shown, fix)
         return optuna().storages.JournalStorage(JournalFileBackend(str(path)))
