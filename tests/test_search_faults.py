@@ -112,13 +112,12 @@ def start_search(tmp_path: Path, cache_dir: Path, *extra: str) -> tuple[subproce
     return process, folder / "study.journal", command
 
 
-def training(journal: Path, process: subprocess.Popen, pid=None, timeout_s: float = 300):
-    """The first running trial whose student is built (of process ``pid`` if given)."""
+def training(journal: Path, process: subprocess.Popen, by_worker: bool = False, timeout_s: float = 300):
+    """The first running trial whose student is built (``by_worker``: of a process other than ``process``)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        found = [t for t in trials(journal, "RUNNING") if "cost" in t.user_attrs and t.user_attrs["pid"] == pid]
-        if pid is None:
-            found = [t for t in trials(journal, "RUNNING") if "cost" in t.user_attrs]
+        found = [t for t in trials(journal, "RUNNING") if "cost" in t.user_attrs]
+        found = [t for t in found if t.user_attrs["pid"] != process.pid] if by_worker else found
         if found:
             return found[0]
         assert process.poll() is None, process.communicate()[1][-2000:]
@@ -136,17 +135,15 @@ def retried_once(journal: Path, total: int) -> None:
 
 
 def test_a_worker_killed_mid_trial_does_not_hang_the_search(tmp_path, cache_dir):
-    process, journal, _ = start_search(tmp_path, cache_dir, "search.workers=2")
-    worker = training(journal, process, pid=None)
-    while worker.user_attrs["pid"] == process.pid:  # the main process's trial: wait for the worker's
-        time.sleep(0.05)
-        worker = next((t for t in trials(journal, "RUNNING") if t.user_attrs["pid"] != process.pid), worker)
-    worker = training(journal, process, pid=worker.user_attrs["pid"])
+    # 6 trials of 3 epochs: the main process alone needs longer than the worker takes to start one
+    slow = ("search.trials=6", "search.trial_epochs=3")
+    process, journal, _ = start_search(tmp_path, cache_dir, "search.workers=2", *slow)
+    worker = training(journal, process, by_worker=True)
     os.kill(worker.user_attrs["pid"], signal.SIGKILL)
     _, stderr = process.communicate(timeout=600)  # before: waited forever on the unreaped worker
     assert process.returncode == 0, stderr[-2000:]
     assert [t.number for t in trials(journal, "FAIL")] == [worker.number]
-    retried_once(journal, total=3)
+    retried_once(journal, total=6)
     assert "1 of 1 worker processes failed" in (tmp_path / "s" / "distill-search.log").read_text()
 
 
