@@ -93,7 +93,7 @@ def search(
     finally:
         failed = [w.wait() for w in workers]
     if any(failed):
-        log.warning("%d of %d worker processes failed (their logs: distill-search-worker*.log)", sum(map(bool, failed)),
+        log.warning("%d of %d worker processes failed (see distill-search-worker*.log, *.err)", sum(map(bool, failed)),
                     len(workers))  # fmt: skip
     if not main:
         return None
@@ -113,7 +113,9 @@ def start_workers(n: int, search_dir: Path, overrides: list[str]) -> list[subpro
         command = [sys.executable, "-m", "distill_runner.search", *overrides, "search.role=worker",
                    f"search.worker={i}", f"hydra.run.dir={search_dir.resolve()}", "hydra.output_subdir=null",
                    f"hydra.job.name=distill-search-worker{i}"]  # fmt: skip
-        workers.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))
+        # errors to a file of its own: Ctrl-C reaches a worker still importing, whose traceback is no news
+        with (search_dir / f"distill-search-worker{i}.err").open("ab") as errors:
+            workers.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors))
     if n:
         log.info("started %d worker processes sharing the study", n)
     return workers
@@ -172,6 +174,7 @@ def optimize(study, twin, node: DictConfig, entries, base, epochs: int, search_d
             if isinstance(exc, KeyboardInterrupt):  # retried on the next start, as a killed trial is
                 study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
                 log.info("trial %d interrupted: its parameters are enqueued again", trial.number)
+                opt.logging.set_verbosity(opt.logging.ERROR)  # Optuna would log the KeyboardInterrupt's traceback
             raise
         twin.tell(twin_trial, acc)
         trial.set_user_attr("val_acc", acc)
