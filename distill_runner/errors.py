@@ -13,15 +13,17 @@ class ConfigError(ValueError):
     (``arch``); :func:`instantiate` places it under the node (``student.model.arch``).
     """
 
-    def __init__(self, key: str, value: object, fix: str):
-        self.key, self.value, self.fix = key, value, fix
+    def __init__(self, key: str, value: object, fix: str, also: tuple[str, ...] = ()):
+        self.key, self.value, self.fix, self.also = key, value, fix, also  # also: other keys of the node in the fix
         super().__init__(f"{key}={value!r}: {fix}")
 
     def under(self, prefix: str) -> ConfigError:
         """The same error with its key placed under a config node: 'arch' -> 'student.model.arch', in the fix
         too ('set weights=null' -> 'set teacher.model.weights=null'), so the override it shows can be pasted."""
-        fix = re.sub(rf"(?<![\w.]){re.escape(self.key)}=", f"{prefix}.{self.key}=", self.fix)
-        return ConfigError(f"{prefix}.{self.key}", self.value, fix)
+        fix = self.fix
+        for key in (self.key, *self.also):
+            fix = re.sub(rf"(?<![\w.]){re.escape(key)}=", f"{prefix}.{key}=", fix)
+        return ConfigError(f"{prefix}.{self.key}", self.value, fix, tuple(f"{prefix}.{k}" for k in self.also))
 
 
 class Interrupted(KeyboardInterrupt):
