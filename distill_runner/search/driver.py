@@ -121,11 +121,18 @@ def start_workers(n: int, search_dir: Path, overrides: list[str]) -> list[subpro
     return workers
 
 
-def interrupt(workers: list[subprocess.Popen]) -> None:
-    """Stop the workers as Ctrl-C does: each fails its running trial and enqueues it again."""
+def interrupt(workers: list[subprocess.Popen], grace_s: float = 60.0) -> None:
+    """Stop the workers as Ctrl-C does (each fails its running trial and enqueues it again); one that has not
+    stopped after ``grace_s`` is killed (its trial is retried on the next start too)."""
     for w in workers:
         if w.poll() is None:
             w.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    for w in workers:
+        try:
+            w.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            w.kill()
 
 
 def optimize(study, twin, node: DictConfig, entries, base, epochs: int, search_dir: Path, workers=()) -> None:
