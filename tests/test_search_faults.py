@@ -162,3 +162,18 @@ def test_ctrl_c_in_distill_search_says_how_to_continue_and_retries_the_trial(tmp
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     retried_once(journal, total=3)
+
+
+@pytest.mark.parametrize(
+    "override,start",
+    [
+        ("hydra.run.dir=/proc/no-such-folder", "distill-search: error: hydra.run.dir='/proc/no-such-folder': "),
+        ("search.storage=sqlite:////no-such-folder/s.db", "distill-search: error: search.storage='sqlite:////no-such"),
+    ],
+)
+def test_distill_search_errors_carry_its_own_name(tmp_path, override, start):
+    args = [override] if override.startswith("hydra.") else [override, f"hydra.run.dir={tmp_path / 's'}"]
+    proc = subprocess.run([sys.executable, "-m", "distill_runner.search", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(start)
