@@ -40,11 +40,20 @@ def build_model(node: DictConfig, key: str, data: DataBundle, seed: int, **kwarg
 
 
 def build_teacher(node: DictConfig, key: str, data: DataBundle, seed: int) -> nn.Module:
-    """A teacher as configured: architecture, then torchvision ``weights``, then ``checkpoint``."""
+    """A teacher as configured: architecture, then torchvision ``weights``, then ``checkpoint``. With a checkpoint
+    the pretrained weights are not fetched: the checkpoint must set every weight (it is loaded strictly)."""
+    weights = node.weights
+    if node.checkpoint is not None and weights is not None:
+        log.info("%s.checkpoint is given: %s.weights=%s not fetched (the checkpoint sets every weight)", key, key,
+                 weights)  # fmt: skip
+        weights = None
     try:
-        teacher = build_model(node, key, data, seed, weights=node.weights)
+        teacher = build_model(node, key, data, seed, weights=weights)
     except ConfigError as exc:  # weights is set as <key>.weights, next to <key>.model
-        raise ConfigError(f"{key}.weights", exc.value, exc.fix) if exc.key == f"{key}.model.weights" else exc from None
+        if exc.key != f"{key}.model.weights":
+            raise
+        fix = exc.fix.replace(f"{key}.model.weights=", f"{key}.weights=")
+        raise ConfigError(f"{key}.weights", exc.value, fix) from None
     if node.checkpoint is not None:
         load_checkpoint(teacher, node.checkpoint, key=f"{key}.checkpoint")
     return teacher

@@ -3,6 +3,8 @@ are built (``hydra.utils.instantiate``) with errors that name the key."""
 
 from __future__ import annotations
 
+import re
+
 
 class ConfigError(ValueError):
     """A bad config value or bad input: names the key, the value and the fix, on one line.
@@ -11,13 +13,25 @@ class ConfigError(ValueError):
     (``arch``); :func:`instantiate` places it under the node (``student.model.arch``).
     """
 
-    def __init__(self, key: str, value: object, fix: str):
-        self.key, self.value, self.fix = key, value, fix
+    def __init__(self, key: str, value: object, fix: str, also: tuple[str, ...] = ()):
+        self.key, self.value, self.fix, self.also = key, value, fix, also  # also: other keys of the node in the fix
         super().__init__(f"{key}={value!r}: {fix}")
 
     def under(self, prefix: str) -> ConfigError:
-        """The same error with its key placed under a config node: 'arch' -> 'student.model.arch'."""
-        return ConfigError(f"{prefix}.{self.key}", self.value, self.fix)
+        """The same error with its key placed under a config node: 'arch' -> 'student.model.arch', in the fix
+        too ('set weights=null' -> 'set teacher.model.weights=null'), so the override it shows can be pasted."""
+        fix = self.fix
+        for key in (self.key, *self.also):
+            fix = re.sub(rf"(?<![\w.]){re.escape(key)}=", f"{prefix}.{key}=", fix)
+        return ConfigError(f"{prefix}.{self.key}", self.value, fix, tuple(f"{prefix}.{k}" for k in self.also))
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: ``run_dir`` is the folder its checkpoints are in (what a resume continues)."""
+
+    def __init__(self, run_dir):
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
 
 
 class BadImageError(RuntimeError):

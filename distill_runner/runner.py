@@ -18,7 +18,7 @@ from distill_runner.cache import baseline_key, teacher_key, teacher_outputs_key
 from distill_runner.config import validate
 from distill_runner.distill import signals
 from distill_runner.distill.recipe import Recipe
-from distill_runner.errors import ConfigError
+from distill_runner.errors import ConfigError, Interrupted
 from distill_runner.evaluation import export
 from distill_runner.evaluation import metrics as measure
 from distill_runner.evaluation.evaluate import comparison, evaluate
@@ -56,6 +56,8 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
     ctx = prepare(cfg, Path(run_dir), list(overrides or []))
     try:
         return _run(ctx, start, list(overrides or []))
+    except KeyboardInterrupt:  # the command line says how to continue in this folder
+        raise Interrupted(ctx.run_dir) from None
     finally:
         if distributed.is_main():
             release(ctx.run_dir)

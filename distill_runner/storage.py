@@ -414,5 +414,6 @@ class OutputFolderCheck(Callback):
                 check_writable(OmegaConf.select(config, "cache.dir"), "cache.dir")
             trust.check_cache_folders(config)
         except ConfigError as exc:  # Hydra would print a traceback: one line instead
-            print(f"distill-run: error: {exc}", file=sys.stderr)
+            app = OmegaConf.select(config, "hydra.help.app_name", default=None) or "distill-run"  # or distill-search
+            print(f"{app}: error: {exc}", file=sys.stderr)
             sys.exit(2)

@@ -173,3 +173,65 @@ def test_architecture_labels_tell_models_apart():
     assert architecture(tiny_cnn(num_classes=10)) == "tiny_cnn[16,32]"
     assert architecture(tiny_cnn(num_classes=10, channels=[64, 128, 256])) == "tiny_cnn[64,128,256]"
     assert architecture(nn.Linear(2, 2)) == "Linear"  # a model of the user's own factory: its class
+
+
+def _offline(monkeypatch, tmp_path) -> list:
+    """No network: every torchvision download fails, and each attempt is recorded."""
+    from urllib.error import URLError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    tried = []
+
+    def offline(url, *args, **kwargs):
+        tried.append(url)
+        raise URLError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    return tried
+
+
+def test_a_teacher_checkpoint_is_loaded_without_fetching_imagenet_weights(tmp_path, monkeypatch):
+    """xray_kd sets teacher.weights=IMAGENET1K_V1; with teacher.checkpoint the checkpoint sets every weight."""
+    from types import SimpleNamespace
+
+    tried = _offline(monkeypatch, tmp_path)
+    saved = torchvision_model("resnet18", num_classes=2, image_size=32)
+    torch.save(saved.state_dict(), tmp_path / "teacher.pt")
+    cfg = compose_config([f"teacher.checkpoint={tmp_path / 'teacher.pt'}"], experiment="xray_kd")
+    assert cfg.teacher.weights == "IMAGENET1K_V1"
+    data = SimpleNamespace(num_classes=2, in_channels=3, image_size=32)
+    teacher = build.build_teacher(cfg.teacher, "teacher", data, cfg.seed)
+    assert tried == [] and torch.equal(teacher.fc.weight, saved.fc.weight)
+
+
+def test_the_offline_fix_works_when_pasted(tmp_path, monkeypatch):
+    """The override the offline message prints, added to the same command, passes validation and builds."""
+    import re
+    from types import SimpleNamespace
+
+    from distill_runner.config import validate
+
+    tried = _offline(monkeypatch, tmp_path)
+    data = SimpleNamespace(num_classes=2, in_channels=3, image_size=32)
+    overrides = ["teacher.weights=IMAGENET1K_V1", "teacher.epochs=1"]
+    with pytest.raises(ConfigError) as err:
+        build.build_teacher(compose_config(overrides).teacher, "teacher", data, 0)
+    assert tried and err.value.key == "teacher.weights"
+    pasted = re.findall(r"set (\S+=\S+) to train from scratch", str(err.value))
+    assert pasted == ["teacher.weights=null"]
+    cfg = compose_config([*overrides, *pasted])
+    validate(cfg)
+    assert isinstance(build.build_teacher(cfg.teacher, "teacher", data, 0), nn.Module)
+
+
+def test_a_factorys_fix_names_the_full_key():
+    """The tiny CNN says "set weights=null"; under a node the fix names the key to paste."""
+    from types import SimpleNamespace
+
+    data = SimpleNamespace(num_classes=2, in_channels=3, image_size=16)
+    cfg = compose_config(["teacher=wide_cnn", "teacher.weights=IMAGENET1K_V1"])
+    with pytest.raises(ConfigError) as err:
+        build.build_teacher(cfg.teacher, "teacher", data, 0)
+    assert err.value.key == "teacher.weights" and str(err.value).endswith("set teacher.weights=null")
+    with pytest.raises(ConfigError, match="set student.model.weights=null$"):
+        build.build_model(compose_config(["+student.model.weights=x"]).student, "student", data, 0)

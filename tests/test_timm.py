@@ -76,7 +76,7 @@ def test_pretrained_offline_is_one_line_that_says_where_the_file_goes(offline):
     message = str(err.value)
     assert err.value.key == "teacher.weights" and "\n" not in message
     assert "resnet18.a1_in1k" in message and str(offline / "hf" / "models--timm--resnet18.a1_in1k") in message
-    assert "model.pretrained_cfg_overlay.file=PATH" in message and message.endswith("set weights=null")
+    assert "+teacher.model.pretrained_cfg_overlay.file=PATH" in message and message.endswith("set teacher.weights=null")
 
     cfg = compose_config(["student=timm", "student.model.pretrained=true", "dataset.limit=4"])
     with pytest.raises(ConfigError, match=r"^student\.model\.pretrained=True: timm could not get the pretrained"):

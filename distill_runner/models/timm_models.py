@@ -79,6 +79,9 @@ def timm_model(
     return model
 
 
+OVERLAY = "pretrained_cfg_overlay.file"  # the model node's key naming a local file of timm's pretrained weights
+
+
 def _create(timm, name: str, pretrained: bool, asked: tuple[str, object], **kwargs) -> nn.Module:
     """``timm.create_model``; a failed download is one line that says where the file must go."""
     try:
@@ -89,7 +92,7 @@ def _create(timm, name: str, pretrained: bool, asked: tuple[str, object], **kwar
         if not pretrained:
             raise
         undo = "set weights=null" if asked[0] == "weights" else "set pretrained=false"
-        raise ConfigError(*asked, _offline_fix(name, exc, undo)) from None
+        raise ConfigError(*asked, _offline_fix(name, exc, undo), also=(OVERLAY,)) from None
 
 
 def _offline_fix(name: str, exc: Exception, undo: str) -> str:
@@ -108,5 +111,5 @@ def _offline_fix(name: str, exc: Exception, undo: str) -> str:
     reason = " ".join(str(exc).split()).split(". ")[0][:200]  # the first sentence: the line stays readable
     return (
         f"timm could not get the pretrained weights of {name} ({type(exc).__name__}: {reason}); put them in {where}, "
-        f"or give the file: model.pretrained_cfg_overlay.file=PATH, or {undo}"
+        f"or give the file: +{OVERLAY}=PATH, or {undo}"
     )

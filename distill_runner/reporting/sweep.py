@@ -62,9 +62,6 @@ def swept_in(config: DictConfig) -> list[str]:
     return keys + list(OmegaConf.select(config, "hydra.sweeper.params", default=None) or {})
 
 
-OmegaConf.register_new_resolver("distill_job_folder", job_folder, replace=True)  # conf/config.yaml: hydra.sweep
-
-
 def collect(sweep_dir: Path, skipped: list[str] | None = None) -> list[dict]:
     """One row per job folder that holds a readable metrics.json, in job order. A job whose files cannot be read
     (damaged, or from another version) is left out with a warning, and named in ``skipped``."""

@@ -73,7 +73,7 @@ def _choice(group: str, overrides: list[str]) -> str | None:
         choice = HydraConfig.get().runtime.choices.get(group)
         if choice is not None:
             return choice
-    return next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == group), None)
+    return next((o.split("=", 1)[1] for o in overrides if "=" in o and o.split("=", 1)[0].lstrip("+~") == group), None)
 
 
 def run_name(cfg: DictConfig, overrides: list[str], recipe: str) -> str:

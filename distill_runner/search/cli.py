@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from distill_runner.cli import command_line, resume_line
 from distill_runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,15 @@ def search_from_config(cfg: DictConfig) -> None:
     from distill_runner.search.driver import search  # imported here so --help and --cfg stay fast
 
     hydra_cfg = HydraConfig.get()
+    folder = Path(hydra_cfg.runtime.output_dir)
     try:
-        search(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), list(hydra_cfg.overrides.hydra))
+        search(cfg, folder, list(hydra_cfg.overrides.task), list(hydra_cfg.overrides.hydra))
+    except KeyboardInterrupt:  # the running trial is enqueued again: the next start retries it
+        main_process = cfg.search.role == "main" and cfg.search.get("worker", 0) == 0
+        if main_process:  # a worker's Ctrl-C is its main process's: that one says how to continue
+            print(resume_line("distill-search", folder.resolve(), []), file=sys.stderr)
+        log.info("interrupted (Ctrl-C)")
+        sys.exit(130)
     except ConfigError as exc:
         # One line, no traceback: the message names the key, the bad value and the fix.
         print(f"distill-search: error: {exc}", file=sys.stderr)
@@ -40,7 +48,12 @@ def search_from_config(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    search_from_config()
+    sys.argv[1:] = command_line(sys.argv[1:])
+    try:
+        search_from_config()
+    except KeyboardInterrupt:  # before the search started (Hydra composing the config)
+        print("distill-search: interrupted before it started; run the same command again", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -54,6 +55,8 @@ def check_search(search: DictConfig) -> None:
     epochs = search.trial_epochs
     if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1):
         raise ConfigError("search.trial_epochs", epochs, "use null (trainer.epochs) or an integer >= 1")
+    if not isinstance(search.get("repair_journal", False), bool):
+        raise ConfigError("search.repair_journal", search.repair_journal, "use true or false")
     if search.role not in ("main", "worker"):
         raise ConfigError("search.role", search.role, "use main (the whole search) or worker (trials only)")
 
@@ -83,11 +86,14 @@ def search(
     workers = start_workers(node.workers - 1, search_dir, [*hydra_overrides, *task_overrides]) if main else []
     trial_epochs = node.trial_epochs or cfg.trainer.epochs
     try:
-        optimize(study, twin, node, entries, base, trial_epochs, search_dir)
+        optimize(study, twin, node, entries, base, trial_epochs, search_dir, workers)
+    except KeyboardInterrupt:
+        interrupt(workers)  # Ctrl-C reaches them too; a SIGINT sent to this process alone does not
+        raise
     finally:
         failed = [w.wait() for w in workers]
     if any(failed):
-        log.warning("%d of %d worker processes failed (their logs: distill-search-worker*.log)", sum(map(bool, failed)),
+        log.warning("%d of %d worker processes failed (see distill-search-worker*.log, *.err)", sum(map(bool, failed)),
                     len(workers))  # fmt: skip
     if not main:
         return None
@@ -107,14 +113,30 @@ def start_workers(n: int, search_dir: Path, overrides: list[str]) -> list[subpro
         command = [sys.executable, "-m", "distill_runner.search", *overrides, "search.role=worker",
                    f"search.worker={i}", f"hydra.run.dir={search_dir.resolve()}", "hydra.output_subdir=null",
                    f"hydra.job.name=distill-search-worker{i}"]  # fmt: skip
-        workers.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))
+        # errors to a file of its own: Ctrl-C reaches a worker still importing, whose traceback is no news
+        with (search_dir / f"distill-search-worker{i}.err").open("ab") as errors:
+            workers.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors))
     if n:
         log.info("started %d worker processes sharing the study", n)
     return workers
 
 
-def optimize(study, twin, node: DictConfig, entries, base: list[str], epochs: int, search_dir: Path) -> None:
-    """Run trials until the study holds ``search.trials`` finished (or running) ones."""
+def interrupt(workers: list[subprocess.Popen], grace_s: float = 60.0) -> None:
+    """Stop the workers as Ctrl-C does (each fails its running trial and enqueues it again); one that has not
+    stopped after ``grace_s`` is killed (its trial is retried on the next start too)."""
+    for w in workers:
+        if w.poll() is None:
+            w.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    for w in workers:
+        try:
+            w.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            w.kill()
+
+
+def optimize(study, twin, node: DictConfig, entries, base, epochs: int, search_dir: Path, workers=()) -> None:
+    """Run trials until the study holds ``search.trials`` finished ones (``workers``: this process's own)."""
     opt = studies.optuna()
     budgets = {k: v for k, v in node.budget.items() if v is not None}
     failures = 0
@@ -156,34 +178,49 @@ def optimize(study, twin, node: DictConfig, entries, base: list[str], epochs: in
         except BaseException as exc:
             trial.set_user_attr("failed_because", f"{type(exc).__name__}: {exc}".splitlines()[0])
             twin.tell(twin_trial, state=opt.trial.TrialState.FAIL, skip_if_finished=True)
+            if isinstance(exc, KeyboardInterrupt):  # retried on the next start, as a killed trial is
+                study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+                log.info("trial %d interrupted: its parameters are enqueued again", trial.number)
+                opt.logging.set_verbosity(opt.logging.ERROR)  # Optuna would log the KeyboardInterrupt's traceback
             raise
         twin.tell(twin_trial, acc)
         trial.set_user_attr("val_acc", acc)
         log.info("trial %d: val acc %.4f, %s", trial.number, acc, _cost_text(found))
         return acc if node.objective is None else (acc, found[node.objective])
 
-    while studies.should_start(study, node.trials):
-        before = studies.counts(study).get("FAIL", 0)
-        study.optimize(objective, n_trials=1, catch=(ConfigError, FloatingPointError))
-        failures += studies.counts(study).get("FAIL", 0) - before
-        if failures >= node.trials:
-            last = study.get_trials(deepcopy=False)[-1].user_attrs.get("failed_because", "?")
-            fix = f"{failures} trials failed, the last: {last}; fix search.space (see distill-search*.log)"
-            raise ConfigError("search.space", "failing trials", fix)
-    wait_for_running(study)
+    while True:
+        while studies.should_start(study, node.trials):
+            before = studies.counts(study).get("FAIL", 0)
+            study.optimize(objective, n_trials=1, catch=(ConfigError, FloatingPointError))
+            failures += studies.counts(study).get("FAIL", 0) - before
+            if failures >= node.trials:
+                last = study.get_trials(deepcopy=False)[-1].user_attrs.get("failed_because", "?")
+                fix = f"{failures} trials failed, the last: {last}; fix search.space (see distill-search*.log)"
+                raise ConfigError("search.space", "failing trials", fix)
+        if not wait_for_running(study, twin, workers):
+            return
 
 
-def wait_for_running(study, poll_s: float = 2.0) -> None:
+def dead_workers(workers) -> set[int]:
+    """The process ids of this process's workers that have ended. ``poll`` reaps them: an unreaped child (a
+    zombie) still answers ``kill(pid, 0)``, so a worker killed mid-trial would look alive forever."""
+    return {w.pid for w in workers if w.poll() is not None}
+
+
+def wait_for_running(study, twin, workers=(), poll_s: float = 2.0) -> bool:
     """Wait for the trials this host's other live processes still run (other hosts' are left: the report
-    covers the finished trials; running distill-search again in the folder updates it)."""
+    covers the finished trials; running distill-search again in the folder updates it). True: a dead worker's
+    trial was enqueued again, so more trials are wanted."""
     opt = studies.optuna()
     while True:
+        if (dead := dead_workers(workers)) and studies.recover_orphans(study, twin, pids=dead):
+            return True
         running = study.get_trials(deepcopy=False, states=(opt.trial.TrialState.RUNNING,))
         here = [t for t in running if studies.runs_here(t) is True and t.user_attrs["pid"] != os.getpid()]
         if not here:
             if running:
                 log.info("%d trials still run elsewhere; the report covers the finished ones", len(running))
-            return
+            return False
         time.sleep(poll_s)
 
 

@@ -16,9 +16,13 @@ each trial records, when the search restarts on that host.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shlex
+import shutil
 import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -30,6 +34,7 @@ from distill_runner.storage import pid_alive
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 60  # RDB storages: a trial whose process stopped beating for 2 heartbeats is failed and retried
+JOURNAL_SETTLE_S = 1.0  # an append under way completes well within this
 FINISHED = ("COMPLETE", "PRUNED")
 WORKER_SEED_STEP = 100_003  # worker i's sampler seed: search.sampler.seed + i * this (+ the trials already run)
 
@@ -49,27 +54,111 @@ def optuna():
 def storage(search: DictConfig, search_dir: Path, heartbeat: bool = True):
     """``search.storage``: null (the journal file ``<search folder>/study.journal``), a journal file of its own
     (``PATH.journal``: workers started in other folders, e.g. by a Hydra launcher, share it) or an RDB URL; an
-    RDB's trials beat (``heartbeat``), and one whose process stopped beating is failed and enqueued again."""
-    opt = optuna()
+    RDB's trials beat (``heartbeat``), and one whose process stopped beating is failed and enqueued again.
+    A storage that cannot be opened is one line naming ``search.storage``, the value and the fix."""
     value = search.storage
     if value is None or (isinstance(value, str) and value.endswith(".journal") and "://" not in value):
-        from optuna.storages.journal import JournalFileBackend
-
         path = search_dir / "study.journal" if value is None else Path(value).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return opt.storages.JournalStorage(JournalFileBackend(str(path)))
+        return journal_storage(path, value, search.get("repair_journal", False))
     if not isinstance(value, str) or "://" not in value:
         fix = "use null (<search folder>/study.journal), a file PATH.journal or an RDB URL, e.g. sqlite:///search.db"
         raise ConfigError("search.storage", value, fix)
+    try:
+        return rdb_storage(value, heartbeat)
+    except ConfigError:
+        raise
+    except ImportError as exc:  # the URL's database driver (psycopg2, pymysql, ...)
+        module = (exc.name or getattr(exc.__cause__, "name", None) or "?").split(".")[0]  # Optuna wraps it
+        package = {"psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient"}.get(
+            module, module
+        )
+        fix = f"its database driver is not installed ({module}): pip install {package}, or use null (a journal file)"
+        raise ConfigError("search.storage", _shown(value), fix) from None
+    except Exception as exc:  # sqlalchemy's OperationalError: server down, wrong host, port, user or database
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        fix = f"cannot open it ({reason}); check that the server is up and the URL, or use null (a journal file)"
+        raise ConfigError("search.storage", _shown(value), fix) from None
+
+
+def _shown(url: str) -> str:
+    """The URL without its password (an error message may end up in a shared log)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def rdb_storage(url: str, heartbeat: bool):
+    opt = optuna()
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+        folder = Path(url.removeprefix("sqlite:///").split("?")[0]).expanduser().parent
+        if not folder.is_dir():  # sqlite creates the file, never its folder
+            fix = f"the folder {folder} does not exist: create it (mkdir -p {folder}) or use null (a journal file)"
+            raise ConfigError("search.storage", url, fix)
     if not heartbeat:
-        return opt.storages.RDBStorage(value)
+        return opt.storages.RDBStorage(url)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", opt.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
         if hasattr(opt.storages, "RetryHeartbeatStaleTrialCallback"):  # Optuna >= 4.9 deprecates the other
             retry = {"heartbeat_stale_trial_callback": opt.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)}
         else:
             retry = {"failed_trial_callback": opt.storages.RetryFailedTrialCallback(max_retry=3)}
-        return opt.storages.RDBStorage(value, heartbeat_interval=HEARTBEAT_S, **retry)
+        return opt.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, **retry)
+
+
+def journal_storage(path: Path, value, repair: bool):
+    """The journal at ``path``, checked before Optuna opens it: Optuna appends after a damaged line (a crash
+    mid-append leaves one), which makes the whole study unreadable, so a damaged journal is never opened."""
+    from optuna.storages.journal import JournalFileBackend
+
+    shown = value if value is not None else str(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        bad = first_bad_line(path)
+        if bad is not None:  # or another process is appending that line right now: look again
+            time.sleep(JOURNAL_SETTLE_S)
+            bad = first_bad_line(path)
+        if bad is not None and repair:
+            repair_journal(path, *bad)
+        elif bad is not None:
+            line, offset = bad
+            fix = (f"the journal is damaged at line {line} (a process stopped while writing it); keep the {line - 1} "
+                   f"lines before it with: truncate -s {offset} {shlex.quote(str(path))} (or run again with "
+                   "search.repair_journal=true, which keeps a copy of the damaged file)")  # fmt: skip
+            raise ConfigError("search.storage", shown, fix)
+        return optuna().storages.JournalStorage(JournalFileBackend(str(path)))
+    except OSError as exc:
+        fix = f"cannot open the journal {path} ({exc.strerror or exc}); choose a writable file or folder"
+        raise ConfigError("search.storage", shown, fix) from None
+
+
+def first_bad_line(path: Path) -> tuple[int, int] | None:
+    """(line number from 1, its byte offset) of the first line that is not one whole JSON record; None: all are."""
+    if not path.exists():
+        return None
+    offset = 0
+    with path.open("rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                if not line.endswith(b"\n"):
+                    raise ValueError("no line end")
+                json.loads(line)
+            except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                return number, offset
+            offset += len(line)
+    return None
+
+
+def repair_journal(path: Path, line: int, offset: int) -> None:
+    """Keep the whole lines before ``line``; the damaged file is kept as ``<path>.damaged``."""
+    copy = path.with_name(path.name + ".damaged")
+    shutil.copy2(path, copy)
+    with path.open("r+b") as f:
+        f.truncate(offset)
+    log.warning("search.repair_journal: %s was damaged at line %d: kept the %d lines before it (the damaged file "
+                "is %s)", path, line, line - 1, copy)  # fmt: skip
 
 
 def directions(search: DictConfig) -> list[str]:
@@ -145,12 +234,13 @@ def runs_here(trial) -> bool | None:
     return pid_alive(pid)
 
 
-def recover_orphans(study, twin) -> int:
-    """Fail (and enqueue again) the trials left running by a killed process of this host."""
+def recover_orphans(study, twin, pids: set[int] | None = None) -> int:
+    """Fail (and enqueue again) the trials left running by a killed process of this host (``pids``: only
+    those of these processes)."""
     opt = optuna()
     found = 0
     for t in study.get_trials(deepcopy=False, states=(opt.trial.TrialState.RUNNING,)):
-        if runs_here(t) is not False:
+        if runs_here(t) is not False or (pids is not None and t.user_attrs["pid"] not in pids):
             continue
         pid = t.user_attrs["pid"]
         study.tell(t.number, state=opt.trial.TrialState.FAIL, skip_if_finished=True)
