@@ -94,7 +94,7 @@ def resume_dir(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
                 p.parent.parent
                 for p in root.glob("*/*/.hydra/overrides.yaml")
                 if p.parent.parent != run_dir
-                and not (p.parent.parent / "metrics.json").exists()
+                and not (p.parent.parent / "report.md").exists()  # written last: a finished run
                 and (p.parent.parent / "checkpoints").is_dir()
                 and _without_resume(OmegaConf.load(p)) == _without_resume(overrides)
             ]
