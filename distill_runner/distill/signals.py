@@ -30,7 +30,7 @@ from distill_runner import distributed
 from distill_runner.distill.contract import Batch, Outputs, TeacherSignal
 from distill_runner.errors import ConfigError
 from distill_runner.models.features import FeatureTap
-from distill_runner.train.engine import Precision
+from distill_runner.precision import Precision
 
 log = logging.getLogger(__name__)
 

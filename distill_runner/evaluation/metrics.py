@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill_runner.train.engine import Precision
+from distill_runner.precision import Precision
 
 ECE_BINS = 15
 

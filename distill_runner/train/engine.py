@@ -7,7 +7,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -20,6 +19,10 @@ from tqdm.auto import tqdm
 from distill_runner import distributed
 from distill_runner.errors import ConfigError
 from distill_runner.models.features import FeatureTap
+from distill_runner.precision import PRECISIONS as PRECISIONS  # the loop's settings, named here too (engine.X)
+from distill_runner.precision import Precision
+from distill_runner.precision import resolve_device as resolve_device
+from distill_runner.precision import resolve_precision as resolve_precision
 from distill_runner.storage import keep_previous, save_verified
 from distill_runner.train.health import class_count, divergence_check, eta, learning_check
 from distill_runner.train.resume import previous_checkpoint, resume_state
@@ -30,60 +33,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("32", "16-mixed", "bf16-mixed")
 # Training steps between reads of the device (the non-finite check and the progress bar's running loss). Each read
 # waits for all queued kernels, so reading every step would leave a GPU idle while Python prepares the next batch.
 SYNC_EVERY = 25
-
-
-@dataclass(frozen=True)
-class Precision:
-    """How to run forward passes: autocast dtype (None = fp32) and whether to scale gradients."""
-
-    name: str
-    dtype: torch.dtype | None
-    device_type: str
-
-    @property
-    def use_scaler(self) -> bool:
-        return self.dtype is torch.float16
-
-    def autocast(self):
-        if self.dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
-
-
-def resolve_device(name: str) -> torch.device:
-    name = str(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            "trainer.device", name, "CUDA is not available on this machine; use trainer.device=cpu or auto"
-        )
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError("trainer.device", name, "use auto, cpu, cuda or cuda:N") from None
-
-
-def resolve_precision(name: str, device: torch.device, device_requested: str = "auto") -> Precision:
-    name = str(name)
-    if name not in PRECISIONS:
-        raise ConfigError("trainer.precision", name, f"use one of {', '.join(PRECISIONS)}")
-    if name == "16-mixed" and device.type != "cuda":
-        if str(device_requested) == "auto":
-            log.warning(
-                "trainer.precision=16-mixed needs CUDA and none is available: falling back to 32 (fp32). Use "
-                "bf16-mixed for mixed precision on CPU."
-            )
-            return Precision("32", None, device.type)
-        raise ConfigError(
-            "trainer.precision", name, f"fp16 autocast needs CUDA, the device is {device}; use 32 or bf16-mixed"
-        )
-    dtype = {"32": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}[name]
-    return Precision(name, dtype, device.type)
 
 
 def warmup_cosine(
