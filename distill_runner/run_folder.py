@@ -12,37 +12,25 @@ import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from distill_runner import storage
 from distill_runner.cache import NOT_RESULTS, covered
 from distill_runner.errors import ConfigError
-from distill_runner.models.factories import count_parameters
 from distill_runner.storage import atomic_write_text, pid_alive
-from distill_runner.train.stages import RunContext
 
 
-def check_room(ctx: RunContext, student: nn.Module, teachers: list[nn.Module]) -> None:
-    """Before training: the run folder and the cache are writable and their disks hold what the run
-    will write (per trained model its final, best, last and previous-last checkpoints; cached teachers,
-    baseline and teacher outputs), summed per disk: a run folder and a cache on one disk share its
-    free space. Temp files that killed writers left in them are removed first."""
-    cfg = ctx.cfg
-    teacher_params, students = sum(count_parameters(t) for t in teachers), count_parameters(student)
-    storage.check_writable(ctx.run_dir, "hydra.run.dir")
-    storage.remove_stale_temps(ctx.run_dir)  # the folder is this run's (claimed): no one else writes there
-    run_bytes = storage.checkpoint_bytes(teacher_params) + 2 * storage.checkpoint_bytes(students)
-    needs = [(ctx.run_dir, "hydra.run.dir", run_bytes, "checkpoints of the teacher, the student and the baseline")]
-    cache = ctx.cache
-    if cache is not None:
-        outputs_mb = min(
-            cfg.cache.max_teacher_outputs_mb,
-            ctx.data.train.num_samples * cfg.trainer.epochs * ctx.data.num_classes * 4 / 2**20,
-        )
-        storage.check_writable(cache.root, "cache.dir")
-        storage.remove_stale_temps(cache.root, min_age_s=storage.STALE_AFTER_S)  # jobs on other machines share it
-        cached = 4 * (teacher_params + students) + int(outputs_mb * 2**20)
-        needs.append((cache.root, "cache.dir", cached, "cached teachers, baseline and teacher outputs"))
+def check_room(run_dir: Path, cache_root: Path | None, run_bytes: int, cache_bytes: int) -> None:
+    """Before training: the run folder and the cache (``cache_root``, None when disabled) are writable and
+    their disks hold what the run will write there (``run_bytes``, ``cache_bytes``), summed per disk: a run
+    folder and a cache on one disk share its free space. Temp files that killed writers left in them are
+    removed first."""
+    storage.check_writable(run_dir, "hydra.run.dir")
+    storage.remove_stale_temps(run_dir)  # the folder is this run's (claimed): no one else writes there
+    needs = [(run_dir, "hydra.run.dir", run_bytes, "checkpoints of the teacher, the student and the baseline")]
+    if cache_root is not None:
+        storage.check_writable(cache_root, "cache.dir")
+        storage.remove_stale_temps(cache_root, min_age_s=storage.STALE_AFTER_S)  # jobs on other machines share it
+        needs.append((cache_root, "cache.dir", cache_bytes, "cached teachers, baseline and teacher outputs"))
     storage.check_free_space_per_disk(needs)
 
 

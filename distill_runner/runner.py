@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from distill_runner import build as builders
-from distill_runner import distributed
+from distill_runner import distributed, run_folder, storage
 from distill_runner.cache import baseline_key, teacher_key, teacher_outputs_key
 from distill_runner.config import validate
 from distill_runner.distill import signals
@@ -26,7 +26,7 @@ from distill_runner.models.factories import clone, count_parameters
 from distill_runner.reporting import tensorboard
 from distill_runner.reporting.report import write_report
 from distill_runner.reporting.results import RunResults, StageResult
-from distill_runner.run_folder import check_room, claim, follow_log, release, resume_dir
+from distill_runner.run_folder import claim, follow_log, release, resume_dir
 from distill_runner.train import engine, health
 from distill_runner.train.stages import RunContext, run_or_reuse, run_stage, schedule
 from distill_runner.trust import check_cache_folders
@@ -151,6 +151,21 @@ def build(ctx: RunContext) -> Built:
         log.info("teacher: none in this run (%s)", no_teacher)
     baseline = clone(student)  # identical initial weights
     return Built(recipe, no_teacher, clone(student), baseline, teachers, extra_teachers)
+
+
+def check_room(ctx: RunContext, student: nn.Module, teachers: list[nn.Module]) -> None:
+    """:func:`run_folder.check_room` for what this run will write: per trained model its final, best, last
+    and previous-last checkpoints in the run folder; cached teachers, baseline and teacher outputs."""
+    teacher_params, students = sum(count_parameters(t) for t in teachers), count_parameters(student)
+    run_bytes = storage.checkpoint_bytes(teacher_params) + 2 * storage.checkpoint_bytes(students)
+    if ctx.cache is None:
+        return run_folder.check_room(ctx.run_dir, None, run_bytes, 0)
+    data, cfg = ctx.data, ctx.cfg
+    outputs_mb = min(
+        cfg.cache.max_teacher_outputs_mb, data.train.num_samples * cfg.trainer.epochs * data.num_classes * 4 / 2**20
+    )
+    cache_bytes = 4 * (teacher_params + students) + int(outputs_mb * 2**20)
+    run_folder.check_room(ctx.run_dir, ctx.cache.root, run_bytes, cache_bytes)
 
 
 def skip_teacher(cfg: DictConfig, recipe: Recipe) -> str | None:
