@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from distill_runner import distributed, trust
+from distill_runner import distributed
 from distill_runner.storage import DamagedFile, load_verified, save_verified, sha256_of
+from distill_runner.store import KeyedStore
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +206,9 @@ def speed_key(cfg: DictConfig, models: dict[str, str], device: torch.device, pre
 
 
 class Cache:
-    """A folder of cached artefacts, each a file named by its key, written under a lock. Its folders are
-    this user's alone unless ``shared`` (``cache.shared``): see :mod:`distill_runner.trust`."""
+    """A folder of cached artefacts: a :class:`~distill_runner.store.KeyedStore` per kind, each entry a file
+    named by its key with its checksum, written under the entry's lock. Its folders are this user's alone
+    unless ``shared`` (``cache.shared``): see :mod:`distill_runner.trust`."""
 
     def __init__(self, root: str | os.PathLike, shared: bool = False):
         self.root, self.shared = Path(root).expanduser(), shared
@@ -217,12 +219,16 @@ class Cache:
         return cls(node.dir, bool(node.get("shared", False))) if node is not None and node.enabled else None
 
     def path(self, kind: str, key: str) -> Path:
-        return self.root / kind / f"{key}.pt"
+        return self.kind(kind).path(key, ".pt")
 
     def stored_mb(self, kind: str, key: str) -> float | None:
         """The size of the entry's file in MB (2**20 bytes), None when it is not stored."""
         path = self.path(kind, key)
         return path.stat().st_size / 2**20 if path.is_file() else None
+
+    def kind(self, kind: str) -> KeyedStore:
+        """The store of one kind of artefact: ``cache.dir/<kind>/``."""
+        return KeyedStore(self.root / kind, private=not self.shared)
 
     @contextmanager
     def locked(self, kind: str, key: str) -> Iterator[Path]:
@@ -232,12 +238,11 @@ class Cache:
         if not distributed.is_main():
             yield path
             return
-        trust.make_folder(path.parent, private=not self.shared)
-        with trust.hold_lock(str(path) + ".lock"):
+        with self.kind(kind).locked(path.name):
             yield path
 
     def weights_path(self, kind: str, key: str) -> Path:
-        return self.root / kind / f"{key}.model.pt"
+        return self.kind(kind).path(key, ".model.pt")
 
     def load(self, path: Path) -> dict | None:
         """The entry's content, or None if absent or damaged (a damaged entry is rebuilt)."""

@@ -20,7 +20,8 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -34,6 +35,7 @@ from distill_runner.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MB = 2**20
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space, over quota
 HEADROOM_BYTES = 64 * MB  # logs, TensorBoard events, reports
 
 
@@ -78,10 +80,11 @@ def sidecar(path: str | os.PathLike) -> Path:
 
 def sha256_of(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
-        return _sha256_from_start(f)
+        return sha256_from_start(f)
 
 
-def _sha256_from_start(f: BinaryIO) -> str:
+def sha256_from_start(f: BinaryIO) -> str:
+    """The sha256 of an open file's bytes, read from its start."""
     digest = hashlib.sha256()
     f.seek(0)
     while chunk := f.read(4 * MB):
@@ -104,7 +107,7 @@ def _write_verified(path: str | os.PathLike, write: Callable[[BinaryIO], object]
     def write_and_hash(f: BinaryIO) -> None:
         write(f)
         f.flush()
-        found["digest"] = _sha256_from_start(f)  # of the bytes written, before they replace the old file
+        found["digest"] = sha256_from_start(f)  # of the bytes written, before they replace the old file
 
     _atomic_write(path, write_and_hash, size)
     if distributed.is_main():
@@ -247,23 +250,33 @@ def _tensor_bytes(obj: object) -> int:
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], size: int = 0) -> None:
-    """``write(f)`` into a temp file (:func:`open_temp`) renamed over ``path`` (a symlink there is replaced)."""
+    """``write(f)`` into :func:`writing`'s temp file; a failed write is one line (:func:`write_failed`)."""
     if not distributed.is_main():  # under torchrun rank 0 alone writes; the other ranks hold the same state
         return
     path = Path(path)
+    try:
+        with writing(path) as f:
+            write(f)
+    except OSError as exc:
+        raise write_failed(path, exc, size) from None
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[BinaryIO]:
+    """A temp file beside ``path`` (:func:`open_temp`) that replaces ``path`` when the block ends (a symlink
+    there is replaced, its target never written); on any exception, a full disk or Ctrl-C, it is removed and
+    the exception passes on: nothing half-written is left."""
     tmp = None
-    try:  # a full disk, or Ctrl-C: no temp file is left behind
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         f, tmp = open_temp(path)
         with f:
-            write(f)
+            yield f
             f.flush()
             os.replace(tmp, path)
-    except BaseException as exc:
+    except BaseException:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise write_failed(path, exc, size) from None
         raise
 
 
@@ -274,7 +287,7 @@ def write_failed(path: Path, exc: OSError, size: int) -> ConfigError:
         free = f"{shutil.disk_usage(existing_ancestor(folder)).free / MB:.0f} MB free"
     except OSError:
         free = "free space unknown"
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if exc.errno in DISK_FULL:
         what = f"the disk (or quota) holding it is full: writing {path.name} needs about {size / MB:.1f} MB"
     else:
         what = f"writing {path.name} failed ({exc.strerror or exc}), {size / MB:.1f} MB"

@@ -25,8 +25,9 @@ project's machines), so any changed byte is detected. Above that it covers 64 ev
 1 MiB blocks (first and last included): size changes and damage inside those blocks are detected,
 damage elsewhere is not. A store that fails a check is named in a warning and rebuilt.
 
-Building holds ``<key>.lock`` (a parallel sweep job waits on it, then finds the finished store)
-and writes temp files that are renamed into place. If the disk lacks the space (checked up front,
+The store is a :class:`~distill_runner.store.KeyedStore`, as the teacher cache is: building holds
+``<key>.lock`` (a parallel sweep job waits on it, then finds the finished store) and writes temp files
+that are renamed into place (:func:`distill_runner.storage.writing`). If the disk lacks the space (checked up front,
 or ENOSPC/EDQUOT while writing), a warning names the folder, the bytes needed and free, nothing
 partial is left, and :func:`open_or_build` returns None: the caller decodes on the fly instead.
 
@@ -38,7 +39,6 @@ it, on this run and on every run that reuses the store, without decoding again.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -48,6 +48,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -61,8 +62,8 @@ from distill_runner.cache import digest
 from distill_runner.data.images import GRAY_MODES, to_8bit
 from distill_runner.data.prints import HashIndex
 from distill_runner.errors import ConfigError
-from distill_runner.storage import open_temp
-from distill_runner.trust import hold_lock
+from distill_runner.storage import DISK_FULL, sha256_from_start, writing
+from distill_runner.store import KeyedStore
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,6 @@ INTERPOLATION = InterpolationMode.BILINEAR  # the on-the-fly path's transforms.R
 FULL_CHECK_BYTES = 1 << 30
 BLOCK, SAMPLED_BLOCKS = 1 << 20, 64
 CHUNK = 32  # images per decoding task
-DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space, over quota
 
 
 @dataclass
@@ -145,17 +145,15 @@ def _write(f, chunk: np.ndarray) -> None:
     f.write(memoryview(chunk).cast("B"))
 
 
-def _checksum(path: Path, size: int) -> tuple[str, str]:
-    """(sha256 hex digest, what it covers): the whole file up to FULL_CHECK_BYTES, else sampled blocks."""
+def _checksum(f: BinaryIO, size: int) -> tuple[str, str]:
+    """(sha256 hex digest, what it covers) of the open file ``f``: the whole file up to FULL_CHECK_BYTES,
+    else sampled blocks."""
+    if size <= FULL_CHECK_BYTES:
+        return sha256_from_start(f), "whole file"
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if size <= FULL_CHECK_BYTES:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-            return h.hexdigest(), "whole file"
-        for i in range(SAMPLED_BLOCKS):
-            f.seek(i * (size - BLOCK) // (SAMPLED_BLOCKS - 1))
-            h.update(f.read(BLOCK))
+    for i in range(SAMPLED_BLOCKS):
+        f.seek(i * (size - BLOCK) // (SAMPLED_BLOCKS - 1))
+        h.update(f.read(BLOCK))
     return h.hexdigest(), f"{SAMPLED_BLOCKS} evenly spaced {BLOCK >> 20} MiB blocks"
 
 
@@ -181,7 +179,9 @@ def _check(data: Path, header: Path, key: str) -> tuple[torch.Tensor | None, str
     size, want = data.stat().st_size, math.prod(shape)
     if size != want:
         return None, f"is {size:,} bytes where its header says {want:,} (truncated or damaged)", {}
-    if _checksum(data, size)[0] != expected:
+    with open(data, "rb") as f:
+        actual = _checksum(f, size)[0]
+    if actual != expected:
         return None, "fails its sha256 check (damaged)", {}
     return torch.from_numpy(np.memmap(data, dtype=np.uint8, mode="c", shape=shape)), None, meta
 
@@ -223,28 +223,16 @@ def open_or_build(
     hashes = HashIndex(store_dir).sha256(files) if hashes is None else hashes
     identity = [{"path": f, "sha256": h} for f, h in zip(files, hashes)]  # the header's file list
     key = store_key(hashes, image_size)
-    folder = Path(store_dir).expanduser()
-    data, header = folder / f"{key}.u8", folder / f"{key}.json"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        if exc.errno not in DISK_FULL:
-            raise _unwritable(folder, exc.strerror or str(exc)) from None
-        _warn_cannot_store(folder, 0, f"cannot create the folder ({exc.strerror})")
+    # made private (or shared, cache.shared) by trust.check_cache_folders before any work; here as mkdir -p would
+    entries = KeyedStore(store_dir, private=False)
+    data, header = entries.path(key, ".u8"), entries.path(key, ".json")
+    if not _usable(entries):
         return None
-    if not os.access(folder, os.W_OK):
-        raise _unwritable(folder, "not writable")
-    with hold_lock(folder / f"{key}.lock"):  # a wait on another run's build is said after a few seconds
+    with entries.locked(key):  # a wait on another run's build is said after a few seconds
         start = time.perf_counter()
         images, problem, undecodable = _open(data, header, key)
         if images is not None:
-            log.info(
-                "decoded-image store reused: %s (%d images, %s uint8, checked in %.1fs)",
-                data,
-                len(images),
-                "x".join(map(str, images.shape[1:])),
-                time.perf_counter() - start,
-            )
+            _log_reused(data, images, time.perf_counter() - start)
             return Store(images, data, key, built=False, undecodable=_by_path(undecodable, files, hashes))
         if problem is not None:
             log.warning("decoded-image store %s %s; rebuilding it", data, problem)
@@ -254,6 +242,28 @@ def open_or_build(
         if images is None:
             raise RuntimeError(f"the decoded-image store {data} just built {problem}")
         return Store(images, data, key, built=True, undecodable=_by_path(undecodable, files, hashes))
+
+
+def _usable(entries: KeyedStore) -> bool:
+    """The store's folder exists (made here if needed) and is writable; False after a warning when the disk
+    is too full to make it; a one-line ConfigError when it cannot be used at all."""
+    try:
+        folder = entries.make()
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise _unwritable(entries.folder, exc.strerror or str(exc)) from None
+        _warn_cannot_store(entries.folder, 0, f"cannot create the folder ({exc.strerror})")
+        return False
+    if not os.access(folder, os.W_OK):
+        raise _unwritable(entries.folder, "not writable")
+    return True
+
+
+def _log_reused(data: Path, images: torch.Tensor, seconds: float) -> None:
+    shape = "x".join(map(str, images.shape[1:]))
+    log.info(
+        "decoded-image store reused: %s (%d images, %s uint8, checked in %.1fs)", data, len(images), shape, seconds
+    )
 
 
 def _by_path(why_by_hash: dict[str, str], files: list[str], hashes: list[str]) -> dict[str, str]:
@@ -277,13 +287,10 @@ def _build(
     channels = channels_needed(files, image_size)
     shape = (len(files), channels, image_size, image_size)
     needed = math.prod(shape)
-    free = shutil.disk_usage(data.parent).free
-    if free < needed + (1 << 20):  # + headroom for the header
+    if shutil.disk_usage(data.parent).free < needed + (1 << 20):  # + headroom for the header
         _warn_cannot_store(data.parent, needed, "not enough free space")
         return False
-    if workers is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        workers = min(8, cores) if len(files) >= 4 * CHUNK and cores > 1 else 0
+    workers = _decoding_workers(len(files)) if workers is None else workers
     log.info(
         "decoding %d images once into %s (%s uint8, %.0f MB; later epochs, runs and sweep jobs reuse it)",
         len(files),
@@ -291,68 +298,69 @@ def _build(
         "x".join(map(str, shape[1:])),
         needed / 2**20,
     )
-    (data_file, tmp_data), (header_file, tmp_header) = open_temp(data), open_temp(header)  # O_EXCL, random names
-    done, undecodable = False, {}
+    meta = {"format": FORMAT, "key": key, "shape": list(shape), "dtype": "uint8"}
     try:
-        loader = DataLoader(_Decode(files, image_size, channels), batch_size=CHUNK, num_workers=workers)
-        with (
-            data_file as f,
-            tqdm(
-                total=len(files),
-                desc="decoding images (once)",
-                unit="img",
-                leave=False,
-                disable=None if progress else True,  # None: drawn only on a terminal
-                dynamic_ncols=True,
-            ) as bar,
-        ):
-            for first, (pixels, errors) in zip(range(0, len(files), CHUNK), loader):
-                _write(f, pixels.numpy())
-                undecodable.update({identity[first + i]["sha256"]: why for i, why in enumerate(errors) if why})
-                bar.update(len(pixels))
-        checksum, covers = _checksum(tmp_data, needed)
-        seconds = time.perf_counter() - start
-        meta = {
-            "format": FORMAT,
-            "key": key,
-            "shape": list(shape),
-            "dtype": "uint8",
-            "checksum": checksum,
-            "checksum_covers": covers,
-            "image_size": image_size,
-            "resize": f"PIL {INTERPOLATION.value}",
-            "build_s": round(seconds, 2),
-            "files": identity,
-            "undecodable": undecodable,
-        }
-        with header_file:
+        with writing(header) as header_file:  # opened first, renamed last: only then is the store valid
+            with writing(data) as f:
+                undecodable = _decode_into(f, files, identity, image_size, channels, workers, progress)
+                checksum, covers = _checksum(f, needed)
+            seconds = time.perf_counter() - start
+            meta |= {"checksum": checksum, "checksum_covers": covers, "image_size": image_size,
+                     "resize": f"PIL {INTERPOLATION.value}", "build_s": round(seconds, 2),
+                     "files": identity, "undecodable": undecodable}  # fmt: skip
             header_file.write(json.dumps(meta).encode())
-        os.replace(tmp_data, data)
-        os.replace(tmp_header, header)  # last: only now is the store valid
-        done = True
-    except OSError as exc:
-        if exc.errno not in DISK_FULL:
+    except BaseException as exc:
+        for path in (data, header):  # what was there before was damaged (or is the half of this build)
+            path.unlink(missing_ok=True)
+        if not isinstance(exc, OSError) or exc.errno not in DISK_FULL:
             raise
         _warn_cannot_store(data.parent, needed, f"the disk filled up while writing ({exc.strerror})")
         return False
-    finally:
-        data_file.close()
-        header_file.close()
-        if not done:
-            for path in (tmp_data, tmp_header, data, header):  # what was there before was damaged
-                path.unlink(missing_ok=True)
+    _log_built(data, len(files), seconds, workers)
+    return True
+
+
+def _decoding_workers(n_files: int) -> int:
+    """Every core (up to 8) for a set large enough to pay for starting them, else none."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, cores) if n_files >= 4 * CHUNK and cores > 1 else 0
+
+
+def _decode_into(
+    f: BinaryIO, files: list[str], identity: list[dict], image_size: int, channels: int, workers: int, progress: bool
+) -> dict[str, str]:
+    """Decode ``files`` in row order into the open file ``f``; the undecodable ones' reasons by content hash."""
+    undecodable = {}
+    loader = DataLoader(_Decode(files, image_size, channels), batch_size=CHUNK, num_workers=workers)
+    bar = tqdm(
+        total=len(files),
+        desc="decoding images (once)",
+        unit="img",
+        leave=False,
+        dynamic_ncols=True,
+        disable=None if progress else True,  # None: drawn only on a terminal
+    )
+    with bar:
+        for first, (pixels, errors) in zip(range(0, len(files), CHUNK), loader):
+            _write(f, pixels.numpy())
+            undecodable.update({identity[first + i]["sha256"]: why for i, why in enumerate(errors) if why})
+            bar.update(len(pixels))
+    f.flush()
+    return undecodable
+
+
+def _log_built(data: Path, n_files: int, seconds: float, workers: int) -> None:
     others = [p for p in data.parent.glob("*.u8") if p != data]
     others_mb = sum(p.stat().st_size for p in others) / 2**20
     log.info(
         "decoded-image store built: %s, %d images in %.1fs (%.0f images/s, %d decoding workers)%s",
         data,
-        len(files),
+        n_files,
         seconds,
-        len(files) / seconds,
+        n_files / seconds,
         workers,
         f"; {data.parent} also holds {len(others)} other store(s), {others_mb:.0f} MB"
         " (other sizes or file lists, or files changed since): delete those no run needs"
         if others
         else "",
     )
-    return True
