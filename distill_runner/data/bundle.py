@@ -348,9 +348,7 @@ def in_memory_bundle(
     if batch_size < 1 or eval_batch_size < 1:
         raise ConfigError("batch_size", batch_size, "must be a positive integer")
     if mean is None or std is None:
-        train = images[torch.as_tensor(splits["train"])]
-        pixels = train.float().div(255).transpose(0, 1).reshape(images.shape[1], -1)
-        mean, std = pixels.mean(1).tolist(), pixels.std(1).clamp_min(1e-3).tolist()
+        mean, std = _statistics(images[torch.as_tensor(splits["train"])])
     num_classes = len(class_names)
     class_weights, sample_weights = balance_weights(balance, targets[torch.as_tensor(splits["train"])], num_classes)
 
@@ -370,10 +368,7 @@ def in_memory_bundle(
             channels=channels,
         )
 
-    counts = {
-        s: torch.bincount(targets[torch.as_tensor(i, dtype=torch.long)], minlength=num_classes).tolist()
-        for s, i in splits.items()
-    }
+    counts = {s: _counts(targets[torch.as_tensor(i, dtype=torch.long)], num_classes) for s, i in splits.items()}
     check_classes(counts, class_names, limited=limited)
     return DataBundle(
         train=loader("train", True),
@@ -388,3 +383,13 @@ def in_memory_bundle(
         class_weights=class_weights,
         fingerprint=fingerprint,
     )
+
+
+def _statistics(train: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel (mean, std) of uint8 training images, in [0, 1] units."""
+    pixels = train.float().div(255).transpose(0, 1).reshape(train.shape[1], -1)
+    return pixels.mean(1).tolist(), pixels.std(1).clamp_min(1e-3).tolist()
+
+
+def _counts(targets: torch.Tensor, num_classes: int) -> list[int]:
+    return torch.bincount(targets, minlength=num_classes).tolist()

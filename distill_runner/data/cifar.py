@@ -60,60 +60,12 @@ def cifar(
     hashed every run, as torchvision's MD5 check reads them anyway)."""
     import torchvision.datasets
 
-    if variant not in VARIANTS:
-        raise ConfigError("variant", variant, f"use one of {', '.join(VARIANTS)}")
-    if not isinstance(val_from_train, (int, float)) or not 0 <= val_from_train < 1:
-        raise ConfigError(
-            "val_from_train",
-            val_from_train,
-            "CIFAR has no validation split: carve one from train with a fraction in (0, 1), e.g. 0.1, "
-            "or 0 to validate on the test split (the benchmarks' protocol)",
-        )
+    _check_settings(variant, val_from_train)
     cls = getattr(torchvision.datasets, VARIANTS[variant])
     train_set, test_set = _load(cls, Path(root).expanduser(), download)
-
-    train_targets = np.asarray(train_set.targets)
-    problem = split_problem(train_targets, val_from_train, train_set.classes) if val_from_train > 0 else None
-    if problem is not None:  # too few images per class (only with partial files)
-        raise ConfigError("val_from_train", val_from_train, f"the val split carved from the train split {problem}")
-    val_idx, train_idx = (
-        stratified_split(train_targets, [val_from_train], seed)
-        if val_from_train > 0
-        else (np.arange(0), np.arange(len(train_targets)))
-    )
-    test_idx = np.arange(len(test_set.targets))
-    if limit is not None:
-        train_idx = train_idx[take_per_class(train_targets[train_idx], limit)]
-        val_idx = val_idx[take_per_class(train_targets[val_idx], limit)]
-        test_idx = test_idx[take_per_class(np.asarray(test_set.targets), limit)]
-    n_train = len(train_targets)
-    if val_from_train > 0:
-        log.info(
-            "%s: validation split = %.0f%% of train (stratified, seed %d): %d images",
-            variant,
-            100 * val_from_train,
-            seed,
-            len(val_idx),
-        )
-    else:
-        log.info("%s: val_from_train=0: training on all %d training images, validating on the test split", variant,
-                 len(train_idx))  # fmt: skip
-    images = torch.from_numpy(np.concatenate([train_set.data, test_set.data])).permute(0, 3, 1, 2)
-    targets = torch.as_tensor(np.concatenate([train_targets, np.asarray(test_set.targets)]), dtype=torch.long)
-    val = val_idx if val_from_train > 0 else test_idx + n_train
-    splits = {"train": train_idx, "val": val, "test": test_idx + n_train}
-    keep = np.concatenate(list(splits.values()))
-    keep = keep[np.sort(np.unique(keep, return_index=True)[1])]  # each image once (val may be the test split)
-    if len(keep) < len(targets):  # limit: drop what no split uses before any resizing
-        remap = np.full(len(targets), -1)
-        remap[keep] = np.arange(len(keep))
-        images, targets = images[torch.as_tensor(keep)], targets[torch.as_tensor(keep)]
-        splits = {s: remap[i] for s, i in splits.items()}
-    if image_size != images.shape[-1]:
-        resized = F.interpolate(
-            images.float(), size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
-        )
-        images = resized.round().clamp(0, 255).to(torch.uint8)
+    train_idx, val_idx, test_idx = _split(train_set, test_set, val_from_train, seed, limit, variant)
+    images, targets, splits = _gather(train_set, test_set, train_idx, val_idx, test_idx, val_from_train)
+    images = _resized(images, image_size)
     counts = {s: np.bincount(targets.numpy()[i], minlength=len(train_set.classes)).tolist() for s, i in splits.items()}
     fix = f"the {variant} files look incomplete: download them again (dataset.download=true)"
     check_classes(counts, train_set.classes, "root", str(root), fix, limited=limit is not None)
@@ -133,6 +85,82 @@ def cifar(
         limited=limit is not None,
         fingerprint=batch_files_print(cls, Path(root).expanduser(), store_dir).digest,
     )
+
+
+def _check_settings(variant: str, val_from_train: float) -> None:
+    if variant not in VARIANTS:
+        raise ConfigError("variant", variant, f"use one of {', '.join(VARIANTS)}")
+    if not isinstance(val_from_train, (int, float)) or not 0 <= val_from_train < 1:
+        raise ConfigError(
+            "val_from_train",
+            val_from_train,
+            "CIFAR has no validation split: carve one from train with a fraction in (0, 1), e.g. 0.1, "
+            "or 0 to validate on the test split (the benchmarks' protocol)",
+        )
+
+
+def _split(
+    train_set, test_set, val_from_train: float, seed: int, limit: int | None, variant: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test) positions: val carved from the training set (stratified, seeded; none when
+    ``val_from_train`` is 0), each kept to ``limit`` images, every class represented."""
+    train_targets = np.asarray(train_set.targets)
+    problem = split_problem(train_targets, val_from_train, train_set.classes) if val_from_train > 0 else None
+    if problem is not None:  # too few images per class (only with partial files)
+        raise ConfigError("val_from_train", val_from_train, f"the val split carved from the train split {problem}")
+    val_idx, train_idx = (
+        stratified_split(train_targets, [val_from_train], seed)
+        if val_from_train > 0
+        else (np.arange(0), np.arange(len(train_targets)))
+    )
+    test_idx = np.arange(len(test_set.targets))
+    if limit is not None:
+        train_idx = train_idx[take_per_class(train_targets[train_idx], limit)]
+        val_idx = val_idx[take_per_class(train_targets[val_idx], limit)]
+        test_idx = test_idx[take_per_class(np.asarray(test_set.targets), limit)]
+    if val_from_train > 0:
+        log.info(
+            "%s: validation split = %.0f%% of train (stratified, seed %d): %d images",
+            variant,
+            100 * val_from_train,
+            seed,
+            len(val_idx),
+        )
+    else:
+        log.info("%s: val_from_train=0: training on all %d training images, validating on the test split", variant,
+                 len(train_idx))  # fmt: skip
+    return train_idx, val_idx, test_idx
+
+
+def _gather(
+    train_set, test_set, train_idx: np.ndarray, val_idx: np.ndarray, test_idx: np.ndarray, val_from_train: float
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray]]:
+    """(uint8 images [N,3,32,32], targets, rows of each split): train then test images, without those no
+    split uses (``limit``), each once (val may be the test split)."""
+    n_train = len(train_set.targets)
+    images = torch.from_numpy(np.concatenate([train_set.data, test_set.data])).permute(0, 3, 1, 2)
+    targets = np.concatenate([np.asarray(train_set.targets), np.asarray(test_set.targets)])
+    targets = torch.as_tensor(targets, dtype=torch.long)
+    val = val_idx if val_from_train > 0 else test_idx + n_train
+    splits = {"train": train_idx, "val": val, "test": test_idx + n_train}
+    keep = np.concatenate(list(splits.values()))
+    keep = keep[np.sort(np.unique(keep, return_index=True)[1])]  # each image once (val may be the test split)
+    if len(keep) < len(targets):  # limit: drop what no split uses before any resizing
+        remap = np.full(len(targets), -1)
+        remap[keep] = np.arange(len(keep))
+        images, targets = images[torch.as_tensor(keep)], targets[torch.as_tensor(keep)]
+        splits = {s: remap[i] for s, i in splits.items()}
+    return images, targets, splits
+
+
+def _resized(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """``images`` at ``image_size`` (bilinear, antialiased, rounded back to uint8); as they are at 32."""
+    if image_size == images.shape[-1]:
+        return images
+    resized = F.interpolate(
+        images.float(), size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
+    )
+    return resized.round().clamp(0, 255).to(torch.uint8)
 
 
 def batch_files_print(cls, root: Path, store_dir: str | None) -> DataPrint:

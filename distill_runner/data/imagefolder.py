@@ -48,6 +48,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,58 @@ def imagefolder(
     else with PIL every epoch by ``num_workers`` DataLoader workers. ``source`` and
     ``classes_hint`` only word the error messages (where the data comes from, its class folders).
     ``limit`` keeps N images per split, every class represented (smoke tests)."""
+    augment = _check_settings(balance, on_bad_image, hflip, resized_crop_scale, val_from_train, batch_size,
+                              eval_batch_size)  # fmt: skip
+    workers, pin = loader_settings(num_workers, pin_memory, device)
+    layout = Layout(root, source, classes_hint, val_from_train)
+    classes, samples = _scan(layout, val_from_train, test_fraction, seed, limit, on_bad_image)
+    files = sorted({p for items in samples.values() for p, _ in items})
+    # content hashes (what the store's and the cache's keys hold), kept beside the store; without the store
+    # nothing is written: they are hashed every run, which costs less than the decoding of one epoch
+    index_dir = store_dir if decode_cache else None
+    hashes = dict(zip(files, HashIndex(index_dir).sha256(files)))
+    store = None
+    if decode_cache:  # rows ordered by content: a renamed file or a moved symlink reuses the store
+        files = sorted(files, key=lambda p: (hashes[p], p))
+        store = open_or_build(files, image_size, store_dir, progress, hashes=[hashes[p] for p in files])
+    bad = store.undecodable if store is not None else _decode_each_once(files)  # the build recorded them
+    samples = drop_bad(samples, bad, on_bad_image, layout, "undecodable (truncated or corrupt pixel data)")
+    check_folder_classes(samples, classes, layout, on_bad_image)
+    settings = (val_from_train, test_fraction, limit, on_bad_image, seed)
+    fingerprint = folder_print(samples, classes, layout, hashes, index_dir, settings).digest
+    batching = Batching(batch_size, eval_batch_size, augment, mean, std, balance, seed, name, fingerprint,
+                        layout.describe(val_from_train, test_fraction, seed))  # fmt: skip
+    if store is not None:
+        return _store_bundle(store, files, samples, classes, batching)
+    return _pil_bundle(samples, classes, batching, image_size, workers, pin)
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How the splits are batched and described, whichever loader serves them."""
+
+    batch_size: int
+    eval_batch_size: int
+    augment: Augment
+    mean: Sequence[float]
+    std: Sequence[float]
+    balance: str
+    seed: int
+    name: str
+    fingerprint: str
+    layout: str  # the layout and its splits, in words (:meth:`Layout.describe`)
+
+
+def _check_settings(
+    balance: str,
+    on_bad_image: str,
+    hflip: bool,
+    resized_crop_scale: Sequence[float] | None,
+    val_from_train: float | None,
+    batch_size: int,
+    eval_batch_size: int,
+) -> Augment:
+    """The settings' own checks (one line each), before any file is read; the training augmentation."""
     check_choice("balance", balance, BALANCE)
     try:
         augment = Augment(hflip=hflip, resized_crop_scale=resized_crop_scale)
@@ -143,9 +196,14 @@ def imagefolder(
         )
     if batch_size < 1 or eval_batch_size < 1:
         raise ConfigError("batch_size", batch_size, "must be a positive integer")
-    workers, pin = loader_settings(num_workers, pin_memory, device)
-    layout = Layout(root, source, classes_hint, val_from_train)
+    return augment
 
+
+def _scan(
+    layout: Layout, val_from_train: float | None, test_fraction: float, seed: int, limit: int | None, on_bad_image: str
+) -> tuple[list[str], dict[str, list]]:
+    """The classes and each split's ``(path, class index)`` samples: scanned, carved, limited, the unreadable
+    files dropped (or refused), every split still holding every class; before anything is decoded."""
     classes, samples = layout.scan_splits()
     samples = carve_splits(samples, classes, layout, val_from_train, test_fraction, seed)
     if limit is not None:
@@ -154,113 +212,24 @@ def imagefolder(
             for s, items in samples.items()
         }
     samples = drop_bad(samples, unreadable(samples), on_bad_image, layout, "unreadable")
-    check_folder_classes(samples, classes, layout, on_bad_image)  # before decoding anything
-
-    files = sorted({p for items in samples.values() for p, _ in items})
-    # content hashes (what the store's and the cache's keys hold), kept beside the store; without the store
-    # nothing is written: they are hashed every run, which costs less than the decoding of one epoch
-    index_dir = store_dir if decode_cache else None
-    hashes = dict(zip(files, HashIndex(index_dir).sha256(files)))
-    if decode_cache:  # rows ordered by content: a renamed file or a moved symlink reuses the store
-        files = sorted(files, key=lambda p: (hashes[p], p))
-        store = open_or_build(files, image_size, store_dir, progress, hashes=[hashes[p] for p in files])
-    else:
-        store = None
-    if store is not None:
-        bad = store.undecodable  # recorded by the build, kept in the store's header
-    else:  # decode each file once now, so that no epoch meets a truncated file
-        start = time.perf_counter()
-        bad = undecodable(files)
-        log.info(
-            "decoded %d image files once to find truncated ones in %.1fs: %d failed",
-            len(files),
-            time.perf_counter() - start,
-            len(bad),
-        )
-    samples = drop_bad(samples, bad, on_bad_image, layout, "undecodable (truncated or corrupt pixel data)")
     check_folder_classes(samples, classes, layout, on_bad_image)
-    settings = (val_from_train, test_fraction, limit, on_bad_image, seed)
-    fingerprint = folder_print(samples, classes, layout, hashes, index_dir, settings).digest
-    if store is not None:
-        return _store_bundle(
-            store,
-            files,
-            samples,
-            classes,
-            layout.describe(val_from_train, test_fraction, seed),
-            augment,
-            batch_size,
-            eval_batch_size,
-            mean,
-            std,
-            balance,
-            seed,
-            name,
-            fingerprint,
-        )
+    return classes, samples
 
-    # per sample: PIL resize (+ resized crop, flip) to uint8 tensors; per batch: float and normalization (FolderBatches)
-    resize = v2.Resize((image_size, image_size), interpolation=INTERPOLATION)
-    crop = (
-        [v2.RandomResizedCrop(image_size, scale=augment.resized_crop_scale, ratio=RATIO, interpolation=INTERPOLATION)]
-        if resized_crop_scale
-        else []
-    )
-    train_tf = v2.Compose([resize, *crop, *([v2.RandomHorizontalFlip()] if hflip else []), v2.PILToTensor()])
-    eval_tf = v2.Compose([resize, v2.PILToTensor()])
-    folders = {}
-    for split, items in samples.items():  # torchvision's ImageFolder over the split's folder, restricted to its files
-        folder = Folder(Path(items[0][0]).parent.parent, classes, {p for p, _ in items}, eval_tf)
-        position = {p: i for i, (p, _) in enumerate(folder.samples)}
-        folders[split] = folder.subset([position[p] for p, _ in items], train_tf if split == "train" else eval_tf)
 
-    train_targets = torch.as_tensor(folders["train"].targets, dtype=torch.long)
-    class_weights, sample_weights = balance_weights(balance, train_targets, len(classes))
-    counts = {s: np.bincount(f.targets, minlength=len(classes)).tolist() for s, f in folders.items()}
+def _decode_each_once(files: list[str]) -> dict[str, str]:
+    """Without the store: decode each file once now, so that no epoch meets a truncated file."""
+    start = time.perf_counter()
+    bad = undecodable(files)
     log.info(
-        "%s: %s, decoded with PIL every epoch by %d loader workers, pin_memory=%s, balance=%s%s",
-        name,
-        layout.describe(val_from_train, test_fraction, seed),
-        workers,
-        pin,
-        balance,
-        f" (class weights {[round(w, 3) for w in class_weights]})" if class_weights else "",
+        "decoded %d image files once to find truncated ones in %.1fs: %d failed",
+        len(files),
+        time.perf_counter() - start,
+        len(bad),
     )
-    loader = dict(seed=seed, num_workers=workers, pin_memory=pin, mean=mean, std=std, image_size=image_size)
-    random = not augment.is_identity
-    return DataBundle(
-        train=FolderBatches(
-            folders["train"], batch_size, True, sample_weights=sample_weights, random_augment=random, **loader
-        ),
-        val=FolderBatches(folders["val"], eval_batch_size, False, **loader),
-        test=FolderBatches(folders["test"], eval_batch_size, False, **loader),
-        num_classes=len(classes),
-        class_names=list(classes),
-        image_size=image_size,
-        in_channels=3,
-        name=name,
-        class_counts={s: counts[s] for s in SPLITS},
-        class_weights=class_weights,
-        fingerprint=fingerprint,
-    )
+    return bad
 
 
-def _store_bundle(
-    store: Store,
-    files: list[str],
-    samples: dict,
-    classes: list[str],
-    layout: str,
-    augment: Augment,
-    batch_size: int,
-    eval_batch_size: int,
-    mean,
-    std,
-    balance: str,
-    seed: int,
-    name: str,
-    fingerprint: str,
-) -> DataBundle:
+def _store_bundle(store: Store, files: list[str], samples: dict, classes: list[str], b: Batching) -> DataBundle:
     """Every split as TensorBatches over the store's rows (3 channels for the model either way)."""
     row = {p: i for i, p in enumerate(files)}
     targets = torch.zeros(len(files), dtype=torch.long)
@@ -273,27 +242,82 @@ def _store_bundle(
         targets,
         splits,
         list(classes),
-        batch_size,
-        eval_batch_size,
-        augment,
-        seed,
-        name,
-        list(mean),
-        list(std),
-        balance,
+        b.batch_size,
+        b.eval_batch_size,
+        b.augment,
+        b.seed,
+        b.name,
+        list(b.mean),
+        list(b.std),
+        b.balance,
         channels=3,
-        fingerprint=fingerprint,
+        fingerprint=b.fingerprint,
     )
     log.info(
         "%s: %s, from the decoded-image store (%d channel%s), balance=%s%s",
-        name,
-        layout,
+        b.name,
+        b.layout,
         store.images.shape[1],
         "" if store.images.shape[1] == 1 else "s",
-        balance,
+        b.balance,
         f" (class weights {[round(w, 3) for w in data.class_weights]})" if data.class_weights else "",
     )
     return data
+
+
+def _pil_transforms(image_size: int, augment: Augment) -> tuple[v2.Compose, v2.Compose]:
+    """(train, eval) per-sample transforms: PIL resize (+ resized crop, flip) to uint8 tensors; float and
+    normalization come per batch (:class:`FolderBatches`)."""
+    resize = v2.Resize((image_size, image_size), interpolation=INTERPOLATION)
+    scale = augment.resized_crop_scale
+    crop = [v2.RandomResizedCrop(image_size, scale=scale, ratio=RATIO, interpolation=INTERPOLATION)] if scale else []
+    flip = [v2.RandomHorizontalFlip()] if augment.hflip else []
+    return v2.Compose([resize, *crop, *flip, v2.PILToTensor()]), v2.Compose([resize, v2.PILToTensor()])
+
+
+def _pil_folders(samples: dict, classes: list[str], image_size: int, augment: Augment) -> dict[str, Folder]:
+    """Per split, torchvision's ImageFolder over the split's folder, restricted to its files, in their order."""
+    train_tf, eval_tf = _pil_transforms(image_size, augment)
+    folders = {}
+    for split, items in samples.items():
+        folder = Folder(Path(items[0][0]).parent.parent, classes, {p for p, _ in items}, eval_tf)
+        position = {p: i for i, (p, _) in enumerate(folder.samples)}
+        folders[split] = folder.subset([position[p] for p, _ in items], train_tf if split == "train" else eval_tf)
+    return folders
+
+
+def _pil_bundle(samples: dict, classes: list[str], b: Batching, image_size: int, workers: int, pin: bool) -> DataBundle:
+    """Every split as FolderBatches: decoded with PIL every epoch by ``workers`` DataLoader workers."""
+    folders = _pil_folders(samples, classes, image_size, b.augment)
+    train_targets = torch.as_tensor(folders["train"].targets, dtype=torch.long)
+    class_weights, sample_weights = balance_weights(b.balance, train_targets, len(classes))
+    counts = {s: np.bincount(f.targets, minlength=len(classes)).tolist() for s, f in folders.items()}
+    log.info(
+        "%s: %s, decoded with PIL every epoch by %d loader workers, pin_memory=%s, balance=%s%s",
+        b.name,
+        b.layout,
+        workers,
+        pin,
+        b.balance,
+        f" (class weights {[round(w, 3) for w in class_weights]})" if class_weights else "",
+    )
+    loader = dict(seed=b.seed, num_workers=workers, pin_memory=pin, mean=b.mean, std=b.std, image_size=image_size)
+    random = not b.augment.is_identity
+    return DataBundle(
+        train=FolderBatches(
+            folders["train"], b.batch_size, True, sample_weights=sample_weights, random_augment=random, **loader
+        ),
+        val=FolderBatches(folders["val"], b.eval_batch_size, False, **loader),
+        test=FolderBatches(folders["test"], b.eval_batch_size, False, **loader),
+        num_classes=len(classes),
+        class_names=list(classes),
+        image_size=image_size,
+        in_channels=3,
+        name=b.name,
+        class_counts={s: counts[s] for s in SPLITS},
+        class_weights=class_weights,
+        fingerprint=b.fingerprint,
+    )
 
 
 def chest_xray(
