@@ -3,7 +3,9 @@ the loader allows it) runs on each: the decoded store, PIL with data.decode_cach
 device, and the PIL fallback when the store does not fit on the disk (both crashed: 'FolderBatches' object has no
 attribute 'num_samples' / 'distinct_epochs')."""
 
+import inspect
 import logging
+import re
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from conftest import TINY_IMAGES, compose_config
 from fake_data import make_xray_folder
 
 from distill_runner import runner
+from distill_runner.cli import command_line
 from distill_runner.data import decode_cache
 from distill_runner.data.batches import Batches
 from distill_runner.data.bundle import TensorBatches
@@ -20,6 +23,17 @@ from distill_runner.data.imagefolder import imagefolder
 
 MEMBERS = ("batch_size", "replayable", "holds_images", "set_epoch", "shard", "num_samples", "nbytes",
            "distinct_epochs", "place", "__len__", "__iter__")  # fmt: skip
+
+
+def test_the_member_list_is_the_protocol():
+    """MEMBERS (checked on every loader below) is exactly what Batches declares, and each member says what it is
+    (an attribute's comment, a method's docstring)."""
+    machinery = {"__init__", "__subclasshook__"}  # what typing.Protocol adds
+    methods = {k for k, v in vars(Batches).items() if isinstance(v, property) or inspect.isfunction(v)} - machinery
+    assert set(Batches.__annotations__) | methods == set(MEMBERS)
+    source = inspect.getsource(Batches)
+    for name in MEMBERS:
+        assert re.search(rf"\n    {name}: \w+ +# \w", source) or inspect.getdoc(vars(Batches).get(name)), name
 
 
 def check_batches(loader, image_size: int) -> None:
@@ -91,3 +105,26 @@ def test_place_asks_the_loader_not_hasattr(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         data.place(torch.device("cpu"), on_device=True)
     assert "data.on_device=true ignored" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "loader,extra,says",
+    [
+        ("store", [], "teacher outputs: cached"),
+        ("pil", ["data.decode_cache=false"], "teacher outputs: online (the training loader cannot replay"),
+        ("on_device", ["data.on_device=true"], "held on cpu as one tensor"),
+    ],
+)
+def test_the_quickstart_pipeline_runs_on_every_loader(tmp_path, caplog, loader, extra, says):
+    """The quickstart's pipeline (ResNet-18 teacher fine-tuned, tiny-CNN student, Hinton KD with replayed teacher
+    outputs where the loader allows, the baseline, the evaluation and the report) on an image folder, composed as
+    ``distill-run dataset=imagefolder dataset.root=... <loader's keys>`` is, end to end on each loader."""
+    root = make_xray_folder(tmp_path / "xray")
+    args = ["dataset=imagefolder", f"dataset.root={root}", *TINY_IMAGES, "dataset.num_workers=0", *extra]
+    with caplog.at_level(logging.INFO):
+        results = runner.run(compose_config(command_line(args)), tmp_path / "run")
+    assert says in caplog.text and "student epoch 1/1" in caplog.text
+    assert results.dataset == "imagefolder" and results.models["teacher"].name == "resnet18"
+    assert set(results.models) == {"teacher", "student", "baseline"}
+    assert all(0 <= m.test_acc <= 1 for m in results.models.values())
+    assert (tmp_path / "run" / "report.md").is_file() and (tmp_path / "run" / "metrics.json").is_file()

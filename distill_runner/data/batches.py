@@ -20,7 +20,7 @@ class Batches(Protocol):
     """Batches of ``{"image": float [B,C,H,W], "target": long [B], "index": long [B]}`` (``index``:
     the sample's position in its split), one epoch per iteration."""
 
-    batch_size: int
+    batch_size: int  # images per batch (the epoch's last batch may hold fewer)
     replayable: bool  # an epoch's batches repeat exactly (set_epoch): teacher outputs can be replayed
     holds_images: bool  # the images are one uint8 tensor, which place() can move to a device as a whole
 
@@ -48,4 +48,5 @@ class Batches(Protocol):
     def __len__(self) -> int:
         """Batches per epoch (this process's part)."""
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]: ...
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """This process's batches of one epoch, in the order and augmentation :meth:`set_epoch` chose."""
