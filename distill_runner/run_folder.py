@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from distill_runner import storage
 from distill_runner.cache import NOT_RESULTS, covered
 from distill_runner.errors import ConfigError
-from distill_runner.storage import atomic_write_text, pid_alive
+from distill_runner.storage import atomic_write_text
+from distill_runner.trust import pid_alive
 
 
 def check_room(run_dir: Path, cache_root: Path | None, run_bytes: int, cache_bytes: int) -> None:

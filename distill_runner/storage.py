@@ -31,12 +31,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from distill_runner import distributed, trust
 from distill_runner.errors import ConfigError
+from distill_runner.trust import pid_alive
 
 log = logging.getLogger(__name__)
 
 MB = 2**20
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space, over quota
 HEADROOM_BYTES = 64 * MB  # logs, TensorBoard events, reports
+TMP_SUFFIX = ".tmp"
 
 
 class DamagedFile(Exception):
@@ -218,9 +220,6 @@ def _digest_in(checksum: Path) -> str | None:
 # ------------------------------------------------------------------------------ atomic writes
 
 
-TMP_SUFFIX = ".tmp"
-
-
 def open_temp(path: Path) -> tuple[BinaryIO, Path]:
     """A new, empty temp file beside ``path``, open for writing (``w+b``): a random name created with
     ``O_EXCL`` (:func:`tempfile.mkstemp`: never an existing file, never through a symlink planted at a
@@ -266,17 +265,15 @@ def writing(path: Path) -> Iterator[BinaryIO]:
     """A temp file beside ``path`` (:func:`open_temp`) that replaces ``path`` when the block ends (a symlink
     there is replaced, its target never written); on any exception, a full disk or Ctrl-C, it is removed and
     the exception passes on: nothing half-written is left."""
-    tmp = None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f, tmp = open_temp(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        f, tmp = open_temp(path)
         with f:
             yield f
             f.flush()
             os.replace(tmp, path)
     except BaseException:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -336,19 +333,6 @@ def _writer_alive(path: Path) -> bool:
         return True
     finally:
         os.close(fd)
-
-
-def pid_alive(pid: int) -> bool:
-    """A process with this pid runs on this machine (ours included; another user's counts)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 # ------------------------------------------------------------------------------ checks before a run

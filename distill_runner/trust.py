@@ -175,3 +175,14 @@ def _record_holder(fd: int, clear: bool = False) -> None:
     except OSError as exc:  # opened read-only (another user's lock file): the holder stays unnamed
         if exc.errno not in (errno.EBADF, errno.EINVAL, errno.EACCES):
             raise
+
+
+def pid_alive(pid: int) -> bool:
+    """A process with this pid runs on this machine (ours included; another user's counts)."""
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether it exists (our own pid does)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
