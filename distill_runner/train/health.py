@@ -132,3 +132,18 @@ class RunEstimate:
                 f"student and baseline {self.student_epochs} epoch(s) each at {self.relative:.2g}x the teacher's "
                 "cost by MACs; the teacher's outputs for KD). A rough estimate, low for small students (their epochs "
                 "cost more than their MACs say): each stage logs its own ETA after its first epoch")  # fmt: skip
+
+
+class StageWarnings:
+    """The at-chance and the divergence warnings of a stage: each logged once."""
+
+    def __init__(self, stage: str):
+        self.stage, self.at_chance_said, self.diverged_said = stage, False, False
+
+    def check(self, history: list[dict], model: nn.Module) -> None:
+        if not self.at_chance_said and (warning := learning_check(history, class_count(model), self.stage)):
+            log.warning(warning)
+            self.at_chance_said = True
+        if not self.diverged_said and (warning := divergence_check(history, self.stage)):
+            log.warning(warning)
+            self.diverged_said = True

@@ -88,9 +88,8 @@ def run_stage(ctx: RunContext, stage: engine.Stage) -> StageResult:
         torch.manual_seed(ctx.cfg.seed)
         with SummaryWriter(ctx.tb_dir / stage.name) if distributed.is_main() else nullcontext() as writer:
             loop = {"progress": ctx.cfg.trainer.progress, "resume": resume, "speed": ctx.speed}
-            history = engine.fit(
-                stage, ctx.data.train, ctx.data.val, ctx.device, ctx.precision, writer, ctx.checkpoint_dir, **loop
-            )
+            loop |= {"writer": writer, "checkpoint_dir": ctx.checkpoint_dir}
+            history = engine.fit(stage, ctx.data.train, ctx.data.val, ctx.device, ctx.precision, **loop)
     else:
         log.info("stage %s: skipped (0 epochs), using the model as loaded", stage.name)
     result = StageResult(
