@@ -92,12 +92,12 @@ def teacher_check(stage: str, val_acc: float | None, val_counts: list[int] | Non
             f"{stage}.label_smoothing and {lr_key(stage)}, or give a trained {stage}.checkpoint")  # fmt: skip
 
 
-def eta(stage: str, done: int, epochs: int, epoch_s: float) -> str | None:
-    """After a stage's first epoch of this process (``done`` epochs finished, the last took ``epoch_s``): how long
+def eta(stage: str, finished: int, epochs: int, epoch_s: float) -> str | None:
+    """After a stage's first epoch of this process (``finished`` epochs finished, the last took ``epoch_s``): how long
     the rest will take at that pace. None when nothing is left."""
-    if done >= epochs:
+    if finished >= epochs:
         return None
-    left = epochs - done
+    left = epochs - finished
     return f"{stage}: ETA about {duration(left * epoch_s)} for the {left} epoch(s) left (at the last epoch's pace)"
 
 
