@@ -21,7 +21,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from distill_runner.errors import ConfigError
+from distill_runner.errors import ConfigError, UserError
 from distill_runner.reporting.results import RunResults
 from distill_runner.reporting.tensorboard import SHORT, plumbing
 from distill_runner.storage import atomic_write_text
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         rows = write_summary(args.path)
-    except (FileNotFoundError, ConfigError) as exc:
+    except (FileNotFoundError, UserError) as exc:
         print(f"distill-report: error: {exc}", file=sys.stderr)
         return 2
     print((args.path / "summary.md").read_text())
