@@ -1,21 +1,31 @@
-"""The one error type users see for bad configuration or bad input, and the one way config nodes
-are built (``hydra.utils.instantiate``) with errors that name the key."""
+"""The errors users see as one line (bad configuration or input: ConfigError; a disk that is full or a folder that
+cannot be written: StorageError), and the one way config nodes are built (``hydra.utils.instantiate``) with errors
+that name the key."""
 
 from __future__ import annotations
 
 import re
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """What a user sees as one line, no traceback (the CLIs catch it; exit code 2): the key (or folder), the value
+    and the fix. Raise one of its kinds: :class:`ConfigError` or :class:`StorageError`."""
+
+    def __init__(self, key: str, value: object, fix: str, also: tuple[str, ...] = ()):
+        self.key, self.value, self.fix, self.also = key, value, fix, also  # also: other keys of the node in the fix
+        super().__init__(f"{key}={value!r}: {fix}")
+
+
+class StorageError(UserError):
+    """A disk (or quota) that is full, or a folder that cannot be written: where, how much, the fix."""
+
+
+class ConfigError(UserError):
     """A bad config value or bad input: names the key, the value and the fix, on one line.
 
     Code that builds one config node (a model or data set factory) names its own parameter
     (``arch``); :func:`instantiate` places it under the node (``student.model.arch``).
     """
-
-    def __init__(self, key: str, value: object, fix: str, also: tuple[str, ...] = ()):
-        self.key, self.value, self.fix, self.also = key, value, fix, also  # also: other keys of the node in the fix
-        super().__init__(f"{key}={value!r}: {fix}")
 
     def under(self, prefix: str) -> ConfigError:
         """The same error with its key placed under a config node: 'arch' -> 'student.model.arch', in the fix

@@ -28,6 +28,7 @@ from distill_runner.config import compose
 from distill_runner.storage import atomic_write_text
 
 PUBLISHED = Path(__file__).with_name("cifar100_published.json")
+ZOO_PREFIX = "cifar_"  # the zoo's config options: conf/teacher/cifar_<published name>.yaml
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "conf" / "distill"
 # --smoke: one epoch per stage on at most SMOKE_IMAGES images per split (a few batches of 64), short timings.
 # Teacher outputs in float32: a deep teacher after two steps, in eval mode with BN statistics that have not
@@ -77,7 +78,8 @@ def run_pair(pair: dict, recipes: list[str], published: dict, args, out: Path) -
         stages = published["stage_outputs"]["models"]
         settings = [*spec.get("overrides", []), *layer_pairs(spec, teacher, student, stages)]
         overrides = [
-            f"teacher={teacher}", f"student={student}", f"distill={recipe}", "trainer.progress=false", *settings,
+            f"teacher={ZOO_PREFIX}{teacher}", f"student={ZOO_PREFIX}{student}", f"distill={recipe}",
+            "trainer.progress=false", *settings,
             *pair["overrides"].get(recipe, []), *teacher_checkpoint(args.teachers, teacher),
             *(SMOKE if args.smoke else []), *args.overrides,
         ]  # fmt: skip

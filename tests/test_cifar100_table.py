@@ -31,8 +31,8 @@ def test_published_numbers_cover_the_standard_pairs_with_their_sources():
     pairs = {(p["teacher"], p["student"]): p for p in PUBLISHED["pairs"]}
     assert set(pairs) == STANDARD_PAIRS
     for (teacher, student), pair in pairs.items():
-        assert (ROOT / "conf" / "teacher" / f"{teacher}.yaml").is_file()
-        assert (ROOT / "conf" / "student" / f"{student}.yaml").is_file()
+        assert (ROOT / "conf" / "teacher" / f"cifar_{teacher}.yaml").is_file()
+        assert (ROOT / "conf" / "student" / f"cifar_{student}.yaml").is_file()
         numbers = pair["published"]
         assert all(50 < numbers[k] < 80 for k in ("teacher", "student", "kd", "crd"))
         assert numbers["teacher"] > numbers["student"] and numbers["kd"] > numbers["student"]

@@ -14,9 +14,9 @@ from distill_runner.errors import ConfigError
 from distill_runner.train.engine import multistep
 
 # A run of seconds: the smallest zoo ResNet as teacher and student, 2 epochs, short timing budgets.
-SMALL = ["teacher=resnet8", "student=resnet8", "teacher.epochs=1", "trainer.epochs=2", "trainer.progress=false",
-         "dataset.download=false", "eval.latency_budget_s=0.01", "eval.throughput_budget_s=0.01",
-         "dataset.eval_batch_size=100"]  # fmt: skip
+SMALL = ["teacher=cifar_resnet8", "student=cifar_resnet8", "teacher.epochs=1", "trainer.epochs=2",
+         "trainer.progress=false", "dataset.download=false", "eval.latency_budget_s=0.01",
+         "eval.throughput_budget_s=0.01", "dataset.eval_batch_size=100"]  # fmt: skip
 
 
 def test_multistep_decays_at_the_milestone_epochs_stepped_per_batch():
@@ -42,13 +42,13 @@ def test_multistep_refuses_bad_settings(milestones, gamma):
 
 
 def test_the_protocol_is_what_the_papers_use():
-    cfg = compose_config(["student=ShuffleV2", "teacher=wrn_40_2"], experiment="cifar100_bench")
+    cfg = compose_config(["student=cifar_ShuffleV2", "teacher=cifar_wrn_40_2"], experiment="cifar100_bench")
     for node in (cfg.teacher, cfg.trainer):
         assert node.epochs == 240 and list(node.scheduler.milestones) == [150, 180, 210] and node.scheduler.gamma == 0.1
         assert node.optimizer._target_ == "torch.optim.SGD" and node.optimizer.momentum == 0.9
         assert node.optimizer.weight_decay == 5e-4 and node.optimizer.nesterov is False
     assert cfg.teacher.optimizer.lr == 0.05 and cfg.trainer.optimizer.lr == 0.01  # ShuffleNet student: 0.01
-    assert compose_config(["student=resnet20"], experiment="cifar100_bench").trainer.optimizer.lr == 0.05
+    assert compose_config(["student=cifar_resnet20"], experiment="cifar100_bench").trainer.optimizer.lr == 0.05
     assert cfg.dataset.batch_size == 64 and cfg.dataset.crop_padding == 4 and cfg.dataset.hflip
     assert cfg.dataset.val_from_train == 0 and cfg.eval.test_every_epoch is True
 

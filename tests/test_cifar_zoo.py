@@ -4,6 +4,7 @@ parameter count and state_dict keys and shapes (tests/reference/cifar_zoo.json, 
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -82,15 +83,15 @@ def deterministic_state(model: torch.nn.Module) -> dict:
 
 
 def build(name: str, group: str = "student", num_classes: int = 100) -> torch.nn.Module:
-    node = compose_config([f"{group}={name}"])[group].model
+    node = compose_config([f"{group}=cifar_{name}"])[group].model
     return instantiate(node, f"{group}.model", num_classes=num_classes, in_channels=3, image_size=32)
 
 
 def test_the_zoo_has_every_published_name_in_both_groups():
     assert sorted(ZOO) == sorted(PUBLISHED_NAMES)
     for name in PUBLISHED_NAMES:
-        teacher = OmegaConf.load(CONF / "teacher" / f"{name}.yaml")
-        student = OmegaConf.load(CONF / "student" / f"{name}.yaml")
+        teacher = OmegaConf.load(CONF / "teacher" / f"cifar_{name}.yaml")
+        student = OmegaConf.load(CONF / "student" / f"cifar_{name}.yaml")
         assert teacher.model == student.model and teacher.name == student.name == name
         assert teacher.benchmark_lr == student.benchmark_lr == (0.01 if name[0] in "MS" else 0.05)
 
@@ -177,3 +178,29 @@ def test_a_zoo_model_takes_grayscale_and_other_class_counts():
     assert model.fc.out_features == 10
     gray = cifar_resnet(num_classes=2, depth=8, widths=[16, 16, 32, 64], in_channels=1)
     assert gray(torch.zeros(1, 1, 32, 32)).shape == (1, 2)
+
+
+def look_alike(options: list[str]) -> list[tuple[str, str]]:
+    """Pairs of options a reader takes for one model: MobileNetV2, mobilenet_v2 and mobilenet-v2 differ only in
+    case and punctuation."""
+    seen: dict[str, str] = {}
+    pairs = []
+    for option in sorted(options):
+        key = re.sub(r"[^a-z0-9]", "", option.lower())
+        if key in seen:
+            pairs.append((seen[key], option))
+        seen.setdefault(key, option)
+    return pairs
+
+
+@pytest.mark.parametrize("group", ["student", "teacher"])
+def test_no_two_model_options_differ_only_in_case_or_punctuation(group):
+    assert look_alike(["MobileNetV2", "mobilenet_v2", "tiny_cnn"]) == [("MobileNetV2", "mobilenet_v2")]
+    assert look_alike([p.stem for p in (CONF / group).glob("*.yaml")]) == []
+
+
+@pytest.mark.parametrize("group", ["student", "teacher"])
+def test_zoo_options_are_the_published_names_behind_the_cifar_prefix(group):
+    zoo = sorted(p.stem for p in (CONF / group).glob("*.yaml") if "models.cifar." in p.read_text())
+    assert zoo == sorted(f"cifar_{name}" for name in PUBLISHED_NAMES)
+    assert sorted(p.stem for p in (CONF / group).glob("cifar_*.yaml")) == zoo  # cifar_ is the zoo's alone

@@ -117,3 +117,18 @@ def test_a_sweeps_tensorboard_runs_are_named_by_their_settings(tmp_path):
     assert {"0_T=1/tb/student", "1_T=4/tb/student"} <= set(runs)
     assert all(run.startswith(("0_T=1/tb/", "1_T=4/tb/")) for run in runs)
     assert "| 1_T=4 | `distill.temperature=4` |" in (sweep_dir / "summary.md").read_text()
+
+
+def test_a_full_disk_is_a_storage_error_and_distill_report_says_it_in_one_line(tmp_path, monkeypatch, capsys):
+    from distill_runner.errors import ConfigError, StorageError, UserError
+
+    assert issubclass(StorageError, UserError) and not issubclass(StorageError, ConfigError)
+    job(tmp_path, 0, ["distill.temperature=2"], 0.8, 0.7)
+
+    def full(path, text):
+        raise StorageError("folder", str(path.parent), "the disk holding it is full; free space there")
+
+    monkeypatch.setattr(sweep, "atomic_write_text", full)
+    assert sweep.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distill-report: error: folder=") and "is full" in err and err.count("\n") == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -59,50 +60,60 @@ def evaluate(
         raise ConfigError("eval.speed", settings["speed"], f"use one of {', '.join(SPEED_MODES)}")
     results, features = {}, {}
     for role, model in models.items():
-        model = model.to(device)
         layers = [pair[0 if role == "teacher" else 1] for pair in layer_pairs] if role in ("teacher", *STUDENTS) else []
         model_key = (cache_keys or {}).get(role)
+        measure_one = partial(_evaluate_one, role, model.to(device), data, device, precision, checkpoint_dir, layers)
         if cache is not None and model_key is not None:
-
-            def build(role=role, model=model, layers=layers) -> dict:
-                result, found = _evaluate_one(role, model, data, device, precision, checkpoint_dir, layers, settings)
-                return {"result": result, "features": found}
-
-            entry, source = cache.fetch("evals", eval_key(cfg, model_key, role, layers, device), build, shared=False)
-            results[role], features[role] = dict(entry["result"]), entry["features"]
-            if source.startswith("reused"):
-                results[role]["name"] = architecture(model)
-                log.info("reusing the evaluation of %s (%s), %s", role, model_key, source)
+            key = eval_key(cfg, model_key, role, layers, device)
+            results[role], features[role] = _evaluate_cached(cache, key, model_key, role, model, measure_one, settings)
         else:
-            results[role], features[role] = _evaluate_one(
-                role, model, data, device, precision, checkpoint_dir, layers, settings
-            )
+            results[role], features[role] = measure_one(settings)
     timed, speed_source = speeds(cfg, models, data, device, precision, settings, cache)
     for role, r in results.items():
         r.update(timed[role])
-    teacher = results.get("teacher")
     for role, r in results.items():
-        if teacher is not None:  # relative to the run's (first) teacher
-            r["speedup"] = r["images_per_s"] / teacher["images_per_s"]
-            r["latency_speedup"] = teacher["latency_ms"] / r["latency_ms"]
-            r["compression"] = teacher["params"] / r["params"]
-        else:
-            r["speedup"] = r["latency_speedup"] = r["compression"] = None
-        if role in STUDENTS and teacher is not None:  # linear CKA to the teacher, on the same test images
-            ours, theirs = features[role], features["teacher"]
-            r["cka"] = (
-                {"penultimate": measure.linear_cka(theirs["penultimate"], ours["penultimate"])}
-                if "penultimate" in ours and "penultimate" in theirs
-                else {}
-            )
-            r["cka"].update({f"{t} ~ {s}": measure.linear_cka(theirs[t], ours[s]) for t, s in layer_pairs})
+        _add_relative_to_teacher(role, r, results.get("teacher"), features, layer_pairs)
     return {role: ModelResult(**r) for role, r in results.items()}, speed_source
+
+
+def _evaluate_cached(cache: Cache, key: str, model_key: str, role: str, model: nn.Module, measure_one, settings: dict):
+    """``measure_one(settings)`` (a result and test-split features) once per evaluation ``key``; then reused."""
+
+    def build() -> dict:
+        result, layer_features = measure_one(settings)
+        return {"result": result, "features": layer_features}
+
+    entry, source = cache.fetch("evals", key, build, shared=False)
+    result = dict(entry["result"])
+    if source.startswith("reused"):
+        result["name"] = architecture(model)
+        log.info("reusing the evaluation of %s (%s), %s", role, model_key, source)
+    return result, entry["features"]
+
+
+def _add_relative_to_teacher(role: str, r: dict, teacher: dict | None, features: dict, layer_pairs) -> None:
+    """Speed-ups and compression relative to the run's (first) teacher (None without one); for a student, its
+    linear CKA to the teacher on the same test images."""
+    if teacher is not None:
+        r["speedup"] = r["images_per_s"] / teacher["images_per_s"]
+        r["latency_speedup"] = teacher["latency_ms"] / r["latency_ms"]
+        r["compression"] = teacher["params"] / r["params"]
+    else:
+        r["speedup"] = r["latency_speedup"] = r["compression"] = None
+    if role in STUDENTS and teacher is not None:
+        ours, theirs = features[role], features["teacher"]
+        r["cka"] = (
+            {"penultimate": measure.linear_cka(theirs["penultimate"], ours["penultimate"])}
+            if "penultimate" in ours and "penultimate" in theirs
+            else {}
+        )
+        r["cka"].update({f"{t} ~ {s}": measure.linear_cka(theirs[t], ours[s]) for t, s in layer_pairs})
 
 
 def speeds(cfg, models, data, device, precision, settings, cache: Cache | None) -> tuple[dict[str, dict], str]:
     """Batch-1 latency and images/s of every model, timed back to back in one session, so that a speed-up never
     divides figures taken under different loads; and where they come from. Speed depends on the architecture
-    alone, so models that print the same (the KD student and its scratch twin) are timed once. With
+    alone, so models that print the same (the KD student and its baseline) are timed once. With
     ``eval.speed=cached`` the session is stored in the cache: a later run on this host with the same models,
     device, threads, precision and budgets (a sweep's later jobs) reuses it whole instead of timing again."""
     shapes = {role: digest(repr(model)) for role, model in models.items()}
@@ -140,14 +151,14 @@ def _speed(model, data, device, precision, settings) -> dict:
     """Batch-1 latency (with ``eval.latency_threads`` threads) and images/s at the evaluation batch size,
     measured now."""
     shape = (data.in_channels, data.image_size, data.image_size)
-    found = measure.latency(
+    latency = measure.latency(
         model, shape, device, precision, threads=settings["latency_threads"], budget_s=settings["latency_budget_s"]
     )
     images_per_s = measure.throughput(
         model, data.test.batch_size, shape, device, precision, budget_s=settings["throughput_budget_s"]
     )
-    return {"latency_ms": found.seconds * 1e3, "latency_repeats": found.repeats, "latency_threads": found.threads,
-            "latency_rounds_ms": [r * 1e3 for r in found.rounds], "latency_contention": found.contention,
+    return {"latency_ms": latency.seconds * 1e3, "latency_repeats": latency.repeats, "latency_threads": latency.threads,
+            "latency_rounds_ms": [r * 1e3 for r in latency.rounds], "latency_contention": latency.contention,
             "images_per_s": images_per_s}  # fmt: skip
 
 
@@ -158,9 +169,10 @@ def _evaluate_one(role, model, data, device, precision, checkpoint_dir, layers, 
         head = measure.last_linear(model)[0]  # its input is the penultimate feature
     except ValueError:  # no nn.Linear head: no penultimate CKA for this model
         head = None
-    with measure.capture(model, layers, penultimate=head is not None, max_samples=settings["cka_samples"]) as found:
+    capture = measure.capture(model, layers, penultimate=head is not None, max_samples=settings["cka_samples"])
+    with capture as captured:
         logits, targets = engine.predict(model, data.test, device, precision)
-    features = {k: torch.cat(v) for k, v in found.items()}
+    features = {k: torch.cat(v) for k, v in captured.items()}
     quality = measure.classification_report(logits, targets, data.num_classes)
     checkpoint = Path(checkpoint_dir) / f"{role}.pt" if checkpoint_dir is not None else None
     flops = measure.flops_per_image(model, shape, device)
@@ -183,12 +195,12 @@ def _evaluate_one(role, model, data, device, precision, checkpoint_dir, layers, 
     return result, features
 
 
-def comparison(results: dict[str, ModelResult], no_teacher: str | None = None) -> dict:
+def comparison(results: dict[str, ModelResult], no_teacher_reason: str | None = None) -> dict:
     """Run-level numbers: retention = student / (first) teacher accuracy, KD gain = student - baseline.
-    Without a teacher (a recipe that needs none) retention is null and ``no_teacher`` says why."""
+    Without a teacher (a recipe that needs none) retention is null and ``no_teacher_reason`` says why."""
     student, baseline, teacher = results["student"], results["baseline"], results.get("teacher")
     if teacher is None:
-        retention, reason = None, no_teacher or "no teacher in this run"
+        retention, reason = None, no_teacher_reason or "no teacher in this run"
     else:
         retention = student.test_acc / teacher.test_acc if teacher.test_acc else None
         reason = None if retention is not None else "the teacher's test accuracy is 0"

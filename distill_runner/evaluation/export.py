@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distill_runner.errors import ConfigError
+from distill_runner.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="distill-export: %(levelname)s: %(message)s")
     try:
         result = export_run(args.run_dir, args.model)
-    except ConfigError as exc:
+    except UserError as exc:  # ConfigError, StorageError
         print(f"distill-export: error: {exc}", file=sys.stderr)
         return 2
     from distill_runner.reporting.report import export_line

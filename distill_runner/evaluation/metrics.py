@@ -136,7 +136,7 @@ def capture(
 
     Yields ``{key: [batch tensors]}``; join them with ``torch.cat``.
     """
-    found: dict[str, list[torch.Tensor]] = {}
+    captured: dict[str, list[torch.Tensor]] = {}
     handles = []
 
     def store(key: str, value) -> None:
@@ -144,7 +144,7 @@ def capture(
             value = value[0]
         if not isinstance(value, torch.Tensor):
             return
-        kept = found.setdefault(key, [])
+        kept = captured.setdefault(key, [])
         room = None if max_samples is None else max_samples - sum(len(t) for t in kept)
         if room is None or room > 0:
             kept.append(value.detach()[:room].float().cpu().flatten(1))
@@ -155,7 +155,7 @@ def capture(
         for name in dict.fromkeys(layers):  # a layer paired twice is recorded once
             module = model.get_submodule(name)
             handles.append(module.register_forward_hook(lambda m, args, out, name=name: store(name, out)))
-        yield found
+        yield captured
     finally:
         for h in handles:
             h.remove()
@@ -310,10 +310,10 @@ def latency(
         for _ in range(warmup):
             timed()
         for _ in range(LATENCY_ATTEMPTS):
-            found = _latency_rounds(timed, device, threads, min_repeats, max_repeats, budget_s)
-            if found.contention is None:
+            measured = _latency_rounds(timed, device, threads, min_repeats, max_repeats, budget_s)
+            if measured.contention is None:
                 break
-    return found
+    return measured
 
 
 def _latency_rounds(timed, device: torch.device, threads: int, min_repeats, max_repeats, budget_s) -> Latency:

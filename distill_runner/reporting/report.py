@@ -234,16 +234,39 @@ def stages_table(metrics: RunResults) -> list[str]:
 
 
 def render_markdown(metrics: RunResults, overrides: list[str]) -> str:
-    counts = metrics.class_counts
-    names = metrics.class_names
-    roles = model_order(metrics.models)
-    md = [
+    md = [*_headline(metrics, overrides), *_per_class(metrics)]
+    if metrics.models["student"].cka and "teacher" in metrics.models:
+        md += ["## Representation similarity (linear CKA to the teacher, test split)", "", cka_table(metrics), ""]
+    if metrics.exports:
+        md += ["## Export", ""]
+        for export in metrics.exports.values():
+            md += export_section(export)
+    md += [
+        "## Data",
+        "",
+        f"{metrics.num_classes} classes; images per split and class ({', '.join(map(str, metrics.class_names))}):",
+        "",
+        *[f"- {split}: {c} (total {sum(c)})" for split, c in metrics.class_counts.items()],
+        "",
+        "## Stages",
+        "",
+        *stages_table(metrics),
+        "",
+        "## Definitions",
+        "",
+        DEFINITIONS,
+    ]
+    return "\n".join(md)
+
+
+def _headline(metrics: RunResults, overrides: list[str]) -> list[str]:
+    """The report's top: the run, the comparison table, the verdict, the plots."""
+    threads = f" ({metrics.torch_threads} torch threads)" if "cpu" in metrics.device and metrics.torch_threads else ""
+    return [
         f"# distill-runner report: {metrics.dataset}",
         "",
         f"Overrides: `{' '.join(overrides) or '(none)'}`  ",
-        f"Device: {metrics.device}"
-        + (f" ({metrics.torch_threads} torch threads)" if "cpu" in metrics.device and metrics.torch_threads else "")
-        + f", precision: {metrics.precision}, seed: {metrics.seed}",
+        f"Device: {metrics.device}" + threads + f", precision: {metrics.precision}, seed: {metrics.seed}",
         "",
         markdown_table(HEADER, comparison_rows(metrics)),
         "",
@@ -260,11 +283,13 @@ def render_markdown(metrics: RunResults, overrides: list[str]) -> str:
         "",
         "![Confusion matrices on the test split](confusion.png)",
         "",
-        "## Per-class metrics (test split)",
-        "",
-        per_class_table(metrics),
-        "",
     ]
+
+
+def _per_class(metrics: RunResults) -> list[str]:
+    """Per-class metrics, ROC-AUC for two classes, confusion matrices (of few classes)."""
+    roles, names = model_order(metrics.models), metrics.class_names
+    md = ["## Per-class metrics (test split)", "", per_class_table(metrics), ""]
     if metrics.num_classes == 2:
         md += ["ROC-AUC: " + ", ".join(f"{label(r)} {num(metrics.models[r].roc_auc)}" for r in roles), ""]
     md += ["## Confusion matrices (test split; rows: true class, columns: predicted class)", ""]
@@ -273,28 +298,7 @@ def render_markdown(metrics: RunResults, overrides: list[str]) -> str:
             md += [f"### {label(r)}", "", confusion_table(metrics.models[r].confusion, names), ""]
     else:
         md += [f"{len(names)} classes: see `confusion.png` and `metrics.json`.", ""]
-    if metrics.models["student"].cka and "teacher" in metrics.models:
-        md += ["## Representation similarity (linear CKA to the teacher, test split)", "", cka_table(metrics), ""]
-    if metrics.exports:
-        md += ["## Export", ""]
-        for export in metrics.exports.values():
-            md += export_section(export)
-    md += [
-        "## Data",
-        "",
-        f"{metrics.num_classes} classes; images per split and class ({', '.join(map(str, names))}):",
-        "",
-        *[f"- {split}: {c} (total {sum(c)})" for split, c in counts.items()],
-        "",
-        "## Stages",
-        "",
-        *stages_table(metrics),
-        "",
-        "## Definitions",
-        "",
-        DEFINITIONS,
-    ]
-    return "\n".join(md)
+    return md
 
 
 def confusions(metrics: RunResults) -> dict[str, np.ndarray]:

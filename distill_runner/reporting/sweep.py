@@ -21,7 +21,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from distill_runner.errors import ConfigError
+from distill_runner.errors import ConfigError, UserError
 from distill_runner.reporting.results import RunResults
 from distill_runner.reporting.tensorboard import SHORT, plumbing
 from distill_runner.storage import atomic_write_text
@@ -197,6 +197,18 @@ def plot(rows: list[dict], path: Path) -> str:
     return kind
 
 
+# How summary.md shows each numeric column
+FORMATS = {
+    "student_val_acc": "{:.4f}",
+    "teacher_acc": "{:.4f}",
+    "student_acc": "{:.4f}",
+    "baseline_acc": "{:.4f}",
+    "retention": "{:.3f}",
+    "kd_gain": "{:+.4f}",
+    "wall_time_s": "{:.1f}",
+}
+
+
 def write_summary(sweep_dir: str | Path) -> list[dict]:
     """Write summary.csv, summary.md and summary.png into ``sweep_dir``; return the rows."""
     sweep_dir = Path(sweep_dir)
@@ -214,15 +226,14 @@ def write_summary(sweep_dir: str | Path) -> list[dict]:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(sweep_dir / "summary.csv", table.getvalue())
-    fmt = {
-        "student_val_acc": "{:.4f}",
-        "teacher_acc": "{:.4f}",
-        "student_acc": "{:.4f}",
-        "baseline_acc": "{:.4f}",
-        "retention": "{:.3f}",
-        "kd_gain": "{:+.4f}",
-        "wall_time_s": "{:.1f}",
-    }
+    atomic_write_text(sweep_dir / "summary.md", summary_markdown(sweep_dir, rows, swept, common, skipped))
+    kind = plot(rows, sweep_dir / "summary.png")
+    log.info("sweep summary of %d jobs (%s plot) written to %s/summary.{csv,md,png}", len(rows), kind, sweep_dir)
+    return rows
+
+
+def summary_markdown(sweep_dir: Path, rows: list[dict], swept: list[str], common: str, skipped: list[str]) -> str:
+    """summary.md: one row per job, the settings over seeds, the best setting (chosen on validation)."""
     # the best is chosen on validation, never on test (as the Optuna sweeper's objective); test is reported beside it
     per_setting = settings(rows, swept)
     best = max(per_setting, key=lambda g: (g["val"], -g["val_std"]))
@@ -242,16 +253,7 @@ def write_summary(sweep_dir: str | Path) -> list[dict]:
         "",
         f"{len(rows)} jobs; shared overrides: `{common or '(none)'}`",
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "|".join("---" if c in ("job", "overrides") else "---:" for c in COLUMNS) + "|",
-        *[
-            "| "
-            + " | ".join(
-                fmt[c].format(r[c]) if c in fmt else f"`{r[c]}`" if c == "overrides" else str(r[c]) for c in COLUMNS
-            )
-            + " |"
-            for r in rows
-        ],
+        *jobs_table(rows),
         "",
         *setting_table,
         f"Best setting, chosen on the KD student's validation accuracy{' (mean over seeds)' if seeded else ''}: "
@@ -263,10 +265,20 @@ def write_summary(sweep_dir: str | Path) -> list[dict]:
         "![student accuracy](summary.png)",
         "",
     ]
-    atomic_write_text(sweep_dir / "summary.md", "\n".join(lines))
-    kind = plot(rows, sweep_dir / "summary.png")
-    log.info("sweep summary of %d jobs (%s plot) written to %s/summary.{csv,md,png}", len(rows), kind, sweep_dir)
-    return rows
+    return "\n".join(lines)
+
+
+def jobs_table(rows: list[dict]) -> list[str]:
+    """The markdown table of the jobs, one row each (COLUMNS)."""
+
+    def cell(r: dict, c: str) -> str:
+        return FORMATS[c].format(r[c]) if c in FORMATS else f"`{r[c]}`" if c == "overrides" else str(r[c])
+
+    return [
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---" if c in ("job", "overrides") else "---:" for c in COLUMNS) + "|",
+        *["| " + " | ".join(cell(r, c) for c in COLUMNS) + " |" for r in rows],
+    ]
 
 
 def tie_note(per_setting: list[dict], best: dict, seeded: bool) -> str:
@@ -315,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         rows = write_summary(args.path)
-    except (FileNotFoundError, ConfigError) as exc:
+    except (FileNotFoundError, UserError) as exc:
         print(f"distill-report: error: {exc}", file=sys.stderr)
         return 2
     print((args.path / "summary.md").read_text())

@@ -13,7 +13,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from distill_runner.cli import command_line, resume_line
-from distill_runner.errors import ConfigError
+from distill_runner.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def search_from_config(cfg: DictConfig) -> None:
             print(resume_line("distill-search", folder.resolve(), []), file=sys.stderr)
         log.info("interrupted (Ctrl-C)")
         sys.exit(130)
-    except ConfigError as exc:
+    except UserError as exc:  # ConfigError, StorageError
         # One line, no traceback: the message names the key, the bad value and the fix.
         print(f"distill-search: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -32,24 +32,24 @@ def rows(study) -> list[dict]:
     return [trial_row(t) for t in study.get_trials(deepcopy=False) if t.state.name in (*studies.FINISHED, "FAIL")]
 
 
-def within(row: dict, budgets: dict, found: list[dict] = ()) -> bool:
+def within(row: dict, budgets: dict, trials: list[dict] = ()) -> bool:
     """Whether ``row`` meets every budget. A latency measured under contention is not trusted: the trial is then
-    judged on MACs (:func:`latency_by_macs`) against the stable measurements among ``found``."""
+    judged on MACs (:func:`latency_by_macs`) against the stable measurements among ``trials``."""
     for key, limit in budgets.items():
         if key not in row:
             return False
         if key == "latency_ms" and row.get("latency_contention"):
-            if not latency_by_macs(row, limit, found):
+            if not latency_by_macs(row, limit, trials):
                 return False
         elif row[key] > limit:
             return False
     return True
 
 
-def latency_by_macs(row: dict, limit: float, found: list[dict]) -> bool:
+def latency_by_macs(row: dict, limit: float, trials: list[dict]) -> bool:
     """Within the latency budget when a trial with at least as many MACs had a stable latency within it."""
     return any(not o.get("latency_contention") and o.get("latency_ms", math.inf) <= limit
-               and o.get("macs", -1) >= row.get("macs", math.inf) for o in found)  # fmt: skip
+               and o.get("macs", -1) >= row.get("macs", math.inf) for o in trials)  # fmt: skip
 
 
 def budget_note(ok: list[dict], budgets: dict) -> str | None:
@@ -73,17 +73,17 @@ def student_text(row: dict) -> str:
 
 def choose(study, node: DictConfig, full_epochs: int) -> dict:
     """The complete trial with the best validation accuracy within every budget (ties: the cheaper)."""
-    found = rows(study)
-    complete = [r for r in found if r["state"] == "COMPLETE" and r["val_acc"] is not None and "params" in r]
+    trials = rows(study)
+    complete = [r for r in trials if r["state"] == "COMPLETE" and r["val_acc"] is not None and "params" in r]
     if not complete:
         states = studies.counts(study)
         fix = f"no trial finished ({states}); see trials/*/ and distill-search*.log, then run again in this folder"
         raise ConfigError("search.trials", node.trials, fix)
     budgets = budgets_of(node)
-    ok = [r for r in complete if within(r, budgets, found)]
+    ok = [r for r in complete if within(r, budgets, trials)]
     if not ok:
         key, limit = next(iter(budgets.items()))
-        smallest = min((r for r in found if key in r), key=lambda r: r[key])
+        smallest = min((r for r in trials if key in r), key=lambda r: r[key])
         fix = (f"no student tried meets it; the smallest tried is trial {smallest['number']} "
                f"({student_text(smallest)}) at {smallest['latency_ms']:.3f} ms batch-1 latency, "
                f"{smallest['params']:,} params, {smallest['macs']:,} MACs; raise the budget or add smaller students "
@@ -154,15 +154,15 @@ def finish(chosen: dict, node: DictConfig, base: list[str], full_epochs: int, se
 def copy_finished_student(trial_dir: Path, final_dir: Path) -> bool:
     """A trial that trained as long as the final run would: its finished student (weights, record and
     their checksums) goes into the final run folder, which then loads it instead of training it again."""
-    found = [trial_dir / "checkpoints" / f for f in ("student.pt", "student.json")]
+    files = [trial_dir / "checkpoints" / f for f in ("student.pt", "student.json")]
     try:
-        if not all(storage.verify(p) for p in found):
+        if not all(storage.verify(p) for p in files):
             return False
     except storage.DamagedFile as exc:
         log.warning("trial's student is damaged (%s): the final run trains it again", exc.reason)
         return False
     (final_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    for path in found:
+    for path in files:
         for f in (path, storage.sidecar(path)):
             target = final_dir / "checkpoints" / f.name
             if not target.exists():

@@ -40,26 +40,27 @@ COLUMNS = [
 ]
 
 
-def pareto(found: list[dict], cost: str) -> list[dict]:
+def pareto(trials: list[dict], cost: str) -> list[dict]:
     """The complete trials no other beats on both validation accuracy (higher) and ``cost`` (lower), by cost."""
-    done = [r for r in found if r["state"] == "COMPLETE" and r["val_acc"] is not None and cost in r]
-    front = [r for r in done if not any(o["val_acc"] >= r["val_acc"] and o[cost] <= r[cost] and
-                                        (o["val_acc"] > r["val_acc"] or o[cost] < r[cost]) for o in done)]  # fmt: skip
+    complete = [r for r in trials if r["state"] == "COMPLETE" and r["val_acc"] is not None and cost in r]
+    front = [r for r in complete if not any(o["val_acc"] >= r["val_acc"] and o[cost] <= r[cost] and
+                                            (o["val_acc"] > r["val_acc"] or o[cost] < r[cost])
+                                            for o in complete)]  # fmt: skip
     return sorted(front, key=lambda r: r[cost])
 
 
-def _cells(r: dict, budgets: dict, found: list[dict]) -> dict:
+def _cells(r: dict, budgets: dict, trials: list[dict]) -> dict:
     return {"number": r["number"], "state": r["state"], "val_acc": r["val_acc"], "latency_ms": r.get("latency_ms"),
-            "macs": r.get("macs"), "params": r.get("params"), "within_budget": within(r, budgets, found),
+            "macs": r.get("macs"), "params": r.get("params"), "within_budget": within(r, budgets, trials),
             "latency_contention": r.get("latency_contention") or "",
             "overrides": " ".join(r["overrides"])}  # fmt: skip
 
 
-def write_csv(path: Path, rows: list[dict], budgets: dict, found: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict], budgets: dict, trials: list[dict]) -> None:
     out = io.StringIO()
     writer = csv.DictWriter(out, COLUMNS)
     writer.writeheader()
-    writer.writerows(_cells(r, budgets, found) for r in rows)
+    writer.writerows(_cells(r, budgets, trials) for r in rows)
     atomic_write_text(path, out.getvalue())
 
 
@@ -67,13 +68,13 @@ def _num(v, fmt: str) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
 
-def table(rows: list[dict], budgets: dict, chosen: int | None, found: list[dict]) -> str:
+def table(rows: list[dict], budgets: dict, chosen: int | None, trials: list[dict]) -> str:
     header = ["trial", "state", "val acc", "latency ms", "MACs", "params", "within budget", "overrides"]
     body = [[f"**{r['number']}**" if r["number"] == chosen else str(r["number"]), r["state"].lower(),
              _num(r["val_acc"], ".4f"),
              _num(r.get("latency_ms"), ".3f") + (" (contended)" if r.get("latency_contention") else ""),
              _num(r.get("macs"), ","), _num(r.get("params"), ","),
-             "yes" if within(r, budgets, found) else "no", " ".join(r["overrides"])] for r in rows]  # fmt: skip
+             "yes" if within(r, budgets, trials) else "no", " ".join(r["overrides"])] for r in rows]  # fmt: skip
     return markdown_table(header, body)
 
 
@@ -83,15 +84,15 @@ def save_figure(fig, path: Path) -> None:
     tmp.replace(path)
 
 
-def pareto_figure(found: list[dict], cost: str, budgets: dict, teacher: dict | None, chosen: int | None):
+def pareto_figure(trials: list[dict], cost: str, budgets: dict, teacher: dict | None, chosen: int | None):
     fig = Figure(figsize=(6.4, 4.4))  # not pyplot's: nothing global, no display
     ax = fig.add_subplot()
     for state, style in (("COMPLETE", {"c": "tab:blue", "marker": "o"}), ("PRUNED", {"c": "0.6", "marker": "x"})):
-        pts = [r for r in found if r["state"] == state and r["val_acc"] is not None and cost in r]
+        pts = [r for r in trials if r["state"] == state and r["val_acc"] is not None and cost in r]
         ax.scatter([r[cost] for r in pts], [r["val_acc"] for r in pts], label=state.lower(), **style)
-    front = pareto(found, cost)
+    front = pareto(trials, cost)
     ax.step([r[cost] for r in front], [r["val_acc"] for r in front], where="post", c="tab:blue", label="Pareto front")
-    for r in found:
+    for r in trials:
         if r["number"] == chosen and cost in r:
             ax.scatter([r[cost]], [r["val_acc"]], s=180, facecolors="none", edgecolors="tab:green", label="chosen")
     if teacher is not None:
@@ -134,14 +135,14 @@ def optuna_figures(study, search_dir: Path) -> dict:
 
 def write(study, node: DictConfig, chosen: dict, outcome: dict, search_dir: Path) -> dict:
     """Every report file of the search folder; returns best.json's content."""
-    budgets, found = budgets_of(node), rows(study)
+    budgets, trials = budgets_of(node), rows(study)
     teacher_file = search_dir / "teacher.json"
     teacher = json.loads(teacher_file.read_text()) if teacher_file.is_file() else None
     cost = node.objective or "latency_ms"
-    front = pareto(found, cost)
-    write_csv(search_dir / "trials.csv", found, budgets, found)
-    write_csv(search_dir / "pareto.csv", front, budgets, found)
-    figures = {PLOTS[c]: pareto_figure(found, c, budgets, teacher, chosen["number"]) for c in COSTS}
+    front = pareto(trials, cost)
+    write_csv(search_dir / "trials.csv", trials, budgets, trials)
+    write_csv(search_dir / "pareto.csv", front, budgets, trials)
+    figures = {PLOTS[c]: pareto_figure(trials, c, budgets, teacher, chosen["number"]) for c in COSTS}
     extra = optuna_figures(study, search_dir)
     figures.update(extra["figures"])
     for name, fig in figures.items():
@@ -149,15 +150,15 @@ def write(study, node: DictConfig, chosen: dict, outcome: dict, search_dir: Path
     best = {"trial": chosen, "final": outcome, "teacher": teacher, "objective": node.objective, "budget": budgets,
             "trials": studies.counts(study), "pareto": [r["number"] for r in front]}  # fmt: skip
     atomic_write_text(search_dir / "best.json", json.dumps(best, indent=2, default=str))
-    markdown = render(best, front, found, budgets, cost, list(figures), extra["notes"])
+    markdown = render(best, front, trials, budgets, cost, list(figures), extra["notes"])
     atomic_write_text(search_dir / "report.md", markdown)
-    tensorboard(search_dir / "tb", figures, markdown, found)
+    tensorboard(search_dir / "tb", figures, markdown, trials)
     plt.close("all")  # Optuna's plots are pyplot figures
     log.info("search report: %s (chosen trial %d)", search_dir / "report.md", chosen["number"])
     return best
 
 
-def render(best: dict, front, found, budgets: dict, cost: str, figures: list[str], notes: list[str]) -> str:
+def render(best: dict, front, trials, budgets: dict, cost: str, figures: list[str], notes: list[str]) -> str:
     chosen, final = best["trial"], best["final"]
     lines = ["# Which student should I ship?", "",
              f"Chosen: trial {chosen['number']}, `{' '.join(chosen['overrides'])}`: validation accuracy "
@@ -186,20 +187,20 @@ def render(best: dict, front, found, budgets: dict, cost: str, figures: list[str
         lines += ["", f"Teacher: validation accuracy {t['val_acc']:.4f}, {t['latency_ms']:.3f} ms, {t['macs']:,} MACs, "
                   f"{t['params']:,} params."]  # fmt: skip
     number = chosen["number"]
-    lines += ["", f"## Pareto front (validation accuracy vs {LABELS[cost]})", "", table(front, budgets, number, found),
-              "", "## Every trial", "", table(found, budgets, number, found), "", "## Figures", ""]  # fmt: skip
+    lines += ["", f"## Pareto front (validation accuracy vs {LABELS[cost]})", "", table(front, budgets, number, trials),
+              "", "## Every trial", "", table(trials, budgets, number, trials), "", "## Figures", ""]  # fmt: skip
     lines += [f"![{name}]({name})" for name in figures] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
-def tensorboard(tb_dir: Path, figures: dict, markdown: str, found: list[dict]) -> None:
+def tensorboard(tb_dir: Path, figures: dict, markdown: str, trials: list[dict]) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(tb_dir) as writer:
         for name, fig in figures.items():
             writer.add_figure(f"search/{name.removesuffix('.png')}", fig, close=False)
         writer.add_text("search/report", markdown)
-        for r in found:
+        for r in trials:
             if r["val_acc"] is not None:
                 writer.add_scalar("trial/val_acc", r["val_acc"], r["number"])
             for c in COSTS:

@@ -200,7 +200,7 @@ def sampler(search: DictConfig, offset: int):
 
 
 def studies(search: DictConfig, search_dir: Path):
-    """The search's study and its pruning twin, created or loaded from the storage."""
+    """The search's study and its pruning study (its twin), created or loaded from the storage."""
     opt = optuna()
     store = storage(search, search_dir)
     name = search.study_name
@@ -211,11 +211,11 @@ def studies(search: DictConfig, search_dir: Path):
     # a fresh single-process search draws from search.sampler.seed itself: it is repeatable
     study.sampler = sampler(search, WORKER_SEED_STEP * search.get("worker", 0) + len(study.get_trials(deepcopy=False)))
     pruner = instantiate(search.pruner, "search.pruner")
-    # the twin's trials are told by hand (ask/tell), never by Study.optimize: no heartbeat for them
-    twin_store = store if search.storage is None else storage(search, search_dir, heartbeat=False)
-    twin = opt.create_study(study_name=f"{name}.pruning", storage=twin_store, pruner=pruner, direction="maximize",
-                            load_if_exists=True)  # fmt: skip
-    return study, twin
+    # the pruning study's trials are told by hand (ask/tell), never by Study.optimize: no heartbeat for them
+    pruning_store = store if search.storage is None else storage(search, search_dir, heartbeat=False)
+    pruning_study = opt.create_study(study_name=f"{name}.pruning", storage=pruning_store, pruner=pruner,
+                                     direction="maximize", load_if_exists=True)  # fmt: skip
+    return study, pruning_study
 
 
 def counts(study) -> dict[str, int]:
@@ -234,23 +234,23 @@ def runs_here(trial) -> bool | None:
     return pid_alive(pid)
 
 
-def recover_orphans(study, twin, pids: set[int] | None = None) -> int:
+def recover_orphans(study, pruning_study, pids: set[int] | None = None) -> int:
     """Fail (and enqueue again) the trials left running by a killed process of this host (``pids``: only
     those of these processes)."""
     opt = optuna()
-    found = 0
+    recovered = 0
     for t in study.get_trials(deepcopy=False, states=(opt.trial.TrialState.RUNNING,)):
         if runs_here(t) is not False or (pids is not None and t.user_attrs["pid"] not in pids):
             continue
         pid = t.user_attrs["pid"]
         study.tell(t.number, state=opt.trial.TrialState.FAIL, skip_if_finished=True)
         if (number := t.user_attrs.get("twin")) is not None:
-            twin.tell(number, state=opt.trial.TrialState.FAIL, skip_if_finished=True)
+            pruning_study.tell(number, state=opt.trial.TrialState.FAIL, skip_if_finished=True)
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
         log.info("trial %d was left running by a killed process (pid %d): failed, its parameters enqueued again",
                  t.number, pid)  # fmt: skip
-        found += 1
-    return found
+        recovered += 1
+    return recovered
 
 
 def enqueue_requested(study, search: DictConfig, entries) -> None:

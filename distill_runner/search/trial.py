@@ -31,10 +31,10 @@ def cost(model: nn.Module, data: DataBundle, device: torch.device, precision, ev
     image and parameters of ``model``: what budgets limit."""
     shape = (data.in_channels, data.image_size, data.image_size)
     threads = eval_node.get("latency_threads", 1)
-    found = measure.latency(model, shape, device, precision, threads=threads, budget_s=eval_node.latency_budget_s)
+    latency = measure.latency(model, shape, device, precision, threads=threads, budget_s=eval_node.latency_budget_s)
     return {
-        "latency_ms": found.seconds * 1e3,
-        "latency_contention": found.contention,
+        "latency_ms": latency.seconds * 1e3,
+        "latency_contention": latency.contention,
         "macs": measure.flops_per_image(model, shape, device) // 2,
         "params": count_parameters(model),
     }

@@ -8,7 +8,6 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,19 +22,15 @@ from distill_runner.precision import PRECISIONS as PRECISIONS  # the loop's sett
 from distill_runner.precision import Precision
 from distill_runner.precision import resolve_device as resolve_device
 from distill_runner.precision import resolve_precision as resolve_precision
-from distill_runner.storage import keep_previous, save_verified
-from distill_runner.train.health import class_count, divergence_check, eta, learning_check
-from distill_runner.train.resume import previous_checkpoint, resume_state
+from distill_runner.train.epoch_losses import SYNC_EVERY, EpochLosses  # noqa: F401 (SYNC_EVERY: as before)
+from distill_runner.train.health import StageWarnings, eta
+from distill_runner.train.resume import StageCheckpoints
 
 if TYPE_CHECKING:
     from distill_runner.distill.contract import TeacherSignal
     from distill_runner.distill.recipe import Recipe
 
 log = logging.getLogger(__name__)
-
-# Training steps between reads of the device (the non-finite check and the progress bar's running loss). Each read
-# waits for all queued kernels, so reading every step would leave a GPU idle while Python prepares the next batch.
-SYNC_EVERY = 25
 
 
 def warmup_cosine(
@@ -138,6 +133,7 @@ def fit(
     val: Iterable,
     device: torch.device,
     precision: Precision,
+    *,
     writer=None,
     checkpoint_dir: Path | None = None,
     progress: bool = True,
@@ -158,167 +154,183 @@ def fit(
 
     Under torchrun (:mod:`distill_runner.distributed`) the model and a recipe with parameters are
     wrapped in DistributedDataParallel, the loaders are already sharded, logged values are summed
-    over the processes and only rank 0 writes checkpoints and TensorBoard.
+    over the processes and only rank 0 writes checkpoints and TensorBoard (the runner gives the
+    other ranks no ``writer``).
 
     Returns one dict per epoch: mean of each loss term, learning rate, validation accuracy.
     """
-    model = stage.model.to(device)
-    recipe = stage.recipe.to(device)
-    teacher = stage.teacher.to(device) if recipe.needs_teacher else None
-    params = list(model.parameters()) + list(recipe.parameters())
-    optimizer = stage.optimizer(params=[p for p in params if p.requires_grad])
-    scheduler = stage.scheduler(optimizer, epochs=stage.epochs, steps_per_epoch=len(train))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
-    history: list[dict] = []
-    last = Path(checkpoint_dir) / f"{stage.name}_last.pt" if checkpoint_dir is not None else None
-    found = resume_state(last, stage.name) if resume and last is not None else None
-    if found is not None:
-        state, last_good = found
-        model.load_state_dict(state["model"])
-        recipe.load_state_dict(state["recipe"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        history = state["history"]
-        log.info("%s: resuming after epoch %d/%d from %s", stage.name, state["epoch"], stage.epochs, last_good)
-    step_model = distributed.wrap(speed.apply(model), device)
-    step_recipe = distributed.wrap(recipe, device)
-    forward = FeatureTap(model, recipe.student_layers, call=step_model)  # {"logits", "features"}
-    main = distributed.is_main()
-    warned = diverged = False  # the at-chance and divergence warnings: once per stage
+    training = Training.build(stage, len(train), device, precision, speed)
+    checkpoints = StageCheckpoints(checkpoint_dir, stage.name) if checkpoint_dir is not None else None
+    history = resume_training(training, checkpoints) if resume and checkpoints is not None else []
+    training.start_steps()
+    warnings = StageWarnings(stage.name)
     first = len(history)
     try:
         for epoch in range(first, stage.epochs):
             start = time.perf_counter()
-            train.set_epoch(epoch)
-            model.train()
-            schedule = recipe.set_epoch(epoch, stage.epochs)
-            if teacher is not None:  # a replayed teacher signal follows the epoch
-                teacher.set_epoch(epoch)
-            names: list[str] = []  # the loss terms, in the recipe's order
-            acc = None  # per term, then the total: sum of loss x batch size (float64, on the device)
-            window: list[torch.Tensor] = []  # [terms..., total] of the steps not yet checked for non-finite values
-            seen = 0
-            bar = tqdm(
-                train,
-                desc=f"{stage.name} {epoch + 1}/{stage.epochs}",
-                leave=False,
-                disable=None if progress and main else True,  # None: drawn only on a terminal, not into logs
-                dynamic_ncols=True,
-            )
-            where = f"; the last good checkpoint is {last}" if last is not None and last.is_file() else ""
-            guard = partial(_guard, names, f"stage {stage.name}, epoch {epoch + 1}", where, not precision.use_scaler)
-            step = -1
-            try:
-                for step, batch in enumerate(bar):
-                    batch = to_device(batch, device, speed.channels_last)
-                    with precision.autocast():
-                        student_out = forward(batch["image"])
-                        teacher_out = teacher(batch) if teacher is not None else None
-                        terms = step_recipe(batch, student_out, teacher_out)
-                    loss = sum(terms.values())
-                    if not names:  # filled in place: the guard holds this list
-                        names.extend(terms)
-                    values = torch.stack([*(terms[k] for k in names), loss]).detach().double()
-                    window.append(values)
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    scheduler.step()
-                    n = len(batch["target"])
-                    seen += n
-                    acc = values * n if acc is None else acc.add_(values, alpha=n)
-                    if len(window) == SYNC_EVERY:
-                        guard(window, step, over_processes=True)
-                        window = []
-                        if not bar.disable:
-                            bar.set_postfix(loss=f"{acc[-1].item() / seen:.4f}")
-            except FloatingPointError:
-                raise
-            except Exception:
-                guard(window, step, over_processes=False)  # a non-finite step may have caused it: name that first
-                raise
-            guard(window, step, over_processes=True)  # the epoch's last steps, before its checkpoint
-            sums = dict(zip([*names, "total"], acc.tolist())) if acc is not None else {}  # the epoch's one read
-            totals = distributed.sum_over_processes(torch.tensor([*sums.values(), seen], dtype=torch.float64)).tolist()
-            record = {f"loss/{k}": v / totals[-1] for k, v in zip(sums, totals)}
-            record["lr"] = optimizer.param_groups[0]["lr"]
-            record.update({f"schedule/{k}": v for k, v in schedule.items()})
-            record.update({f"learned/{k}": v for k, v in recipe.logged().items()})  # e.g. CTKD's temperature
-            record["val/acc"] = accuracy(*predict(model, val, device, precision), over_processes=True)
+            restart = checkpoints.where_to_restart() if checkpoints is not None else ""
+            record = train_one_epoch(training, train, epoch, progress, restart)
+            record["val/acc"] = evaluate(training.model, val, device, precision)
             record["epoch_time_s"] = time.perf_counter() - start  # before on_epoch: a run estimate reads it
             if stage.on_epoch is not None:
-                stage.on_epoch(epoch, record, model)
+                stage.on_epoch(epoch, record, training.model)
             history.append(record)
-            if not warned and (warning := learning_check(history, class_count(model), stage.name)):
-                log.warning(warning)
-                warned = True
-            if not diverged and (warning := divergence_check(history, stage.name)):
-                log.warning(warning)
-                diverged = True
-            if writer is not None:  # the runner gives ranks > 0 none
-                for k, v in record.items():
-                    writer.add_scalar(k, v, epoch + 1)
-                writer.flush()
-            if last is not None:
-                state = {
-                    "stage": stage.name,
-                    "epoch": epoch + 1,
-                    "history": history,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "recipe": recipe.state_dict(),
-                }
-                keep_previous(last, previous_checkpoint(last))  # a damaged _last.pt falls back on it
-                save_verified(state, last)
-                if record["val/acc"] >= max(h["val/acc"] for h in history):  # the best epoch so far (ties: the later)
-                    save_verified(
-                        {"model": model.state_dict(), "epoch": epoch + 1, "val_acc": record["val/acc"]},
-                        last.with_name(f"{stage.name}_best.pt"),
-                    )
-            losses = " ".join(f"{k.removeprefix('loss/')}={v:.4f}" for k, v in record.items() if k.startswith("loss/"))
-            log.info(
-                "%s epoch %d/%d  %s  lr=%.3g  val_acc=%.4f  (%.1fs)",
-                stage.name,
-                epoch + 1,
-                stage.epochs,
-                losses,
-                record["lr"],
-                record["val/acc"],
-                record["epoch_time_s"],
-            )
-            if epoch == first and main and (line := eta(stage.name, epoch + 1, stage.epochs, record["epoch_time_s"])):
-                log.info(line)
+            warnings.check(history, training.model)
+            write_scalars(writer, record, epoch + 1)
+            if checkpoints is not None:
+                checkpoints.save(training.state(epoch + 1, history), history)
+            log_epoch(stage, epoch, record, first_of_process=epoch == first)
     finally:
-        forward.remove()
+        training.forward.remove()
     return history
 
 
-def _guard(names: list[str], place: str, checkpoint: str, on: bool, window: list, step: int, over_processes: bool):
-    """Raise FloatingPointError naming the first of the ``window`` steps (the last ends at ``step``) whose loss
-    is not finite, here or, with ``over_processes`` under torchrun, in any process (so that all of them stop
-    together instead of leaving the others waiting in the next gradient all-reduce). One read of the device.
+@dataclass
+class Training:
+    """What the steps of a stage share: the model and recipe on the device, the teacher signal (None when the
+    recipe needs none), the optimizer with its LR scheduler and gradient scaler, and how a step runs."""
 
-    The check runs every SYNC_EVERY steps, so the optimizer has taken the steps after the bad one; only the
-    checkpoint of the epoch's start is good (no checkpoint is written before the epoch's last steps are checked).
-    ``on`` is False under fp16 (the gradient scaler skips steps with non-finite gradients itself)."""
-    if not on or not window:
-        return
-    rows = torch.stack(window)
-    bad = (~torch.isfinite(rows).all(1)).double().cpu()
-    bad = distributed.sum_over_processes(bad) if over_processes else bad
-    if not bad.any():
-        return
-    first = int(bad.nonzero()[0, 0])
-    values = ", ".join(f"{k}={v:.4g}" for k, v in zip(names, rows[first].tolist()))
-    raise FloatingPointError(
-        f"non-finite loss in {place}, batch {step + 1 - len(window) + first}: {values}{checkpoint}"
+    stage: Stage
+    model: nn.Module
+    recipe: Recipe
+    teacher: TeacherSignal | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    precision: Precision
+    speed: Speed
+    forward: FeatureTap | None = None  # the step's model call: {"logits", "features"} (set by start_steps)
+    step_recipe: nn.Module | None = None  # the step's recipe call, wrapped under torchrun (set by start_steps)
+
+    @classmethod
+    def build(cls, stage: Stage, steps_per_epoch: int, device: torch.device, precision: Precision, speed: Speed):
+        model = stage.model.to(device)
+        recipe = stage.recipe.to(device)
+        teacher = stage.teacher.to(device) if recipe.needs_teacher else None
+        params = list(model.parameters()) + list(recipe.parameters())
+        optimizer = stage.optimizer(params=[p for p in params if p.requires_grad])
+        scheduler = stage.scheduler(optimizer, epochs=stage.epochs, steps_per_epoch=steps_per_epoch)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
+        return cls(stage, model, recipe, teacher, optimizer, scheduler, scaler, device, precision, speed)
+
+    def start_steps(self) -> None:
+        """Wrap the model and the recipe for the training steps (after a resume has loaded their state)."""
+        step_model = distributed.wrap(self.speed.apply(self.model), self.device)
+        self.step_recipe = distributed.wrap(self.recipe, self.device)
+        self.forward = FeatureTap(self.model, self.recipe.student_layers, call=step_model)
+
+    def state(self, epoch: int, history: list[dict]) -> dict:
+        """The checkpoint after ``epoch`` epochs: everything needed to continue."""
+        return {
+            "stage": self.stage.name,
+            "epoch": epoch,
+            "history": history,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "recipe": self.recipe.state_dict(),
+        }
+
+    def load(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.recipe.load_state_dict(state["recipe"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+
+
+def resume_training(training: Training, checkpoints: StageCheckpoints) -> list[dict]:
+    """Load the newest good checkpoint into ``training``; the history of the epochs it finished ([] if none)."""
+    newest = checkpoints.newest_good()
+    if newest is None:
+        return []
+    state, path = newest
+    training.load(state)
+    stage = training.stage
+    log.info("%s: resuming after epoch %d/%d from %s", stage.name, state["epoch"], stage.epochs, path)
+    return state["history"]
+
+
+def train_one_epoch(training: Training, batches: Iterable, epoch: int, progress: bool, restart: str) -> dict:
+    """One pass over ``batches``: the epoch's record of mean loss terms, last LR, scheduled and learned values.
+    ``restart`` ends a non-finite-loss error (the last good checkpoint)."""
+    stage = training.stage
+    batches.set_epoch(epoch)
+    training.model.train()
+    schedule = training.recipe.set_epoch(epoch, stage.epochs)
+    if training.teacher is not None:  # a replayed teacher signal follows the epoch
+        training.teacher.set_epoch(epoch)
+    bar = tqdm(
+        batches,
+        desc=f"{stage.name} {epoch + 1}/{stage.epochs}",
+        leave=False,
+        disable=None if progress and distributed.is_main() else True,  # None: drawn only on a terminal, not logs
+        dynamic_ncols=True,
     )
+    losses = EpochLosses(f"stage {stage.name}, epoch {epoch + 1}", restart, not training.precision.use_scaler)
+    step = -1
+    try:
+        for step, batch in enumerate(bar):
+            train_step(training, batch, losses)
+            if losses.window_full:
+                losses.check(step, over_processes=True)
+                if not bar.disable:
+                    bar.set_postfix(loss=f"{losses.running_total():.4f}")
+    except FloatingPointError:
+        raise
+    except Exception:
+        losses.check(step, over_processes=False)  # a non-finite step may have caused it: name that first
+        raise
+    losses.check(step, over_processes=True)  # the epoch's last steps, before its checkpoint
+    record = losses.means()
+    record["lr"] = training.optimizer.param_groups[0]["lr"]
+    record.update({f"schedule/{k}": v for k, v in schedule.items()})
+    record.update({f"learned/{k}": v for k, v in training.recipe.logged().items()})  # e.g. CTKD's temperature
+    return record
+
+
+def train_step(training: Training, batch: dict[str, torch.Tensor], losses: EpochLosses) -> None:
+    """Forward, loss terms, backward, optimizer and LR-scheduler step on one batch; its losses go to ``losses``."""
+    batch = to_device(batch, training.device, training.speed.channels_last)
+    with training.precision.autocast():
+        student_out = training.forward(batch["image"])
+        teacher_out = training.teacher(batch) if training.teacher is not None else None
+        terms = training.step_recipe(batch, student_out, teacher_out)
+    loss = sum(terms.values())
+    values = losses.values(terms, loss)
+    training.optimizer.zero_grad(set_to_none=True)
+    training.scaler.scale(loss).backward()
+    training.scaler.step(training.optimizer)
+    training.scaler.update()
+    training.scheduler.step()
+    losses.add(values, len(batch["target"]))
+
+
+def evaluate(model: nn.Module, val: Iterable, device: torch.device, precision: Precision) -> float:
+    """Validation accuracy over the samples of all processes."""
+    return accuracy(*predict(model, val, device, precision), over_processes=True)
+
+
+def write_scalars(writer, record: dict, step: int) -> None:
+    if writer is None:  # the runner gives ranks > 0 none
+        return
+    for k, v in record.items():
+        writer.add_scalar(k, v, step)
+    writer.flush()
+
+
+def log_epoch(stage: Stage, epoch: int, record: dict, first_of_process: bool) -> None:
+    """The epoch's line; after the first epoch this process trains, the stage's ETA."""
+    losses = " ".join(f"{k.removeprefix('loss/')}={v:.4f}" for k, v in record.items() if k.startswith("loss/"))
+    values = (stage.name, epoch + 1, stage.epochs, losses, record["lr"], record["val/acc"], record["epoch_time_s"])
+    log.info("%s epoch %d/%d  %s  lr=%.3g  val_acc=%.4f  (%.1fs)", *values)
+    line = eta(stage.name, epoch + 1, stage.epochs, record["epoch_time_s"]) if first_of_process else None
+    if line and distributed.is_main():
+        log.info(line)
 
 
 @torch.inference_mode()

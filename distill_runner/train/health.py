@@ -92,12 +92,12 @@ def teacher_check(stage: str, val_acc: float | None, val_counts: list[int] | Non
             f"{stage}.label_smoothing and {lr_key(stage)}, or give a trained {stage}.checkpoint")  # fmt: skip
 
 
-def eta(stage: str, done: int, epochs: int, epoch_s: float) -> str | None:
-    """After a stage's first epoch of this process (``done`` epochs finished, the last took ``epoch_s``): how long
+def eta(stage: str, finished: int, epochs: int, epoch_s: float) -> str | None:
+    """After a stage's first epoch of this process (``finished`` epochs finished, the last took ``epoch_s``): how long
     the rest will take at that pace. None when nothing is left."""
-    if done >= epochs:
+    if finished >= epochs:
         return None
-    left = epochs - done
+    left = epochs - finished
     return f"{stage}: ETA about {duration(left * epoch_s)} for the {left} epoch(s) left (at the last epoch's pace)"
 
 
@@ -132,3 +132,18 @@ class RunEstimate:
                 f"student and baseline {self.student_epochs} epoch(s) each at {self.relative:.2g}x the teacher's "
                 "cost by MACs; the teacher's outputs for KD). A rough estimate, low for small students (their epochs "
                 "cost more than their MACs say): each stage logs its own ETA after its first epoch")  # fmt: skip
+
+
+class StageWarnings:
+    """The at-chance and the divergence warnings of a stage: each logged once."""
+
+    def __init__(self, stage: str):
+        self.stage, self.at_chance_said, self.diverged_said = stage, False, False
+
+    def check(self, history: list[dict], model: nn.Module) -> None:
+        if not self.at_chance_said and (warning := learning_check(history, class_count(model), self.stage)):
+            log.warning(warning)
+            self.at_chance_said = True
+        if not self.diverged_said and (warning := divergence_check(history, self.stage)):
+            log.warning(warning)
+            self.diverged_said = True

@@ -1,5 +1,6 @@
-"""Which checkpoint an interrupted stage resumes from: ``<stage>_last.pt``, or the copy of it kept before
-it was last overwritten when it is damaged."""
+"""A stage's checkpoints: ``<stage>_last.pt`` (everything needed to continue, written after every epoch), the copy
+of it kept before it was last overwritten (``<stage>_last.prev.pt``, for when it is damaged) and
+``<stage>_best.pt`` (the weights of the epoch with the best validation accuracy so far)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 from pathlib import Path
 
 from distill_runner.errors import ConfigError
-from distill_runner.storage import DamagedFile, load_verified
+from distill_runner.storage import DamagedFile, keep_previous, load_verified, save_verified
 
 log = logging.getLogger(__name__)
 
@@ -39,3 +40,29 @@ def resume_state(last: Path, name: str) -> tuple[dict, Path] | None:
     fix = (f"cannot resume stage {name}: {files} damaged ({damaged[0].reason}); delete "
            f"{'them' if len(damaged) > 1 else 'it'} to train the stage again from its first epoch")  # fmt: skip
     raise ConfigError("trainer.resume", str(last), fix)
+
+
+class StageCheckpoints:
+    """The checkpoints of stage ``stage`` in ``folder``."""
+
+    def __init__(self, folder: Path, stage: str):
+        self.stage = stage
+        self.last = Path(folder) / f"{stage}_last.pt"
+        self.best = self.last.with_name(f"{stage}_best.pt")
+
+    def newest_good(self) -> tuple[dict, Path] | None:
+        """The state to resume from and its file (see :func:`resume_state`)."""
+        return resume_state(self.last, self.stage)
+
+    def where_to_restart(self) -> str:
+        """The end of a non-finite-loss error: the last good checkpoint, when one was written."""
+        return f"; the last good checkpoint is {self.last}" if self.last.is_file() else ""
+
+    def save(self, state: dict, history: list[dict]) -> None:
+        """Write ``state`` (after epoch ``state["epoch"]``) as the last checkpoint, keeping the one before; and its
+        weights as the best when the epoch's validation accuracy is the best so far (ties: the later)."""
+        keep_previous(self.last, previous_checkpoint(self.last))  # a damaged _last.pt falls back on it
+        save_verified(state, self.last)
+        val_acc = history[-1]["val/acc"]
+        if val_acc >= max(h["val/acc"] for h in history):
+            save_verified({"model": state["model"], "epoch": state["epoch"], "val_acc": val_acc}, self.best)

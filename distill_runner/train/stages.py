@@ -69,10 +69,10 @@ def run_stage(ctx: RunContext, stage: engine.Stage) -> StageResult:
     checksums: a damaged one does not count as finished (the stage is trained again, with a warning).
     """
     start = time.perf_counter()
-    weights, done = ctx.checkpoint_dir / f"{stage.name}.pt", ctx.checkpoint_dir / f"{stage.name}.json"
+    weights, result_file = ctx.checkpoint_dir / f"{stage.name}.pt", ctx.checkpoint_dir / f"{stage.name}.json"
     resume = bool(ctx.cfg.trainer.get("resume", False))
-    if resume and distributed.broadcast(done.is_file() and weights.is_file()):
-        finished = _load_finished(stage.name, weights, done)  # every rank reads the same files: the same answer
+    if resume and distributed.broadcast(result_file.is_file() and weights.is_file()):
+        finished = _load_finished(stage.name, weights, result_file)  # every rank reads the same files: the same answer
         if finished is not None:
             stage.model.load_state_dict(finished[0])
             log.info("stage %s: finished before, loaded from %s", stage.name, weights)
@@ -88,9 +88,8 @@ def run_stage(ctx: RunContext, stage: engine.Stage) -> StageResult:
         torch.manual_seed(ctx.cfg.seed)
         with SummaryWriter(ctx.tb_dir / stage.name) if distributed.is_main() else nullcontext() as writer:
             loop = {"progress": ctx.cfg.trainer.progress, "resume": resume, "speed": ctx.speed}
-            history = engine.fit(
-                stage, ctx.data.train, ctx.data.val, ctx.device, ctx.precision, writer, ctx.checkpoint_dir, **loop
-            )
+            loop |= {"writer": writer, "checkpoint_dir": ctx.checkpoint_dir}
+            history = engine.fit(stage, ctx.data.train, ctx.data.val, ctx.device, ctx.precision, **loop)
     else:
         log.info("stage %s: skipped (0 epochs), using the model as loaded", stage.name)
     result = StageResult(
@@ -101,7 +100,7 @@ def run_stage(ctx: RunContext, stage: engine.Stage) -> StageResult:
         result.best_test_acc, result.best_test_epoch = max(tested, key=lambda t: (t[0], -t[1]))  # ties: the first
         result.last_test_acc = tested[-1][0]
     storage.save_verified(stage.model.state_dict(), weights)
-    storage.write_text_verified(done, json.dumps(asdict(result)))  # last: only now is the stage finished
+    storage.write_text_verified(result_file, json.dumps(asdict(result)))  # last: only now is the stage finished
     if distributed.is_main():  # finished: the resumable states (weights + optimizer, twice) go; final and best stay
         last = ctx.checkpoint_dir / f"{stage.name}_last.pt"
         for path in (previous_checkpoint(last), last):
@@ -121,11 +120,11 @@ def with_test_accuracy(ctx: RunContext, then: Callable | None) -> Callable:
     return on_epoch
 
 
-def _load_finished(name: str, weights: Path, done: Path) -> tuple[dict, StageResult] | None:
+def _load_finished(name: str, weights: Path, result_file: Path) -> tuple[dict, StageResult] | None:
     """A finished stage's weights and result, or None (with a warning) when either file is damaged."""
     try:
         state = storage.load_verified(weights)
-        result = StageResult(**json.loads(storage.read_text_verified(done)))
+        result = StageResult(**json.loads(storage.read_text_verified(result_file)))
     except (storage.DamagedFile, ValueError, TypeError) as exc:  # ValueError, TypeError: an unverified file of before
         log.warning("stage %s: the finished stage's checkpoint is damaged (%s); training the stage again", name, exc)
         return None
