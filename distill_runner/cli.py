@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from distill_runner import distributed
-from distill_runner.errors import ConfigError
+from distill_runner.errors import UserError
 
 SILENT_RANK = [
     "hydra.run.dir=.",
@@ -116,7 +116,7 @@ def run_from_config(cfg: DictConfig) -> float | None:
     except KeyboardInterrupt as exc:  # Ctrl-C: the checkpoints stay; say how to continue, no traceback
         print(resume_line("distill-run", getattr(exc, "run_dir", None), ["trainer.resume=auto"]), file=sys.stderr)
         sys.exit(130)
-    except ConfigError as exc:
+    except UserError as exc:
         # One line, no traceback: the message names the key, the bad value and the fix.
         print(f"distill-run: error: {exc}", file=sys.stderr)
         sys.exit(2)

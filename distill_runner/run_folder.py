@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distill_runner import storage
 from distill_runner.cache import NOT_RESULTS, covered
-from distill_runner.errors import ConfigError
+from distill_runner.errors import ConfigError, UserError
 from distill_runner.storage import atomic_write_text
 from distill_runner.trust import pid_alive
 
@@ -183,7 +183,7 @@ def claim(cfg: DictConfig, run_dir: Path, resuming: bool) -> None:
             check_same_config(cfg, started, run_dir)
         else:
             atomic_write_text(started, OmegaConf.to_yaml(cfg, resolve=True))
-    except ConfigError:
+    except UserError:
         release(run_dir)
         raise
 

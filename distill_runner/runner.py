@@ -18,7 +18,7 @@ from distill_runner.cache import baseline_key, teacher_key, teacher_outputs_key
 from distill_runner.config import validate
 from distill_runner.distill import signals
 from distill_runner.distill.recipe import Recipe
-from distill_runner.errors import ConfigError, Interrupted
+from distill_runner.errors import ConfigError, Interrupted, UserError
 from distill_runner.evaluation import export
 from distill_runner.evaluation import metrics as measure
 from distill_runner.evaluation.evaluate import comparison, evaluate
@@ -85,11 +85,12 @@ def prepare(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunContext:
     if distributed.is_main():  # rank 0 picks and claims the folder; every process stops on a problem
         try:
             found = (own_folder(cfg, run_dir, overrides), None)
-        except ConfigError as exc:
-            found = (None, (exc.key, exc.value, exc.fix))
+        except UserError as exc:
+            found = (None, (type(exc), exc.key, exc.value, exc.fix))
     run_dir, problem = distributed.broadcast(found)  # the folders of ranks > 0 are not used
     if problem is not None:
-        raise ConfigError(*problem)
+        error, *details = problem  # the same kind on every rank: ConfigError or StorageError
+        raise error(*details)
     precision = engine.resolve_precision(cfg.trainer.precision, device, cfg.trainer.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -142,11 +143,12 @@ def build(ctx: RunContext) -> Built:
     if distributed.is_main():
         try:
             check_room(ctx, student, list(teachers.values()))
-        except ConfigError as exc:
-            problem = (exc.key, exc.value, exc.fix)
+        except UserError as exc:
+            problem = (type(exc), exc.key, exc.value, exc.fix)
     problem = distributed.broadcast(problem)
     if problem is not None:
-        raise ConfigError(*problem)
+        error, *details = problem  # the same kind on every rank: ConfigError or StorageError
+        raise error(*details)
     if no_teacher is not None:
         log.info("teacher: none in this run (%s)", no_teacher)
     baseline = clone(student)  # identical initial weights

@@ -30,7 +30,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from distill_runner import distributed, trust
-from distill_runner.errors import ConfigError
+from distill_runner.errors import StorageError, UserError
 from distill_runner.trust import pid_alive
 
 log = logging.getLogger(__name__)
@@ -277,7 +277,7 @@ def writing(path: Path) -> Iterator[BinaryIO]:
         raise
 
 
-def write_failed(path: Path, exc: OSError, size: int) -> ConfigError:
+def write_failed(path: Path, exc: OSError, size: int) -> StorageError:
     """One line for a write that failed: the folder, the bytes it needed, the fix."""
     folder = path.parent
     try:
@@ -290,7 +290,7 @@ def write_failed(path: Path, exc: OSError, size: int) -> ConfigError:
         what = f"writing {path.name} failed ({exc.strerror or exc}), {size / MB:.1f} MB"
     fix = (f"{what}, {free}; free space there (what is written so far is kept), then run the "
            "same command with trainer.resume=true")  # fmt: skip
-    return ConfigError("folder", str(folder), fix)
+    return StorageError("folder", str(folder), fix)
 
 
 _TMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # open_temp's names: .<name>.<mkstemp's 8 characters>.tmp
@@ -350,14 +350,14 @@ def check_writable(folder: str | os.PathLike, key: str) -> None:
     base = existing_ancestor(Path(folder))
     fix = f"choose a writable folder: {key}=PATH"
     if not base.is_dir():
-        raise ConfigError(key, str(folder), f"{base} is a file, not a folder; {fix}")
+        raise StorageError(key, str(folder), f"{base} is a file, not a folder; {fix}")
     try:
         with tempfile.NamedTemporaryFile(dir=base, prefix=".distill-run-write-test"):
             pass
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise ConfigError(key, str(folder), f"the disk holding {base} is full; free space or {fix}") from None
-        raise ConfigError(key, str(folder), f"cannot write in {base} ({exc.strerror or exc}); {fix}") from None
+            raise StorageError(key, str(folder), f"the disk holding {base} is full; free space or {fix}") from None
+        raise StorageError(key, str(folder), f"cannot write in {base} ({exc.strerror or exc}); {fix}") from None
 
 
 def check_free_space(folder: str | os.PathLike, needed_bytes: int, key: str, what: str) -> None:
@@ -365,7 +365,7 @@ def check_free_space(folder: str | os.PathLike, needed_bytes: int, key: str, wha
     base = existing_ancestor(Path(folder))
     free = shutil.disk_usage(base).free
     if free < needed_bytes + HEADROOM_BYTES:
-        raise ConfigError(
+        raise StorageError(
             key,
             str(folder),
             f"{free / MB:.0f} MB free on the disk holding {base}, the run needs about "
@@ -410,7 +410,7 @@ class OutputFolderCheck(Callback):
             if OmegaConf.select(config, "cache.enabled", default=False):
                 check_writable(OmegaConf.select(config, "cache.dir"), "cache.dir")
             trust.check_cache_folders(config)
-        except ConfigError as exc:  # Hydra would print a traceback: one line instead
+        except UserError as exc:  # Hydra would print a traceback: one line instead
             app = OmegaConf.select(config, "hydra.help.app_name", default=None) or "distill-run"  # or distill-search
             print(f"{app}: error: {exc}", file=sys.stderr)
             sys.exit(2)

@@ -16,7 +16,7 @@ from distill_runner.build import build_data, build_teacher
 from distill_runner.cache import Cache
 from distill_runner.data.digits import digits
 from distill_runner.distill.recipe import Recipe
-from distill_runner.errors import ConfigError
+from distill_runner.errors import ConfigError, StorageError
 from distill_runner.models.factories import count_parameters, tiny_cnn
 from distill_runner.train import engine
 
@@ -193,7 +193,7 @@ def test_disk_full_mid_write_leaves_no_temp_file_and_gives_one_line(tmp_path, mo
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(storage.torch, "save", fills_the_disk)
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(StorageError) as err:
         storage.save_verified({"w": torch.ones(2**18)}, path)
     message = str(err.value)
     assert "\n" not in message and str(tmp_path / "checkpoints") in message

@@ -9,7 +9,7 @@ from collections import namedtuple
 import pytest
 
 from distill_runner import storage
-from distill_runner.errors import ConfigError
+from distill_runner.errors import StorageError
 from distill_runner.runner import run
 
 Usage = namedtuple("Usage", "total used free")
@@ -37,7 +37,7 @@ def test_full_disk_stops_the_run_before_training(tiny_cfg, tmp_path, monkeypatch
     monkeypatch.setattr(
         storage.shutil, "disk_usage", lambda path: Usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20)
     )  # 1 MB free
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(StorageError) as err:
         run(tiny_cfg(), tmp_path / "run")
     assert err.value.key == "hydra.run.dir" and "1 MB free" in str(err.value) and "needs about" in str(err.value)
     assert (
@@ -50,7 +50,7 @@ def test_disk_full_while_testing_the_folder_is_named(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(storage.tempfile, "NamedTemporaryFile", full)
-    with pytest.raises(ConfigError, match="is full; free space or choose a writable folder: cache.dir=PATH"):
+    with pytest.raises(StorageError, match="is full; free space or choose a writable folder: cache.dir=PATH"):
         storage.check_writable(tmp_path / "cache", "cache.dir")
 
 

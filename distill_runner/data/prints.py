@@ -33,7 +33,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from distill_runner.cache import digest
-from distill_runner.errors import ConfigError
+from distill_runner.errors import UserError
 from distill_runner.storage import DamagedFile, read_text_verified, sha256_of, sidecar, write_text_verified
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class HashIndex:
             with FileLock(f"{self.path}.lock"):  # merged with what parallel jobs wrote meanwhile
                 entries = {**(self._read() if self.path.is_file() else {}), **new}
                 write_text_verified(self.path, json.dumps({"format": INDEX_FORMAT, "entries": entries}))
-        except (OSError, ConfigError) as exc:
+        except (OSError, UserError) as exc:
             log.warning("content hashes not kept in %s (%s): the files are hashed again next run", self.path, exc)
 
 
@@ -196,5 +196,5 @@ def report_changes(current: DataPrint, folder: str | os.PathLike | None, what: s
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_text_verified(path, current.to_json())
-        except (OSError, ConfigError) as exc:
+        except (OSError, UserError) as exc:
             log.info("data print not kept in %s (%s)", path, exc)
