@@ -25,11 +25,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from distill_runner import distributed, spec, trust
-from distill_runner.schema import Affects, Spec, inputs
+from distill_runner.schema import Affects, Spec, inputs, is_int
 from distill_runner.spec import RunSpec, TeacherSpec
 from distill_runner.storage import DamagedFile, load_verified, save_verified, sha256_of
 
 log = logging.getLogger(__name__)
+_UNSET = object()
 
 FORMAT = 4  # bump when what a cache file holds, or how keys are built, changes (4: keys from the schema)
 
@@ -85,13 +86,24 @@ def select(cfg: DictConfig, keys, under: str = "") -> dict:
 
 
 def _inputs(cfg: DictConfig, spec: type[Spec], flag: Affects, under: str = "", skip=()) -> dict:
-    """The values of the keys ``spec`` declares to affect ``flag`` (under the node ``under``); a key that names a
-    weight file enters by its content (sha256), so an edited file is never served a stale model and a copy of
-    the same file elsewhere reuses it."""
-    declared = inputs(spec, flag, skip)
-    values = select(cfg, [k.path for k in declared if not k.file], under)
-    files = {k.path: OmegaConf.select(cfg, f"{under}{k.path}", default=None) for k in declared if k.file}
-    return {**values, **{k: content_digest(str(path)) for k, path in files.items() if path is not None}}
+    """The values of the keys ``spec`` declares to affect ``flag`` (under the node ``under``), as the typed config
+    reads them: an unset key is its default, a whole number given for a float key is that float (unset, 0 and
+    0.0 label smoothing are one teacher). A key that names a weight file enters by its content (sha256), so an
+    edited file is never served a stale model and a copy of the same file elsewhere reuses it."""
+    out = {}
+    for k in inputs(spec, flag, skip):
+        value = OmegaConf.select(cfg, f"{under}{k.path}", default=_UNSET)
+        if value is _UNSET:
+            value = None if k.node or k.default == "(required)" else k.default
+        elif OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value, resolve=True)
+        elif k.type.startswith("float") and is_int(value):
+            value = float(value)
+        if k.file and value is not None:
+            value = content_digest(str(value))
+        if not (k.file and value is None):  # no file: not an input
+            out[k.path] = value
+    return out
 
 
 def _processes() -> dict:
