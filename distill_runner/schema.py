@@ -17,6 +17,7 @@ errors span lines too. The walker here is ~150 lines and keeps every existing me
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import enum
@@ -103,7 +104,7 @@ def key(default=MISSING, ok=None, fix: str | Callable[[str], str] = "", help: st
     ``file``: the value is a path whose content (not the path) is the input of a cache key."""
     meta = {"ok": ok, "fix": fix, "help": help, "affects": affects, "file": file}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: default, metadata=meta)
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 

@@ -56,7 +56,6 @@ from torchvision.transforms import v2
 
 from distill_runner.data.augment import RATIO, Augment
 from distill_runner.data.bundle import (
-    BALANCE,
     DataBundle,
     balance_weights,
     check_choice,
@@ -129,7 +128,6 @@ def imagefolder(
     else with PIL every epoch by ``num_workers`` DataLoader workers. ``source`` and
     ``classes_hint`` only word the error messages (where the data comes from, its class folders).
     ``limit`` keeps N images per split, every class represented (smoke tests)."""
-    check_choice("balance", balance, BALANCE)
     try:
         augment = Augment(hflip=hflip, resized_crop_scale=resized_crop_scale)
     except ValueError:
@@ -141,8 +139,6 @@ def imagefolder(
         raise ConfigError(
             "val_from_train", val_from_train, "use null (use the val/ split) or a fraction in (0, 1), e.g. 0.1"
         )
-    if batch_size < 1 or eval_batch_size < 1:
-        raise ConfigError("batch_size", batch_size, "must be a positive integer")
     workers, pin = loader_settings(num_workers, pin_memory, device)
     layout = Layout(root, source, classes_hint, val_from_train)
 
