@@ -368,13 +368,13 @@ class RunSpec(Spec):
         "the run's seed: data split, order, weights",
         DATA,
     )
+    data: DataSpec = node(DataSpec, "how images reach the model", required=False)  # before dataset: it interpolates
     dataset: DatasetSpec = node(DatasetSpec, "which data (conf/dataset/)")
     teacher: TeacherSpec = node(TeacherSpec, "the teacher (conf/teacher/)")
     student: StudentSpec = node(StudentSpec, "the student (conf/student/)")
     distill: DistillSpec = node(DistillSpec, "the recipe (conf/distill/)")
     trainer: TrainerSpec = node(TrainerSpec, "the students' schedule and the hardware (conf/trainer/)")
     eval: EvalSpec = node(EvalSpec, "the end-of-run evaluation", required=False)
-    data: DataSpec = node(DataSpec, "how images reach the model", required=False)
     cache: CacheSpec = node(CacheSpec, "the shared cache")
     reference_teacher: bool | str = key("auto", one_of("auto", True, False), "use auto, true or false",
                                         "a recipe without a teacher: auto | true (fine-tune one to compare) | false",
