@@ -14,13 +14,21 @@ from distill_runner.distill import signals
 from distill_runner.distill.recipe import Recipe
 from distill_runner.errors import ConfigError, instantiate
 from distill_runner.models.checkpoints import load_checkpoint
+from distill_runner.schema import Spec
+from distill_runner.spec import RunSpec, StudentSpec, TeacherSpec
 from distill_runner.train import engine
 
 log = logging.getLogger(__name__)
 
 
-def build_data(cfg: DictConfig, device: torch.device | None = None) -> DataBundle:
+def _node(node: DictConfig | Spec) -> DictConfig:
+    """The config node a factory is built from (a typed node keeps the one it was read from)."""
+    return node.source if isinstance(node, Spec) else node
+
+
+def build_data(cfg: DictConfig | RunSpec, device: torch.device | None = None) -> DataBundle:
     """The data set, its training batches served on ``device`` (default: ``trainer.device``)."""
+    cfg = _node(cfg)
     data = instantiate(cfg.dataset, "dataset", seed=cfg.seed)
     data.place(
         device or engine.resolve_device(cfg.trainer.device), OmegaConf.select(cfg, "data.on_device", default="auto")
@@ -32,14 +40,16 @@ def build_data(cfg: DictConfig, device: torch.device | None = None) -> DataBundl
     return data
 
 
-def build_model(node: DictConfig, key: str, data: DataBundle, seed: int, **kwargs) -> nn.Module:
+def build_model(
+    node: DictConfig | TeacherSpec | StudentSpec, key: str, data: DataBundle, seed: int, **kwargs
+) -> nn.Module:
     """Build ``node.model`` for the data set; the same seed gives the same initial weights."""
     torch.manual_seed(seed)
     shape = {"num_classes": data.num_classes, "in_channels": data.in_channels, "image_size": data.image_size}
-    return instantiate(node.model, f"{key}.model", **shape, **kwargs)
+    return instantiate(_node(node.model), f"{key}.model", **shape, **kwargs)
 
 
-def build_teacher(node: DictConfig, key: str, data: DataBundle, seed: int) -> nn.Module:
+def build_teacher(node: DictConfig | TeacherSpec, key: str, data: DataBundle, seed: int) -> nn.Module:
     """A teacher as configured: architecture, then torchvision ``weights``, then ``checkpoint``. With a checkpoint
     the pretrained weights are not fetched: the checkpoint must set every weight (it is loaded strictly)."""
     weights = node.weights
@@ -59,12 +69,12 @@ def build_teacher(node: DictConfig, key: str, data: DataBundle, seed: int) -> nn
     return teacher
 
 
-def build_student(node: DictConfig, data: DataBundle, seed: int) -> nn.Module:
+def build_student(node: DictConfig | StudentSpec, data: DataBundle, seed: int) -> nn.Module:
     """The student: its architecture, then ``student.checkpoint`` when set. The weights are an initialisation:
     the KD student and the scratch baseline both start from them (the baseline is the same student trained
     without the teacher, so the comparison measures what distillation adds)."""
     student = build_model(node, "student", data, seed)
-    path = node.get("checkpoint")
+    path = node.checkpoint if isinstance(node, Spec) else node.get("checkpoint")
     if path is not None:
         load_checkpoint(student, path, key="student.checkpoint")
     return student
@@ -73,19 +83,19 @@ def build_student(node: DictConfig, data: DataBundle, seed: int) -> nn.Module:
 def build_recipe(cfg: DictConfig, data: DataBundle, student: nn.Module, teacher: nn.Module | None = None) -> Recipe:
     """The distill stage's recipe, bound to the student and the teacher's architecture (``teacher``, or
     an untrained one built from ``cfg.teacher``: that is all binding needs)."""
-    recipe = new_recipe(cfg)
+    recipe = new_recipe(cfg.distill)
     if teacher is None:
         teacher = build_model(cfg.teacher, "teacher", data, cfg.seed)
     bind_recipe(recipe, student, teacher, data)
     return recipe
 
 
-def new_recipe(cfg: DictConfig) -> Recipe:
-    """``distill`` as a Recipe, not bound yet (its terms say whether it needs a teacher)."""
-    recipe = instantiate(signals.recipe_node(cfg.distill), "distill", _recursive_=False)
+def new_recipe(distill: DictConfig) -> Recipe:
+    """The ``distill`` node as a Recipe, not bound yet (its terms say whether it needs a teacher)."""
+    recipe = instantiate(signals.recipe_node(distill), "distill", _recursive_=False)
     if not isinstance(recipe, Recipe):
         fix = "a recipe is distill_runner.distill.Recipe with terms (see conf/distill/kd.yaml)"
-        raise ConfigError("distill._target_", cfg.distill.get("_target_"), fix)
+        raise ConfigError("distill._target_", distill.get("_target_"), fix)
     return recipe
 
 

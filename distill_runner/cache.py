@@ -3,12 +3,11 @@ evaluations, computed once and reused.
 
 Entries live under ``cache.dir/<kind>/<key>.pt``, each with its checksum ``<key>.pt.sha256``; a cached
 model's weights are their own file, ``<key>.model.pt``, which run folders hard-link. A key is a digest of
-an explicit list of what determines the artefact (the ``*_INPUTS`` below, by config key; a key names its whole subtree).
-Every other config key is declared in :data:`RUN_ONLY` (changes this run's own, never-cached results)
-or :data:`NOT_RESULTS` (changes where or how fast, never what); ``tests/test_cache_keys.py`` fails
-on a key that is in none of them. Writers hold a file lock (parallel jobs wait for the one that
-builds) and write to a temp file renamed into place. A damaged entry (its checksum differs) is
-named in a warning and rebuilt.
+what determines the artefact: the config keys whose declaration in :mod:`distill_runner.spec` says they
+affect it (``affects=``; a node declared so is one input, its whole subtree), the content of the weight
+files it starts from, and the data's print. Writers hold a file lock (parallel jobs wait for the one that
+builds) and write to a temp file renamed into place. A damaged entry (its checksum differs) is named in a
+warning and rebuilt; an entry of an earlier FORMAT is never found (its key differs) and is rebuilt.
 """
 
 from __future__ import annotations
@@ -25,60 +24,20 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from distill_runner import distributed
+from distill_runner import distributed, spec
+from distill_runner.schema import Affects, Spec, inputs, is_int
+from distill_runner.spec import RunSpec, TeacherSpec
 from distill_runner.storage import DamagedFile, load_verified, save_verified, sha256_of
 from distill_runner.store import KeyedStore
 
 log = logging.getLogger(__name__)
+_UNSET = object()
 
-FORMAT = 3  # bump when what a cache file holds, or how keys are built, changes (3: data prints)
+FORMAT = 4  # bump when what a cache file holds, or how keys are built, changes (4: keys from the schema)
 
-# What determines the training images, their order and augmentation (with the data's print: each file's
-# content hash, label and split, see distill_runner.data.prints).
-DATA_INPUTS = (
-    "dataset._target_", "dataset.variant", "dataset.root", "dataset.image_size", "dataset.batch_size",
-    "dataset.val_fraction", "dataset.test_fraction", "dataset.val_from_train", "dataset.limit",
-    "dataset.crop_padding", "dataset.hflip", "dataset.resized_crop_scale", "dataset.balance",
-    "dataset.on_bad_image", "dataset.mean", "dataset.std", "dataset.decode_cache", "seed",
-)  # fmt: skip
-# A fine-tuned teacher, relative to its node (``teacher`` or ``distill.teachers.<name>``), plus the data.
-TEACHER_INPUTS = ("model", "weights", "epochs", "optimizer", "scheduler")
-# Weight files a model starts from: their content (sha256) is the input, not their path, so an edited
-# file is never served a stale teacher or baseline, and a copy of the same file elsewhere reuses it.
-TEACHER_FILE_INPUTS = ("checkpoint",)
-BASELINE_FILE_INPUTS = ("student.checkpoint",)
-TEACHER_SHARED_INPUTS = ("trainer.precision", "eval.test_every_epoch")  # the latter: test/acc in the history
-# Teacher inputs added later: in the key only when set (not 0/false), so teachers cached before keep their keys.
-TEACHER_INPUTS_WHEN_SET = ("label_smoothing",)
-TEACHER_SHARED_INPUTS_WHEN_SET = ("trainer.channels_last", "trainer.compile")
-# The scratch baseline: the student and the students' schedule, plus the data.
-BASELINE_INPUTS = (
-    "student.model", "trainer.epochs", "trainer.optimizer", "trainer.scheduler", "trainer.precision",
-    "trainer.channels_last", "trainer.compile", "eval.test_every_epoch",
-)  # fmt: skip
-# Replayable teacher outputs: the teachers' keys, plus these, the data, the number of views and the recipe's
-# teacher summaries (layers and reductions of its feature terms: not config keys, see teacher_outputs_key).
-TEACHER_OUTPUTS_INPUTS = ("distill.teacher_weights", "cache.teacher_outputs_dtype", "trainer.precision")
-# An evaluation of a cached model: its key, plus these and the device it ran on.
-EVAL_INPUTS = ("eval.latency_budget_s", "eval.throughput_budget_s", "eval.cka_samples", "dataset.eval_batch_size")
-# A timing session of a run's models: their printed structure, plus these, the image size and where it ran.
-SPEED_INPUTS = ("eval.latency_budget_s", "eval.latency_threads", "eval.throughput_budget_s", "dataset.eval_batch_size",
-                "dataset.image_size", "trainer.channels_last", "trainer.compile")  # fmt: skip
-SPEED_ONLY = ("eval.latency_threads",)  # a key of the timing session alone (SPEED_INPUTS): no other artefact
-# Protocol values other keys interpolate (conf/experiment/cifar100_bench.yaml: trainer.optimizer.lr is
-# ${student.benchmark_lr}): they reach results only through those keys, which are inputs above.
-INTERPOLATED_ONLY = ("teacher.benchmark_lr", "student.benchmark_lr")
-# Keys that change this run's own results, which are never cached: the recipe, the export.
-RUN_ONLY = ("distill", "export", "reference_teacher")
-# Keys that change where things are written, how fast, or what is shown: never a result.
-# (data.decode_cache reaches results only through dataset.decode_cache, where a data set has it.)
-NOT_RESULTS = (
-    "data.decode_cache",
-    "hydra", "cache.enabled", "cache.dir", "cache.shared", "cache.max_teacher_outputs_mb", "trainer.device",
-    "trainer.progress", "trainer.resume", "data.on_device", "dataset.num_workers", "dataset.pin_memory",
-    "dataset.device", "dataset.store_dir", "dataset.progress", "dataset.download", "dataset.name", "teacher.name",
-    "student.name", "eval.speed",
-)  # fmt: skip
+# Keys that change where things are written, how fast, or what is shown: never a result (run folders
+# compare the rest when resuming; TensorBoard's HParams leave these out).
+NOT_RESULTS = tuple(k.path for k in inputs(RunSpec, Affects.NOTHING))
 
 
 def digest(obj: object) -> str:
@@ -114,10 +73,8 @@ def content_digest(path: str | None) -> str | None:
     return _sha256(**file_identity(path))
 
 
-def file_inputs(cfg: DictConfig, keys, under: str = "") -> dict:
-    """``{key: content digest}`` for each of ``keys`` that names a file (keys set to null are left out)."""
-    paths = {key: OmegaConf.select(cfg, f"{under}{key}", default=None) for key in keys}
-    return {key: content_digest(str(path)) for key, path in paths.items() if path is not None}
+def _config(cfg: DictConfig | RunSpec) -> DictConfig:
+    return cfg.source if isinstance(cfg, RunSpec) else cfg
 
 
 def select(cfg: DictConfig, keys, under: str = "") -> dict:
@@ -126,6 +83,27 @@ def select(cfg: DictConfig, keys, under: str = "") -> dict:
     for key in keys:
         value = OmegaConf.select(cfg, f"{under}{key}", default=None)
         out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return out
+
+
+def _inputs(cfg: DictConfig, spec: type[Spec], flag: Affects, under: str = "", skip=()) -> dict:
+    """The values of the keys ``spec`` declares to affect ``flag`` (under the node ``under``), as the typed config
+    reads them: an unset key is its default, a whole number given for a float key is that float (unset, 0 and
+    0.0 label smoothing are one teacher). A key that names a weight file enters by its content (sha256), so an
+    edited file is never served a stale model and a copy of the same file elsewhere reuses it."""
+    out = {}
+    for k in inputs(spec, flag, skip):
+        value = OmegaConf.select(cfg, f"{under}{k.path}", default=_UNSET)
+        if value is _UNSET:
+            value = None if k.node or k.default == "(required)" else k.default
+        elif OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value, resolve=True)
+        elif k.type.startswith("float") and is_int(value):
+            value = float(value)
+        if k.file and value is not None:
+            value = content_digest(str(value))
+        if not (k.file and value is None):  # no file: not an input
+            out[k.path] = value
     return out
 
 
@@ -140,68 +118,64 @@ def covered(key: str, declared) -> bool:
     return any(key == d or key.startswith(d + ".") for d in declared)
 
 
-def declared_keys(cfg: DictConfig) -> list[str]:
-    """Every key the lists above take in or classify, the nodes of extra teachers included."""
-    teachers = ["teacher", *(f"distill.teachers.{n}" for n in (OmegaConf.select(cfg, "distill.teachers") or {}))]
-    per_teacher = (*TEACHER_INPUTS, *TEACHER_FILE_INPUTS, *TEACHER_INPUTS_WHEN_SET)
-    inputs = [*DATA_INPUTS, *BASELINE_INPUTS, *BASELINE_FILE_INPUTS, *TEACHER_SHARED_INPUTS,
-              *TEACHER_SHARED_INPUTS_WHEN_SET, *TEACHER_OUTPUTS_INPUTS,
-              *EVAL_INPUTS, *(f"{t}.{k}" for t in teachers for k in per_teacher)]  # fmt: skip
-    return [*inputs, *SPEED_ONLY, *RUN_ONLY, *NOT_RESULTS, *INTERPOLATED_ONLY]
-
-
 def data_inputs(cfg: DictConfig, fingerprint: str | None) -> dict:
-    """What determines the training data: its config keys and the data's print (``fingerprint``). A key of a
-    data set factory of the user's own (in no list here) counts too: changing it never reuses a teacher."""
-    own = [f"dataset.{k}" for k in cfg.dataset if not covered(f"dataset.{k}", (*DATA_INPUTS, *NOT_RESULTS))]
-    return {**select(cfg, DATA_INPUTS), **select(cfg, own), "files": fingerprint}
+    """What determines the training data: its keys, the keys of a data set factory of the user's own (not
+    declared: changing one never reuses a teacher) and the data's print (``fingerprint``)."""
+    declared = {k.path for k in spec.reference() if k.path.startswith("dataset.")}
+    own = [f"dataset.{k}" for k in (cfg.get("dataset") or {}) if f"dataset.{k}" not in declared]
+    return {**_inputs(cfg, RunSpec, Affects.DATA), **select(cfg, own), "files": fingerprint}
 
 
-def teacher_key(cfg: DictConfig, node_key: str, fingerprint: str | None) -> str:
-    """A fine-tuned teacher: its node's inputs, the content of the checkpoint it starts from, the data, precision."""
+def teacher_key(cfg: DictConfig | RunSpec, node_key: str, fingerprint: str | None) -> str:
+    """A fine-tuned teacher: its node's keys (``teacher`` or ``distill.teachers.<name>``), the keys that affect
+    every teacher, the data."""
+    cfg = _config(cfg)
     return digest({
         "format": FORMAT,
-        "teacher": select(cfg, TEACHER_INPUTS, under=f"{node_key}."),
-        "files": file_inputs(cfg, TEACHER_FILE_INPUTS, under=f"{node_key}."),
-        "shared": select(cfg, TEACHER_SHARED_INPUTS),
+        "teacher": _inputs(cfg, TeacherSpec, Affects.TEACHER, under=f"{node_key}."),
+        "shared": _inputs(cfg, RunSpec, Affects.TEACHER, skip=(TeacherSpec,)),
         "data": data_inputs(cfg, fingerprint),
         **_processes(),
-        **_when_set(select(cfg, TEACHER_INPUTS_WHEN_SET, under=f"{node_key}.")),
-        **_when_set(select(cfg, TEACHER_SHARED_INPUTS_WHEN_SET)),
     })  # fmt: skip
 
 
-def _when_set(values: dict) -> dict:
-    return {k: v for k, v in values.items() if v}
-
-
-def baseline_key(cfg: DictConfig, fingerprint: str | None) -> str:
+def baseline_key(cfg: DictConfig | RunSpec, fingerprint: str | None) -> str:
     """The scratch baseline: the student, its schedule, the content of ``student.checkpoint`` when set, the data."""
-    files = file_inputs(cfg, BASELINE_FILE_INPUTS)  # absent when unset: baselines cached before keep their keys
-    return digest({"format": FORMAT, "baseline": select(cfg, BASELINE_INPUTS), "data": data_inputs(cfg, fingerprint),
-                   **({"files": files} if files else {}), **_processes()})  # fmt: skip
+    cfg = _config(cfg)
+    baseline = _inputs(cfg, RunSpec, Affects.BASELINE)
+    return digest({"format": FORMAT, "baseline": baseline, "data": data_inputs(cfg, fingerprint), **_processes()})
 
 
 def teacher_outputs_key(
-    cfg: DictConfig, teacher_keys: list[str], fingerprint: str | None, views: int, summaries: dict | None = None
+    cfg: DictConfig | RunSpec,
+    teacher_keys: list[str],
+    fingerprint: str | None,
+    views: int,
+    summaries: dict | None = None,
 ) -> str:
-    """Replayable teacher outputs: the teachers, these inputs, the data, the views, and what is stored besides
-    logits (``summaries``: the recipe's :meth:`~distill_runner.distill.Recipe.summary_spec`, its feature-reading
-    terms' layers and reductions; absent for logits alone, so a logit-only entry never serves a feature recipe)."""
+    """Replayable teacher outputs: the teachers, the keys that affect them, the data, the views, and what is stored
+    besides logits (``summaries``: the recipe's :meth:`~distill_runner.distill.Recipe.summary_spec`, its feature-
+    reading terms' layers and reductions; absent for logits alone, so a logit-only entry never serves a feature
+    recipe)."""
+    cfg = _config(cfg)
     stored = {"summaries": summaries} if summaries else {}
-    return digest({"format": FORMAT, "teachers": teacher_keys, "outputs": select(cfg, TEACHER_OUTPUTS_INPUTS),
+    outputs = _inputs(cfg, RunSpec, Affects.OUTPUTS)
+    return digest({"format": FORMAT, "teachers": teacher_keys, "outputs": outputs,
                    "data": data_inputs(cfg, fingerprint), "views": views, **stored, **_processes()})  # fmt: skip
 
 
-def eval_key(cfg: DictConfig, model_key: str, role: str, layers: list[str], device: torch.device) -> str:
-    inputs = {"model": model_key, "role": role, "layers": layers, "eval": select(cfg, EVAL_INPUTS)}
+def eval_key(cfg: DictConfig | RunSpec, model_key: str, role: str, layers: list[str], device: torch.device) -> str:
+    inputs = {"model": model_key, "role": role, "layers": layers, "eval": _inputs(_config(cfg), RunSpec, Affects.EVAL)}
     return digest({"format": FORMAT, **inputs, "device": str(device), "threads": torch.get_num_threads()})
 
 
-def speed_key(cfg: DictConfig, models: dict[str, str], device: torch.device, precision: str, host: dict) -> str:
+def speed_key(
+    cfg: DictConfig | RunSpec, models: dict[str, str], device: torch.device, precision: str, host: dict
+) -> str:
     """A timing session: each role's model structure (a digest of its repr), the settings, the precision,
     the device, the host and the threads (speed is a property of the machine, not of the weights)."""
-    inputs = {"models": models, "settings": select(cfg, SPEED_INPUTS), "precision": precision}
+    settings = _inputs(_config(cfg), RunSpec, Affects.SPEED)
+    inputs = {"models": models, "settings": settings, "precision": precision}
     return digest({"format": FORMAT, **inputs, "device": str(device), **host, "threads": torch.get_num_threads()})
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from distill_runner import build as builders
@@ -18,7 +18,7 @@ from distill_runner.cache import baseline_key, teacher_key, teacher_outputs_key
 from distill_runner.config import validate
 from distill_runner.distill import signals
 from distill_runner.distill.recipe import Recipe
-from distill_runner.errors import ConfigError, Interrupted, UserError
+from distill_runner.errors import Interrupted, UserError
 from distill_runner.evaluation import export
 from distill_runner.evaluation import metrics as measure
 from distill_runner.evaluation.evaluate import comparison, evaluate
@@ -27,6 +27,7 @@ from distill_runner.reporting import tensorboard
 from distill_runner.reporting.report import write_report
 from distill_runner.reporting.results import RunResults, StageResult
 from distill_runner.run_folder import claim, follow_log, release, resume_dir
+from distill_runner.spec import RunSpec, TeacherSpec
 from distill_runner.train import engine, health
 from distill_runner.train.stages import RunContext, run_or_reuse, run_stage, schedule
 from distill_runner.trust import check_cache_folders
@@ -43,17 +44,24 @@ class Built:
     student: nn.Module  # the KD student; the baseline starts from a copy of its initial weights (student.checkpoint)
     baseline: nn.Module
     teachers: dict[str, nn.Module]  # stage name (teacher, then distill.teachers.<name>) -> model; {} without one
-    extra_teachers: dict[str, DictConfig]  # distill.teachers.<name> -> teacher node
+    extra_teachers: dict[str, TeacherSpec]  # distill.teachers.<name> -> teacher node
 
 
-def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None) -> RunResults | None:
+@dataclass
+class Run(RunContext):
+    """A run's context with its typed config (what validation made, the recipe included)."""
+
+    spec: RunSpec = field(default=None)  # always set by prepare
+
+
+def run(cfg: DictConfig | RunSpec, run_dir: str | Path, overrides: list[str] | None = None) -> RunResults | None:
     """Run the whole experiment into ``run_dir``; return its results (also in metrics.json).
 
     Under torchrun every process trains; rank 0 alone evaluates and writes (the others return None).
     """
     start = time.perf_counter()
-    validate(cfg)
-    ctx = prepare(cfg, Path(run_dir), list(overrides or []))
+    spec = validate(cfg)
+    ctx = prepare(spec, Path(run_dir), list(overrides or []))
     try:
         return _run(ctx, start, list(overrides or []))
     except KeyboardInterrupt:  # the command line says how to continue in this folder
@@ -63,7 +71,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | None = None
             release(ctx.run_dir)
 
 
-def _run(ctx: RunContext, start: float, overrides: list[str]) -> RunResults | None:
+def _run(ctx: Run, start: float, overrides: list[str]) -> RunResults | None:
     """The steps after the run folder is this run's."""
     built = build(ctx)
     teachers, stages = train_teachers(ctx, built)
@@ -78,38 +86,39 @@ def _run(ctx: RunContext, start: float, overrides: list[str]) -> RunResults | No
     return results
 
 
-def prepare(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> RunContext:
-    """The device, the run folder (another one when resuming) and the data."""
-    device = distributed.init(engine.resolve_device(cfg.trainer.device))
+def prepare(cfg: DictConfig | RunSpec, run_dir: Path, overrides: list[str]) -> Run:
+    """The device, the run folder (another one when resuming) and the data (a config not validated yet is)."""
+    spec = validate(cfg)
+    trainer = spec.trainer
+    device = distributed.init(engine.resolve_device(trainer.device))
     found = None
     if distributed.is_main():  # rank 0 picks and claims the folder; every process stops on a problem
         try:
-            found = (own_folder(cfg, run_dir, overrides), None)
+            found = (own_folder(spec, run_dir, overrides), None)
         except UserError as exc:
             found = (None, (type(exc), exc.key, exc.value, exc.fix))
     run_dir, problem = distributed.broadcast(found)  # the folders of ranks > 0 are not used
     if problem is not None:
         error, *details = problem  # the same kind on every rank: ConfigError or StorageError
         raise error(*details)
-    precision = engine.resolve_precision(cfg.trainer.precision, device, cfg.trainer.device)
+    precision = engine.resolve_precision(trainer.precision, device, trainer.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    log.info("run folder %s; device %s, precision %s, seed %d", run_dir, device, precision.name, cfg.seed)
-    data = builders.build_data(cfg, device)
+    log.info("run folder %s; device %s, precision %s, seed %d", run_dir, device, precision.name, spec.seed)
+    data = builders.build_data(spec, device)
     if distributed.active():  # every process trains on its part of each epoch and validates on its part of val
         data.train.shard(distributed.rank(), distributed.world_size(), pad=True)
         data.val.shard(distributed.rank(), distributed.world_size(), pad=False)
-    speed = engine.Speed(
-        channels_last=cfg.trainer.get("channels_last", False), compile=cfg.trainer.get("compile", False)
-    )
-    return RunContext(cfg, data, device, precision, run_dir, speed)
+    speed = engine.Speed(channels_last=trainer.channels_last, compile=trainer.compile)
+    return Run(spec.source, data, device, precision, run_dir, speed, spec=spec)
 
 
-def own_folder(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
+def own_folder(spec: RunSpec, run_dir: Path, overrides: list[str]) -> Path:
     """The run folder (another one when resuming, where the log goes on), claimed for this run alone;
     the cache's folders checked first."""
+    cfg = spec.source
     check_cache_folders(cfg)
-    resume, found = cfg.trainer.get("resume", False), run_dir
+    resume, found = spec.trainer.resume, run_dir
     if resume:
         found = resume_dir(cfg, run_dir, overrides)
         resuming = (found / "checkpoints").is_dir()
@@ -121,23 +130,23 @@ def own_folder(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
     return found
 
 
-def build(ctx: RunContext) -> Built:
+def build(ctx: Run) -> Built:
     """The student, the teachers (each built once: binding the recipe, sizing the run and training
-    share it) and the recipe bound to them; the run folder's room checked (every process stops
-    together when it lacks room, not only rank 0)."""
-    cfg = ctx.cfg
-    student = builders.build_student(cfg.student, ctx.data, cfg.seed)
-    recipe = builders.new_recipe(cfg)
-    no_teacher = skip_teacher(cfg, recipe)
+    share it) and the recipe validation built, bound to them; the run folder's room checked (every
+    process stops together when it lacks room, not only rank 0)."""
+    spec = ctx.spec
+    student = builders.build_student(spec.student, ctx.data, spec.seed)
+    recipe = spec.recipe
+    no_teacher = skip_teacher(spec, recipe)
     if no_teacher is None:
-        teacher = builders.build_teacher(cfg.teacher, "teacher", ctx.data, cfg.seed)
+        teacher = builders.build_teacher(spec.teacher, "teacher", ctx.data, spec.seed)
     else:  # the architecture alone: no weights to download or load for a teacher the run does not use
-        teacher = builders.build_model(cfg.teacher, "teacher", ctx.data, cfg.seed)
+        teacher = builders.build_model(spec.teacher, "teacher", ctx.data, spec.seed)
     builders.bind_recipe(recipe, student, teacher, ctx.data)
     teachers, extra_teachers = {}, {}
     if no_teacher is None:
-        extra_teachers = signals.extra_teachers(cfg.distill)
-        extras = {key: builders.build_teacher(node, key, ctx.data, cfg.seed) for key, node in extra_teachers.items()}
+        extra_teachers = {f"distill.teachers.{name}": node for name, node in spec.distill.teachers.items()}
+        extras = {key: builders.build_teacher(node, key, ctx.data, spec.seed) for key, node in extra_teachers.items()}
         teachers = {"teacher": teacher, **extras}
     problem = None
     if distributed.is_main():
@@ -170,35 +179,33 @@ def check_room(ctx: RunContext, student: nn.Module, teachers: list[nn.Module]) -
     run_folder.check_room(ctx.run_dir, ctx.cache.root, run_bytes, cache_bytes)
 
 
-def skip_teacher(cfg: DictConfig, recipe: Recipe) -> str | None:
+def skip_teacher(spec: RunSpec, recipe: Recipe) -> str | None:
     """Why this run needs no teacher, or None when it trains (or loads) one.
 
     ``reference_teacher``: ``auto`` (default) trains the teacher only when the recipe uses it, but
     keeps one that needs no training (``teacher.epochs=0``: used as loaded) as the reference;
     ``true`` always fine-tunes it to report next to the students; ``false`` never when unused.
     """
-    mode = cfg.get("reference_teacher", "auto")
-    if mode not in ("auto", True, False):
-        raise ConfigError("reference_teacher", mode, "use auto, true or false")
-    if recipe.needs_teacher or mode is True or (mode == "auto" and cfg.teacher.epochs == 0):
+    mode = spec.reference_teacher
+    if recipe.needs_teacher or mode is True or (mode == "auto" and spec.teacher.epochs == 0):
         return None
     mode = str(mode).lower()
     return f"the recipe needs no teacher and reference_teacher={mode}; reference_teacher=true fine-tunes one to compare"
 
 
-def train_teachers(ctx: RunContext, built: Built) -> tuple[dict[str, nn.Module], dict[str, StageResult]]:
+def train_teachers(ctx: Run, built: Built) -> tuple[dict[str, nn.Module], dict[str, StageResult]]:
     """Every teacher, fine-tuned with cross-entropy (or loaded from the cache, or used as loaded),
     by stage name: ``teacher`` first, then ``distill.teachers.<name>``; none when the run needs none."""
     teachers, stages = {}, {}
     for key, model in built.teachers.items():
-        node = ctx.cfg.teacher if key == "teacher" else built.extra_teachers[key]
-        recipe = builders.cross_entropy(ctx.data, model, node.get("label_smoothing", 0.0))
+        node = ctx.spec.teacher if key == "teacher" else built.extra_teachers[key]
+        recipe = builders.cross_entropy(ctx.data, model, node.label_smoothing)
         hook = run_estimate(ctx, built, model) if key == "teacher" else None
-        stage = engine.Stage(key, model, recipe, on_epoch=hook, **schedule(node, key))
+        stage = engine.Stage(key, model, recipe, on_epoch=hook, **schedule(node.source, key))
         if node.epochs == 0:
             stages[key] = run_stage(ctx, stage)
         else:
-            stages[key] = run_or_reuse(ctx, stage, "teachers", teacher_key(ctx.cfg, key, ctx.data.fingerprint))
+            stages[key] = run_or_reuse(ctx, stage, "teachers", teacher_key(ctx.spec, key, ctx.data.fingerprint))
         teachers[key] = model
         if hook is not None and not hook.said and stages[key].history:  # reused: its pace when it was trained
             hook(stages[key].epochs - 1, stages[key].history[0], model)
@@ -208,56 +215,55 @@ def train_teachers(ctx: RunContext, built: Built) -> tuple[dict[str, nn.Module],
     return teachers, stages
 
 
-def run_estimate(ctx: RunContext, built: Built, teacher: nn.Module) -> health.RunEstimate:
+def run_estimate(ctx: Run, built: Built, teacher: nn.Module) -> health.RunEstimate:
     """The epoch hook that logs the whole run's estimate after the teacher's first epoch."""
     shape = (ctx.data.in_channels, ctx.data.image_size, ctx.data.image_size)
     student, cpu = measure.flops_per_image(built.student, shape, torch.device("cpu")), torch.device("cpu")
     relative = student / max(measure.flops_per_image(teacher.cpu(), shape, cpu), 1)
-    online = ctx.cfg.distill.get("teacher_outputs", "cached") == "online"
-    return health.RunEstimate(ctx.cfg.teacher.epochs, ctx.cfg.trainer.epochs, relative, online)
+    online = ctx.spec.distill.teacher_outputs == "online"
+    return health.RunEstimate(ctx.spec.teacher.epochs, ctx.spec.trainer.epochs, relative, online)
 
 
-def train_students(ctx: RunContext, built: Built, teachers: list[nn.Module], done: dict) -> dict[str, StageResult]:
+def train_students(ctx: Run, built: Built, teachers: list[nn.Module], done: dict) -> dict[str, StageResult]:
     """The KD student with the recipe and the teacher signal; the baseline with cross-entropy (it
     does not depend on the recipe: a sweep over KD settings trains it once)."""
     student = train_student(ctx, built, teachers, done)
-    students = schedule(ctx.cfg.trainer, "trainer")
+    students = schedule(ctx.spec.trainer.source, "trainer")
     supervised = builders.cross_entropy(ctx.data, built.baseline)
     baseline_stage = engine.Stage("baseline", built.baseline, supervised, **students)
-    baseline = run_or_reuse(ctx, baseline_stage, "baselines", baseline_key(ctx.cfg, ctx.data.fingerprint))
+    baseline = run_or_reuse(ctx, baseline_stage, "baselines", baseline_key(ctx.spec, ctx.data.fingerprint))
     return {"student": student, "baseline": baseline}
 
 
 def train_student(
-    ctx: RunContext, built: Built, teachers: list[nn.Module], done: dict, on_epoch: engine.EpochHook | None = None
+    ctx: Run, built: Built, teachers: list[nn.Module], done: dict, on_epoch: engine.EpochHook | None = None
 ) -> StageResult:
     """The KD student alone, with the recipe and the teacher signal (replayed from the cache when it
     can be); ``on_epoch`` sees each epoch's record (a search trial reports it and may stop the stage)."""
-    cfg = ctx.cfg
-    teacher_keys = [done[k].cache_key or teacher_key(cfg, k, ctx.data.fingerprint) for k in done]
-    weights = signals.teacher_weights(cfg.distill)
-    online = signals.online_signal(teachers, weights, built.recipe.teacher_layers) if teachers else None
+    spec = ctx.spec
+    teacher_keys = [done[k].cache_key or teacher_key(spec, k, ctx.data.fingerprint) for k in done]
+    online = signals.online_signal(teachers, spec.distill.weights, built.recipe.teacher_layers) if teachers else None
     replay = signals.Replay(
-        mode=cfg.distill.get("teacher_outputs", "cached"),
-        epochs=cfg.trainer.epochs,
-        dtype=getattr(torch, cfg.cache.teacher_outputs_dtype),
-        max_mb=cfg.cache.max_teacher_outputs_mb,
-        progress=cfg.trainer.progress,
+        mode=spec.distill.teacher_outputs,
+        epochs=spec.trainer.epochs,
+        dtype=getattr(torch, spec.cache.teacher_outputs_dtype),
+        max_mb=spec.cache.max_teacher_outputs_mb,
+        progress=spec.trainer.progress,
     )
     fetch = ctx.cache.fetch if ctx.cache is not None else None
-    key = lambda views, summaries: teacher_outputs_key(cfg, teacher_keys, ctx.data.fingerprint, views, summaries)
+    key = lambda views, summaries: teacher_outputs_key(spec, teacher_keys, ctx.data.fingerprint, views, summaries)
     stored_mb = ctx.cache.stored_mb if ctx.cache is not None else None
     signal = signals.distill_signal(
         online, built.recipe, ctx.data, replay, ctx.device, ctx.precision, fetch, key, stored_mb
     )
-    students = schedule(cfg.trainer, "trainer")
+    students = schedule(spec.trainer.source, "trainer")
     stage = engine.Stage("student", built.student, built.recipe, teacher=signal, on_epoch=on_epoch, **students)
     student = run_stage(ctx, stage)
     student.recipe_params = count_parameters(built.recipe)  # adapters/heads, not shipped
     return student
 
 
-def evaluate_models(ctx: RunContext, built: Built, models: dict, stages: dict[str, StageResult]) -> RunResults:
+def evaluate_models(ctx: Run, built: Built, models: dict, stages: dict[str, StageResult]) -> RunResults:
     """Every model on the test split, and the comparison."""
     start = time.perf_counter()
     layer_pairs = measure.feature_layers(built.recipe)
@@ -269,19 +275,19 @@ def evaluate_models(ctx: RunContext, built: Built, models: dict, stages: dict[st
     data = ctx.data
     return RunResults(
         dataset=data.name, num_classes=data.num_classes, class_names=data.class_names, class_counts=data.class_counts,
-        device=str(ctx.device), processes=distributed.world_size(), precision=ctx.precision.name, seed=ctx.cfg.seed,
+        device=str(ctx.device), processes=distributed.world_size(), precision=ctx.precision.name, seed=ctx.spec.seed,
         eval_batch_size=data.test.batch_size, torch_threads=torch.get_num_threads(), models=found, stages=stages,
         **comparison(found, built.no_teacher), eval_time_s=time.perf_counter() - start, speed_source=speed_source,
     )  # fmt: skip
 
 
-def export_student(ctx: RunContext, built: Built, results: RunResults) -> None:
+def export_student(ctx: Run, built: Built, results: RunResults) -> None:
     """``export=onnx``: the KD student as ONNX and TorchScript, checked on the test split."""
-    if OmegaConf.select(ctx.cfg, "export", default=None) == "onnx":
+    if ctx.spec.export == "onnx":
         results.exports["student"] = export.export_and_check(built.student, ctx.data, ctx.run_dir / "export", "student")
 
 
-def report(ctx: RunContext, built: Built, results: RunResults, overrides: list[str]) -> None:
+def report(ctx: Run, built: Built, results: RunResults, overrides: list[str]) -> None:
     """HParams and figures in TensorBoard; metrics.json, plots and report.md in the run folder, report.md last:
     a folder without it is not a finished run."""
     recipe = tensorboard.recipe_name(built.recipe.terms, overrides)

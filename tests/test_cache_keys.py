@@ -1,18 +1,19 @@
-"""Cache keys are built from explicit lists of what determines each artefact; every config key is
-either one of those inputs or declared as not changing a cached result."""
+"""Cache keys are built from what each key of the schema (distill_runner.spec) declares it affects; every
+config key is declared there, with the artefacts it determines or as not changing a cached result."""
 
 from pathlib import Path
 
 import pytest
 from conftest import compose_config
-from omegaconf import DictConfig
 
 from distill_runner import cache
+from distill_runner.schema import unknown_keys
+from distill_runner.spec import RunSpec, reference
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = {
     group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-    for group in ("dataset", "teacher", "student", "distill")
+    for group in ("dataset", "teacher", "student", "distill", "trainer")
 }
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
@@ -24,32 +25,87 @@ def every_composed_config():
             yield compose_config([f"{group}={option}"])
     for experiment in EXPERIMENTS:
         yield compose_config(experiment=experiment)
+    for option in sorted(p.stem for p in (CONF / "search").glob("*.yaml")):
+        yield compose_search([f"search={option}"])
 
 
-def leaf_keys(node, prefix=""):
-    """Dotted paths of every value that is not itself a mapping (lists are values)."""
-    for key, value in node.items_ex(resolve=False) if isinstance(node, DictConfig) else node.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, DictConfig) and len(value):
-            yield from leaf_keys(value, path + ".")
-        else:
-            yield path
+def compose_search(overrides):
+    """distill-search's config (conf/distill_search.yaml: distill-run's plus the search node)."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="distill_runner.conf", version_base="1.3"):
+        return compose(config_name="distill_search", overrides=overrides)
 
 
-def test_every_config_key_is_a_cache_input_or_declared_not_to_change_a_result():
-    unclassified = set()
+def test_every_config_key_is_declared_in_the_schema_with_what_it_affects():
+    """Every key of every shipped config (each group option, each experiment) is declared in the schema or passed
+    through to a factory, and every declared key says what it affects (itself, or the node it lies in)."""
+    undeclared = set()
     for cfg in every_composed_config():
-        declared = cache.declared_keys(cfg)
-        unclassified |= {k for k in leaf_keys(cfg) if not cache.covered(k, declared)}
-    assert not unclassified, (
-        f"config keys in no cache key and not declared in cache.RUN_ONLY / cache.NOT_RESULTS: {sorted(unclassified)}; "
-        "add each to the inputs of the artefacts it determines, or declare it"
-    )
+        undeclared |= {path for path, _ in unknown_keys(RunSpec, cfg)}
+    assert not undeclared, f"config keys not declared in distill_runner/spec.py: {sorted(undeclared)}"
+    assert not [k.path for k in reference() if k.affects is None], "declare affects= for each key"
 
 
-def test_declared_keys_do_not_overlap():
-    inputs = {*cache.DATA_INPUTS, *cache.BASELINE_INPUTS, *cache.TEACHER_OUTPUTS_INPUTS, *cache.EVAL_INPUTS}
-    assert not inputs & set(cache.NOT_RESULTS) and not inputs & set(cache.RUN_ONLY)
+def test_not_results_are_the_keys_declared_to_affect_nothing():
+    """The same keys as cache FORMAT 3's hand-kept list (run folders and TensorBoard read it), plus search."""
+    assert set(cache.NOT_RESULTS) == {
+        "data.decode_cache", "hydra", "cache.enabled", "cache.dir", "cache.shared", "cache.max_teacher_outputs_mb",
+        "trainer.device", "trainer.progress", "trainer.resume", "data.on_device", "dataset.num_workers",
+        "dataset.pin_memory", "dataset.device", "dataset.store_dir", "dataset.progress", "dataset.download",
+        "dataset.name", "teacher.name", "student.name", "eval.speed", "search",
+    }  # fmt: skip
+
+
+# (override, the artefacts whose keys it changes: the same as the hand-kept lists of cache FORMAT 3 gave)
+CHANGES = [
+    ("seed=1", "teacher baseline outputs"),
+    ("dataset.image_size=24", "teacher baseline outputs speed"),
+    ("dataset.eval_batch_size=8", "teacher baseline outputs eval speed"),
+    ("+dataset.my=1", "teacher baseline outputs"),
+    ("teacher.epochs=2", "teacher"),
+    ("teacher.label_smoothing=0.2", "teacher"),
+    ("teacher.name=q", ""),
+    ("trainer.epochs=3", "baseline"),
+    ("trainer.precision=bf16-mixed", "teacher baseline outputs"),
+    ("trainer.channels_last=true", "teacher baseline speed"),
+    ("trainer.progress=false", ""),
+    ("eval.test_every_epoch=true", "teacher baseline"),
+    ("eval.latency_threads=2", "speed"),
+    ("eval.cka_samples=10", "eval"),
+    ("eval.speed=measure", ""),
+    ("cache.teacher_outputs_dtype=float32", "outputs"),
+    ("distill.temperature=8", ""),
+    ("export=onnx", ""),
+    ("student.name=z", ""),
+]
+
+
+def every_key(cfg) -> dict:
+    import torch
+
+    cpu = torch.device("cpu")
+    return {
+        "teacher": cache.teacher_key(cfg, "teacher", "files"),
+        "baseline": cache.baseline_key(cfg, "files"),
+        "outputs": cache.teacher_outputs_key(cfg, ["t"], "files", 2),
+        "eval": cache.eval_key(cfg, "model", "teacher", [], cpu),
+        "speed": cache.speed_key(cfg, {"student": "repr"}, cpu, "32", {}),
+    }
+
+
+@pytest.mark.parametrize("override,changed", CHANGES, ids=[c[0] for c in CHANGES])
+def test_each_key_changes_exactly_the_artefacts_it_is_declared_to_affect(override, changed):
+    before, after = every_key(compose_config()), every_key(compose_config([override]))
+    assert {a for a in before if before[a] != after[a]} == set(changed.split())
+
+
+def test_an_extra_teacher_is_keyed_by_its_own_node():
+    base = compose_config(["distill=multi_teacher"])
+    changed = compose_config(["distill=multi_teacher", "distill.teachers.cnn.epochs=2"])
+    key = lambda cfg, node: cache.teacher_key(cfg, node, "files")
+    assert key(base, "teacher") == key(changed, "teacher") and key(base, "distill.teachers.cnn") != key(
+        changed, "distill.teachers.cnn")  # fmt: skip
 
 
 def keys(overrides, dataset="digits"):

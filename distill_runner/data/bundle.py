@@ -28,11 +28,11 @@ import torch
 from distill_runner.data.augment import Augment
 from distill_runner.data.batches import Batches
 from distill_runner.errors import ConfigError
+from distill_runner.spec import BALANCE
 
 log = logging.getLogger(__name__)
 
 
-BALANCE = ("none", "weighted_sampler", "class_weights")
 GPU_SHARE = 0.25  # data.on_device=auto: the training set may take this share of the free GPU memory
 
 

@@ -57,7 +57,6 @@ from torchvision.transforms import v2
 
 from distill_runner.data.augment import RATIO, Augment
 from distill_runner.data.bundle import (
-    BALANCE,
     DataBundle,
     balance_weights,
     check_choice,
@@ -130,8 +129,7 @@ def imagefolder(
     else with PIL every epoch by ``num_workers`` DataLoader workers. ``source`` and
     ``classes_hint`` only word the error messages (where the data comes from, its class folders).
     ``limit`` keeps N images per split, every class represented (smoke tests)."""
-    augment = _check_settings(balance, on_bad_image, hflip, resized_crop_scale, val_from_train, batch_size,
-                              eval_batch_size)  # fmt: skip
+    augment = _check_settings(on_bad_image, hflip, resized_crop_scale, val_from_train)
     workers, pin = loader_settings(num_workers, pin_memory, device)
     layout = Layout(root, source, classes_hint, val_from_train)
     classes, samples = _scan(layout, val_from_train, test_fraction, seed, limit, on_bad_image)
@@ -173,16 +171,10 @@ class Batching:
 
 
 def _check_settings(
-    balance: str,
-    on_bad_image: str,
-    hflip: bool,
-    resized_crop_scale: Sequence[float] | None,
-    val_from_train: float | None,
-    batch_size: int,
-    eval_batch_size: int,
+    on_bad_image: str, hflip: bool, resized_crop_scale: Sequence[float] | None, val_from_train: float | None
 ) -> Augment:
-    """The settings' own checks (one line each), before any file is read; the training augmentation."""
-    check_choice("balance", balance, BALANCE)
+    """The settings' own checks (one line each), before any file is read; the training augmentation
+    (balance and the batch sizes are checked by the schema, before any work)."""
     try:
         augment = Augment(hflip=hflip, resized_crop_scale=resized_crop_scale)
     except ValueError:
@@ -194,8 +186,6 @@ def _check_settings(
         raise ConfigError(
             "val_from_train", val_from_train, "use null (use the val/ split) or a fraction in (0, 1), e.g. 0.1"
         )
-    if batch_size < 1 or eval_batch_size < 1:
-        raise ConfigError("batch_size", batch_size, "must be a positive integer")
     return augment
 
 

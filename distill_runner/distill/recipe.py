@@ -22,7 +22,6 @@ hyperparameter is validated here, once. Adapters and auxiliary heads are paramet
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 
 import torch
@@ -38,6 +37,7 @@ from distill_runner.distill.weighting import (
     teacher_confidence_weights,
 )
 from distill_runner.errors import ConfigError, instantiate
+from distill_runner.schema import is_number
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,6 @@ CROSS_ENTROPY = {"_target_": "distill_runner.distill.terms.CrossEntropy"}
 
 def _plain(value):
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 class Recipe(nn.Module):
@@ -71,9 +67,9 @@ class Recipe(nn.Module):
             terms = {t.get("name"): {k: v for k, v in t.items() if k != "name"} for t in terms}
         if not isinstance(terms, Mapping) or not terms:
             raise ConfigError("terms", terms, "give at least one term, e.g. {ce: {_target_: ...CrossEntropy}}")
-        if not _is_number(temperature) or not temperature > 0:
+        if not is_number(temperature) or not temperature > 0:
             raise ConfigError("temperature", temperature, "must be a finite number > 0 (typical values 1-8), e.g. 4")
-        if not _is_number(beta) or beta < 0:
+        if not is_number(beta) or beta < 0:
             raise ConfigError("beta", beta, "must be a finite number >= 0")
         self.targets = {"temperature": float(temperature), "alpha": alpha, "beta": float(beta)}
         self.terms = nn.ModuleDict()
@@ -90,7 +86,7 @@ class Recipe(nn.Module):
             raise ConfigError("sample_weighting", sample_weighting, fix)
         if class_balance not in (None, *CLASS_BALANCE):
             raise ConfigError("class_balance", class_balance, f"use null, {' or '.join(CLASS_BALANCE)}")
-        if not _is_number(class_balance_beta) or not 0 < class_balance_beta < 1:
+        if not is_number(class_balance_beta) or not 0 < class_balance_beta < 1:
             raise ConfigError("class_balance_beta", class_balance_beta, "use a number in (0, 1), e.g. 0.999 or 0.9999")
         self.sample_weighting, self.class_balance = sample_weighting, class_balance
         weighed = [name for name, t in self.terms.items() if t.weighs_samples]
@@ -121,7 +117,7 @@ class Recipe(nn.Module):
     @staticmethod
     def _build_term(name: str, spec: dict) -> tuple[LossTerm, object]:
         weight = spec.pop("weight", 1.0)
-        if not (_is_number(weight) or weight in TIED):
+        if not (is_number(weight) or weight in TIED):
             raise ConfigError(f"terms.{name}.weight", weight, "use a finite number, alpha or 1-alpha")
         if "_target_" not in spec:
             fix = "name the term's class, e.g. _target_: distill_runner.distill.terms.HintonKD"
@@ -134,10 +130,10 @@ class Recipe(nn.Module):
 
     def _check_alpha(self, alpha) -> None:
         is_share = any(w in TIED for w in self.weight_specs.values()) or any(t.mixes_alpha for t in self.terms.values())
-        if is_share and not (_is_number(alpha) and 0 <= alpha <= 1):
+        if is_share and not (is_number(alpha) and 0 <= alpha <= 1):
             fix = "must be in [0, 1]: the weight of the KD term (1 - alpha weights cross-entropy), e.g. 0.5"
             raise ConfigError("alpha", alpha, fix)
-        if not _is_number(alpha) or alpha < 0:
+        if not is_number(alpha) or alpha < 0:
             raise ConfigError("alpha", alpha, "must be a finite number >= 0")
 
     def _parse_schedules(self, schedule: Mapping) -> dict[str, Schedule]:

@@ -17,9 +17,11 @@ from omegaconf import DictConfig
 from distill_runner import storage
 from distill_runner.config import compose
 from distill_runner.errors import ConfigError
+from distill_runner.schema import parse
 from distill_runner.search import space
 from distill_runner.search import study as studies
-from distill_runner.search.trial import COSTS, prepare_teacher, run_trial
+from distill_runner.search.trial import prepare_teacher, run_trial
+from distill_runner.spec import SearchSpec
 
 log = logging.getLogger(__name__)
 
@@ -36,29 +38,10 @@ def base_overrides(task_overrides: list[str], entries: list[space.Entry]) -> lis
     return out
 
 
-def check_search(search: DictConfig) -> None:
-    """The search node's own keys, each one line when wrong."""
-    if search.objective is not None and search.objective not in COSTS:
-        raise ConfigError("search.objective", search.objective, f"use one of {', '.join(COSTS)} or null")
-    for key, value in search.budget.items():
-        if key not in COSTS:
-            raise ConfigError(f"search.budget.{key}", value, f"budgets are {', '.join(COSTS)}")
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-            raise ConfigError(f"search.budget.{key}", value, "use null or a number > 0")
-    if not isinstance(search.get("worker", 0), int):
-        raise ConfigError(
-            "search.worker", search.worker, "use an integer (sweep it to start workers: search.worker=1,2,3)"
-        )
-    for key in ("trials", "workers", "int8_calibration_images"):
-        if not isinstance(search[key], int) or isinstance(search[key], bool) or search[key] < 1:
-            raise ConfigError(f"search.{key}", search[key], "use an integer >= 1")
-    epochs = search.trial_epochs
-    if epochs is not None and (not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1):
-        raise ConfigError("search.trial_epochs", epochs, "use null (trainer.epochs) or an integer >= 1")
-    if not isinstance(search.get("repair_journal", False), bool):
-        raise ConfigError("search.repair_journal", search.repair_journal, "use true or false")
-    if search.role not in ("main", "worker"):
-        raise ConfigError("search.role", search.role, "use main (the whole search) or worker (trials only)")
+def check_search(search: DictConfig) -> SearchSpec:
+    """The search node's own keys, checked against the schema (distill_runner.spec.SearchSpec), each one
+    line when wrong; the space's entries are checked by :mod:`distill_runner.search.space`."""
+    return parse(SearchSpec, search, "search")
 
 
 def search(
@@ -67,7 +50,7 @@ def search(
     """Run (or resume) the search in ``search_dir``; the main process returns best.json's content.
     ``hydra_overrides`` (e.g. ``hydra.searchpath`` naming the user's own search configs) reach the workers."""
     node = cfg.search
-    check_search(node)
+    spec = check_search(node)
     entries = space.parse(node.space)
     base = base_overrides(task_overrides, entries)
     space.check(entries, base, compose)
@@ -76,15 +59,15 @@ def search(
     if existing := len(study.get_trials(deepcopy=False)):
         log.info("the study holds %d trials already (%s): resuming it", existing, studies.counts(study))
     studies.recover_orphans(study, twin)
-    main = node.role == "main" and node.get("worker", 0) == 0  # a launcher sweeping search.worker: job 0 is main
+    main = spec.role == "main" and spec.worker == 0  # a launcher sweeping search.worker: job 0 is main
     if main:
         # resume=auto: a search run again in its folder continues there (and must keep the distill-run config)
         teacher = prepare_teacher(
             compose(base + ["trainer.progress=false", "trainer.resume=auto"]), search_dir / "teacher"
         )
         storage.atomic_write_text(search_dir / "teacher.json", json.dumps(teacher, indent=2))
-    workers = start_workers(node.workers - 1, search_dir, [*hydra_overrides, *task_overrides]) if main else []
-    trial_epochs = node.trial_epochs or cfg.trainer.epochs
+    workers = start_workers(spec.workers - 1, search_dir, [*hydra_overrides, *task_overrides]) if main else []
+    trial_epochs = spec.trial_epochs or cfg.trainer.epochs
     try:
         optimize(study, twin, node, entries, base, trial_epochs, search_dir, workers)
     except KeyboardInterrupt:
@@ -100,7 +83,7 @@ def search(
     from distill_runner.search import final, report
 
     chosen = final.choose(study, node, cfg.trainer.epochs)
-    outcome = final.finish(chosen, node, base, cfg.trainer.epochs, search_dir) if node.final else {}
+    outcome = final.finish(chosen, node, base, cfg.trainer.epochs, search_dir) if spec.final else {}
     return report.write(study, node, chosen, outcome, search_dir)
 
 

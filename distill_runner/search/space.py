@@ -9,13 +9,13 @@ of its options; any other key takes ``choices`` (any YAML values) or a numeric r
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from distill_runner.errors import ConfigError
+from distill_runner.schema import is_number
 
 FIELDS = ("choices", "low", "high", "log", "step", "when")
 _MISSING = object()
@@ -88,7 +88,7 @@ def parse(node: DictConfig | dict) -> list[Entry]:
         if entry.choices is not None:
             if not isinstance(entry.choices, list) or not entry.choices or entry.low is not None:
                 raise ConfigError(f"{where}.choices", entry.choices, "give a non-empty list (and no low/high)")
-        elif not all(_number(v) for v in (entry.low, entry.high)) or entry.low > entry.high:
+        elif not all(is_number(v) for v in (entry.low, entry.high)) or entry.low > entry.high:
             raise ConfigError(where, spec, "give choices: [...] or numbers low <= high, e.g. {low: 1.0, high: 8.0}")
         elif entry.log and entry.low <= 0:
             raise ConfigError(f"{where}.low", entry.low, "a log range needs low > 0")
@@ -96,10 +96,6 @@ def parse(node: DictConfig | dict) -> list[Entry]:
             raise ConfigError(f"{where}.when", entry.when, "give {group: option}, e.g. when: {student: tiny_cnn}")
         entries.append(entry)
     return entries
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def check(entries: list[Entry], base_overrides: list[str], compose) -> None:

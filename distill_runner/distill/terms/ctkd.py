@@ -13,14 +13,13 @@ raises it w.r.t. ``p``, scaled by the curriculum ``lambda``, which rises along a
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from distill_runner.distill.contract import Term, TermState
 from distill_runner.distill.schedules import Schedule
 from distill_runner.distill.terms.logits import kd_per_sample, standardize, weighted_mean
 from distill_runner.errors import ConfigError
+from distill_runner.schema import is_number
 
 
 class _ReverseGradient(torch.autograd.Function):
@@ -34,10 +33,6 @@ class _ReverseGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return -ctx.scale * grad, None
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class CTKD(Term):
@@ -68,15 +63,15 @@ class CTKD(Term):
         logit_standardization: bool = False,
     ):
         super().__init__()
-        if not _finite(t_min) or not t_min > 0:
+        if not is_number(t_min) or not t_min > 0:
             raise ConfigError("t_min", t_min, "use a number > 0: the lowest temperature, e.g. 1 (official --t_start)")
-        if not _finite(t_range) or not t_range > 0:
+        if not is_number(t_range) or not t_range > 0:
             raise ConfigError("t_range", t_range, "use a number > 0: T = t_min + t_range * sigmoid(p), e.g. 20")
         for key, value in (("lambda_start", lambda_start), ("lambda_end", lambda_end)):
-            if not _finite(value) or value < 0:
+            if not is_number(value) or value < 0:
                 fix = "use a number >= 0: the strength of the reversed gradient on the temperature (official 0 -> 1)"
                 raise ConfigError(key, value, fix)
-        if not _finite(lambda_ramp) or not 0 < lambda_ramp <= 1:
+        if not is_number(lambda_ramp) or not 0 < lambda_ramp <= 1:
             fix = "use a fraction of training in (0, 1]: the cosine rise of lambda, e.g. 0.0417 (10 of 240 epochs)"
             raise ConfigError("lambda_ramp", lambda_ramp, fix)
         if not isinstance(logit_standardization, bool):

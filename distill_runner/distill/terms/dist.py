@@ -13,13 +13,12 @@ per-sample weights do not apply to it.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from distill_runner.distill.contract import Term, TermState
 from distill_runner.distill.terms.logits import standardize
 from distill_runner.errors import ConfigError
+from distill_runner.schema import is_number
 
 EPS = 1e-8  # added to the product of the norms, as the official code does: a constant vector correlates 0
 
@@ -42,7 +41,7 @@ def dist_loss(student_logits, teacher_logits, temperature: float, beta: float, g
 
 
 def _check_weight(key: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if not is_number(value) or value < 0:
         raise ConfigError(key, value, "must be a finite number >= 0 (the paper uses 1.0)")
     return float(value)
 

@@ -32,14 +32,13 @@ masks stay on the raw logits there, and here.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from distill_runner.distill.contract import Term, TermState
 from distill_runner.distill.terms.logits import kd_per_sample, standardize
 from distill_runner.errors import ConfigError
+from distill_runner.schema import is_number
 
 
 def confidence_fractions(teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +61,7 @@ def _check_temperatures(temperatures) -> list[float]:
     if not isinstance(temperatures, (list, tuple)):
         raise ConfigError("extra_temperatures", temperatures, fix)
     for t in temperatures:
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        if not is_number(t) or t <= 0:
             raise ConfigError("extra_temperatures", temperatures, fix)
     return [float(t) for t in temperatures]
 

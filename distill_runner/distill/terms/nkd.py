@@ -14,14 +14,13 @@ which removed the target class from the non-target part; before it the mask kept
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from distill_runner.distill.contract import Term, TermState
 from distill_runner.distill.terms.logits import standardize, weighted_mean
 from distill_runner.errors import ConfigError
+from distill_runner.schema import is_number
 
 
 def nkd_per_sample(
@@ -55,7 +54,7 @@ class NKD(Term):
 
     def __init__(self, gamma: float = 1.5, logit_standardization: bool = False):
         super().__init__()
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
+        if not is_number(gamma) or gamma < 0:
             raise ConfigError("gamma", gamma, "must be a finite number >= 0 (the non-target weight), e.g. 1.5 or 3.5")
         if not isinstance(logit_standardization, bool):
             raise ConfigError("logit_standardization", logit_standardization, "use true or false")

@@ -9,14 +9,13 @@ large where the teacher is unsure. No T^2 factor: the official code has none.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from distill_runner.distill.contract import Term, TermState
 from distill_runner.distill.terms.logits import standardize, weighted_mean
 from distill_runner.errors import ConfigError
+from distill_runner.schema import is_number
 
 
 def transformed_teacher_matching(
@@ -49,7 +48,7 @@ class TTM(Term):
 
     def __init__(self, gamma: float = 0.1, logit_standardization: bool = False):
         super().__init__()
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma <= 0:
+        if not is_number(gamma) or gamma <= 0:
             fix = "the power-transform exponent (1/temperature) must be a finite number > 0, e.g. 0.1"
             raise ConfigError("gamma", gamma, fix)
         if not isinstance(logit_standardization, bool):
