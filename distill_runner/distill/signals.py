@@ -296,8 +296,11 @@ def distill_signal(
     )
     logits, summaries = entry["logits"], entry.get("summaries", {})  # entries of logit recipes before #18: logits
     size_mb = sum(v.numel() * v.element_size() for _, v in _tensors(entry)) / 2**20
-    shapes = {"/".join(name): tuple(value.shape[2:]) for name, value in _tensors(entry)}
-    what = " + ".join(f"{s[0]} logits" if n == "logits" else f"{n} {'x'.join(map(str, s))}" for n, s in shapes.items())
+    entry_shapes = {"/".join(name): tuple(value.shape[2:]) for name, value in _tensors(entry)}
+    what = " + ".join(
+        f"{s[0]} logits" if n == "logits" else f"{n} {'x'.join(map(str, s))}" for n, s in entry_shapes.items()
+    )
+    # ``shapes`` stays empty when a stored entry's file size spared the estimate (estimate_mb)
     estimate = store_mb(shapes, views, data.train.num_samples, replay.dtype)
     estimated = f"estimated {estimate:.2f} MB" if shapes else "its stored file's size checked against the limit"
     log.info(
