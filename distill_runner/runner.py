@@ -36,11 +36,11 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Built:
+class BuiltModels:
     """What the build step makes: the recipe and the models the stages train."""
 
     recipe: Recipe
-    no_teacher: str | None  # why this run trains no teacher (see reference_teacher); None: it trains them
+    teacher_skip_reason: str | None  # why this run trains no teacher (see reference_teacher); None: it trains them
     student: nn.Module  # the KD student; the baseline starts from a copy of its initial weights (student.checkpoint)
     baseline: nn.Module
     teachers: dict[str, nn.Module]  # stage name (teacher, then distill.teachers.<name>) -> model; {} without one
@@ -91,13 +91,13 @@ def prepare(cfg: DictConfig | RunSpec, run_dir: Path, overrides: list[str]) -> R
     spec = validate(cfg)
     trainer = spec.trainer
     device = distributed.init(engine.resolve_device(trainer.device))
-    found = None
+    claimed = None
     if distributed.is_main():  # rank 0 picks and claims the folder; every process stops on a problem
         try:
-            found = (own_folder(spec, run_dir, overrides), None)
+            claimed = (own_folder(spec, run_dir, overrides), None)
         except UserError as exc:
-            found = (None, (type(exc), exc.key, exc.value, exc.fix))
-    run_dir, problem = distributed.broadcast(found)  # the folders of ranks > 0 are not used
+            claimed = (None, (type(exc), exc.key, exc.value, exc.fix))
+    run_dir, problem = distributed.broadcast(claimed)  # the folders of ranks > 0 are not used
     if problem is not None:
         error, *details = problem  # the same kind on every rank: ConfigError or StorageError
         raise error(*details)
@@ -118,33 +118,33 @@ def own_folder(spec: RunSpec, run_dir: Path, overrides: list[str]) -> Path:
     the cache's folders checked first."""
     cfg = spec.source
     check_cache_folders(cfg)
-    resume, found = spec.trainer.resume, run_dir
+    resume, folder = spec.trainer.resume, run_dir
     if resume:
-        found = resume_dir(cfg, run_dir, overrides)
-        resuming = (found / "checkpoints").is_dir()
+        folder = resume_dir(cfg, run_dir, overrides)
+        resuming = (folder / "checkpoints").is_dir()
         what = "resuming the run in" if resuming else f"nothing to resume yet (trainer.resume={resume}): starting in"
-        log.info("%s %s", what, found)
-    claim(cfg, found, resuming=bool(resume))
-    if found != run_dir:
-        follow_log(run_dir, found)
-    return found
+        log.info("%s %s", what, folder)
+    claim(cfg, folder, resuming=bool(resume))
+    if folder != run_dir:
+        follow_log(run_dir, folder)
+    return folder
 
 
-def build(ctx: Run) -> Built:
+def build(ctx: Run) -> BuiltModels:
     """The student, the teachers (each built once: binding the recipe, sizing the run and training
     share it) and the recipe validation built, bound to them; the run folder's room checked (every
     process stops together when it lacks room, not only rank 0)."""
     spec = ctx.spec
     student = builders.build_student(spec.student, ctx.data, spec.seed)
     recipe = spec.recipe
-    no_teacher = skip_teacher(spec, recipe)
-    if no_teacher is None:
+    teacher_skip_reason = skip_teacher(spec, recipe)
+    if teacher_skip_reason is None:
         teacher = builders.build_teacher(spec.teacher, "teacher", ctx.data, spec.seed)
     else:  # the architecture alone: no weights to download or load for a teacher the run does not use
         teacher = builders.build_model(spec.teacher, "teacher", ctx.data, spec.seed)
     builders.bind_recipe(recipe, student, teacher, ctx.data)
     teachers, extra_teachers = {}, {}
-    if no_teacher is None:
+    if teacher_skip_reason is None:
         extra_teachers = {f"distill.teachers.{name}": node for name, node in spec.distill.teachers.items()}
         extras = {key: builders.build_teacher(node, key, ctx.data, spec.seed) for key, node in extra_teachers.items()}
         teachers = {"teacher": teacher, **extras}
@@ -158,24 +158,24 @@ def build(ctx: Run) -> Built:
     if problem is not None:
         error, *details = problem  # the same kind on every rank: ConfigError or StorageError
         raise error(*details)
-    if no_teacher is not None:
-        log.info("teacher: none in this run (%s)", no_teacher)
+    if teacher_skip_reason is not None:
+        log.info("teacher: none in this run (%s)", teacher_skip_reason)
     baseline = clone(student)  # identical initial weights
-    return Built(recipe, no_teacher, clone(student), baseline, teachers, extra_teachers)
+    return BuiltModels(recipe, teacher_skip_reason, clone(student), baseline, teachers, extra_teachers)
 
 
 def check_room(ctx: RunContext, student: nn.Module, teachers: list[nn.Module]) -> None:
     """:func:`run_folder.check_room` for what this run will write: per trained model its final, best, last
     and previous-last checkpoints in the run folder; cached teachers, baseline and teacher outputs."""
-    teacher_params, students = sum(count_parameters(t) for t in teachers), count_parameters(student)
-    run_bytes = storage.checkpoint_bytes(teacher_params) + 2 * storage.checkpoint_bytes(students)
+    teacher_params, student_params = sum(count_parameters(t) for t in teachers), count_parameters(student)
+    run_bytes = storage.checkpoint_bytes(teacher_params) + 2 * storage.checkpoint_bytes(student_params)
     if ctx.cache is None:
         return run_folder.check_room(ctx.run_dir, None, run_bytes, 0)
     data, cfg = ctx.data, ctx.cfg
     outputs_mb = min(
         cfg.cache.max_teacher_outputs_mb, data.train.num_samples * cfg.trainer.epochs * data.num_classes * 4 / 2**20
     )
-    cache_bytes = 4 * (teacher_params + students) + int(outputs_mb * 2**20)
+    cache_bytes = 4 * (teacher_params + student_params) + int(outputs_mb * 2**20)
     run_folder.check_room(ctx.run_dir, ctx.cache.root, run_bytes, cache_bytes)
 
 
@@ -193,7 +193,7 @@ def skip_teacher(spec: RunSpec, recipe: Recipe) -> str | None:
     return f"the recipe needs no teacher and reference_teacher={mode}; reference_teacher=true fine-tunes one to compare"
 
 
-def train_teachers(ctx: Run, built: Built) -> tuple[dict[str, nn.Module], dict[str, StageResult]]:
+def train_teachers(ctx: Run, built: BuiltModels) -> tuple[dict[str, nn.Module], dict[str, StageResult]]:
     """Every teacher, fine-tuned with cross-entropy (or loaded from the cache, or used as loaded),
     by stage name: ``teacher`` first, then ``distill.teachers.<name>``; none when the run needs none."""
     teachers, stages = {}, {}
@@ -215,7 +215,7 @@ def train_teachers(ctx: Run, built: Built) -> tuple[dict[str, nn.Module], dict[s
     return teachers, stages
 
 
-def run_estimate(ctx: Run, built: Built, teacher: nn.Module) -> health.RunEstimate:
+def run_estimate(ctx: Run, built: BuiltModels, teacher: nn.Module) -> health.RunEstimate:
     """The epoch hook that logs the whole run's estimate after the teacher's first epoch."""
     shape = (ctx.data.in_channels, ctx.data.image_size, ctx.data.image_size)
     student, cpu = measure.flops_per_image(built.student, shape, torch.device("cpu")), torch.device("cpu")
@@ -224,24 +224,32 @@ def run_estimate(ctx: Run, built: Built, teacher: nn.Module) -> health.RunEstima
     return health.RunEstimate(ctx.spec.teacher.epochs, ctx.spec.trainer.epochs, relative, online)
 
 
-def train_students(ctx: Run, built: Built, teachers: list[nn.Module], done: dict) -> dict[str, StageResult]:
+def train_students(
+    ctx: Run, built: BuiltModels, teachers: list[nn.Module], finished_teachers: dict
+) -> dict[str, StageResult]:
     """The KD student with the recipe and the teacher signal; the baseline with cross-entropy (it
     does not depend on the recipe: a sweep over KD settings trains it once)."""
-    student = train_student(ctx, built, teachers, done)
-    students = schedule(ctx.spec.trainer.source, "trainer")
+    student = train_student(ctx, built, teachers, finished_teachers)
+    student_schedule = schedule(ctx.spec.trainer.source, "trainer")
     supervised = builders.cross_entropy(ctx.data, built.baseline)
-    baseline_stage = engine.Stage("baseline", built.baseline, supervised, **students)
+    baseline_stage = engine.Stage("baseline", built.baseline, supervised, **student_schedule)
     baseline = run_or_reuse(ctx, baseline_stage, "baselines", baseline_key(ctx.spec, ctx.data.fingerprint))
     return {"student": student, "baseline": baseline}
 
 
 def train_student(
-    ctx: Run, built: Built, teachers: list[nn.Module], done: dict, on_epoch: engine.EpochHook | None = None
+    ctx: Run,
+    built: BuiltModels,
+    teachers: list[nn.Module],
+    finished_teachers: dict,
+    on_epoch: engine.EpochHook | None = None,
 ) -> StageResult:
     """The KD student alone, with the recipe and the teacher signal (replayed from the cache when it
     can be); ``on_epoch`` sees each epoch's record (a search trial reports it and may stop the stage)."""
     spec = ctx.spec
-    teacher_keys = [done[k].cache_key or teacher_key(spec, k, ctx.data.fingerprint) for k in done]
+    teacher_keys = [
+        finished_teachers[k].cache_key or teacher_key(spec, k, ctx.data.fingerprint) for k in finished_teachers
+    ]
     online = signals.online_signal(teachers, spec.distill.weights, built.recipe.teacher_layers) if teachers else None
     replay = signals.Replay(
         mode=spec.distill.teacher_outputs,
@@ -256,38 +264,39 @@ def train_student(
     signal = signals.distill_signal(
         online, built.recipe, ctx.data, replay, ctx.device, ctx.precision, fetch, key, stored_mb
     )
-    students = schedule(spec.trainer.source, "trainer")
-    stage = engine.Stage("student", built.student, built.recipe, teacher=signal, on_epoch=on_epoch, **students)
+    student_schedule = schedule(spec.trainer.source, "trainer")
+    stage = engine.Stage("student", built.student, built.recipe, teacher=signal, on_epoch=on_epoch, **student_schedule)
     student = run_stage(ctx, stage)
     student.recipe_params = count_parameters(built.recipe)  # adapters/heads, not shipped
     return student
 
 
-def evaluate_models(ctx: Run, built: Built, models: dict, stages: dict[str, StageResult]) -> RunResults:
+def evaluate_models(ctx: Run, built: BuiltModels, models: dict, stages: dict[str, StageResult]) -> RunResults:
     """Every model on the test split, and the comparison."""
     start = time.perf_counter()
     layer_pairs = measure.feature_layers(built.recipe)
     cache_keys = {"teacher": stages["teacher"].cache_key if "teacher" in stages and not built.extra_teachers else None,
                   "baseline": stages["baseline"].cache_key}  # fmt: skip
-    found, speed_source = evaluate(
+    model_results, speed_source = evaluate(
         ctx.cfg, ctx.data, models, ctx.device, ctx.precision, ctx.checkpoint_dir, layer_pairs, ctx.cache, cache_keys
     )
     data = ctx.data
     return RunResults(
         dataset=data.name, num_classes=data.num_classes, class_names=data.class_names, class_counts=data.class_counts,
         device=str(ctx.device), processes=distributed.world_size(), precision=ctx.precision.name, seed=ctx.spec.seed,
-        eval_batch_size=data.test.batch_size, torch_threads=torch.get_num_threads(), models=found, stages=stages,
-        **comparison(found, built.no_teacher), eval_time_s=time.perf_counter() - start, speed_source=speed_source,
+        eval_batch_size=data.test.batch_size, torch_threads=torch.get_num_threads(), models=model_results,
+        stages=stages, **comparison(model_results, built.teacher_skip_reason), eval_time_s=time.perf_counter() - start,
+        speed_source=speed_source,
     )  # fmt: skip
 
 
-def export_student(ctx: Run, built: Built, results: RunResults) -> None:
+def export_student(ctx: Run, built: BuiltModels, results: RunResults) -> None:
     """``export=onnx``: the KD student as ONNX and TorchScript, checked on the test split."""
     if ctx.spec.export == "onnx":
         results.exports["student"] = export.export_and_check(built.student, ctx.data, ctx.run_dir / "export", "student")
 
 
-def report(ctx: Run, built: Built, results: RunResults, overrides: list[str]) -> None:
+def report(ctx: Run, built: BuiltModels, results: RunResults, overrides: list[str]) -> None:
     """HParams and figures in TensorBoard; metrics.json, plots and report.md in the run folder, report.md last:
     a folder without it is not a finished run."""
     recipe = tensorboard.recipe_name(built.recipe.terms, overrides)

@@ -189,6 +189,12 @@ def replay_blocker(train, replay: Replay, estimate_mb: Callable[[], float]) -> s
     return None
 
 
+def _stored_in_words(entry: Outputs) -> str:
+    """What a teacher-outputs entry holds per image, e.g. ``10 logits + attention/layer2 8x8``."""
+    shapes = {"/".join(name): tuple(value.shape[2:]) for name, value in _tensors(entry)}
+    return " + ".join(f"{s[0]} logits" if n == "logits" else f"{n} {'x'.join(map(str, s))}" for n, s in shapes.items())
+
+
 def _tensors(outputs: Outputs) -> Iterator[tuple[tuple[str, ...], torch.Tensor]]:
     """What replay stores of one batch's (summarized) teacher outputs: ``("logits",)`` and ``(term, layer)``."""
     yield ("logits",), outputs["logits"]
@@ -296,11 +302,7 @@ def distill_signal(
     )
     logits, summaries = entry["logits"], entry.get("summaries", {})  # entries of logit recipes before #18: logits
     size_mb = sum(v.numel() * v.element_size() for _, v in _tensors(entry)) / 2**20
-    entry_shapes = {"/".join(name): tuple(value.shape[2:]) for name, value in _tensors(entry)}
-    what = " + ".join(
-        f"{s[0]} logits" if n == "logits" else f"{n} {'x'.join(map(str, s))}" for n, s in entry_shapes.items()
-    )
-    # ``shapes`` stays empty when a stored entry's file size spared the estimate (estimate_mb)
+    what = _stored_in_words(entry)  # ``shapes`` stays empty when a stored entry's size spared the estimate
     estimate = store_mb(shapes, views, data.train.num_samples, replay.dtype)
     estimated = f"estimated {estimate:.2f} MB" if shapes else "its stored file's size checked against the limit"
     log.info(

@@ -47,8 +47,7 @@ def val_accuracy(model: nn.Module, ctx) -> float:
 def prepare_teacher(cfg: DictConfig, run_dir: Path) -> dict | None:
     """Fine-tune the teacher once (or reuse it from the cache) before the trials, and measure it for
     the report: validation accuracy and cost. None when the configured recipe trains no teacher."""
-    validate(cfg)
-    ctx = runner.prepare(cfg, run_dir, [])
+    ctx = runner.prepare(validate(cfg), run_dir, [])  # validated once: the recipe is built there, once
     try:
         built = runner.build(ctx)
         teachers, _ = runner.train_teachers(ctx, built)
@@ -66,13 +65,12 @@ def run_trial(cfg: DictConfig, run_dir: Path, measured: Callable[[dict], None], 
     ``measured(cost)`` is called with the student's cost before training (so a pruned trial has one
     too: the sampler learns the budgets from every trial); ``on_epoch`` may stop training (pruning).
     """
-    validate(cfg)
-    ctx = runner.prepare(cfg, run_dir, [])
+    ctx = runner.prepare(validate(cfg), run_dir, [])  # validated once: the recipe is built there, once
     try:
         built = runner.build(ctx)
         measured(cost(built.student, ctx.data, ctx.device, ctx.precision, cfg.eval))
-        teachers, done = runner.train_teachers(ctx, built)
-        result = runner.train_student(ctx, built, list(teachers.values()), done, on_epoch=on_epoch)
+        teachers, finished_teachers = runner.train_teachers(ctx, built)
+        result = runner.train_student(ctx, built, list(teachers.values()), finished_teachers, on_epoch=on_epoch)
         return result.final_val_acc
     finally:
         release(ctx.run_dir)
