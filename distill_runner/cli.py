@@ -141,11 +141,17 @@ def main() -> None:
             sys.exit(2)
         if distributed.env_rank() != 0:
             sys.argv += SILENT_RANK
+    run_app("distill-run", run_from_config)
+
+
+def run_app(app: str, entry) -> None:
+    """``entry`` (a ``@hydra.main`` function) on the command line as :func:`command_line` rewrites it; Ctrl-C while
+    Hydra composes the config, before any work, is one line."""
     sys.argv[1:] = command_line(sys.argv[1:])
     try:
-        run_from_config()
-    except KeyboardInterrupt:  # before the run started (Hydra composing the config)
-        print("distill-run: interrupted before it started; run the same command again", file=sys.stderr)
+        entry()
+    except KeyboardInterrupt:
+        print(resume_line(app, None, []), file=sys.stderr)
         sys.exit(130)
 
 

@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from distill_runner.cli import command_line, resume_line
+from distill_runner.cli import resume_line, run_app
 from distill_runner.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -48,12 +48,7 @@ def search_from_config(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    sys.argv[1:] = command_line(sys.argv[1:])
-    try:
-        search_from_config()
-    except KeyboardInterrupt:  # before the search started (Hydra composing the config)
-        print("distill-search: interrupted before it started; run the same command again", file=sys.stderr)
-        sys.exit(130)
+    run_app("distill-search", search_from_config)
 
 
 if __name__ == "__main__":
