@@ -1,5 +1,8 @@
 """Config -> objects: the data, the models and the recipe, each built with ``hydra.utils.instantiate``
-from its ``_target_`` (errors name the config key)."""
+from its ``_target_`` (errors name the config key).
+
+Docs: docs/guide/configuration.md
+"""
 
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ affect it (``affects=``; a node declared so is one input, its whole subtree), th
 files it starts from, and the data's print. Writers hold a file lock (parallel jobs wait for the one that
 builds) and write to a temp file renamed into place. A damaged entry (its checksum differs) is named in a
 warning and rebuilt; an entry of an earlier FORMAT is never found (its key differs) and is rebuilt.
+
+Docs: docs/guide/sweeps-and-cache.md
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Under torchrun (``torchrun --nproc_per_node=N -m distill_runner ...``) every process runs this;
 processes other than rank 0 get Hydra overrides that keep them from writing anything (no run
 folder, no log file): rank 0 owns the run folder and tells the others where it is.
+
+Docs: docs/guide/configuration.md
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """Config validation, once, before any work: the composed config checked against the typed schema
 (:mod:`distill_runner.spec`) into a :class:`~distill_runner.spec.RunSpec`, plus the checks that span keys
 and the recipe, built here once and handed to the runner. A bad value fails with one line naming the
-key, the value and the fix."""
+key, the value and the fix.
+
+Docs: docs/reference/configuration.md
+"""
 
 from __future__ import annotations
 

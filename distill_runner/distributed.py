@@ -9,6 +9,8 @@ in torchvision's reference scripts; scale the learning rate if you want the same
 
 Backend: NCCL when each process has a GPU (``cuda:LOCAL_RANK``), gloo on CPUs. Without torchrun
 (no ``WORLD_SIZE``, or 1) everything here is a no-op and the runner is a plain single process.
+
+Docs: docs/guide/scaling-out.md
 """
 
 from __future__ import annotations

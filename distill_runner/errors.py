@@ -1,6 +1,9 @@
 """The errors users see as one line (bad configuration or input: ConfigError; a disk that is full or a folder that
 cannot be written: StorageError), and the one way config nodes are built (``hydra.utils.instantiate``) with errors
-that name the key."""
+that name the key.
+
+Docs: docs/tested.md
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 
 Below both the training loop (:mod:`distill_runner.train.engine`) and the teacher signals
 (:mod:`distill_runner.distill.signals`), which both run forward passes under it.
+
+Docs: docs/guide/gpu.md
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """The run folder: which one a resumed run continues, that it belongs to this run alone, and whether
-it (and the cache) can take what the run will write, all checked before any training."""
+it (and the cache) can take what the run will write, all checked before any training.
+
+Docs: docs/guide/resume-and-faults.md
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """The experiment, as a pipeline: validate -> build -> stages (teacher, student, baseline) ->
-evaluate -> export -> report. Each step is one short function below."""
+evaluate -> export -> report. Each step is one short function below.
+
+Docs: docs/architecture.md
+"""
 
 from __future__ import annotations
 

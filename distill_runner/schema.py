@@ -13,6 +13,8 @@ int) and report errors over several lines without a fix; they know types, not ra
 options (``dataset/*``, ``teacher/*``) carry keys that differ by ``_target_``, which a closed structured
 node refuses. pydantic is not installed (one more dependency), also coerces unless told otherwise, and its
 errors span lines too. The walker here is ~150 lines and keeps every existing message word for word.
+
+Docs: docs/reference/configuration.md
 """
 
 from __future__ import annotations

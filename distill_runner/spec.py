@@ -5,6 +5,8 @@ the cached artefacts it affects (the mechanism and why it is plain dataclasses: 
 whose keys differ by ``_target_`` (data sets, models, optimizers, recipes) declare what the runner reads and
 pass the rest to their factory, which checks its own keywords (an unknown one is one line).
 :func:`reference` lists every key for the documentation.
+
+Docs: docs/reference/configuration.md
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ hours later when a checkpoint is saved).
 
 Every stored artefact (checkpoints, cache entries) is written by :func:`save_verified` and read by
 :func:`load_verified`: a flipped byte is a :class:`DamagedFile`, never a wrong number.
+Docs: docs/guide/resume-and-faults.md
 """
 
 from __future__ import annotations

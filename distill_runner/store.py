@@ -7,6 +7,8 @@ purpose (:func:`distill_runner.trust.make_folder`); a builder holds ``<name>.loc
 entry, so parallel sweep jobs wait for it and then find the entry (a wait longer than a few seconds is said,
 naming the holder: :func:`distill_runner.trust.hold_lock`); and every file is written whole through
 :func:`distill_runner.storage.writing` (a ``mkstemp`` temp file renamed into place, never through a symlink).
+
+Docs: docs/guide/sweeps-and-cache.md
 """
 
 from __future__ import annotations

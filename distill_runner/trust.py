@@ -6,6 +6,8 @@ checksum (a checksum proves integrity, not who wrote it), or a symlink where a f
 written. So a cache folder owned by another user, or writable by group or others, is refused before
 any work, unless ``cache.shared=true`` says that everyone who can write there is trusted. Folders made
 here for a private cache are mode 0o700 whatever the umask.
+
+Docs: docs/guide/sweeps-and-cache.md
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Every random parameter of a batch is drawn from a CPU ``torch.Generator`` that t
 with (seed, epoch) (:class:`distill_runner.data.bundle.TensorBatches`), in a fixed order, so an epoch
 replays exactly whatever device the images are on: the teacher-output cache relies on that. The
 pixel work runs where the images are (CPU or GPU), as a few batched ops.
+
+Docs: docs/guide/datasets.md
 """
 
 from __future__ import annotations

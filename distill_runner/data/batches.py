@@ -5,6 +5,8 @@ every loader alike (:class:`~distill_runner.data.bundle.TensorBatches` over a te
 store, :class:`~distill_runner.data.folder_batches.FolderBatches` decoding with PIL); a new loader
 implements all of them (``tests/test_loaders.py`` checks the shipped ones), so no caller has to ask
 what a loader can do.
+
+Docs: docs/reference/api.md
 """
 
 from __future__ import annotations

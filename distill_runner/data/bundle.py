@@ -14,6 +14,8 @@ Images held as one uint8 tensor (in memory or memory-mapped) are batched by inde
 tensor ops with parameters drawn from (seed, epoch), so an epoch's batches are reproducible. The
 runner then places the training set (:meth:`DataBundle.place`, ``data.on_device``): the whole set
 on the training device, or batches copied there one by one.
+
+Docs: docs/reference/api.md
 """
 
 from __future__ import annotations

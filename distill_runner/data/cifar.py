@@ -4,6 +4,8 @@ torchvision's ``CIFAR10``/``CIFAR100`` classes read (and, with ``download``, fet
 python-pickle files and check their MD5 sums. The 50,000 + 10,000 images (32x32x3 uint8, 180 MB)
 are then batched by :class:`distill_runner.data.bundle.TensorBatches` with the standard augmentation
 (random crop 32 with padding 4, horizontal flip) drawn per (seed, epoch).
+
+Docs: docs/guide/datasets.md
 """
 
 from __future__ import annotations

@@ -20,10 +20,9 @@ sizes and modification times say.
 
 Checked on every open: the header parses and names this key and format; the data file is exactly
 N*C*size*size bytes (a truncated or extended file fails); its sha256 equals the header's. Up to
-``FULL_CHECK_BYTES`` (1 GiB) the hash covers the whole file (about 0.2 s for 280 MB on this
-project's machines), so any changed byte is detected. Above that it covers 64 evenly spaced
-1 MiB blocks (first and last included): size changes and damage inside those blocks are detected,
-damage elsewhere is not. A store that fails a check is named in a warning and rebuilt.
+``FULL_CHECK_BYTES`` (1 GiB) the hash covers the whole file, so any changed byte is detected. Above that it
+covers 64 evenly spaced 1 MiB blocks (first and last included): size changes and damage inside those blocks
+are detected, damage elsewhere is not. A store that fails a check is named in a warning and rebuilt.
 
 The store is a :class:`~distill_runner.store.KeyedStore`, as the teacher cache is: building holds
 ``<key>.lock`` (a parallel sweep job waits on it, then finds the finished store) and writes temp files
@@ -35,6 +34,8 @@ A file that fails to decode (truncated: it passed the header check) does not sto
 row stays zero and the header lists its content hash under ``undecodable`` with the reason
 (:attr:`Store.undecodable`: the files that hold that content now), so the caller skips or refuses
 it, on this run and on every run that reuses the store, without decoding again.
+
+Docs: docs/guide/datasets.md
 """
 
 from __future__ import annotations

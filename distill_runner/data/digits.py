@@ -1,4 +1,7 @@
-"""scikit-learn's handwritten digits: 1,797 real 8x8 images of 10 classes, shipped with the package."""
+"""scikit-learn's handwritten digits: 1,797 real 8x8 images of 10 classes, shipped with the package.
+
+Docs: docs/guide/datasets.md
+"""
 
 from __future__ import annotations
 

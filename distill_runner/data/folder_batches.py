@@ -6,6 +6,8 @@ and augmentations are the same whatever the number of workers (:meth:`FolderBatc
 are not replayed as a batch (``replayable`` is False: the teacher runs online). :class:`FolderBatches`
 implements the whole :class:`~distill_runner.data.batches.Batches` protocol, as the store's
 :class:`~distill_runner.data.bundle.TensorBatches` does.
+
+Docs: docs/guide/datasets.md
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ PIL mode              what is done
 An animated file (GIF, APNG, multi-page TIFF) gives its first frame, which is what ``Image.open``
 shows. A file whose pixels fail to decode (a truncated JPEG or PNG: the header check passes) is
 reported by :func:`undecodable` and by the store build, and skipped or refused by the caller.
+
+Docs: docs/guide/datasets.md
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ it was hashed is not recorded (a write in the same clock tick would leave its ct
 is hashed again next time. The index is written atomically with a checksum and checked when read;
 a damaged one is ignored (the files are hashed again), and its entries never count for more than
 what a fresh ``stat`` confirms.
+
+Docs: docs/guide/datasets.md
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ chunk checksums, without decoding the pixels); :func:`drop_bad` skips the bad fi
 warning naming them (``on_bad_image=skip``) or refuses them in one line (``on_bad_image=error``).
 It serves the files that pass the header check but fail to decode too (a truncated JPEG), which
 only a full decode finds (the store build, or :func:`distill_runner.data.images.undecodable`).
+
+Docs: docs/guide/datasets.md
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Distillation: loss terms, the recipe that weighs them, schedules and teacher signals."""
+"""Distillation: loss terms, the recipe that weighs them, schedules and teacher signals.
+
+Docs: docs/guide/recipes.md
+"""
 
 from distill_runner.distill.recipe import Recipe
 

@@ -13,6 +13,8 @@ replayed teachers give a term the same tensors (up to the storage dtype).
 A loss term declares what it needs as class attributes; :class:`Term` holds their defaults, and no
 other module guesses them. The training loop, the runner and the teacher signal read these
 attributes directly.
+
+Docs: docs/reference/api.md
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@
 A weight is a number, or ``alpha`` / ``1-alpha`` (tied to alpha and its schedule). Every recipe
 hyperparameter is validated here, once. Adapters and auxiliary heads are parameters of the recipe
 (an ``nn.Module``): trained with the student, never part of its checkpoint.
+
+Docs: docs/guide/recipes.md
 """
 
 from __future__ import annotations

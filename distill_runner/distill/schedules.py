@@ -13,6 +13,8 @@ mdistiller's DKD warm-up ``min(epoch / warmup, 1)`` with 1-based epochs, for ``r
 Example: alpha=0.5 with ``{kind: linear, start: 0, ramp: 0.5}`` over E=10 epochs gives
 0.1, 0.2, 0.3, 0.4, 0.5, 0.5, ... In config a schedule is a kind name (``linear``: start 0, ramp 1)
 or a mapping ``{kind, start, ramp}``.
+
+Docs: docs/guide/recipes.md
 """
 
 from __future__ import annotations

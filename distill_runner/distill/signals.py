@@ -11,6 +11,8 @@
 
 The keys of the ``distill`` node read here (``teacher_outputs``, ``teachers``, ``teacher_weights``) are
 not passed to the recipe.
+
+Docs: docs/guide/sweeps-and-cache.md
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Per-sample weights a recipe applies to its per-sample terms (KD, DKD): class balance for
-long-tailed data and the teacher's confidence."""
+long-tailed data and the teacher's confidence.
+
+Docs: docs/methods/logit.md
+"""
 
 from __future__ import annotations
 

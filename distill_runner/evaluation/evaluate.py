@@ -1,4 +1,7 @@
-"""The evaluate step: every model of a run on the test split (quality, size, FLOPs, speed, CKA)."""
+"""The evaluate step: every model of a run on the test split (quality, size, FLOPs, speed, CKA).
+
+Docs: docs/guide/evaluation-and-export.md
+"""
 
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ runs and the ONNX entry says what to install.
 
 ``distill-export RUN_DIR`` exports a finished run's student and updates its metrics.json and
 report.md; ``distill-run export=onnx`` does the same at the end of the run.
+
+Docs: docs/guide/evaluation-and-export.md
 """
 
 from __future__ import annotations

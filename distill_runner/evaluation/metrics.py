@@ -4,6 +4,8 @@ Prediction quality (accuracy, per-class precision/recall/F1, confusion matrix, R
 calibration error), model cost (parameters, saved size, multiply-adds, latency, throughput) and
 representation similarity (linear CKA). The quality metrics are pure functions of logits and
 targets; the cost metrics run the model.
+
+Docs: docs/guide/evaluation-and-export.md
 """
 
 from __future__ import annotations

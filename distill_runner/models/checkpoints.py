@@ -16,6 +16,8 @@ Read in this order, never guessing silently (each step is named in the log line)
 
 When no prefix fits, the error names the first mismatching key (missing, unexpected or of another
 shape) under the prefix that fits best, and says which prefix it compared under.
+
+Docs: docs/guide/models.md
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Every model factory takes ``num_classes``, ``in_channels`` and ``image_size`` (the runner passes
 them from the data set) plus its own config keys, so any factory can serve as teacher or student.
+
+Docs: docs/reference/api.md
 """
 
 from __future__ import annotations

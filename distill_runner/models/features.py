@@ -3,6 +3,8 @@
 A :class:`FeatureTap` runs the model and returns ``{"logits": ..., "features": {path: tensor}}``;
 hooks record only inside its own call, so evaluation passes are untouched. Names are checked
 up front: a wrong one is a :class:`ConfigError` listing the valid names.
+
+Docs: docs/guide/models.md
 """
 
 from __future__ import annotations

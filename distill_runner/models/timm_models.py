@@ -4,6 +4,8 @@ Built with ``timm.create_model`` for the data set's classes and channels, offlin
 weights are asked for. Feature recipes name timm's own module paths (``layer3`` for ResNets,
 ``stages.2`` for ConvNeXt, ``blocks.4`` for EfficientNets): ``dict(model.named_modules())`` lists
 them, ``model.feature_info`` names the usual feature stages.
+
+Docs: docs/guide/models.md
 """
 
 from __future__ import annotations

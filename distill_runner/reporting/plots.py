@@ -2,6 +2,8 @@
 
 Matplotlib is used through ``Figure`` objects and the Agg canvas only: no pyplot state, no
 display, nothing that depends on the machine's default backend.
+
+Docs: docs/guide/evaluation-and-export.md
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ table printed at the end of a run.
 
 Everything here is a function of :class:`~distill_runner.reporting.results.RunResults`, so
 ``distill-export`` can rewrite the report of a finished run from its metrics.json.
+
+Docs: docs/guide/evaluation-and-export.md
 """
 
 from __future__ import annotations

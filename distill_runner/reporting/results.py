@@ -5,6 +5,8 @@ One name per role everywhere (stage, checkpoint, TensorBoard folder, plot label,
 Extra teachers of a multi-teacher recipe are stages and models named by their config key
 (``distill.teachers.<name>``, labelled "teacher (<name>)"); ``teacher`` is always the run's first
 teacher, the one retention and speed-ups refer to. A run whose recipe needs no teacher may have none.
+
+Docs: docs/guide/evaluation-and-export.md
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Written by a Hydra callback after every multirun (``on_multirun_end``), and rebuilt for any sweep
 folder with ``distill-report PATH``. It reads what each job wrote (``metrics.json`` and
 ``.hydra/overrides.yaml``), so it works with every launcher (basic, joblib, submitit) and sweeper.
+
+Docs: docs/guide/sweeps-and-cache.md
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ The HParams dashboard ticks by default the first five hyperparameters of the exp
 declares what people compare (recipe, temperature, alpha, student, seed; the student's accuracy,
 the KD gain, the retention) as those, never plumbing (``cache.NOT_RESULTS``), and every run
 declares the same metric names: the dashboard reads the declaration of one run only.
+
+Docs: docs/guide/evaluation-and-export.md
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """The answer to "should you ship the student?" in report.md: numbers in words that do not mislead (slower
-when slower, at chance when at chance, no difference within a test image or two, unavailable for a NaN)."""
+when slower, at chance when at chance, no difference within a test image or two, unavailable for a NaN).
+
+Docs: docs/guide/evaluation-and-export.md
+"""
 
 from __future__ import annotations
 

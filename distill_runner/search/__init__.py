@@ -1,1 +1,4 @@
-"""distill-search: a multi-objective Optuna search over students, recipes and their hyperparameters."""
+"""distill-search: a multi-objective Optuna search over students, recipes and their hyperparameters.
+
+Docs: docs/guide/search.md
+"""

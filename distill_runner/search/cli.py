@@ -1,5 +1,8 @@
 """``distill-search``: which student should I ship? The Hydra entry point over the same config tree as
-distill-run (conf/distill_search.yaml adds the ``search`` group); the work is in :mod:`.driver`."""
+distill-run (conf/distill_search.yaml adds the ``search`` group); the work is in :mod:`.driver`.
+
+Docs: docs/guide/search.md
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """A search from start to end: check the space, fine-tune the teacher once, run trials (in this process
-and ``search.workers - 1`` more sharing the study), then choose, retrain, export and report."""
+and ``search.workers - 1`` more sharing the study), then choose, retrain, export and report.
+
+Docs: docs/guide/search.md
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
 """The end of a search: the best student within budget by validation accuracy (the test split is never
 looked at to choose), run as a normal distill-run (trained with ``trainer.epochs`` unless its trial already
-was, tested next to the teacher and the scratch baseline, exported with the parity check), and int8."""
+was, tested next to the teacher and the scratch baseline, exported with the parity check), and int8.
+
+Docs: docs/guide/search.md
+"""
 
 from __future__ import annotations
 

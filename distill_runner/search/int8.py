@@ -1,6 +1,9 @@
 """``search.int8=true``: the chosen student's ONNX file quantized to int8 by ONNX Runtime's static
 quantization (QDQ, per-channel weights), calibrated on training images; its test accuracy, batch-1
-latency and size beside the fp32 file's, both run by ONNX Runtime on the CPU."""
+latency and size beside the fp32 file's, both run by ONNX Runtime on the CPU.
+
+Docs: docs/guide/search.md
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
 """What a search leaves in its folder: every trial (trials.csv), the Pareto front (pareto.csv, a table
 in report.md), plots of accuracy against latency, MACs and size (budget lines, the teacher marked),
-optimization history and parameter importances, best.json; and the same in TensorBoard (``tb/``)."""
+optimization history and parameter importances, best.json; and the same in TensorBoard (``tb/``).
+
+Docs: docs/guide/search.md
+"""
 
 from __future__ import annotations
 

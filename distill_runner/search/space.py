@@ -4,6 +4,8 @@ by an Optuna trial into Hydra overrides of the distill-run config.
 An entry is keyed by a config key. A config group (``student``, ``distill``, ...) takes ``choices``
 of its options; any other key takes ``choices`` (any YAML values) or a numeric range ``low``/``high``
 (``log``, ``step``). ``when: {group: option}`` keeps an entry to the trials that chose that option.
+
+Docs: docs/guide/search.md
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ Resume: a trial left running by a killed process is marked failed and its parame
 again, so the same student is retried: by Optuna's heartbeat for an RDB storage
 (``RetryFailedTrialCallback``), and for the journal (which has no heartbeat) by the process id and host
 each trial records, when the search restarts on that host.
+
+Docs: docs/guide/search.md
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """What one trial of a search runs: the distill-run pipeline's own steps (prepare, build, teachers,
 the KD student) on the config composed with the trial's overrides, without the scratch baseline,
 evaluation or report; and the student's measured cost. The teacher comes from the shared cache, so it
-is trained once per search (:func:`prepare_teacher`) and its outputs are replayed in every trial."""
+is trained once per search (:func:`prepare_teacher`) and its outputs are replayed in every trial.
+
+Docs: docs/guide/search.md
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""One training loop for every stage, evaluation, mixed precision and atomic checkpoints."""
+"""One training loop for every stage, evaluation, mixed precision and atomic checkpoints.
+
+Docs: docs/architecture.md
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """An epoch's loss terms, summed on the device, and the check that they stay finite: both read the device only
-every SYNC_EVERY steps and at the epoch's end, so a GPU is not left idle while Python prepares the next batch."""
+every SYNC_EVERY steps and at the epoch's end, so a GPU is not left idle while Python prepares the next batch.
+
+Docs: docs/architecture.md
+"""
 
 from __future__ import annotations
 

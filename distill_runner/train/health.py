@@ -1,4 +1,7 @@
-"""Checks on a stage's epoch history that catch a run that trains but does not learn."""
+"""Checks on a stage's epoch history that catch a run that trains but does not learn.
+
+Docs: docs/guide/resume-and-faults.md
+"""
 
 from __future__ import annotations
 

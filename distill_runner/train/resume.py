@@ -1,6 +1,9 @@
 """A stage's checkpoints: ``<stage>_last.pt`` (everything needed to continue, written after every epoch), the copy
 of it kept before it was last overwritten (``<stage>_last.prev.pt``, for when it is damaged) and
-``<stage>_best.pt`` (the weights of the epoch with the best validation accuracy so far)."""
+``<stage>_best.pt`` (the weights of the epoch with the best validation accuracy so far).
+
+Docs: docs/guide/resume-and-faults.md
+"""
 
 from __future__ import annotations
 

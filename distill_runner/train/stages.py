@@ -1,5 +1,8 @@
 """A run's stages: fit a model with a recipe (:func:`engine.fit`) into the run folder, or load it from
-the cache when the same stage was trained before (a sweep trains its teacher and baseline once)."""
+the cache when the same stage was trained before (a sweep trains its teacher and baseline once).
+
+Docs: docs/architecture.md
+"""
 
 from __future__ import annotations
 

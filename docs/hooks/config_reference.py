@@ -48,9 +48,8 @@ def key_tables(keys: Iterable) -> str:
         for k in rows:
             kind = "node" if k.node else _code(k.type)
             default = "" if k.node else _code(k.default)
-            out.append(
-                f"| `{_cell(k.path)}` | {kind} | {default} | {_cell(k.check)} | {_cell(k.help)} | {_affects(k.affects)} |"
-            )
+            cells = [f"`{_cell(k.path)}`", kind, default, _cell(k.check), _cell(k.help), _affects(k.affects)]
+            out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
 

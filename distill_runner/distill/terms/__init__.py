@@ -1,6 +1,9 @@
 """Loss terms, each named in a recipe's YAML by its ``_target_``, e.g.
 ``distill_runner.distill.terms.HintonKD``. A term of your own is any class meeting
-:class:`distill_runner.distill.contract.LossTerm` (subclass :class:`~distill_runner.distill.contract.Term`)."""
+:class:`distill_runner.distill.contract.LossTerm` (subclass :class:`~distill_runner.distill.contract.Term`).
+
+Docs: docs/methods/index.md
+"""
 
 from distill_runner.distill.terms.ctkd import CTKD
 from distill_runner.distill.terms.dist import DIST

@@ -9,6 +9,8 @@ pass multiplies the gradient by ``-lambda``. So the optimizer that lowers the lo
 raises it w.r.t. ``p``, scaled by the curriculum ``lambda``, which rises along a cosine from
 ``lambda_start`` to ``lambda_end`` over the first ``lambda_ramp`` of training and then holds
 (easy-to-hard). The instance-wise version (a temperature per sample from an MLP) is not offered.
+
+Docs: docs/methods/logit.md
 """
 
 from __future__ import annotations

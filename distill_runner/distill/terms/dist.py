@@ -9,6 +9,8 @@ the student's probabilities ``p = softmax(z / T)`` to be linearly correlated wit
 
 The intra-class relation couples the samples of a batch, so the loss is not a mean over samples and
 per-sample weights do not apply to it.
+
+Docs: docs/methods/logit.md
 """
 
 from __future__ import annotations

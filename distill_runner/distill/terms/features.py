@@ -4,6 +4,8 @@ Both pair student layers with teacher layers by module path (``features.1``, ``l
 names are checked against the models at bind, before any training. FitNets reads the teacher's
 features themselves; attention transfer only their attention maps (its ``teacher_summary``: what
 replay stores for it, about 1/C of the feature).
+
+Docs: docs/methods/feature.md
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Every function computes in float32 (safe under autocast). KD and DKD return one value per sample,
 so the recipe's sample weights (class balance, teacher confidence) apply before the mean.
+
+Docs: docs/methods/logit.md
 """
 
 from __future__ import annotations

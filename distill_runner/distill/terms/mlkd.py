@@ -9,12 +9,13 @@ With ``P = softmax(z / T)`` of shape (batch B, classes C), for each temperature 
 
     mlkd = sum_T  m_s * instance(T) + m_s * batch(T) + m_c * class(T)
 
-The masks come from the teacher at temperature 1: ``m_s`` is the fraction of samples whose max
-probability is at most the batch's median, ``m_c`` the fraction of classes whose summed probability is at
-most the median over classes. In the official code (KD_ours.py, github Jin-Ying/Multi-Level-Logit-Distillation
-5ee473f) the losses are reduced to scalars before ``* mask`` (``reduce=False`` is commented out), so a mask
-scales its levels by that fraction (0.5 for an even batch of distinct confidences) and selects nothing; we
-reproduce that. The batch and class levels couple samples, so no per-sample weights apply.
+The masks come from the teacher at temperature 1: ``m_s`` is the fraction of samples whose max probability
+is at most the batch's median, ``m_c`` the fraction of classes whose summed probability is at most the
+median over classes. In the official code (KD_ours.py, github Jin-Ying/Multi-Level-Logit-Distillation, the
+commit in tests/reference/mlkd.json) the losses are reduced to scalars before ``* mask`` (``reduce=False``
+is commented out), so a mask scales its levels by that fraction (0.5 for an even batch of distinct
+confidences) and selects nothing; we reproduce that. The batch and class levels couple samples, so no
+per-sample weights apply.
 
 Official terms covered: ``loss_kd_weak + loss_cc_weak + loss_bc_weak`` of ``forward_train`` (cc: class
 level, bc: batch level), divided by ``KD_WEIGHT`` (the recipe's weight on this term). The official method
@@ -28,6 +29,8 @@ RandAugment-style key (CIFAR: ``crop_padding``, ``hflip``; image folders: ``resi
 temperature in the instance level only, as the LS paper's MLKD (Sun et al., CVPR 2024, github
 sunshangquan/logit-standardization-KD, mdistiller/distillers/MLKD.py) does; the Gram matrices and the
 masks stay on the raw logits there, and here.
+
+Docs: docs/methods/logit.md
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@ target class removed, so ``q`` sums to 1 over the others)::
 
 The target part is at temperature 1; the non-target part is a cross-entropy between the teacher's and
 the student's normalized non-target distributions at temperature T. Its batch mean equals the official
-``NKDLoss`` (github yzd-v/cls_KD, mmcls/models/dis_losses/nkd.py) as fixed in commit 9466b3f (2023-10-10),
-which removed the target class from the non-target part; before it the mask kept every class.
+``NKDLoss`` (github yzd-v/cls_KD, mmcls/models/dis_losses/nkd.py) as fixed on 2023-10-10 (the commit is in
+tests/reference/nkd.json), which removed the target class from the non-target part; before it the mask kept every class.
+
+Docs: docs/methods/logit.md
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Self-distillation: the student teaches auxiliary heads on its own shallow layers."""
+"""Self-distillation: the student teaches auxiliary heads on its own shallow layers.
+
+Docs: docs/methods/multi-teacher-self.md
+"""
 
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ probabilities are power-transformed, ``q_t = p_t^gamma / sum_j p_{t,j}^gamma`` (
 ``softmax(gamma * teacher_logits)``, i.e. temperature ``1 / gamma``), and the student at temperature 1
 matches them: ``KL(q_t || softmax(s))``. WTTM weighs each sample's KL by ``U = sum_j p_{t,j}^gamma``,
 large where the teacher is unsure. No T^2 factor: the official code has none.
+
+Docs: docs/methods/logit.md
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""What the zoo's factories share: argument checks, weight initialisation, the label in reports."""
+"""What the zoo's factories share: argument checks, weight initialisation, the label in reports.
+
+Docs: docs/guide/models.md
+"""
 
 from __future__ import annotations
 

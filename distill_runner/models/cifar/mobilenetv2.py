@@ -4,6 +4,8 @@ the zoo's MobileNetV2 is width 0.5, expansion 6.
 
 Stage outputs for feature recipes: ``conv1`` (16 px at 32 px input), ``blocks.1`` (16 px), ``blocks.2``
 (8 px), ``blocks.4`` (4 px), ``blocks.6`` (2 px): the reference's features f0..f4; ``conv2`` (2 px).
+
+Docs: docs/guide/models.md
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ ResNet50 of the CIFAR benchmarks (four bottleneck stages with a 3x3 stride-1 ste
 
 Stage outputs for feature recipes: ``relu`` (stem), ``layer1``, ``layer2``, ``layer3`` (after the
 block's ReLU; 32, 16, 8 px at 32 px input), and ``layer4`` for ResNet50 (4 px).
+
+Docs: docs/guide/models.md
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ The zoo's ShuffleV1 has 3 groups and widths 240/480/960; its ShuffleV2 is the 1x
 
 Stage outputs for feature recipes: ``relu`` (stem, 32 px at 32 px input), ``layer1``, ``layer2``,
 ``layer3`` (16, 8, 4 px), and for V2 ``conv2``/``bn2`` (the 1x1 conv to 1024 channels, 4 px).
+
+Docs: docs/guide/models.md
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ them, global average pooling and a single linear classifier (no VGG fully connec
 
 Stage outputs for feature recipes: ``relu0`` ... ``relu4`` (each stage after its ReLU; 32, 16, 8, 4, 4 px
 at 32 px input) or ``block1`` ... ``block4`` (the same before the ReLU: the reference's pre-activation).
+
+Docs: docs/guide/models.md
 """
 
 from __future__ import annotations

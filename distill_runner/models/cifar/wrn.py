@@ -3,6 +3,8 @@
 
 Stage outputs for feature recipes: ``conv1`` (stem), ``block1``, ``block2``, ``block3`` (32, 16, 8 px at
 32 px input; pre-activation sums, as the reference's features) and ``relu`` (block3 after BN-ReLU).
+
+Docs: docs/guide/models.md
 """
 
 from __future__ import annotations
