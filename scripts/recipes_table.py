@@ -1,4 +1,4 @@
-"""Run every loss recipe on the quickstart for seeds 0-4 and print the README's Markdown table.
+"""Run every loss recipe on the quickstart for seeds 0-4 and print the Markdown table of docs/benchmarks.md.
 
     nice -n 10 python scripts/recipes_table.py [--seeds 0 1 2 3 4] [--out outputs/recipes_table] [override ...]
 
