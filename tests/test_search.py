@@ -224,6 +224,8 @@ def test_space_entries_sample_into_overrides_and_bad_entries_are_one_line():
         "distill.alpha": ({"low": 0.9, "high": 0.1}, "search.space.distill.alpha="),
         "distill.beta": ({"choices": []}, "search.space.distill.beta.choices=[]"),
         "trainer.optimizer.lr": ({"low": 1e-3, "high": 1e-2, "lgo": True}, "search.space.trainer.optimizer.lr.lgo="),
+        "distill.gamma": (5, "search.space.distill.gamma=5: give {choices: [...]} or {low: L, high: H}"),
+        "distill.delta": ({"low": 1, "high": 2, "when": "kd"}, "search.space.distill.delta.when='kd': give {group"),
     }
     for key, (spec, start) in bad.items():
         with pytest.raises(ConfigError) as err:
@@ -231,6 +233,43 @@ def test_space_entries_sample_into_overrides_and_bad_entries_are_one_line():
         assert str(err.value).startswith(start) and "\n" not in str(err.value)
     with pytest.raises(ConfigError, match=r"^search.space.student='resnet50': not an option of the student group"):
         space.check(parse_space({"student": {"choices": ["tiny_cnn", "resnet50"]}}), [], None)
+
+
+def test_an_entrys_unknown_field_is_named_with_its_value_though_the_key_holds_dots():
+    with pytest.raises(ConfigError) as err:
+        parse_space({"trainer.optimizer.lr": {"low": 1e-3, "high": 1e-2, "lgo": True}})
+    assert str(err.value) == (
+        "search.space.trainer.optimizer.lr.lgo=True: an entry takes only choices, low, high, log, step, when"
+    )
+
+
+def test_a_trial_runs_the_runners_own_pipeline(monkeypatch, tmp_path):
+    """run_trial is the runner's session, build and train (stopped after the KD student), not a copy of them."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from distill_runner import runner
+    from distill_runner.search import trial
+
+    calls = []
+
+    @contextmanager
+    def session(cfg, run_dir, overrides=None):
+        calls.append(("session", run_dir))
+        yield SimpleNamespace(data=None, device=None, precision=None, spec=SimpleNamespace(eval=None))
+
+    def train(ctx, built, stages, on_student_epoch):
+        calls.append(("train", stages, on_student_epoch))
+        return {}, {"student": SimpleNamespace(final_val_acc=0.75)}
+
+    monkeypatch.setattr(runner, "session", session)
+    monkeypatch.setattr(runner, "train", train)
+    monkeypatch.setattr(runner, "build", lambda ctx: calls.append(("build",)) or SimpleNamespace(student="model"))
+    monkeypatch.setattr(trial, "cost", lambda model, *rest: {"params": 1, "model": model})
+    measured, hook = [], lambda *a: None
+    assert trial.run_trial("cfg", tmp_path, measured.append, hook) == 0.75
+    assert calls == [("session", tmp_path), ("build",), ("train", ("teachers", "student"), hook)]
+    assert measured == [{"params": 1, "model": "model"}]  # measured before training
 
 
 def test_the_kd_preset_is_the_old_kd_search():
