@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,10 +65,17 @@ def run(cfg: DictConfig | RunSpec, run_dir: str | Path, overrides: list[str] | N
     Under torchrun every process trains; rank 0 alone evaluates and writes (the others return None).
     """
     start = time.perf_counter()
-    spec = validate(cfg)
-    ctx = prepare(spec, Path(run_dir), list(overrides or []))
-    try:
+    with session(cfg, run_dir, overrides) as ctx:
         return _run(ctx, start, list(overrides or []))
+
+
+@contextmanager
+def session(cfg: DictConfig | RunSpec, run_dir: str | Path, overrides: list[str] | None = None) -> Iterator[Run]:
+    """The prepared run (:func:`prepare`), its folder released at the end; Ctrl-C inside names the folder
+    (:class:`~distill_runner.errors.Interrupted`). A search trial runs in one too."""
+    ctx = prepare(validate(cfg), Path(run_dir), list(overrides or []))
+    try:
+        yield ctx
     except KeyboardInterrupt:  # the command line says how to continue in this folder
         raise Interrupted(ctx.run_dir) from None
     finally:
@@ -77,8 +86,7 @@ def run(cfg: DictConfig | RunSpec, run_dir: str | Path, overrides: list[str] | N
 def _run(ctx: Run, start: float, overrides: list[str]) -> RunResults | None:
     """The steps after the run folder is this run's."""
     built = build(ctx)
-    teachers, stages = train_teachers(ctx, built)
-    stages.update(train_students(ctx, built, list(teachers.values()), stages))
+    teachers, stages = train(ctx, built)
     if not distributed.is_main():
         return None
     models = {**teachers, "student": built.student, "baseline": built.baseline}
@@ -227,17 +235,27 @@ def run_estimate(ctx: Run, built: BuiltModels, teacher: nn.Module) -> health.Run
     return health.RunEstimate(ctx.spec.teacher.epochs, ctx.spec.trainer.epochs, relative, online)
 
 
-def train_students(
-    ctx: Run, built: BuiltModels, teachers: list[nn.Module], finished_teachers: dict
-) -> dict[str, StageResult]:
-    """The KD student with the recipe and the teacher signal; the baseline with cross-entropy (it
-    does not depend on the recipe: a sweep over KD settings trains it once)."""
-    student = train_student(ctx, built, teachers, finished_teachers)
-    student_schedule = schedule(ctx.spec.trainer.source, "trainer")
-    supervised = builders.cross_entropy(ctx.data, built.baseline)
-    baseline_stage = engine.Stage("baseline", built.baseline, supervised, **student_schedule)
-    baseline = run_or_reuse(ctx, baseline_stage, "baselines", baseline_key(ctx.spec, ctx.data.fingerprint))
-    return {"student": student, "baseline": baseline}
+STAGES = ("teachers", "student", "baseline")
+
+
+def train(
+    ctx: Run, built: BuiltModels, stages=STAGES, on_student_epoch: engine.EpochHook | None = None
+) -> tuple[dict[str, nn.Module], dict[str, StageResult]]:
+    """The training stages in order (a search's teacher step runs the first; a trial the first two): the
+    teachers; the KD student with the recipe and the teacher signal (``on_student_epoch``: see
+    :func:`train_student`); the baseline with cross-entropy (it does not depend on the recipe: a sweep over
+    KD settings trains it once). Returns the teachers by stage name and every stage's result."""
+    teachers, results = train_teachers(ctx, built)
+    if "student" in stages:
+        results["student"] = train_student(ctx, built, list(teachers.values()), dict(results), on_student_epoch)
+    if "baseline" in stages:
+        student_schedule = schedule(ctx.spec.trainer.source, "trainer")
+        supervised = builders.cross_entropy(ctx.data, built.baseline)
+        baseline_stage = engine.Stage("baseline", built.baseline, supervised, **student_schedule)
+        results["baseline"] = run_or_reuse(
+            ctx, baseline_stage, "baselines", baseline_key(ctx.spec, ctx.data.fingerprint)
+        )
+    return teachers, results
 
 
 def train_student(

@@ -124,9 +124,14 @@ class Spec:
 
     EXTRA: typing.ClassVar[Affects | None] = None
     UNKNOWN_FIX: typing.ClassVar[str] = ""  # the fix for a key it does not declare (default: "did you mean ...")
+    SHAPE_FIX: typing.ClassVar[str] = ""  # the fix for a value that is not a mapping (default: the node's help)
 
     def __post_init__(self):
         self.source: DictConfig | None = None
+
+    def check_together(self, path: str) -> None:
+        """The checks that span this node's keys, once each key is read (``path``: the node's); raise a
+        :class:`ConfigError` naming the key, the value and the fix. None by default."""
 
 
 def _fix(meta, path: str) -> str:
@@ -139,8 +144,8 @@ def _fix(meta, path: str) -> str:
 def parse(cls: type[Spec], cfg: DictConfig | None, path: str = "") -> Spec:
     """``cfg`` checked against ``cls`` into an instance: unknown keys first (every node), then each
     declared key in declaration order. Raises :class:`ConfigError` for the first problem."""
-    for bad, owner in unknown_keys(cls, cfg, path):
-        raise _unknown(bad, OmegaConf.select(cfg, bad[len(path) + 1 :] if path else bad), cls, owner, path)
+    for bad, owner, value in _unknown_keys(cls, cfg, path):
+        raise _unknown(bad, value, cls, owner, path)
     return _read(cls, cfg, path)
 
 
@@ -160,27 +165,37 @@ def _items(cfg: DictConfig | None) -> Iterator[tuple[str, object]]:
 
 def unknown_keys(cls: type[Spec], cfg: DictConfig | None, path: str = "") -> Iterator[tuple[str, type[Spec]]]:
     """The dotted paths of keys in ``cfg`` that ``cls`` neither declares nor passes through, with their node."""
+    return ((bad, owner) for bad, owner, _ in _unknown_keys(cls, cfg, path))
+
+
+def _unknown_keys(cls: type[Spec], cfg: DictConfig | None, path: str) -> Iterator[tuple[str, type[Spec], object]]:
+    """:func:`unknown_keys` with each key's value (a key of a mapping of nodes may hold dots: the search space's)."""
     declared = {f.name: f for f in fields(cls)}
     for name, value in _items(cfg):
         where = f"{path}.{name}" if path else str(name)
         f = declared.get(name)
         if f is None:
             if cls.EXTRA is None:
-                leaf = next(_leaves(value, where)) if isinstance(value, DictConfig) and len(value) else where
-                yield leaf, cls
+                leaf, parent, name = (
+                    next(_leaves(value, where)) if isinstance(value, DictConfig) and len(value) else (where, cfg, name)
+                )
+                yield leaf, cls, parent[name]  # resolved, as the value it gets
             continue
         sub = f.metadata.get("node")
         if sub is not None and isinstance(value, DictConfig):
             for child, child_cfg in _items(value) if f.metadata["many"] else [(None, value)]:
-                yield from unknown_keys(sub, child_cfg, where if child is None else f"{where}.{child}")
+                yield from _unknown_keys(sub, child_cfg, where if child is None else f"{where}.{child}")
 
 
-def _leaves(node: DictConfig, prefix: str) -> Iterator[str]:
+def _leaves(node: DictConfig, prefix: str) -> Iterator[tuple[str, DictConfig, object]]:
+    """The dotted path of each leaf under ``node``, with its parent and key."""
     for k, v in _items(node):
-        yield from _leaves(v, f"{prefix}.{k}") if isinstance(v, DictConfig) and len(v) else [f"{prefix}.{k}"]
+        yield from _leaves(v, f"{prefix}.{k}") if isinstance(v, DictConfig) and len(v) else [(f"{prefix}.{k}", node, k)]
 
 
 def _read(cls: type[Spec], cfg: DictConfig | None, path: str) -> Spec:
+    if cfg is not None and not isinstance(cfg, DictConfig):
+        raise ConfigError(path, cfg, cls.SHAPE_FIX or f"give a mapping: {cls.__doc__.splitlines()[0]}")
     values = {}
     for f in fields(cls):
         where = f"{path}.{f.name}" if path else f.name
@@ -188,6 +203,7 @@ def _read(cls: type[Spec], cfg: DictConfig | None, path: str) -> Spec:
         values[f.name] = _value(f, raw, where)
     spec = cls(**values)
     spec.source = cfg
+    spec.check_together(path)
     return spec
 
 

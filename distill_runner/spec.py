@@ -33,6 +33,7 @@ from distill_runner.schema import (
     one_of,
 )
 from distill_runner.schema import reference as _reference
+from distill_runner.search_spec import SearchSpec
 
 DATA, TEACHER, BASELINE, OUTPUTS = Affects.DATA, Affects.TEACHER, Affects.BASELINE, Affects.OUTPUTS
 EVAL, SPEED, RUN, NOTHING = Affects.EVAL, Affects.SPEED, Affects.RUN, Affects.NOTHING
@@ -306,57 +307,6 @@ class DistillSpec(Spec):
     def __post_init__(self):
         super().__post_init__()
         self.weights: list[float] | None = None  # teacher_weights in teacher order (teacher first); None = average
-
-
-@spec
-class BudgetSpec(Spec):
-    """What a search's chosen student must not exceed (null: no limit)."""
-
-    UNKNOWN_FIX = "budgets are latency_ms, macs, params"
-
-    latency_ms: float | None = key(None, nullable(number_in(0, low_open=True)), "use null or a number > 0",
-                                   "batch-1 latency, ms")  # fmt: skip
-    params: float | None = key(None, nullable(number_in(0, low_open=True)), "use null or a number > 0", "parameters")
-    macs: float | None = key(None, nullable(number_in(0, low_open=True)), "use null or a number > 0", "MACs per image")
-
-
-def _positive(k: str) -> str:
-    return "use an integer >= 1"
-
-
-@spec
-class SearchSpec(Spec):
-    """distill-search's node (conf/search/): the space, the objective, the budgets, the study."""
-
-    trials: int = key(REQUIRED, number_in(1, integer=True), _positive, "finished trials the study holds")
-    trial_epochs: int | None = key(
-        None,
-        nullable(number_in(1, integer=True)),
-        "use null (trainer.epochs) or an integer >= 1",
-        "epochs of each trial",
-    )
-    objective: str | None = key(
-        None,
-        one_of(None, "latency_ms", "macs", "params"),
-        "use one of latency_ms, macs, params or null",
-        "what accuracy is weighed against",
-    )
-    budget: BudgetSpec = node(BudgetSpec, "limits a chosen student must keep", required=False)
-    space: dict = node(None, "what the search varies (distill_runner.search.space checks each entry)")
-    enqueue: list = key([], None, "", "trials to run first")
-    sampler: dict = node(None, "an Optuna sampler", required=False)
-    pruner: dict = node(None, "an Optuna pruner", required=False)
-    storage: str | None = key(None, None, "", "null: <search folder>/study.journal; a .journal file; an RDB URL")
-    repair_journal: bool = key(False, is_bool, BOOL, "cut a journal damaged mid-write before its first bad line")
-    study_name: str = key("distill-search", None, "", "the study's name in the storage")
-    workers: int = key(1, number_in(1, integer=True), _positive, "processes on this machine sharing the study")
-    role: str = key("main", one_of("main", "worker"), "use main (the whole search) or worker (trials only)",
-                    "main: teacher, trials, final step, report; worker: trials only")  # fmt: skip
-    worker: int = key(0, is_int, "use an integer (sweep it to start workers: search.worker=1,2,3)", "a worker's number")
-    final: bool = key(True, None, "", "retrain, test and export the chosen student")
-    int8: bool = key(False, None, "", "also quantize the chosen student's ONNX file to int8")
-    int8_calibration_images: int = key(256, number_in(1, integer=True), _positive,
-                                       "training images the int8 calibration runs through")  # fmt: skip
 
 
 @spec

@@ -18,7 +18,6 @@ import re
 import secrets
 import shutil
 import stat
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -27,11 +26,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
 
 from distill_runner import distributed, trust
-from distill_runner.errors import StorageError, UserError
+from distill_runner.errors import StorageError
 from distill_runner.trust import pid_alive
 
 log = logging.getLogger(__name__)
@@ -394,24 +391,3 @@ def check_free_space_per_disk(needs: list[tuple[str | os.PathLike, str, int, str
         found[3].append(what)
     for folder, key, nbytes, whats in disks.values():
         check_free_space(folder, nbytes, key, "; ".join(whats))
-
-
-class OutputFolderCheck(Callback):
-    """Before Hydra creates the run (or sweep) folder: it and the cache are writable, the cache is yours."""
-
-    def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        self._check(config, "hydra.run.dir")
-
-    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self._check(config, "hydra.sweep.dir")
-
-    def _check(self, config: DictConfig, key: str) -> None:
-        try:
-            check_writable(OmegaConf.select(config, key), key)
-            if OmegaConf.select(config, "cache.enabled", default=False):
-                check_writable(OmegaConf.select(config, "cache.dir"), "cache.dir")
-            trust.check_cache_folders(config)
-        except UserError as exc:  # Hydra would print a traceback: one line instead
-            app = OmegaConf.select(config, "hydra.help.app_name", default=None) or "distill-run"  # or distill-search
-            print(f"{app}: error: {exc}", file=sys.stderr)
-            sys.exit(2)

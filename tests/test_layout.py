@@ -63,7 +63,7 @@ def test_no_import_cycle():
 # The package's layers, bottom first: a module imports from its own layer or below, never above. A name covers
 # its sub-modules (distill_runner.data: every data module); distill_runner itself (the empty package) is on top.
 LAYERS = {
-    "errors and the typed config schema": ("errors", "distributed", "precision", "schema", "spec"),
+    "errors and the typed config schema": ("errors", "distributed", "precision", "schema", "spec", "search_spec"),
     "io: files, folders and locks, keyed stores, the run folder": ("storage", "trust", "store", "cache", "run_folder"),
     "data and models": ("data", "models"),
     "distill: terms, recipe, teacher signals": ("distill",),

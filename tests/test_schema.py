@@ -11,7 +11,6 @@ from distill_runner.distill import signals
 from distill_runner.errors import ConfigError
 from distill_runner.run_folder import release
 from distill_runner.schema import Affects, unknown_keys
-from distill_runner.search.driver import check_search
 from distill_runner.spec import RunSpec, TeacherSpec, reference
 
 
@@ -80,5 +79,5 @@ def test_the_search_node_is_checked_by_the_same_schema(override, key, fix):
     with initialize_config_module(config_module="distill_runner.conf", version_base="1.3"):
         cfg = compose(config_name="distill_search", overrides=[override])
     with pytest.raises(ConfigError) as err:
-        check_search(cfg.search)
+        validate(cfg)  # the search node and its space are part of the one validation
     assert err.value.key == key and err.value.fix == fix and "\n" not in str(err.value)

@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_module
 
 optuna = pytest.importorskip("optuna", minversion="4")
 
+from distill_runner.config import validate  # noqa: E402
 from distill_runner.errors import ConfigError  # noqa: E402
 from distill_runner.search import driver  # noqa: E402
 
@@ -69,9 +70,9 @@ def write_space(conf_dir: Path, name: str, **changes) -> str:
 
 def run_search(folder: Path, overrides: list[str]):
     with initialize_config_module(config_module="distill_runner.conf", version_base="1.3"):
-        cfg = compose(config_name="distill_search", overrides=overrides)
+        spec = validate(compose(config_name="distill_search", overrides=overrides))  # as distill-search does
         folder.mkdir(parents=True, exist_ok=True)
-        return driver.search(cfg, folder, [o for o in overrides if not o.startswith("hydra.")])
+        return driver.search(spec, folder, [o for o in overrides if not o.startswith("hydra.")])
 
 
 @pytest.fixture(scope="module")
@@ -191,10 +192,21 @@ def test_a_killed_search_resumes_from_its_journal(tmp_path, searched, cache_dir)
     assert best["trial"]["params"] <= PARAMS_BUDGET and best["final"] == {}
 
 
+def parse_space(raw: dict) -> list:
+    """``raw`` as search.space, checked by the schema as distill-search checks it."""
+    from omegaconf import OmegaConf
+
+    from distill_runner.schema import parse
+    from distill_runner.search import space
+    from distill_runner.search_spec import SearchSpec
+
+    return space.entries(parse(SearchSpec, OmegaConf.create({**SPACE, "space": raw}), "search").space)
+
+
 def test_space_entries_sample_into_overrides_and_bad_entries_are_one_line():
     from distill_runner.search import space
 
-    entries = space.parse(
+    entries = parse_space(
         {
             "student": {"choices": ["tiny_cnn", "mobilenet_v2"]},
             "student.model.channels": {"choices": [[8, 16], [16, 32]], "when": {"student": "tiny_cnn"}},
@@ -212,13 +224,52 @@ def test_space_entries_sample_into_overrides_and_bad_entries_are_one_line():
         "distill.alpha": ({"low": 0.9, "high": 0.1}, "search.space.distill.alpha="),
         "distill.beta": ({"choices": []}, "search.space.distill.beta.choices=[]"),
         "trainer.optimizer.lr": ({"low": 1e-3, "high": 1e-2, "lgo": True}, "search.space.trainer.optimizer.lr.lgo="),
+        "distill.gamma": (5, "search.space.distill.gamma=5: give {choices: [...]} or {low: L, high: H}"),
+        "distill.delta": ({"low": 1, "high": 2, "when": "kd"}, "search.space.distill.delta.when='kd': give {group"),
     }
     for key, (spec, start) in bad.items():
         with pytest.raises(ConfigError) as err:
-            space.parse({key: spec})
+            parse_space({key: spec})
         assert str(err.value).startswith(start) and "\n" not in str(err.value)
     with pytest.raises(ConfigError, match=r"^search.space.student='resnet50': not an option of the student group"):
-        space.check(space.parse({"student": {"choices": ["tiny_cnn", "resnet50"]}}), [], None)
+        space.check(parse_space({"student": {"choices": ["tiny_cnn", "resnet50"]}}), [], None)
+
+
+def test_an_entrys_unknown_field_is_named_with_its_value_though_the_key_holds_dots():
+    with pytest.raises(ConfigError) as err:
+        parse_space({"trainer.optimizer.lr": {"low": 1e-3, "high": 1e-2, "lgo": True}})
+    assert str(err.value) == (
+        "search.space.trainer.optimizer.lr.lgo=True: an entry takes only choices, low, high, log, step, when"
+    )
+
+
+def test_a_trial_runs_the_runners_own_pipeline(monkeypatch, tmp_path):
+    """run_trial is the runner's session, build and train (stopped after the KD student), not a copy of them."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from distill_runner import runner
+    from distill_runner.search import trial
+
+    calls = []
+
+    @contextmanager
+    def session(cfg, run_dir, overrides=None):
+        calls.append(("session", run_dir))
+        yield SimpleNamespace(data=None, device=None, precision=None, spec=SimpleNamespace(eval=None))
+
+    def train(ctx, built, stages, on_student_epoch):
+        calls.append(("train", stages, on_student_epoch))
+        return {}, {"student": SimpleNamespace(final_val_acc=0.75)}
+
+    monkeypatch.setattr(runner, "session", session)
+    monkeypatch.setattr(runner, "train", train)
+    monkeypatch.setattr(runner, "build", lambda ctx: calls.append(("build",)) or SimpleNamespace(student="model"))
+    monkeypatch.setattr(trial, "cost", lambda model, *rest: {"params": 1, "model": model})
+    measured, hook = [], lambda *a: None
+    assert trial.run_trial("cfg", tmp_path, measured.append, hook) == 0.75
+    assert calls == [("session", tmp_path), ("build",), ("train", ("teachers", "student"), hook)]
+    assert measured == [{"params": 1, "model": "model"}]  # measured before training
 
 
 def test_the_kd_preset_is_the_old_kd_search():
@@ -235,7 +286,7 @@ def test_a_bad_storage_is_one_line(tmp_path):
     from distill_runner.search import study
 
     with initialize_config_module(config_module="distill_runner.conf", version_base="1.3"):
-        node = compose(config_name="distill_search", overrides=["search.storage=my-db"]).search
+        node = validate(compose(config_name="distill_search", overrides=["search.storage=my-db"])).search
     with pytest.raises(ConfigError, match=r"^search.storage='my-db': use null .* or an RDB URL"):
         study.storage(node, tmp_path)
 
@@ -247,14 +298,14 @@ def test_int8_beside_fp32_and_one_line_without_onnxruntime(searched, tmp_path, m
     _, folder, best, _ = searched
     onnx_path = folder / best["final"]["folder"] / best["final"]["export"]["onnx"]["path"]
     with initialize_config_module(config_module="distill_runner.conf", version_base="1.3"):
-        cfg = compose_run([*SMALL, *best["trial"]["overrides"]])
-    result = int8.quantize(onnx_path, cfg, tmp_path, calibration_images=32)
+        spec = validate(compose_run([*SMALL, *best["trial"]["overrides"]]))
+    result = int8.quantize(onnx_path, spec, tmp_path, calibration_images=32)
     assert result["calibration_images"] == 32 and (tmp_path / "student.int8.onnx").is_file()
     assert result["int8"]["size_bytes"] < result["fp32"]["size_bytes"]
     assert result["fp32"]["test_acc"] == pytest.approx(best["final"]["test_acc"], abs=1e-6)  # the same fp32 model
     assert abs(result["int8"]["test_acc"] - result["fp32"]["test_acc"]) < 0.1 and result["int8"]["latency_ms"] > 0
     monkeypatch.setattr(int8, "missing_modules", lambda *names: ["onnxruntime"])
-    skipped = int8.quantize(onnx_path, cfg, tmp_path, calibration_images=32)
+    skipped = int8.quantize(onnx_path, spec, tmp_path, calibration_images=32)
     assert skipped == {
         "status": "skipped: onnxruntime not installed; pip install -e '.[export]' adds int8 quantization"
     }

@@ -19,13 +19,15 @@ optuna = pytest.importorskip("optuna", minversion="4")
 
 from test_search import SMALL, trials, write_space  # noqa: E402
 
+from distill_runner.config import validate  # noqa: E402
 from distill_runner.errors import ConfigError  # noqa: E402
 from distill_runner.search import study as studies  # noqa: E402
 
 
 def search_node(*overrides: str):
+    """The typed search node, as distill-search validates it."""
     with initialize_config_module(config_module="distill_runner.conf", version_base="1.3"):
-        return compose(config_name="distill_search", overrides=list(overrides)).search
+        return validate(compose(config_name="distill_search", overrides=list(overrides))).search
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,6 @@ def test_slurm_preset_is_one_gpu_per_job_with_requeue():
 
 def test_sweep_summary_callback_is_registered():
     cfg = compose_hydra([])
-    assert cfg.hydra.callbacks.sweep_summary._target_ == "distill_runner.reporting.sweep.SweepSummary"
-    assert cfg.hydra.callbacks.output_folder_check._target_ == "distill_runner.storage.OutputFolderCheck"
+    assert cfg.hydra.callbacks.sweep_summary._target_ == "distill_runner.callbacks.SweepSummary"
+    assert cfg.hydra.callbacks.output_folder_check._target_ == "distill_runner.callbacks.OutputFolderCheck"
     assert cfg.hydra.sweep.dir.startswith("outputs/multirun/")

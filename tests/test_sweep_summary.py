@@ -89,6 +89,8 @@ def test_tensorboard_declares_and_writes_the_validation_metrics(tmp_path):
 def test_job_folders_are_named_by_the_swept_settings(monkeypatch):
     from omegaconf import OmegaConf
 
+    from distill_runner import callbacks
+
     monkeypatch.setenv(sweep.SWEPT_ENV, "")  # restored after the test: on_multirun_start below sets it
     overrides = ["distill.temperature=4", "distill.alpha=0.5", "trainer.resume=auto", "dataset.root=data/x"]
     assert sweep.job_folder(3, overrides) == "3_T=4,alpha=0.5"  # no plumbing, no paths
@@ -96,8 +98,8 @@ def test_job_folders_are_named_by_the_swept_settings(monkeypatch):
     multirun = OmegaConf.create({"hydra": {"overrides": {"task": ["distill.temperature=1,4", "seed=0,1",
                                                                   "student.model.channels=[4,8]", "trainer.epochs=1"]},
                                            "sweeper": {"params": {"distill.alpha": "0.1,0.9"}}}})  # fmt: skip
-    assert sweep.swept_in(multirun) == ["distill.temperature", "seed", "distill.alpha"]
-    sweep.SweepSummary().on_multirun_start(multirun)  # what the launching process does before the jobs
+    assert callbacks.swept_in(multirun) == ["distill.temperature", "seed", "distill.alpha"]
+    callbacks.SweepSummary().on_multirun_start(multirun)  # what the launching process does before the jobs
     job = ["distill.temperature=4", "seed=1", "student.model.channels=[4,8]", "trainer.epochs=1", "distill.alpha=0.1"]
     assert sweep.job_folder(2, job) == "2_T=4,seed=1,alpha=0.1"  # what is shared by every job is left out
 

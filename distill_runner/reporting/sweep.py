@@ -1,8 +1,8 @@
 """Sweep summary: one row per job of a multirun, a table and a plot.
 
-Written by a Hydra callback after every multirun (``on_multirun_end``), and rebuilt for any sweep
-folder with ``distill-report PATH``. It reads what each job wrote (``metrics.json`` and
-``.hydra/overrides.yaml``), so it works with every launcher (basic, joblib, submitit) and sweeper.
+Written by a Hydra callback after every multirun (:class:`distill_runner.callbacks.SweepSummary`), and
+rebuilt for any sweep folder with ``distill-report PATH``. It reads what each job wrote (``metrics.json``
+and ``.hydra/overrides.yaml``), so it works with every launcher (basic, joblib, submitit) and sweeper.
 
 Docs: docs/guide/sweeps-and-cache.md
 """
@@ -20,8 +20,6 @@ import sys
 from pathlib import Path
 
 import yaml
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
 
 from distill_runner.errors import ConfigError, UserError
 from distill_runner.reporting.results import RunResults
@@ -41,8 +39,9 @@ VAL = "student_val_acc"  # what the best setting is chosen on (never test), and 
 def job_folder(num, overrides) -> str:
     """A sweep job's folder (``hydra.sweep.subdir``): its number, then the settings the sweep varies, e.g.
     ``3_T=4,alpha=0.5``; TensorBoard names the job's runs by it (``3_T=4,alpha=0.5/tb/student``). The swept keys
-    come from the launching process (:meth:`SweepSummary.on_multirun_start`); without them every override but
-    plumbing (cache.dir, trainer.resume, ...) counts. Path values are left out; the number keeps names unique."""
+    come from the launching process (:meth:`distill_runner.callbacks.SweepSummary.on_multirun_start`); without
+    them every override but plumbing (cache.dir, trainer.resume, ...) counts. Path values are left out; the
+    number keeps names unique."""
     swept = set(filter(None, os.environ.get(SWEPT_ENV, "").split(",")))
     parts = []
     for override in overrides or []:
@@ -52,16 +51,6 @@ def job_folder(num, overrides) -> str:
             parts.append(f"{SHORT.get(key, key)}={value}")
     name = re.sub(r"[^\w.=,+\-\[\]]", "_", ",".join(parts))[:MAX_FOLDER_NAME]
     return f"{num}_{name}" if name else str(num)
-
-
-def swept_in(config: DictConfig) -> list[str]:
-    """The keys a multirun varies: its command line's sweep overrides (``distill.temperature=1,4``) and the
-    sweeper's search space (``hydra.sweeper.params``)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-    keys = [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()]
-    return keys + list(OmegaConf.select(config, "hydra.sweeper.params", default=None) or {})
 
 
 def collect(sweep_dir: Path, skipped: list[str] | None = None) -> list[dict]:
@@ -290,34 +279,6 @@ def tie_note(per_setting: list[dict], best: dict, seeded: bool) -> str:
         return ""
     rule = "the one with the smallest standard deviation over seeds, else the first" if seeded else "the first"
     return f" {len(tied)} settings tie on validation ({best['val']:.4f}); chosen: {rule} (in job order)."
-
-
-class SweepSummary(Callback):
-    """Hydra callback: name the job folders by what the sweep varies; write the sweep summary once all jobs of a
-    multirun are done."""
-
-    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        try:
-            os.environ[SWEPT_ENV] = ",".join(swept_in(config))
-        except Exception as exc:  # folders then name every override: not worth stopping the sweep for
-            log.warning("could not tell the swept keys apart (%s): job folders name every override", exc)
-            os.environ.pop(SWEPT_ENV, None)
-
-    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        try:
-            write_summary(sweep_dir)
-        except Exception as exc:  # Hydra swallows callback errors: say it loudly
-            log.error(
-                "could not write the sweep summary in %s: %s; rebuild it with: distill-report %s",
-                sweep_dir,
-                exc,
-                sweep_dir,
-            )
-            print(
-                f"distill-run: error: sweep summary failed: {exc}; rebuild it with: distill-report {sweep_dir}",
-                file=sys.stderr,
-            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,14 +32,17 @@ class SearchSweepNote(Callback):
 
 @hydra.main(config_path="pkg://distill_runner.conf", config_name="distill_search", version_base="1.3")
 def search_from_config(cfg: DictConfig) -> None:
-    from distill_runner.search.driver import search  # imported here so --help and --cfg stay fast
+    from distill_runner.config import validate  # imported here so --help and --cfg stay fast
+    from distill_runner.search.driver import search
 
     hydra_cfg = HydraConfig.get()
     folder = Path(hydra_cfg.runtime.output_dir)
+    spec = None
     try:
-        search(cfg, folder, list(hydra_cfg.overrides.task), list(hydra_cfg.overrides.hydra))
+        spec = validate(cfg)  # every key, the search node and its space too, once, before any work
+        search(spec, folder, list(hydra_cfg.overrides.task), list(hydra_cfg.overrides.hydra))
     except KeyboardInterrupt:  # the running trial is enqueued again: the next start retries it
-        main_process = cfg.search.role == "main" and cfg.search.get("worker", 0) == 0
+        main_process = spec is None or (spec.search.role == "main" and spec.search.worker == 0)
         if main_process:  # a worker's Ctrl-C is its main process's: that one says how to continue
             print(resume_line("distill-search", folder.resolve(), []), file=sys.stderr)
         log.info("interrupted (Ctrl-C)")

@@ -13,18 +13,20 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-
-from omegaconf import DictConfig
+from typing import Any
 
 from distill_runner import storage
 from distill_runner.config import compose
 from distill_runner.errors import ConfigError
-from distill_runner.schema import parse
 from distill_runner.search import space
 from distill_runner.search import study as studies
 from distill_runner.search.trial import prepare_teacher, run_trial
-from distill_runner.spec import SearchSpec
+from distill_runner.search_spec import SearchSpec
+from distill_runner.spec import RunSpec
+from distill_runner.train import engine
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +43,13 @@ def base_overrides(task_overrides: list[str], entries: list[space.Entry]) -> lis
     return out
 
 
-def check_search(search: DictConfig) -> SearchSpec:
-    """The search node's own keys, checked against the schema (distill_runner.spec.SearchSpec), each one
-    line when wrong; the space's entries are checked by :mod:`distill_runner.search.space`."""
-    return parse(SearchSpec, search, "search")
-
-
-def search(
-    cfg: DictConfig, search_dir: Path, task_overrides: list[str], hydra_overrides: list[str] = ()
-) -> dict | None:
-    """Run (or resume) the search in ``search_dir``; the main process returns best.json's content.
-    ``hydra_overrides`` (e.g. ``hydra.searchpath`` naming the user's own search configs) reach the workers."""
-    node = cfg.search
-    spec = check_search(node)
-    entries = space.parse(node.space)
+def search(spec: RunSpec, search_dir: Path, task_overrides: list[str], hydra_overrides: list[str] = ()) -> dict | None:
+    """Run (or resume) the search in ``search_dir``; the main process returns best.json's content. ``spec``: the
+    distill-search config, validated once (:func:`distill_runner.config.validate`: the search node and its
+    space too). ``hydra_overrides`` (e.g. ``hydra.searchpath`` naming the user's own search configs) reach
+    the workers."""
+    node = spec.search
+    entries = space.entries(node.space)
     base = base_overrides(task_overrides, entries)
     space.check(entries, base, compose)
     study, twin = studies.studies(node, search_dir)
@@ -62,17 +57,17 @@ def search(
     if existing := len(study.get_trials(deepcopy=False)):
         log.info("the study holds %d trials already (%s): resuming it", existing, studies.counts(study))
     studies.recover_orphans(study, twin)
-    main = spec.role == "main" and spec.worker == 0  # a launcher sweeping search.worker: job 0 is main
+    main = node.role == "main" and node.worker == 0  # a launcher sweeping search.worker: job 0 is main
     if main:
         # resume=auto: a search run again in its folder continues there (and must keep the distill-run config)
         teacher = prepare_teacher(
             compose(base + ["trainer.progress=false", "trainer.resume=auto"]), search_dir / "teacher"
         )
         storage.atomic_write_text(search_dir / "teacher.json", json.dumps(teacher, indent=2))
-    workers = start_workers(spec.workers - 1, search_dir, [*hydra_overrides, *task_overrides]) if main else []
-    trial_epochs = spec.trial_epochs or cfg.trainer.epochs
+    workers = start_workers(node.workers - 1, search_dir, [*hydra_overrides, *task_overrides]) if main else []
+    trials = Trials(study, twin, node, entries, base, node.trial_epochs or spec.trainer.epochs, search_dir)
     try:
-        optimize(study, twin, node, entries, base, trial_epochs, search_dir, workers)
+        optimize(trials, workers)
     except KeyboardInterrupt:
         interrupt(workers)  # Ctrl-C reaches them too; a SIGINT sent to this process alone does not
         raise
@@ -85,8 +80,8 @@ def search(
         return None
     from distill_runner.search import final, report
 
-    chosen = final.choose(study, node, cfg.trainer.epochs)
-    outcome = final.finish(chosen, node, base, cfg.trainer.epochs, search_dir) if spec.final else {}
+    chosen = final.choose(study, node, spec.trainer.epochs)
+    outcome = final.finish(chosen, node, base, spec.trainer.epochs, search_dir) if node.final else {}
     return report.write(study, node, chosen, outcome, search_dir)
 
 
@@ -121,69 +116,101 @@ def interrupt(workers: list[subprocess.Popen], grace_s: float = 60.0) -> None:
             w.kill()
 
 
-def optimize(study, twin, node: DictConfig, entries, base, epochs: int, search_dir: Path, workers=()) -> None:
-    """Run trials until the study holds ``search.trials`` finished ones (``workers``: this process's own)."""
-    opt = studies.optuna()
-    budgets = {k: v for k, v in node.budget.items() if v is not None}
-    failures = 0
+@dataclass
+class Trials:
+    """The trials this process runs: Optuna's objective (one trial, trained and measured, pruned through its
+    twin in the pruning study) and what every trial shares."""
 
-    def objective(trial):
+    study: Any
+    twin: Any  # the pruning study
+    search: SearchSpec
+    entries: list[space.Entry]
+    base: list[str]  # the distill-run overrides every trial starts from
+    epochs: int
+    search_dir: Path
+
+    def __call__(self, trial) -> float | tuple[float, float]:
+        twin_trial, trial_overrides = self.start(trial)
+        extra = [f"trainer.epochs={self.epochs}", "trainer.progress=false", "export=null"]
+        cfg = compose([*self.base, *trial_overrides, *extra])
+        found: dict = {}
+        log.info("trial %d: %s", trial.number, " ".join(trial_overrides))
+        folder = self.search_dir.resolve() / "trials" / f"{trial.number:04d}"
+        trial.set_user_attr("folder", str(folder))  # workers of a Hydra launcher each write under their own folder
+        try:
+            acc = run_trial(cfg, folder, self.measured(trial, found), self.pruning(trial, twin_trial))
+        except studies.optuna().TrialPruned as exc:
+            log.info("trial %d pruned: %s", trial.number, exc)
+            raise
+        except BaseException as exc:
+            self.failed(trial, twin_trial, exc)
+            raise
+        self.twin.tell(twin_trial, acc)
+        trial.set_user_attr("val_acc", acc)
+        log.info("trial %d: val acc %.4f, %s", trial.number, acc, _cost_text(found))
+        return acc if self.search.objective is None else (acc, found[self.search.objective])
+
+    def start(self, trial) -> tuple[Any, list[str]]:
+        """Record who runs ``trial`` and what it tries; its twin in the pruning study, and its overrides."""
         studies.mark(trial)
         trial.set_user_attr("val_acc_per_epoch", [])  # a retried trial starts with the attributes of the one it retries
-        values = space.sample(entries, trial)
-        trial_overrides = space.overrides(values)
+        trial_overrides = space.overrides(space.sample(self.entries, trial))
         trial.set_user_attr("overrides", trial_overrides)
-        trial.set_user_attr("epochs", epochs)
-        twin_trial = twin.ask()
+        trial.set_user_attr("epochs", self.epochs)
+        twin_trial = self.twin.ask()
         trial.set_user_attr("twin", twin_trial.number)
-        extra = [f"trainer.epochs={epochs}", "trainer.progress=false", "export=null"]
-        cfg = compose([*base, *trial_overrides, *extra])
-        found: dict = {}
+        return twin_trial, trial_overrides
 
-        def measured(cost: dict) -> None:
+    def measured(self, trial, found: dict) -> Callable[[dict], None]:
+        """The student's cost, before training: recorded, and each budget's excess told to the sampler."""
+        budgets = self.search.budgets()
+
+        def record(cost: dict) -> None:
             found.update(cost)
             trial.set_user_attr("cost", cost)
             studies.set_constraints(trial, {k: float(cost[k] - v) for k, v in budgets.items()})
+
+        return record
+
+    def pruning(self, trial, twin_trial) -> engine.EpochHook:
+        """The epoch hook: each validation accuracy reported to the twin, whose pruner may stop the trial."""
+        opt = studies.optuna()
 
         def on_epoch(epoch: int, record: dict, model) -> None:
             acc = record["val/acc"]
             twin_trial.report(acc, epoch)
             trial.set_user_attr("val_acc_per_epoch", [*trial.user_attrs.get("val_acc_per_epoch", []), acc])
             if twin_trial.should_prune():
-                twin.tell(twin_trial, state=opt.trial.TrialState.PRUNED)
+                self.twin.tell(twin_trial, state=opt.trial.TrialState.PRUNED)
                 raise opt.TrialPruned(f"validation accuracy {acc:.4f} after epoch {epoch + 1}")
 
-        log.info("trial %d: %s", trial.number, " ".join(trial_overrides))
-        folder = search_dir.resolve() / "trials" / f"{trial.number:04d}"
-        trial.set_user_attr("folder", str(folder))  # workers of a Hydra launcher each write under their own folder
-        try:
-            acc = run_trial(cfg, folder, measured, on_epoch)
-        except opt.TrialPruned as exc:
-            log.info("trial %d pruned: %s", trial.number, exc)
-            raise
-        except BaseException as exc:
-            trial.set_user_attr("failed_because", f"{type(exc).__name__}: {exc}".splitlines()[0])
-            twin.tell(twin_trial, state=opt.trial.TrialState.FAIL, skip_if_finished=True)
-            if isinstance(exc, KeyboardInterrupt):  # retried on the next start, as a killed trial is
-                study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-                log.info("trial %d interrupted: its parameters are enqueued again", trial.number)
-                opt.logging.set_verbosity(opt.logging.ERROR)  # Optuna would log the KeyboardInterrupt's traceback
-            raise
-        twin.tell(twin_trial, acc)
-        trial.set_user_attr("val_acc", acc)
-        log.info("trial %d: val acc %.4f, %s", trial.number, acc, _cost_text(found))
-        return acc if node.objective is None else (acc, found[node.objective])
+        return on_epoch
 
+    def failed(self, trial, twin_trial, exc: BaseException) -> None:
+        """Why ``trial`` failed, its twin failed too; interrupted (Ctrl-C), its parameters are enqueued again."""
+        opt = studies.optuna()
+        trial.set_user_attr("failed_because", f"{type(exc).__name__}: {exc}".splitlines()[0])
+        self.twin.tell(twin_trial, state=opt.trial.TrialState.FAIL, skip_if_finished=True)
+        if isinstance(exc, KeyboardInterrupt):  # retried on the next start, as a killed trial is
+            self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            log.info("trial %d interrupted: its parameters are enqueued again", trial.number)
+            opt.logging.set_verbosity(opt.logging.ERROR)  # Optuna would log the KeyboardInterrupt's traceback
+
+
+def optimize(trials: Trials, workers=()) -> None:
+    """Run trials until the study holds ``search.trials`` finished ones (``workers``: this process's own)."""
+    study, wanted = trials.study, trials.search.trials
+    failures = 0
     while True:
-        while studies.should_start(study, node.trials):
+        while studies.should_start(study, wanted):
             before = studies.counts(study).get("FAIL", 0)
-            study.optimize(objective, n_trials=1, catch=(ConfigError, FloatingPointError))
+            study.optimize(trials, n_trials=1, catch=(ConfigError, FloatingPointError))
             failures += studies.counts(study).get("FAIL", 0) - before
-            if failures >= node.trials:
+            if failures >= wanted:
                 last = study.get_trials(deepcopy=False)[-1].user_attrs.get("failed_because", "?")
                 fix = f"{failures} trials failed, the last: {last}; fix search.space (see distill-search*.log)"
                 raise ConfigError("search.space", "failing trials", fix)
-        if not wait_for_running(study, twin, workers):
+        if not wait_for_running(study, trials.twin, workers):
             return
 
 

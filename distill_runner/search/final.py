@@ -12,12 +12,11 @@ import math
 import shutil
 from pathlib import Path
 
-from omegaconf import DictConfig
-
 from distill_runner import storage
-from distill_runner.config import compose
+from distill_runner.config import compose, validate
 from distill_runner.errors import ConfigError
 from distill_runner.search import study as studies
+from distill_runner.search_spec import SearchSpec
 
 log = logging.getLogger(__name__)
 
@@ -65,24 +64,20 @@ def budget_note(ok: list[dict], budgets: dict) -> str | None:
             "measured latency for the others")  # fmt: skip
 
 
-def budgets_of(node: DictConfig) -> dict:
-    return {k: v for k, v in node.budget.items() if v is not None}
-
-
 def student_text(row: dict) -> str:
     chosen = [o for o in row["overrides"] if o.startswith("student")]
     return " ".join(chosen) or "the configured student"
 
 
-def choose(study, node: DictConfig, full_epochs: int) -> dict:
+def choose(study, search: SearchSpec, full_epochs: int) -> dict:
     """The complete trial with the best validation accuracy within every budget (ties: the cheaper)."""
     trials = rows(study)
     complete = [r for r in trials if r["state"] == "COMPLETE" and r["val_acc"] is not None and "params" in r]
     if not complete:
         states = studies.counts(study)
         fix = f"no trial finished ({states}); see trials/*/ and distill-search*.log, then run again in this folder"
-        raise ConfigError("search.trials", node.trials, fix)
-    budgets = budgets_of(node)
+        raise ConfigError("search.trials", search.trials, fix)
+    budgets = search.budgets()
     ok = [r for r in complete if within(r, budgets, trials)]
     if not ok:
         key, limit = next(iter(budgets.items()))
@@ -92,7 +87,7 @@ def choose(study, node: DictConfig, full_epochs: int) -> dict:
                f"{smallest['params']:,} params, {smallest['macs']:,} MACs; raise the budget or add smaller students "
                "to search.space")  # fmt: skip
         raise ConfigError(f"search.budget.{key}", limit, fix)
-    best, tie_note = best_of(ok, node.objective or "latency_ms")
+    best, tie_note = best_of(ok, search.objective or "latency_ms")
     best["notes"] = [n for n in (tie_note, budget_note(ok, budgets)) if n]
     best["shortened"] = (best["epochs"] or full_epochs) < full_epochs
     log.info("chosen: trial %d (%s), val acc %.4f", best["number"], " ".join(best["overrides"]), best["val_acc"])
@@ -116,7 +111,7 @@ def best_of(ok: list[dict], cheaper: str) -> tuple[dict, str | None]:
     return best, f"{len(tied)} trials tie on validation accuracy {top:.4f}; broken on {cheaper}{why}"
 
 
-def finish(chosen: dict, node: DictConfig, base: list[str], full_epochs: int, search_dir: Path) -> dict:
+def finish(chosen: dict, search: SearchSpec, base: list[str], full_epochs: int, search_dir: Path) -> dict:
     """The chosen student as a distill-run in ``final-<trial>/``: trained fully (or its finished trial's
     weights loaded), tested, exported (ONNX, TorchScript, parity checked), and int8 when asked."""
     from distill_runner import runner
@@ -129,8 +124,8 @@ def finish(chosen: dict, node: DictConfig, base: list[str], full_epochs: int, se
     reused = not chosen["shortened"] and copy_finished_student(trial_dir, final_dir)
     what = "its trial's weights (trained as long)" if reused else f"retrained with trainer.epochs={full_epochs}"
     log.info("final: trial %d as a distill-run in %s, %s", number, final_dir, what)
-    cfg = compose(overrides)
-    results = runner.run(cfg, final_dir, overrides)
+    spec = validate(compose(overrides))
+    results = runner.run(spec, final_dir, overrides)
     student = results.models["student"]
     outcome = {
         "folder": final_dir.name,
@@ -145,12 +140,12 @@ def finish(chosen: dict, node: DictConfig, base: list[str], full_epochs: int, se
         "teacher_test_acc": results.models["teacher"].test_acc if "teacher" in results.models else None,
         "export": results.exports.get("student"),
     }
-    if node.int8:
+    if search.int8:
         from distill_runner.search.int8 import quantize
 
         onnx_path = (outcome["export"] or {}).get("onnx", {}).get("path")
-        outcome["int8"] = quantize(final_dir / onnx_path if onnx_path else None, cfg, final_dir / "export",
-                                   node.int8_calibration_images)  # fmt: skip
+        outcome["int8"] = quantize(final_dir / onnx_path if onnx_path else None, spec, final_dir / "export",
+                                   search.int8_calibration_images)  # fmt: skip
     return outcome
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
 from distill_runner.evaluation.export import missing_modules, quiet
+from distill_runner.spec import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ INSTALL = "pip install -e '.[export]'"
 LATENCY_RUNS = 50  # timed batch-1 runs per file, after 5 untimed ones
 
 
-def quantize(onnx_path: Path | None, cfg: DictConfig, out_dir: Path, calibration_images: int) -> dict:
+def quantize(onnx_path: Path | None, spec: RunSpec, out_dir: Path, calibration_images: int) -> dict:
     """Quantize ``onnx_path`` into ``out_dir/student.int8.onnx`` and measure both; a status when it cannot."""
     if missing := missing_modules("onnx", "onnxruntime"):
         status = f"skipped: {', '.join(missing)} not installed; {INSTALL} adds int8 quantization"
@@ -38,7 +38,7 @@ def quantize(onnx_path: Path | None, cfg: DictConfig, out_dir: Path, calibration
 
     from distill_runner.build import build_data
 
-    data = build_data(cfg, torch.device("cpu"))
+    data = build_data(spec, torch.device("cpu"))
     batches = _calibration_batches(data.train, calibration_images)
 
     class Reader(CalibrationDataReader):

@@ -18,12 +18,12 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
-from omegaconf import DictConfig
 
 from distill_runner.reporting.report import markdown_table
 from distill_runner.search import study as studies
-from distill_runner.search.final import budgets_of, rows, within
+from distill_runner.search.final import rows, within
 from distill_runner.search.trial import COSTS
+from distill_runner.search_spec import SearchSpec
 from distill_runner.storage import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -136,12 +136,12 @@ def optuna_figures(study, search_dir: Path) -> dict:
     return {"figures": figures, "notes": notes}
 
 
-def write(study, node: DictConfig, chosen: dict, outcome: dict, search_dir: Path) -> dict:
+def write(study, search: SearchSpec, chosen: dict, outcome: dict, search_dir: Path) -> dict:
     """Every report file of the search folder; returns best.json's content."""
-    budgets, trials = budgets_of(node), rows(study)
+    budgets, trials = search.budgets(), rows(study)
     teacher_file = search_dir / "teacher.json"
     teacher = json.loads(teacher_file.read_text()) if teacher_file.is_file() else None
-    cost = node.objective or "latency_ms"
+    cost = search.objective or "latency_ms"
     front = pareto(trials, cost)
     write_csv(search_dir / "trials.csv", trials, budgets, trials)
     write_csv(search_dir / "pareto.csv", front, budgets, trials)
@@ -150,7 +150,7 @@ def write(study, node: DictConfig, chosen: dict, outcome: dict, search_dir: Path
     figures.update(extra["figures"])
     for name, fig in figures.items():
         save_figure(fig, search_dir / name)
-    best = {"trial": chosen, "final": outcome, "teacher": teacher, "objective": node.objective, "budget": budgets,
+    best = {"trial": chosen, "final": outcome, "teacher": teacher, "objective": search.objective, "budget": budgets,
             "trials": studies.counts(study), "pareto": [r["number"] for r in front]}  # fmt: skip
     atomic_write_text(search_dir / "best.json", json.dumps(best, indent=2, default=str))
     markdown = render(best, front, trials, budgets, cost, list(figures), extra["notes"])

@@ -1,5 +1,6 @@
-"""The search space as the user writes it (``search.space``), checked before any trial, and sampled
-by an Optuna trial into Hydra overrides of the distill-run config.
+"""The search space as the user writes it (``search.space``, whose entries the schema checks:
+:class:`~distill_runner.search_spec.SpaceEntrySpec`), its keys found in the config before any trial, and
+sampled by an Optuna trial into Hydra overrides of the distill-run config.
 
 An entry is keyed by a config key. A config group (``student``, ``distill``, ...) takes ``choices``
 of its options; any other key takes ``choices`` (any YAML values) or a numeric range ``low``/``high``
@@ -14,12 +15,11 @@ import json
 from dataclasses import dataclass, field
 
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from distill_runner.errors import ConfigError
-from distill_runner.schema import is_number
+from distill_runner.search_spec import SpaceEntrySpec
 
-FIELDS = ("choices", "low", "high", "log", "step", "when")
 _MISSING = object()
 
 
@@ -72,32 +72,9 @@ def group_options(group: str) -> list[str]:
     return _with_hydra(lambda loader: loader.get_group_options(group))
 
 
-def parse(node: DictConfig | dict) -> list[Entry]:
-    """``search.space`` as entries; a malformed entry is one line naming it."""
-    raw = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node or {})
-    if not raw:
-        raise ConfigError(
-            "search.space", raw, "give at least one key to search, e.g. distill.temperature: {low: 1, high: 8}"
-        )
-    entries = []
-    for key, spec in raw.items():
-        where = f"search.space.{key}"
-        if not isinstance(spec, dict):
-            raise ConfigError(where, spec, "give {choices: [...]} or {low: L, high: H}")
-        if unknown := [f for f in spec if f not in FIELDS]:
-            raise ConfigError(f"{where}.{unknown[0]}", spec[unknown[0]], f"an entry takes only {', '.join(FIELDS)}")
-        entry = Entry(key, **spec)
-        if entry.choices is not None:
-            if not isinstance(entry.choices, list) or not entry.choices or entry.low is not None:
-                raise ConfigError(f"{where}.choices", entry.choices, "give a non-empty list (and no low/high)")
-        elif not all(is_number(v) for v in (entry.low, entry.high)) or entry.low > entry.high:
-            raise ConfigError(where, spec, "give choices: [...] or numbers low <= high, e.g. {low: 1.0, high: 8.0}")
-        elif entry.log and entry.low <= 0:
-            raise ConfigError(f"{where}.low", entry.low, "a log range needs low > 0")
-        if not isinstance(entry.when, dict):
-            raise ConfigError(f"{where}.when", entry.when, "give {group: option}, e.g. when: {student: tiny_cnn}")
-        entries.append(entry)
-    return entries
+def entries(space: dict[str, SpaceEntrySpec]) -> list[Entry]:
+    """``search.space`` (checked by the schema: :class:`~distill_runner.search_spec.SpaceEntrySpec`) as entries."""
+    return [Entry(key, e.choices, e.low, e.high, e.log, e.step, e.when) for key, e in space.items()]
 
 
 def check(entries: list[Entry], base_overrides: list[str], compose) -> None:

@@ -28,9 +28,8 @@ import time
 import warnings
 from pathlib import Path
 
-from omegaconf import DictConfig
-
 from distill_runner.errors import ConfigError, instantiate
+from distill_runner.search_spec import SearchSpec
 from distill_runner.storage import pid_alive
 
 log = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ def optuna():
     return module
 
 
-def storage(search: DictConfig, search_dir: Path, heartbeat: bool = True):
+def storage(search: SearchSpec, search_dir: Path, heartbeat: bool = True):
     """``search.storage``: null (the journal file ``<search folder>/study.journal``), a journal file of its own
     (``PATH.journal``: workers started in other folders, e.g. by a Hydra launcher, share it) or an RDB URL; an
     RDB's trials beat (``heartbeat``), and one whose process stopped beating is failed and enqueued again.
@@ -61,7 +60,7 @@ def storage(search: DictConfig, search_dir: Path, heartbeat: bool = True):
     value = search.storage
     if value is None or (isinstance(value, str) and value.endswith(".journal") and "://" not in value):
         path = search_dir / "study.journal" if value is None else Path(value).expanduser()
-        return journal_storage(path, value, search.get("repair_journal", False))
+        return journal_storage(path, value, search.repair_journal)
     if not isinstance(value, str) or "://" not in value:
         fix = "use null (<search folder>/study.journal), a file PATH.journal or an RDB URL, e.g. sqlite:///search.db"
         raise ConfigError("search.storage", value, fix)
@@ -163,7 +162,7 @@ def repair_journal(path: Path, line: int, offset: int) -> None:
                 "is %s)", path, line, line - 1, copy)  # fmt: skip
 
 
-def directions(search: DictConfig) -> list[str]:
+def directions(search: SearchSpec) -> list[str]:
     return ["maximize"] if search.objective is None else ["maximize", "minimize"]
 
 
@@ -185,23 +184,22 @@ def sampler_takes_constraints_func() -> bool:
     return not hasattr(optuna().trial.Trial, "set_constraint")
 
 
-def sampler(search: DictConfig, offset: int):
+def sampler(search: SearchSpec, offset: int):
     """``search.sampler``, its seed (if any) moved by ``offset``: parallel workers and a resumed search must not
     draw the same values as the process before them (a seeded sampler in each repeats one sequence)."""
-    budgets = [k for k, v in search.budget.items() if v is not None]
-    extra = {"constraints_func": constraints} if budgets and sampler_takes_constraints_func() else {}
+    extra = {"constraints_func": constraints} if search.budgets() and sampler_takes_constraints_func() else {}
     if search.sampler.get("seed") is not None:
-        extra["seed"] = search.sampler.seed + offset
+        extra["seed"] = search.sampler["seed"] + offset
     try:
         return instantiate(search.sampler, "search.sampler", **extra)
     except ConfigError:  # a sampler that takes no constraints: budgets still decide the final choice
         extra.pop("constraints_func", None)
         log.warning("search.sampler %s takes no constraints_func: it does not learn the budgets",
-                    search.sampler._target_)  # fmt: skip
+                    search.sampler["_target_"])  # fmt: skip
         return instantiate(search.sampler, "search.sampler", **extra)
 
 
-def studies(search: DictConfig, search_dir: Path):
+def studies(search: SearchSpec, search_dir: Path):
     """The search's study and its pruning study (its twin), created or loaded from the storage."""
     opt = optuna()
     store = storage(search, search_dir)
@@ -211,7 +209,7 @@ def studies(search: DictConfig, search_dir: Path):
         fix = "the study in this storage has other objectives; use another search folder or search.study_name"
         raise ConfigError("search.objective", search.objective, fix)
     # a fresh single-process search draws from search.sampler.seed itself: it is repeatable
-    study.sampler = sampler(search, WORKER_SEED_STEP * search.get("worker", 0) + len(study.get_trials(deepcopy=False)))
+    study.sampler = sampler(search, WORKER_SEED_STEP * search.worker + len(study.get_trials(deepcopy=False)))
     pruner = instantiate(search.pruner, "search.pruner")
     # the pruning study's trials are told by hand (ask/tell), never by Study.optimize: no heartbeat for them
     pruning_store = store if search.storage is None else storage(search, search_dir, heartbeat=False)
@@ -255,11 +253,9 @@ def recover_orphans(study, pruning_study, pids: set[int] | None = None) -> int:
     return recovered
 
 
-def enqueue_requested(study, search: DictConfig, entries) -> None:
+def enqueue_requested(study, search: SearchSpec, entries) -> None:
     """``search.enqueue``: trials to run first, once per study (a resumed search does not add them again)."""
-    from omegaconf import OmegaConf
-
-    requested = OmegaConf.to_container(search.enqueue, resolve=True) or []
+    requested = search.enqueue or []
     if study.user_attrs.get("enqueued") == len(requested) or not requested:
         return
     by_key = {e.key: e for e in entries}
