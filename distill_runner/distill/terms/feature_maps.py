@@ -69,7 +69,10 @@ def right_singular(feature: torch.Tensor, n: int, reshape: str = "repdistiller")
     ``mdistiller``: viewed as [B, C*H, W] (vectors over columns)."""
     b, c, h, w = feature.shape
     x = feature.reshape(b, c, h * w).transpose(1, 2) if reshape == "repdistiller" else feature.reshape(b, c * h, w)
-    _, s, vh = torch.linalg.svd(x.float(), full_matrices=False)
+    x = x.float()
+    if x.requires_grad:  # the SVD's backward is undefined at repeated singular values (dead channels of a
+        x.register_hook(_finite)  # small map, all zero): those entries get no gradient rather than NaN
+    _, s, vh = torch.linalg.svd(x, full_matrices=False)
     v = _finite(vh.transpose(1, 2))
     return F.normalize(v[:, :, :n], dim=1), F.normalize(_finite(s)[:, :n], dim=1)
 
