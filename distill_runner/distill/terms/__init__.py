@@ -7,24 +7,34 @@ Docs: docs/methods/index.md
 
 from distill_runner.distill.terms.ctkd import CTKD
 from distill_runner.distill.terms.dist import DIST
+from distill_runner.distill.terms.feature_maps import FSP, ICKD, KDSVD, NST
 from distill_runner.distill.terms.features import AttentionTransfer, FeatureHints
 from distill_runner.distill.terms.logits import CrossEntropy, DecoupledKD, HintonKD
 from distill_runner.distill.terms.mlkd import MLKD
 from distill_runner.distill.terms.nkd import NKD
+from distill_runner.distill.terms.relation import PKT, RKD, CorrelationCongruence, SimilarityPreserving
 from distill_runner.distill.terms.self_distillation import SelfDistillation
 from distill_runner.distill.terms.ttm import TTM, WTTM
 
 __all__ = [
     "CTKD",
     "DIST",
+    "FSP",
+    "ICKD",
+    "KDSVD",
     "MLKD",
     "NKD",
+    "NST",
+    "PKT",
+    "RKD",
     "TTM",
     "WTTM",
     "AttentionTransfer",
+    "CorrelationCongruence",
     "CrossEntropy",
     "DecoupledKD",
     "FeatureHints",
     "HintonKD",
     "SelfDistillation",
+    "SimilarityPreserving",
 ]
