@@ -10,6 +10,8 @@ student's spatial size or are formed per pair of layers); KDSVD keeps only the t
 right-singular vectors and singular values per sample (``teacher_summary``), all a function of the
 frozen teacher alone. The loss math is also a plain function of tensors (``nst_loss``, ``fsp_loss``,
 ``kdsvd_loss``, ``ickd_loss``).
+
+Docs: docs/methods/relation.md
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ The teacher side reads only the frozen teacher's per-sample features: ``teacher_
 flattened (pooled) feature per sample, which replay stores; the batch relation is then formed from
 the replayed rows exactly as from the online ones. The loss math is also a plain function of tensors
 (``rkd_loss``, ``pkt_loss``, ``sp_loss``, ``cc_loss``, ``cc_gaussian_loss``).
+
+Docs: docs/methods/relation.md
 """
 
 from __future__ import annotations
