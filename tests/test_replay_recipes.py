@@ -2,6 +2,7 @@
 of its feature terms), and replayed equals online per batch (loss of every term, and the gradient of the
 student and the recipe's adapters), over several augmented epochs."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 CPU = torch.device("cpu")
 FP32 = engine.resolve_precision("32", CPU)
 ONLINE_ONLY = {"self"}  # no teacher
-FEATURE_RECIPES = {"feature", "attention", "combo"}  # teacher summaries besides logits
+FEATURE_RECIPES = {"feature", "attention", "combo", "crd"}  # teacher summaries besides logits
 REPLAYED = sorted(p.stem for p in (CONF / "distill").glob("*.yaml") if p.stem not in ONLINE_ONLY)
 # (recipe, storage dtype, relative tolerance of each term's loss and of the gradient's norm): float32 storage
 # replays the online values (bit for bit on this CPU); float16 rounds each stored value (relative <= 2**-11),
@@ -68,8 +69,9 @@ def replayed_equals_online(recipe, student, online, data, dtype, tolerance, epoc
         replayed.set_epoch(epoch)
         recipe.set_epoch(epoch, epochs)
         for batch in data.train:
-            losses = []
+            losses, state = [], copy.deepcopy(recipe.state_dict())
             for signal in (online, replayed):
+                recipe.load_state_dict(state)  # a stateful term (CRD's memory banks) starts both calls alike
                 for p in params:
                     p.grad = None
                 out = recipe(batch, tap(batch["image"]), signal(batch))

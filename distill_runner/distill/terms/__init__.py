@@ -2,6 +2,7 @@
 ``distill_runner.distill.terms.HintonKD``. A term of your own is any class meeting
 :class:`distill_runner.distill.contract.LossTerm` (subclass :class:`~distill_runner.distill.contract.Term`)."""
 
+from distill_runner.distill.terms.crd import CRD
 from distill_runner.distill.terms.ctkd import CTKD
 from distill_runner.distill.terms.dist import DIST
 from distill_runner.distill.terms.features import AttentionTransfer, FeatureHints
@@ -12,6 +13,7 @@ from distill_runner.distill.terms.self_distillation import SelfDistillation
 from distill_runner.distill.terms.ttm import TTM, WTTM
 
 __all__ = [
+    "CRD",
     "CTKD",
     "DIST",
     "MLKD",
