@@ -11,6 +11,7 @@ from distill_runner.distill.terms.mlkd import MLKD
 from distill_runner.distill.terms.nkd import NKD
 from distill_runner.distill.terms.self_distillation import SelfDistillation
 from distill_runner.distill.terms.ttm import TTM, WTTM
+from distill_runner.distill.terms.vid import VID
 
 __all__ = [
     "CRD",
@@ -19,6 +20,7 @@ __all__ = [
     "MLKD",
     "NKD",
     "TTM",
+    "VID",
     "WTTM",
     "AttentionTransfer",
     "CrossEntropy",
