@@ -9,6 +9,7 @@ from distill_runner.distill.terms.features import AttentionTransfer, FeatureHint
 from distill_runner.distill.terms.logits import CrossEntropy, DecoupledKD, HintonKD
 from distill_runner.distill.terms.mlkd import MLKD
 from distill_runner.distill.terms.nkd import NKD
+from distill_runner.distill.terms.reviewkd import ReviewKD
 from distill_runner.distill.terms.self_distillation import SelfDistillation
 from distill_runner.distill.terms.ttm import TTM, WTTM
 from distill_runner.distill.terms.vid import VID
@@ -27,5 +28,6 @@ __all__ = [
     "DecoupledKD",
     "FeatureHints",
     "HintonKD",
+    "ReviewKD",
     "SelfDistillation",
 ]
