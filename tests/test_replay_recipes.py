@@ -2,6 +2,7 @@
 of its feature terms), and replayed equals online per batch (loss of every term, and the gradient of the
 student and the recipe's adapters), over several augmented epochs."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ ONLINE_ONLY = {"self"}  # no teacher
 # relation recipes: their own replay test (tests/methods/test_relation_replay.py); FSP, KDSVD pair equal widths
 RELATION = {"rkd", "pkt", "sp", "cc", "nst", "fsp", "kdsvd", "ickd"}
 WIDTHS = {"fsp": ["student.model.channels=[64,128]"], "kdsvd": ["student.model.channels=[64,128]"]}
-FEATURE_RECIPES = {"feature", "attention", "combo"} | RELATION  # teacher summaries besides logits
+FEATURE_RECIPES = {"feature", "attention", "combo", "crd", "vid", "reviewkd"} | RELATION  # teacher summaries besides logits
 REPLAYED = sorted(p.stem for p in (CONF / "distill").glob("*.yaml") if p.stem not in ONLINE_ONLY | RELATION)
 # (recipe, storage dtype, relative tolerance of each term's loss and of the gradient's norm): float32 storage
 # replays the online values (bit for bit on this CPU); float16 rounds each stored value (relative <= 2**-11),
@@ -73,8 +74,9 @@ def replayed_equals_online(recipe, student, online, data, dtype, tolerance, epoc
         replayed.set_epoch(epoch)
         recipe.set_epoch(epoch, epochs)
         for batch in data.train:
-            losses = []
+            losses, state = [], copy.deepcopy(recipe.state_dict())
             for signal in (online, replayed):
+                recipe.load_state_dict(state)  # a stateful term (CRD's memory banks) starts both calls alike
                 for p in params:
                     p.grad = None
                 out = recipe(batch, tap(batch["image"]), signal(batch))

@@ -5,6 +5,7 @@
 Docs: docs/methods/index.md
 """
 
+from distill_runner.distill.terms.crd import CRD
 from distill_runner.distill.terms.ctkd import CTKD
 from distill_runner.distill.terms.dist import DIST
 from distill_runner.distill.terms.feature_maps import FSP, ICKD, KDSVD, NST
@@ -13,10 +14,13 @@ from distill_runner.distill.terms.logits import CrossEntropy, DecoupledKD, Hinto
 from distill_runner.distill.terms.mlkd import MLKD
 from distill_runner.distill.terms.nkd import NKD
 from distill_runner.distill.terms.relation import PKT, RKD, CorrelationCongruence, SimilarityPreserving
+from distill_runner.distill.terms.reviewkd import ReviewKD
 from distill_runner.distill.terms.self_distillation import SelfDistillation
 from distill_runner.distill.terms.ttm import TTM, WTTM
+from distill_runner.distill.terms.vid import VID
 
 __all__ = [
+    "CRD",
     "CTKD",
     "DIST",
     "FSP",
@@ -28,6 +32,7 @@ __all__ = [
     "PKT",
     "RKD",
     "TTM",
+    "VID",
     "WTTM",
     "AttentionTransfer",
     "CorrelationCongruence",
@@ -35,6 +40,7 @@ __all__ = [
     "DecoupledKD",
     "FeatureHints",
     "HintonKD",
+    "ReviewKD",
     "SelfDistillation",
     "SimilarityPreserving",
 ]
