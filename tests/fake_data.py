@@ -10,7 +10,10 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+
+from distill_runner.data.bundle import DataBundle, TensorBatches
 
 XRAY_CLASSES = ("NORMAL", "PNEUMONIA")
 
@@ -139,3 +142,22 @@ def skip_cifar_md5(monkeypatch) -> None:
     import torchvision.datasets.cifar
 
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
+
+
+def two_class_data(n=40, size=16):
+    """Images whose class is whether their top half is brighter: learnable, and two classes for ROC-AUC."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 128, (n, 3, size, size), generator=gen, dtype=torch.uint8)
+    targets = torch.arange(n) % 2
+    images[targets == 1, :, : size // 2] += 100
+    split = lambda: TensorBatches(images, targets, batch_size=16, mean=[0.5] * 3, std=[0.25] * 3)
+    return DataBundle(
+        split(),
+        split(),
+        split(),
+        num_classes=2,
+        class_names=["dim", "bright"],
+        image_size=size,
+        name="halves",
+        class_counts={"test": [n // 2, n // 2]},
+    )

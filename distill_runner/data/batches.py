@@ -3,7 +3,7 @@
 The runner, the training loop, teacher-output replay and the benchmarks use exactly these members, on
 every loader alike (:class:`~distill_runner.data.bundle.TensorBatches` over a tensor or the decoded-image
 store, :class:`~distill_runner.data.folder_batches.FolderBatches` decoding with PIL); a new loader
-implements all of them (``tests/test_loaders.py`` checks the shipped ones), so no caller has to ask
+implements all of them (``tests/unit/data/test_loaders.py`` checks the shipped ones), so no caller has to ask
 what a loader can do.
 
 Docs: docs/reference/api.md

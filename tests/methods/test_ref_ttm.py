@@ -14,7 +14,7 @@ from distill_runner.distill.contract import TermState
 from distill_runner.distill.terms.ttm import TTM, WTTM
 from distill_runner.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REF = json.loads((ROOT / "tests" / "reference" / "ttm.json").read_text())
 CLASSES = {"TTM": TTM, "WTTM": WTTM}
 STATE = TermState(temperature=4.0, alpha=0.5, beta=1.0)  # TTM reads none of these

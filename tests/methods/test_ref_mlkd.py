@@ -17,7 +17,7 @@ from distill_runner.distill.terms.logits import kd_per_sample, standardize
 from distill_runner.distill.terms.mlkd import MLKD, confidence_fractions, relation_gap
 from distill_runner.errors import ConfigError, instantiate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CASES = reference_cases("mlkd")
 
 

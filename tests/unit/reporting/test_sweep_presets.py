@@ -1,5 +1,5 @@
 """The launcher presets compose (the `sweep` extra installs their plugins); Optuna searches are distill-search's
-(tests/test_search.py)."""
+(tests/unit/search/test_search.py)."""
 
 import pytest
 from hydra import compose, initialize_config_module

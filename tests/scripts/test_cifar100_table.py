@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 from fake_data import make_cifar, skip_cifar_md5
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PUBLISHED = json.loads((ROOT / "scripts" / "cifar100_published.json").read_text())
 # The pairs of the CRD/DKD tables the issue names.
 STANDARD_PAIRS = {

@@ -1,5 +1,5 @@
 """Each section of scripts/bench.py runs in a quick mode (tiny sizes): kd, feature, data (it crashed with
-"'list' object has no attribute 'set_epoch'"), prints and speed. The sweep section: tests/test_bench_sweep.py."""
+"'list' object has no attribute 'set_epoch'"), prints and speed. The sweep section: tests/scripts/test_bench_sweep.py."""
 
 import sys
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import bench
 import bench_data
 import bench_speed

@@ -13,7 +13,7 @@ from distill_runner.distill.recipe import Recipe
 from distill_runner.distill.terms.ctkd import CTKD
 from distill_runner.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REF = json.loads((ROOT / "tests/reference/ctkd.json").read_text())
 CASES = {c["name"]: c for c in REF["cases"]}
 

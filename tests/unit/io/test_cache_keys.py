@@ -10,7 +10,7 @@ from distill_runner import cache
 from distill_runner.schema import unknown_keys
 from distill_runner.spec import RunSpec, reference
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[3] / "conf"
 GROUPS = {
     group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
     for group in ("dataset", "teacher", "student", "distill", "trainer")

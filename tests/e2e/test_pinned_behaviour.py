@@ -6,7 +6,7 @@
 - the quickstart at seed 0 on a short schedule (accuracies of the three models).
 
 Reference values live in ``tests/pinned/*.json``, recorded from the code as it was (commit named in
-the file) with ``PIN_RECORD=1 python -m pytest tests/test_pinned_behaviour.py``. Only the adapter
+the file) with ``PIN_RECORD=1 python -m pytest tests/e2e/test_pinned_behaviour.py``. Only the adapter
 functions below may change when the code moves; the reference values and assertions may not.
 """
 
@@ -20,9 +20,9 @@ import pytest
 import torch
 from conftest import TINY, compose_config
 
-PINNED = Path(__file__).parent / "pinned"
+PINNED = Path(__file__).resolve().parents[2] / "tests" / "pinned"
 RECORD = os.environ.get("PIN_RECORD") == "1"
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 # the recipes that existed when these values were pinned (before the one-contract refactor); later
 # recipes are pinned to the official code instead (tests/test_ref_*.py)
 RECIPES = ["attention", "balanced", "combo", "dkd", "feature", "kd", "multi_teacher", "self"]
@@ -96,7 +96,7 @@ def run_summary(metrics) -> dict:
 
 # Pinned with the online teacher: since issue 18 these recipes replay their teacher outputs by default,
 # stored as float16, which moves combo's one-epoch KD loss by 1.9e-4 (> rel 1e-4; float32 storage repeats
-# the pins exactly, and tests/test_replay_recipes.py checks replayed against online per batch).
+# the pins exactly, and tests/unit/distill/test_replay_recipes.py checks replayed against online per batch).
 PINNED_ONLINE = ("distill=feature", "distill=attention", "distill=combo")
 
 

@@ -25,7 +25,7 @@ from distill_runner.distill.signals import (
 from distill_runner.models.features import FeatureTap
 from distill_runner.train import engine
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[3] / "conf"
 CPU = torch.device("cpu")
 FP32 = engine.resolve_precision("32", CPU)
 ONLINE_ONLY = {"self"}  # no teacher

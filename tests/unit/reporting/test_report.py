@@ -6,10 +6,10 @@ from dataclasses import asdict
 import pytest
 import torch
 from conftest import compose_config
+from fake_data import two_class_data
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from distill_runner.data.bundle import DataBundle, TensorBatches
 from distill_runner.errors import ConfigError
 from distill_runner.evaluation import evaluate
 from distill_runner.models.factories import clone, tiny_cnn
@@ -18,25 +18,6 @@ from distill_runner.reporting.results import RunResults, StageResult
 from distill_runner.train import engine
 
 CPU = torch.device("cpu")
-
-
-def two_class_data(n=40, size=16):
-    """Images whose class is whether their top half is brighter: learnable, and two classes for ROC-AUC."""
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 128, (n, 3, size, size), generator=gen, dtype=torch.uint8)
-    targets = torch.arange(n) % 2
-    images[targets == 1, :, : size // 2] += 100
-    split = lambda: TensorBatches(images, targets, batch_size=16, mean=[0.5] * 3, std=[0.25] * 3)
-    return DataBundle(
-        split(),
-        split(),
-        split(),
-        num_classes=2,
-        class_names=["dim", "bright"],
-        image_size=size,
-        name="halves",
-        class_counts={"test": [n // 2, n // 2]},
-    )
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from distill_runner.distill.signals import recipe_node
 from distill_runner.distill.terms.nkd import NKD
 from distill_runner.errors import ConfigError, instantiate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CASES = reference_cases("nkd")
 
 

@@ -123,7 +123,7 @@ def test_help_names_the_groups_the_keys_and_examples(tmp_path):
     assert proc.returncode == 0
     text = proc.stdout
     assert text.startswith("distill-run: fine-tune a teacher, distill a student")
-    recipes = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "distill").glob("*.yaml"))
+    recipes = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "conf" / "distill").glob("*.yaml"))
     assert f"distill: {', '.join(recipes)}" in text
     assert "distill-run -m distill.temperature=1,4,8" in text and "trainer.progress" in text
     assert "Powered by Hydra" not in text  # not Hydra's generic page

@@ -23,7 +23,7 @@ from distill_runner.errors import ConfigError
 from distill_runner.models.factories import tiny_cnn, torchvision_model
 from distill_runner.models.features import FeatureTap
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[3] / "conf"
 TERM = {
     name: f"distill_runner.distill.terms.{cls}"
     for name, cls in [("ce", "CrossEntropy"), ("kd", "HintonKD"), ("dkd", "DecoupledKD"), ("feature", "FeatureHints"),

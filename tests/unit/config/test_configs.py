@@ -10,7 +10,7 @@ from fake_data import make_cifar, make_xray_folder, skip_cifar_md5
 
 from distill_runner import build
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[3] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 # The CIFAR-100 zoo (conf/student/<zoo>.yaml, built at 32 px against the reference code) is tested in test_cifar_zoo.py.
 STUDENTS = sorted(p.stem for p in (CONF / "student").glob("*.yaml") if "models.cifar." not in p.read_text())

@@ -13,7 +13,7 @@ from distill_runner.distill.recipe import Recipe
 from distill_runner.distill.terms.dist import DIST
 from distill_runner.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = json.loads((ROOT / "tests" / "reference" / "dist.json").read_text())
 CASES = {case["name"]: case for case in REFERENCE["cases"]}
 

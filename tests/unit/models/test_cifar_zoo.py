@@ -19,9 +19,9 @@ from distill_runner.models.cifar.vgg import vgg_bn
 from distill_runner.models.cifar.wrn import wide_resnet
 from distill_runner.models.features import feature_shapes
 
-REFERENCE = json.loads((Path(__file__).parent / "reference" / "cifar_zoo.json").read_text())
+REFERENCE = json.loads((Path(__file__).resolve().parents[3] / "tests" / "reference" / "cifar_zoo.json").read_text())
 ZOO = list(REFERENCE["models"])
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[3] / "conf"
 # The names the issue lists, as RepDistiller's model_dict spells them.
 PUBLISHED_NAMES = [
     "resnet8",

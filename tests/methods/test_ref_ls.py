@@ -21,7 +21,7 @@ from distill_runner.distill.signals import recipe_node
 from distill_runner.distill.terms.logits import DecoupledKD, HintonKD, dkd_per_sample, kd_per_sample, standardize
 from distill_runner.errors import ConfigError, instantiate
 
-REF = json.loads((Path(__file__).parent / "reference" / "ls.json").read_text())
+REF = json.loads((Path(__file__).resolve().parents[2] / "tests" / "reference" / "ls.json").read_text())
 CLOSE = {"rtol": 1e-5, "atol": 1e-7}
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "distill_runner"
+PACKAGE = Path(__file__).resolve().parents[2] / "distill_runner"
 MAX_LINES = 420  # "about 400"
 
 
@@ -87,7 +87,7 @@ def layer_of(module: str) -> int:
         for full in (f"distill_runner.{n}".rstrip(".") for n in names):
             if module == full or module.startswith(full + "."):
                 covering.append((len(full), i))
-    assert covering, f"{module} is in no layer: add it to LAYERS in tests/test_layout.py"
+    assert covering, f"{module} is in no layer: add it to LAYERS in tests/unit/test_layout.py"
     return max(covering)[1]
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from conftest import TINY
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import bench_sweep
 
 

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 from conftest import TINY, compose_config
+from fake_data import two_class_data
 from omegaconf import OmegaConf
-from test_report import two_class_data
 
 from distill_runner import runner
 from distill_runner.evaluation import export

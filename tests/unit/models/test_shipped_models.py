@@ -16,7 +16,7 @@ from distill_runner.train import engine
 from distill_runner.train.health import class_count, learning_check
 from distill_runner.train.stages import schedule
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[3] / "conf"
 # The CIFAR-100 zoo (22 models in both groups, up to 24M parameters) is tested in test_cifar_zoo.py and
 # test_cifar_bench.py: its models equal the reference code's, which the published numbers come from.
 MODELS = [

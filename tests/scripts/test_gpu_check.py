@@ -18,7 +18,7 @@ from conftest import compose_config
 from distill_runner.build import build_data
 from distill_runner.config import validate
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
 gpu_check = importlib.util.module_from_spec(_spec)
 sys.modules["gpu_check"] = gpu_check  # dataclasses look their module up
