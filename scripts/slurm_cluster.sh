@@ -54,6 +54,8 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 # a cancelled or requeued job is killed 5 s after its SIGTERM (default 30 s)
 KillWait=5
+# finished jobs stay known to squeue for an hour (submitit reads their states there: no sacct)
+MinJobAge=3600
 NodeName=$host CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
