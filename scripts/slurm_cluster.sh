@@ -52,8 +52,8 @@ MpiDefault=none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
-# a cancelled or requeued job is killed 5 s after its SIGTERM (default 30 s)
-KillWait=5
+# a cancelled or requeued job is killed 2 s after its SIGTERM (default 30 s; submitit ignores SIGTERM)
+KillWait=2
 # finished jobs stay known to squeue for an hour (submitit reads their states there: no sacct)
 MinJobAge=3600
 NodeName=$host CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
