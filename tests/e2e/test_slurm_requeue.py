@@ -1,0 +1,60 @@
+"""A sweep job requeued mid-training on a real Slurm cluster (``scontrol requeue``) runs again in its own job folder
+and, with trainer.resume=auto, continues from its last finished epoch and ends with the numbers of an uninterrupted
+run."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest_cluster import SLURM, cancel_jobs, job_env, slurm_cluster_fixture, wait_for  # noqa: F401 (the slurm_cluster fixture)
+
+from distill_runner.reporting.results import RunResults
+
+TIMEOUT_S = 420
+EPOCHS = 10
+
+
+def with_values(overrides: list[str], **values) -> list[str]:
+    """``overrides`` with the keys of ``values`` (dots as __) set to them."""
+    changed = {k.replace("__", "."): v for k, v in values.items()}
+    return [o for o in overrides if o.split("=", 1)[0] not in changed] + [f"{k}={v}" for k, v in changed.items()]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("slurm_cluster")
+def test_a_requeued_job_continues_in_its_folder_and_ends_as_an_uninterrupted_run(tmp_path, fast):
+    # epochs long enough (600 images) that the stage is still training when the job is killed, 2 s after requeue
+    run = with_values(fast, trainer__epochs=EPOCHS, dataset__limit=600, distill__teacher_outputs="online")
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "-m", "distill_runner", "-m", *run, "trainer.resume=auto", *SLURM,
+               f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    launcher = subprocess.Popen(command, cwd=tmp_path, env=job_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        last = wait_for(lambda: next(sweep.glob("*/checkpoints/student_last.pt"), None), 300,
+                        "the first student epoch", process=launcher)  # fmt: skip
+        job_id = next((sweep / ".submitit").glob("*/*_0_log.out")).name.removesuffix("_0_log.out")  # 12, or 12_0
+        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+        _, stderr = launcher.communicate(timeout=TIMEOUT_S)
+    finally:
+        launcher.kill()
+        cancel_jobs(sweep)
+    assert launcher.returncode == 0, stderr[-3000:]
+    job = last.parent.parent
+    assert [p.name for p in sweep.iterdir() if not p.name.startswith(".") and p.is_dir()] == [job.name]  # one folder
+    log = (job / "distill-run.log").read_text()
+    resumed = re.search(rf"(student|baseline): resuming after epoch (\d+)/{EPOCHS}", log)
+    assert resumed is not None and 1 <= int(resumed.group(2)) < EPOCHS, log[-3000:]
+
+    whole = subprocess.run([sys.executable, "-m", "distill_runner", *run, f"hydra.run.dir={tmp_path / 'whole'}"],
+                           cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    a, b = (RunResults.load(d / "metrics.json") for d in (job, tmp_path / "whole"))
+    for role in ("student", "baseline"):
+        assert a.models[role].test_acc == b.models[role].test_acc, role
+        assert [h["loss/total"] for h in a.stages[role].history] == pytest.approx(
+            [h["loss/total"] for h in b.stages[role].history], rel=1e-6
+        )
