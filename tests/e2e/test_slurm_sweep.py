@@ -14,6 +14,7 @@ from conftest import TINY
 from conftest_cluster import SLURM, job_env, slurm_cluster_fixture  # noqa: F401 (the slurm_cluster fixture)
 
 SWEEP = ["distill.temperature=2,4", "distill.alpha=0.5,0.9"]
+BRIEF_TIMING = ["eval.latency_budget_s=0.02", "eval.throughput_budget_s=0.05"]
 TIMEOUT_S = 420
 
 
@@ -30,7 +31,8 @@ def summary(sweep: Path) -> dict[str, dict]:
 @pytest.mark.slow
 @pytest.mark.usefixtures("slurm_cluster")
 def test_a_t_by_alpha_sweep_on_slurm_trains_the_teacher_once_and_equals_the_basic_launcher(tmp_path):
-    common = ["-m", *TINY, *SWEEP]  # -m first: argparse takes the overrides after it as one run of words
+    # -m first: argparse takes the overrides after it as one run of words
+    common = ["-m", *TINY, "teacher=wide_cnn", *BRIEF_TIMING, *SWEEP]
     on_slurm = distill_run([*common, *SLURM, f"hydra.sweep.dir={tmp_path / 'slurm'}", "cache.dir=cache_slurm"],
                            tmp_path)  # fmt: skip
     assert on_slurm.returncode == 0, on_slurm.stderr[-3000:]
@@ -54,7 +56,8 @@ def test_a_t_by_alpha_sweep_on_slurm_trains_the_teacher_once_and_equals_the_basi
 @pytest.mark.slow
 @pytest.mark.usefixtures("slurm_cluster")
 def test_jobs_that_fail_on_the_cluster_are_named_with_their_log_files(tmp_path, fast):
-    done = distill_run(["-m", *fast, *SLURM, "distill.temperature=2,-1", f"hydra.sweep.dir={tmp_path / 's'}"], tmp_path)
+    sweep = ["distill.temperature=2,-1", f"hydra.sweep.dir={tmp_path / 's'}"]
+    done = distill_run(["-m", *fast, *BRIEF_TIMING, *SLURM, *sweep], tmp_path)
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     log = next((tmp_path / "s" / ".submitit").glob("*_1/*_1_0_log.err"))
