@@ -4,7 +4,6 @@ one line naming the URL (password hidden), the reason and the fix."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -38,26 +37,31 @@ def test_an_unreachable_server_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_trial_is_failed_and_its_student_run_again(tmp_path, postgres_url):
+    """A worker (search.role=worker) is killed while it trains a trial; the search started next finds the trial
+    left running by a dead process, fails it, enqueues its student again and finishes the study."""
     study = f"killed-{uuid.uuid4().hex[:8]}"
-    overrides = [*search_config(tmp_path / "conf", trial_epochs=3), f"search.storage={postgres_url}",
-                 f"search.study_name={study}", "search.workers=2", f"cache.dir={tmp_path / 'cache'}"]  # fmt: skip
-    main = subprocess.Popen([sys.executable, "-m", "distill_runner.search", *SMALL, *overrides,
-                             f"hydra.run.dir={tmp_path / 's'}"], cwd=tmp_path, env=job_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    shared = [f"search.storage={postgres_url}", f"search.study_name={study}", f"cache.dir={tmp_path / 'cache'}"]
+    command = [sys.executable, "-m", "distill_runner.search", *SMALL, *search_config(tmp_path / "conf"), *shared]
+    worker = subprocess.Popen([*command, "search.role=worker", "search.worker=1", f"hydra.run.dir={tmp_path / 'w'}"],
+                              cwd=tmp_path, env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)  # fmt: skip
     try:
-
-        def worker_training():
-            found = [t for t in trials(postgres_url, study, "RUNNING") if "cost" in t.user_attrs]
-            return next((t for t in found if t.user_attrs["pid"] != main.pid), None)
-
-        killed = wait_for(worker_training, 300, "a worker's trial to train", poll_s=0.1, process=main)
-        os.kill(killed.user_attrs["pid"], signal.SIGKILL)
-        _, stderr = main.communicate(timeout=600)
+        training = lambda: next((t for t in trials(postgres_url, study, "RUNNING") if "cost" in t.user_attrs), None)
+        killed = wait_for(training, 300, "the worker's trial to train", poll_s=0.1, process=worker)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=60)
     finally:
-        main.kill()
-    assert main.returncode == 0, stderr[-3000:]
+        worker.kill()
+    assert [t.number for t in trials(postgres_url, study, "RUNNING")] == [killed.number]  # left running
+    main = subprocess.run([*command, f"hydra.run.dir={tmp_path / 's'}"], cwd=tmp_path, env=job_env(),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert main.returncode == 0, main.stderr[-3000:]
     finished, failed = trials(postgres_url, study, "COMPLETE", "PRUNED"), trials(postgres_url, study, "FAIL")
     assert len(finished) == 4 and [t.number for t in failed] == [killed.number]
     assert not trials(postgres_url, study, "RUNNING", "WAITING")
     (retry,) = [t for t in finished if t.user_attrs.get("retry_of") == killed.number]
     assert retry.params == killed.params
+    assert (
+        f"trial {killed.number} was left running by a killed process"
+        in (tmp_path / "s" / "distill-search.log").read_text()
+    )
