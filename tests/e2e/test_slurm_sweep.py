@@ -74,3 +74,24 @@ def test_the_slurm_launcher_without_slurm_is_one_line(tmp_path):
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-3000:]
     assert done.stderr.startswith("distill-run: error: hydra/launcher=slurm: Slurm is not installed here (no sbatch")
     assert "hydra/launcher=joblib" in done.stderr and not (tmp_path / "outputs").exists()
+
+
+def test_sacct_failures_are_logged_once_not_on_every_poll(caplog):
+    """On a cluster where sacct fails (and accounting is not simply off), submitit warns on every poll: once here."""
+    import logging
+
+    from distill_runner.slurm import OnceFilter
+
+    submitit_log = logging.getLogger("submitit")
+    once = OnceFilter()
+    submitit_log.addFilter(once)
+    try:
+        for call in range(1, 6):
+            submitit_log.warning(f"Call #{call} - Bypassing sacct error exit status 1, status may be inaccurate.")
+        submitit_log.warning("another warning")
+    finally:
+        submitit_log.removeFilter(once)
+        OnceFilter.said = False
+    messages = [r.getMessage() for r in caplog.records if r.name == "submitit"]
+    assert messages == ["sacct failed (said once, not on every poll): Call #1 - Bypassing sacct error exit status 1, "
+                        "status may be inaccurate.", "another warning"]  # fmt: skip
