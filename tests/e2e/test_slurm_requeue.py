@@ -31,17 +31,18 @@ def with_values(overrides: list[str], **values) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.usefixtures("slurm_cluster")
 def test_a_requeued_job_continues_in_its_folder_and_ends_as_an_uninterrupted_run(tmp_path, fast):
-    # epochs long enough (600 images) that the stage is still training when the job is killed, 2 s after requeue
+    # two jobs of one config (seed=0,0): job 0 is requeued, job 1 runs through beside it (the node has 2 cores).
+    # Epochs long enough (600 images) that job 0 still trains when it is killed, 2 s after the requeue.
     run = with_values(fast, trainer__epochs=EPOCHS, dataset__limit=600, distill__teacher_outputs="online")
     sweep = tmp_path / "sweep"
-    command = [sys.executable, "-m", "distill_runner", "-m", *run, "trainer.resume=auto", *SLURM,
+    command = [sys.executable, "-m", "distill_runner", "-m", *run, "trainer.resume=auto", *SLURM, "seed=0,0",
                f"hydra.sweep.dir={sweep}"]  # fmt: skip
     launcher = subprocess.Popen(command, cwd=tmp_path, env=job_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        last = wait_for(lambda: next(sweep.glob("*/checkpoints/student_last.pt"), None), 300,
-                        "the first student epoch", process=launcher)  # fmt: skip
-        job_id = next((sweep / ".submitit").glob("*/*_0_log.out")).name.removesuffix("_0_log.out")  # 12, or 12_0
+        last = wait_for(lambda: next(sweep.glob("0_*/checkpoints/student_last.pt"), None), 300,
+                        "job 0's first student epoch", process=launcher)  # fmt: skip
+        job_id = next((sweep / ".submitit").glob("*_0/*_0_0_log.out")).name.removesuffix("_0_log.out")  # 12_0
         subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
         # Slurm holds a requeued job for 2 minutes (its begin time); once it is pending again, let it start now
         wait_for(lambda: job_state(job_id) == "PENDING", 120, "the job to be pending again", poll_s=0.5)
@@ -51,16 +52,15 @@ def test_a_requeued_job_continues_in_its_folder_and_ends_as_an_uninterrupted_run
         launcher.kill()
         cancel_jobs(sweep)
     assert launcher.returncode == 0, stderr[-3000:]
-    job = last.parent.parent
-    assert [p.name for p in sweep.iterdir() if not p.name.startswith(".") and p.is_dir()] == [job.name]  # one folder
-    log = (job / "distill-run.log").read_text()
+    requeued = last.parent.parent
+    (whole,) = [p for p in sweep.glob("1_*") if p.is_dir()]
+    assert sorted(p.name for p in sweep.glob("[0-9]*") if p.is_dir()) == sorted([requeued.name, whole.name])
+    log = (requeued / "distill-run.log").read_text()  # the requeued job wrote on in its own folder
     resumed = re.search(rf"(student|baseline): resuming after epoch (\d+)/{EPOCHS}", log)
     assert resumed is not None and 1 <= int(resumed.group(2)) < EPOCHS, log[-3000:]
+    assert "resuming after epoch" not in (whole / "distill-run.log").read_text()
 
-    whole = subprocess.run([sys.executable, "-m", "distill_runner", *run, f"hydra.run.dir={tmp_path / 'whole'}"],
-                           cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=TIMEOUT_S)  # fmt: skip
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    a, b = (RunResults.load(d / "metrics.json") for d in (job, tmp_path / "whole"))
+    a, b = (RunResults.load(d / "metrics.json") for d in (requeued, whole))
     for role in ("student", "baseline"):
         assert a.models[role].test_acc == b.models[role].test_acc, role
         assert [h["loss/total"] for h in a.stages[role].history] == pytest.approx(
