@@ -150,6 +150,9 @@ def run_app(app: str, entry) -> None:
     """``entry`` (a ``@hydra.main`` function) on the command line as :func:`command_line` rewrites it; Ctrl-C while
     Hydra composes the config, before any work, is one line."""
     sys.argv[1:] = command_line(sys.argv[1:])
+    from distill_runner import slurm  # hydra/launcher=slurm: Slurm is installed, sacct's failures said once
+
+    slurm.prepare(app, sys.argv[1:], group_choice(sys.argv[1:], "hydra/launcher"))
     try:
         entry()
     except KeyboardInterrupt:

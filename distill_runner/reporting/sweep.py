@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import logging
 import os
 import re
@@ -253,10 +254,19 @@ def summary_markdown(sweep_dir: Path, rows: list[dict], swept: list[str], common
         + tie_note(per_setting, best, seeded),
         "",
         *([f"Skipped {len(skipped)} job(s) whose results cannot be read: {'; '.join(skipped)}.", ""] * bool(skipped)),
+        *failed_on_cluster(sweep_dir),
         "![student accuracy](summary.png)",
         "",
     ]
     return "\n".join(lines)
+
+
+def failed_on_cluster(sweep_dir: Path) -> list[str]:
+    """The jobs the Slurm launcher found failed (``failed_jobs.json``, distill_runner/slurm.py), with their logs."""
+    path = sweep_dir / "failed_jobs.json"
+    failed = json.loads(path.read_text()) if path.is_file() else []
+    return [f"Failed on the cluster: {len(failed)} job(s)", "", "| job | log | last error |", "|---|---|---|",
+            *[f"| {f['job']} | {f['log']} | {f['why']} |" for f in failed], ""] if failed else []  # fmt: skip
 
 
 def jobs_table(rows: list[dict]) -> list[str]:

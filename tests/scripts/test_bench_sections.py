@@ -1,5 +1,6 @@
 """Each section of scripts/bench.py runs in a quick mode (tiny sizes): kd, feature, data (it crashed with
-"'list' object has no attribute 'set_epoch'"), prints and speed. The sweep section: tests/scripts/test_bench_sweep.py."""
+"'list' object has no attribute 'set_epoch'"), prints and speed.
+The sweep section: tests/scripts/test_bench_sweep.py."""
 
 import sys
 from pathlib import Path
