@@ -28,7 +28,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 CPU = torch.device("cpu")
 FP32 = engine.resolve_precision("32", CPU)
 ONLINE_ONLY = {"self"}  # no teacher
-FEATURE_RECIPES = {"feature", "attention", "combo"}  # teacher summaries besides logits
+FEATURE_RECIPES = {"feature", "attention", "combo", "ofd", "ab", "ft"}  # teacher summaries besides logits
 REPLAYED = sorted(p.stem for p in (CONF / "distill").glob("*.yaml") if p.stem not in ONLINE_ONLY)
 # (recipe, storage dtype, relative tolerance of each term's loss and of the gradient's norm): float32 storage
 # replays the online values (bit for bit on this CPU); float16 rounds each stored value (relative <= 2**-11),
