@@ -10,6 +10,14 @@ signal's raw ``features`` into ``summaries[term][layer]`` (:meth:`Recipe.summari
 sees its own as ``teacher["features"][layer]``. Replay stores exactly those summaries, so online and
 replayed teachers give a term the same tensors (up to the storage dtype).
 
+Some methods train parts of their own before the student's training (AB initialises the student's
+connectors, FT trains a paraphraser on teacher features): a term's ``prepare(student, batches, device)``
+is that stage, run once by :func:`distill_runner.train.engine.fit` before the first epoch (not again on a
+resume: the checkpoint holds what it trained). ``batches(epoch)`` yields ``(batch, teacher)`` on the device:
+the training batches of that epoch and the teacher outputs the term sees in training (its summaries as
+``teacher["features"]``, online or replayed alike; None without a teacher). It returns each epoch's mean
+loss, which the recipe logs; its number of epochs is the term's own argument; by default it does nothing.
+
 A loss term declares what it needs as class attributes; :class:`Term` holds their defaults, and no
 other module guesses them. The training loop, the runner and the teacher signal read these
 attributes directly.
@@ -19,6 +27,7 @@ Docs: docs/reference/api.md
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -27,6 +36,7 @@ from torch import nn
 
 Batch = dict[str, torch.Tensor]
 Outputs = dict[str, Any]
+PrepareBatches = Callable[[int], Iterable[tuple[Batch, Outputs | None]]]  # epoch -> (batch, teacher) pairs
 HYPERPARAMETERS = ("temperature", "alpha", "beta")  # the recipe-level values terms may read
 
 
@@ -94,6 +104,10 @@ class Term(nn.Module):
     def logged(self) -> dict[str, float]:
         """Nothing learned to log by default."""
         return {}
+
+    def prepare(self, student: nn.Module, batches: PrepareBatches, device: torch.device) -> list[float]:
+        """No stage before training by default (AB, FT have one): returns each epoch's mean loss."""
+        return []
 
     def teacher_summary(self, layer: str, feature: torch.Tensor) -> torch.Tensor:
         """The teacher feature itself by default. Override it to keep less (replay stores what it

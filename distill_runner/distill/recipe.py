@@ -204,6 +204,29 @@ class Recipe(nn.Module):
             weights = [round(w, 3) for w in self.class_weight.tolist()]
             log.info("class-balanced KD (%s): class weights %s", self.class_balance, weights)
 
+    def prepare(self, student: nn.Module, teacher, train, device: torch.device) -> None:
+        """Each term's stage before training (:meth:`Term.prepare`), its losses logged per epoch."""
+        for name, term in self.terms.items():
+            if getattr(term, "prepare", None) is None:
+                continue
+
+            @torch.no_grad()
+            def seen(batch, name=name):
+                out = self.summarize(teacher(batch))
+                return {**out, "features": out["summaries"][name]} if name in out["summaries"] else out
+
+            def batches(epoch: int):
+                train.set_epoch(epoch)
+                if teacher is not None:
+                    teacher.set_epoch(epoch)
+                for batch in train:
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    yield batch, (seen(batch) if teacher is not None else None)
+
+            losses = term.prepare(student, batches, device)
+            for epoch, loss in enumerate(losses, 1):
+                log.info("terms.%s: prepare epoch %d/%d, loss %.4g", name, epoch, len(losses), loss)
+
     def set_epoch(self, epoch: int, epochs: int) -> dict[str, float]:
         """Current alpha, temperature, beta and term weights; returns those worth logging
         (the hyperparameters some term reads; the weights when there is more than one term)."""

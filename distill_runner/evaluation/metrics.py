@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from distill_runner.models.features import INPUT, module_path
 from distill_runner.precision import Precision
 
 ECE_BINS = 15
@@ -139,7 +140,7 @@ def capture(
     Yields ``{key: [batch tensors]}``; join them with ``torch.cat``.
     """
     captured: dict[str, list[torch.Tensor]] = {}
-    handles = []
+    handles, last = [], {}
 
     def store(key: str, value) -> None:
         if isinstance(value, (tuple, list)):
@@ -151,12 +152,23 @@ def capture(
         if room is None or room > 0:
             kept.append(value.detach()[:room].float().cpu().flatten(1))
 
+    def store_all(values: dict) -> None:
+        for key, value in values.items():
+            store(key, value)
+
     try:
         if penultimate:
             handles.append(last_linear(model)[1].register_forward_pre_hook(lambda m, args: store("penultimate", args)))
         for name in dict.fromkeys(layers):  # a layer paired twice is recorded once
-            module = model.get_submodule(name)
-            handles.append(module.register_forward_hook(lambda m, args, out, name=name: store(name, out)))
+            module = model.get_submodule(module_path(name))
+            if name.endswith(INPUT):  # a pre-ReLU tap: the module's last call's input (copied: the ReLU is in place)
+                handles.append(
+                    module.register_forward_pre_hook(lambda m, args, name=name: last.update({name: args[0].clone()}))
+                )
+            else:
+                handles.append(module.register_forward_hook(lambda m, args, out, name=name: store(name, out)))
+        if any(name.endswith(INPUT) for name in layers):  # kept once the whole model has run
+            handles.append(model.register_forward_hook(lambda m, args, out: store_all(last)))
         yield captured
     finally:
         for h in handles:

@@ -1,5 +1,8 @@
 """Intermediate features by module path (``layer3``, ``features.1``), captured with forward hooks.
 
+``<path>:input`` taps a module's input instead (its last call's): the input of a stage's last ReLU is the
+stage's pre-ReLU output (``layer3.2.relu_out:input``; :mod:`distill_runner.models.stages` names them).
+
 A :class:`FeatureTap` runs the model and returns ``{"logits": ..., "features": {path: tensor}}``;
 hooks record only inside its own call, so evaluation passes are untouched. Names are checked
 up front: a wrong one is a :class:`ConfigError` listing the valid names.
@@ -23,14 +26,23 @@ def layer_names(model: nn.Module, max_depth: int = 2) -> list[str]:
     return [n for n, _ in model.named_modules() if n and n.count(".") < max_depth]
 
 
+INPUT = ":input"  # the tap spelling of a module's input
+
+
+def module_path(tap: str) -> str:
+    """The module a tap name hooks: ``layer3.2.relu_out:input`` -> ``layer3.2.relu_out``."""
+    return tap[: -len(INPUT)] if isinstance(tap, str) and tap.endswith(INPUT) else tap
+
+
 def check_layer(model: nn.Module, name: str, key: str, role: str) -> None:
     modules = dict(model.named_modules())
-    if not isinstance(name, str) or name not in modules or name == "":
+    if not isinstance(name, str) or module_path(name) not in modules or module_path(name) == "":
         valid = ", ".join(layer_names(model))
         raise ConfigError(
             key,
             name,
-            f"no such layer in the {role} ({type(model).__name__}); valid names: {valid} (or deeper module paths)",
+            f"no such layer in the {role} ({type(model).__name__}); valid names: {valid} (or deeper module paths, "
+            f"a module's input as PATH{INPUT}, or layers: stages)",
         )
 
 
@@ -44,12 +56,25 @@ class FeatureTap:
         self._handles = []
         modules = dict(model.named_modules())
         for name in self.layers:
-            self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+            if name.endswith(INPUT):
+                self._handles.append(modules[module_path(name)].register_forward_pre_hook(self._input_hook(name)))
+            else:
+                self._handles.append(modules[name].register_forward_hook(self._hook(name)))
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
             if self._store is not None:
                 self._store[name] = output
+
+        return hook
+
+    def _input_hook(self, name: str):
+        def hook(module, inputs):
+            if self._store is not None:
+                self._store[name] = inputs[0]  # a module called twice (torchvision's relu): the last call's
+                if getattr(module, "inplace", False):  # an in-place ReLU would overwrite the tapped tensor
+                    return (inputs[0].clone(), *inputs[1:])
+            return None
 
         return hook
 

@@ -165,6 +165,8 @@ def fit(
     training = Training.build(stage, len(train), device, precision, speed)
     checkpoints = StageCheckpoints(checkpoint_dir, stage.name) if checkpoint_dir is not None else None
     history = resume_training(training, checkpoints) if resume and checkpoints is not None else []
+    if not history:  # the terms' stage before training (AB, FT); a resumed stage has its result already
+        stage.recipe.prepare(training.model, training.teacher, train, device)
     training.start_steps()
     warnings = StageWarnings(stage.name)
     first = len(history)

@@ -5,6 +5,7 @@
 Docs: docs/methods/index.md
 """
 
+from distill_runner.distill.terms.ab_ft import ActivationBoundaries, FactorTransfer
 from distill_runner.distill.terms.crd import CRD
 from distill_runner.distill.terms.ctkd import CTKD
 from distill_runner.distill.terms.dist import DIST
@@ -13,6 +14,7 @@ from distill_runner.distill.terms.features import AttentionTransfer, FeatureHint
 from distill_runner.distill.terms.logits import CrossEntropy, DecoupledKD, HintonKD
 from distill_runner.distill.terms.mlkd import MLKD
 from distill_runner.distill.terms.nkd import NKD
+from distill_runner.distill.terms.ofd import OFD
 from distill_runner.distill.terms.relation import PKT, RKD, CorrelationCongruence, SimilarityPreserving
 from distill_runner.distill.terms.reviewkd import ReviewKD
 from distill_runner.distill.terms.self_distillation import SelfDistillation
@@ -29,15 +31,18 @@ __all__ = [
     "MLKD",
     "NKD",
     "NST",
+    "OFD",
     "PKT",
     "RKD",
     "TTM",
     "VID",
     "WTTM",
+    "ActivationBoundaries",
     "AttentionTransfer",
     "CorrelationCongruence",
     "CrossEntropy",
     "DecoupledKD",
+    "FactorTransfer",
     "FeatureHints",
     "HintonKD",
     "ReviewKD",

@@ -2,7 +2,9 @@
 ResNet50 of the CIFAR benchmarks (four bottleneck stages with a 3x3 stride-1 stem).
 
 Stage outputs for feature recipes: ``relu`` (stem), ``layer1``, ``layer2``, ``layer3`` (after the
-block's ReLU; 32, 16, 8 px at 32 px input), and ``layer4`` for ResNet50 (4 px).
+block's ReLU; 32, 16, 8 px at 32 px input), and ``layer4`` for ResNet50 (4 px). Each block's last ReLU is
+the module ``relu_out`` (no state_dict keys): its input is the stage's pre-ReLU output
+(``layer3.2.relu_out:input``, see :mod:`distill_runner.models.stages`).
 
 Docs: docs/guide/models.md
 """
@@ -36,11 +38,12 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv2, self.bn2 = _conv3x3(c_out, c_out), nn.BatchNorm2d(c_out)
         self.downsample = _projection(c_in, c_out, stride) if stride != 1 or c_in != c_out else None
+        self.relu_out = nn.ReLU()  # the block's last ReLU as a module: its input is the pre-ReLU tap (no keys)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + shortcut)
+        return self.relu_out(self.bn2(self.conv2(out)) + shortcut)
 
 
 class CifarResNet(nn.Module):
@@ -97,11 +100,12 @@ class Bottleneck(nn.Module):
         self.conv2, self.bn2 = _conv3x3(width, width, stride), nn.BatchNorm2d(width)
         self.conv3, self.bn3 = nn.Conv2d(width, c_out, 1, bias=False), nn.BatchNorm2d(c_out)
         self.shortcut = _projection(c_in, c_out, stride) if stride != 1 or c_in != c_out else nn.Sequential()
+        self.relu_out = nn.ReLU()  # the block's last ReLU as a module: its input is the pre-ReLU tap (no keys)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
         out = torch.relu(self.bn2(self.conv2(out)))
-        return torch.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+        return self.relu_out(self.bn3(self.conv3(out)) + self.shortcut(x))
 
 
 class ResNet50(nn.Module):

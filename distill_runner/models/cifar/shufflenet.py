@@ -43,12 +43,13 @@ class ShuffleV1Unit(nn.Module):
         self.conv3 = nn.Conv2d(mid, c_out, 1, groups=groups, bias=False)
         self.bn3 = nn.BatchNorm2d(c_out)
         self.shortcut = nn.Sequential(nn.AvgPool2d(3, stride=2, padding=1)) if stride == 2 else nn.Sequential()
+        self.relu_out = nn.ReLU()  # the unit's last ReLU as a module: its input is the pre-ReLU tap (no keys)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = channel_shuffle(torch.relu(self.bn1(self.conv1(x))), self.first_groups)
         out = self.bn3(self.conv3(torch.relu(self.bn2(self.conv2(out)))))
         shortcut = self.shortcut(x)
-        return torch.relu(torch.cat([out, shortcut], 1) if self.stride == 2 else out + shortcut)
+        return self.relu_out(torch.cat([out, shortcut], 1) if self.stride == 2 else out + shortcut)
 
 
 class ShuffleNetV1(nn.Module):
