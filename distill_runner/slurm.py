@@ -1,7 +1,10 @@
 """Sweeps on Slurm (``hydra/launcher=slurm``, or the plugin's own ``submitit_slurm``): one line where Slurm is not
 installed; on a cluster without accounting (no slurmdbd: ``sacct`` answers "accounting storage is disabled") job
 states come from ``squeue`` and submitit's "Bypassing sacct error" is said once, not on every poll; jobs that
-fail on the cluster are named, with their log files, in the sweep summary and in one line at the end."""
+fail on the cluster are named, with their log files, in the sweep summary and in one line at the end.
+
+Docs: docs/guide/scaling-out.md
+"""
 
 from __future__ import annotations
 

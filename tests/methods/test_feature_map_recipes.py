@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 from conftest import TINY, compose_config
-from test_replay_recipes import replayed_equals_online
+from replay_check import replayed_equals_online
 
 from distill_runner import runner
 from distill_runner.build import build_data, build_model, build_recipe

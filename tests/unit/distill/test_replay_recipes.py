@@ -2,27 +2,25 @@
 of its feature terms), and replayed equals online per batch (loss of every term, and the gradient of the
 student and the recipe's adapters), over several augmented epochs."""
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY, compose_config
+from replay_check import replayed_equals_online
 
 from distill_runner.build import build_data, build_model, build_recipe
 from distill_runner.distill.contract import Term
 from distill_runner.distill.recipe import Recipe
 from distill_runner.distill.signals import (
     Replay,
-    ReplayedTeacher,
     compute_teacher_outputs,
     extra_teachers,
     online_signal,
     replay_blocker,
     teacher_weights,
 )
-from distill_runner.models.features import FeatureTap
 from distill_runner.train import engine
 
 CONF = Path(__file__).resolve().parents[3] / "conf"
@@ -59,39 +57,6 @@ def test_only_recipes_without_a_teacher_stay_online_and_the_feature_list_is_righ
         recipe = build_recipe(cfg, data, build_model(cfg.student, "student", data, cfg.seed))
         assert (not recipe.needs_teacher) == (name in ONLINE_ONLY), name
         assert bool(recipe.teacher_layers) == (name in FEATURE_RECIPES) == bool(recipe.summary_spec()), name
-
-
-def replayed_equals_online(recipe, student, online, data, dtype, tolerance, epochs=3) -> int:
-    """Train-mode steps of ``recipe`` over ``epochs`` augmented epochs with the online and the replayed
-    signal on the same batches: every term's loss and every gradient agree. Returns the batches compared."""
-    entry = compute_teacher_outputs(online, data.train, epochs, CPU, FP32, dtype, False, recipe.summarize)
-    assert set(entry["summaries"]) == set(recipe.summary_spec())
-    replayed = ReplayedTeacher(entry["logits"], entry["summaries"])
-    tap = FeatureTap(student, recipe.student_layers)
-    params = [*student.parameters(), *recipe.parameters()]
-    compared = 0
-    for epoch in range(epochs):
-        data.train.set_epoch(epoch)
-        replayed.set_epoch(epoch)
-        recipe.set_epoch(epoch, epochs)
-        for batch in data.train:
-            losses, state = [], copy.deepcopy(recipe.state_dict())
-            for signal in (online, replayed):
-                recipe.load_state_dict(state)  # a stateful term (CRD's memory banks) starts both calls alike
-                for p in params:
-                    p.grad = None
-                out = recipe(batch, tap(batch["image"]), signal(batch))
-                sum(out.values()).backward()
-                grads = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
-                losses.append(({k: v.item() for k, v in out.items()}, grads))
-            (a, grad_a), (b, grad_b) = losses
-            assert a.keys() == b.keys() and a == pytest.approx(b, rel=tolerance, abs=tolerance / 10), epoch
-            assert (grad_a - grad_b).norm() <= tolerance * grad_a.norm(), epoch
-            if tolerance <= 1e-5:  # float32 storage: every element
-                torch.testing.assert_close(grad_a, grad_b, rtol=1e-4, atol=1e-6)
-            compared += 1
-    tap.remove()
-    return compared
 
 
 @pytest.mark.parametrize("name,dtype,tolerance", CASES, ids=[f"{n}-{str(d)[6:]}" for n, d, _ in CASES])
