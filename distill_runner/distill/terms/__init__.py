@@ -15,6 +15,7 @@ from distill_runner.distill.terms.mlkd import MLKD
 from distill_runner.distill.terms.nkd import NKD
 from distill_runner.distill.terms.relation import PKT, RKD, CorrelationCongruence, SimilarityPreserving
 from distill_runner.distill.terms.reviewkd import ReviewKD
+from distill_runner.distill.terms.sdd import SDD
 from distill_runner.distill.terms.self_distillation import SelfDistillation
 from distill_runner.distill.terms.ttm import TTM, WTTM
 from distill_runner.distill.terms.vid import VID
@@ -31,6 +32,7 @@ __all__ = [
     "NST",
     "PKT",
     "RKD",
+    "SDD",
     "TTM",
     "VID",
     "WTTM",
