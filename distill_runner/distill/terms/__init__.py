@@ -5,6 +5,7 @@
 Docs: docs/methods/index.md
 """
 
+from distill_runner.distill.terms.catkd import CATKD
 from distill_runner.distill.terms.crd import CRD
 from distill_runner.distill.terms.ctkd import CTKD
 from distill_runner.distill.terms.dist import DIST
@@ -21,6 +22,7 @@ from distill_runner.distill.terms.ttm import TTM, WTTM
 from distill_runner.distill.terms.vid import VID
 
 __all__ = [
+    "CATKD",
     "CRD",
     "CTKD",
     "DIST",

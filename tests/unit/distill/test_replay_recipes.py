@@ -32,7 +32,7 @@ ONLINE_ONLY = {"self"}  # no teacher
 # relation recipes: their own replay test (tests/methods/test_relation_replay.py); FSP, KDSVD pair equal widths
 RELATION = {"rkd", "pkt", "sp", "cc", "nst", "fsp", "kdsvd", "ickd"}
 WIDTHS = {"fsp": ["student.model.channels=[64,128]"], "kdsvd": ["student.model.channels=[64,128]"]}
-HEADS = {"sdd_kd", "sdd_dkd", "sdd_nkd"}  # read the tiny CNN's classifier on its pooled feature: pool_size 1
+HEADS = {"sdd_kd", "sdd_dkd", "sdd_nkd", "catkd"}  # read the tiny CNN's classifier on its pooled feature: pool_size 1
 WIDTHS |= {name: ["student.model.pool_size=1"] for name in HEADS}
 # recipes whose teacher summaries go beyond logits
 FEATURE_RECIPES = {"feature", "attention", "combo", "crd", "vid", "reviewkd"} | RELATION | HEADS
