@@ -172,7 +172,8 @@ def build(ctx: Run) -> BuiltModels:
     if teacher_skip_reason is not None:
         log.info("teacher: none in this run (%s)", teacher_skip_reason)
     baseline = clone(student)  # identical initial weights
-    return BuiltModels(recipe, teacher_skip_reason, clone(student), baseline, teachers, extra_teachers)
+    # the KD student is the one the recipe was bound to: a term may hold its classifier (SDD, CAT-KD)
+    return BuiltModels(recipe, teacher_skip_reason, student, baseline, teachers, extra_teachers)
 
 
 def check_room(ctx: RunContext, student: nn.Module, teachers: list[nn.Module]) -> None:

@@ -6,6 +6,7 @@ Docs: docs/methods/index.md
 """
 
 from distill_runner.distill.terms.ab_ft import ActivationBoundaries, FactorTransfer
+from distill_runner.distill.terms.catkd import CATKD
 from distill_runner.distill.terms.crd import CRD
 from distill_runner.distill.terms.ctkd import CTKD
 from distill_runner.distill.terms.dist import DIST
@@ -17,11 +18,13 @@ from distill_runner.distill.terms.nkd import NKD
 from distill_runner.distill.terms.ofd import OFD
 from distill_runner.distill.terms.relation import PKT, RKD, CorrelationCongruence, SimilarityPreserving
 from distill_runner.distill.terms.reviewkd import ReviewKD
+from distill_runner.distill.terms.sdd import SDD
 from distill_runner.distill.terms.self_distillation import SelfDistillation
 from distill_runner.distill.terms.ttm import TTM, WTTM
 from distill_runner.distill.terms.vid import VID
 
 __all__ = [
+    "CATKD",
     "CRD",
     "CTKD",
     "DIST",
@@ -34,6 +37,7 @@ __all__ = [
     "OFD",
     "PKT",
     "RKD",
+    "SDD",
     "TTM",
     "VID",
     "WTTM",

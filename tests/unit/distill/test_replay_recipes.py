@@ -30,8 +30,10 @@ ONLINE_ONLY = {"self"}  # no teacher
 # relation recipes: their own replay test (tests/methods/test_relation_replay.py); FSP, KDSVD pair equal widths
 RELATION = {"rkd", "pkt", "sp", "cc", "nst", "fsp", "kdsvd", "ickd"}
 WIDTHS = {"fsp": ["student.model.channels=[64,128]"], "kdsvd": ["student.model.channels=[64,128]"]}
+HEADS = {"sdd_kd", "sdd_dkd", "sdd_nkd", "catkd"}  # read the tiny CNN's classifier on its pooled feature: pool_size 1
+WIDTHS |= {name: ["student.model.pool_size=1"] for name in HEADS}
 # recipes whose teacher summaries go beyond logits
-FEATURE_RECIPES = {"feature", "attention", "combo", "crd", "vid", "reviewkd", "ofd", "ab", "ft"} | RELATION
+FEATURE_RECIPES = {"feature", "attention", "combo", "crd", "vid", "reviewkd", "ofd", "ab", "ft"} | RELATION | HEADS
 REPLAYED = sorted(p.stem for p in (CONF / "distill").glob("*.yaml") if p.stem not in ONLINE_ONLY | RELATION)
 # (recipe, storage dtype, relative tolerance of each term's loss and of the gradient's norm): float32 storage
 # replays the online values (bit for bit on this CPU); float16 rounds each stored value (relative <= 2**-11),
@@ -62,11 +64,11 @@ def test_only_recipes_without_a_teacher_stay_online_and_the_feature_list_is_righ
 @pytest.mark.parametrize("name,dtype,tolerance", CASES, ids=[f"{n}-{str(d)[6:]}" for n, d, _ in CASES])
 def test_replayed_teacher_outputs_equal_online_per_batch(name, dtype, tolerance, teacher_and_data):
     data, teacher = teacher_and_data
-    cfg = compose_config(TINY + [f"distill={name}"])
+    cfg = compose_config(TINY + [f"distill={name}"] + WIDTHS.get(name, []))
     assert cfg.distill.get("teacher_outputs", "cached") == "cached"  # replayed by default (the runner's default)
     torch.manual_seed(0)
     student = build_model(cfg.student, "student", data, cfg.seed)
-    recipe = build_recipe(cfg, data, student)
+    recipe = build_recipe(cfg, data, student, teacher)
     assert replay_blocker(data.train, Replay("cached", 3, dtype, 1e9, False), lambda: 0.0) is None
     teachers = [teacher] + [build_model(n, k, data, 1).eval() for k, n in extra_teachers(cfg.distill).items()]
     online = online_signal(teachers, teacher_weights(cfg.distill), recipe.teacher_layers)
