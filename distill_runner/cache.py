@@ -7,7 +7,8 @@ what determines the artefact: the config keys whose declaration in :mod:`distill
 affect it (``affects=``; a node declared so is one input, its whole subtree), the content of the weight
 files it starts from, and the data's print. Writers hold a file lock (parallel jobs wait for the one that
 builds) and write to a temp file renamed into place. A damaged entry (its checksum differs) is named in a
-warning and rebuilt; an entry of an earlier FORMAT is never found (its key differs) and is rebuilt.
+warning and rebuilt; an entry of an earlier FORMAT is never found (its key differs), or, found under its key
+but holding what an earlier version stored, is named in one line and rebuilt.
 """
 
 from __future__ import annotations
@@ -270,9 +271,8 @@ class Cache:
         entry = self.load(path)
         if entry is None:
             return None
-        if "model" in entry:  # the previous version's entry holds its weights: give them their own file
-            self.store(weights, entry["model"])
-            self.store(path, {"info": entry["info"]})
-            return entry["model"], entry["info"]
+        if set(entry) != {"info"}:  # e.g. an earlier version's entry that held its weights: trained again
+            log.info("cache entry %s is of an earlier cache format (keys %s); rebuilt", path, sorted(entry))
+            return None
         state = self.load(weights)
         return None if state is None else (state, entry["info"])
