@@ -27,7 +27,7 @@ def test_fp16_on_cpu_is_a_clear_error_or_a_logged_fallback(caplog):
         p = engine.resolve_precision("16-mixed", CPU, "auto")
     assert p.name == "32" and "falling back" in caplog.text
     assert engine.resolve_precision("bf16-mixed", CPU).dtype is torch.bfloat16
-    with pytest.raises(ConfigError, match="^trainer.precision='64': use one of 32, 16-mixed, bf16-mixed$"):
+    with pytest.raises(ConfigError, match="^trainer.precision=64: use one of 32, 16-mixed, bf16-mixed$"):
         validate(compose_config(["trainer.precision=64"]))  # the value's check: the schema's, before any work
 
 
