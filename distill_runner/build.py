@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from distill_runner.data.bundle import DataBundle
@@ -18,24 +17,23 @@ from distill_runner.distill.recipe import Recipe
 from distill_runner.errors import ConfigError, instantiate
 from distill_runner.models.checkpoints import load_checkpoint
 from distill_runner.schema import Spec
-from distill_runner.spec import RunSpec, StudentSpec, TeacherSpec
+from distill_runner.spec import DistillSpec, RunSpec, StudentSpec, TeacherSpec, typed
 from distill_runner.train import engine
 
 log = logging.getLogger(__name__)
 
 
-def _node(node: DictConfig | Spec) -> DictConfig:
-    """The config node a factory is built from (a typed node keeps the one it was read from)."""
+def _node(node):
+    """What a factory's node was read from (what Hydra instantiates from its ``_target_``)."""
     return node.source if isinstance(node, Spec) else node
 
 
-def build_data(cfg: DictConfig | RunSpec, device: torch.device | None = None) -> DataBundle:
+def build_data(spec: RunSpec, device: torch.device | None = None) -> DataBundle:
     """The data set, its training batches served on ``device`` (default: ``trainer.device``)."""
-    cfg = _node(cfg)
-    data = instantiate(cfg.dataset, "dataset", seed=cfg.seed)
-    data.place(
-        device or engine.resolve_device(cfg.trainer.device), OmegaConf.select(cfg, "data.on_device", default="auto")
-    )
+    spec = typed(spec)
+    data = instantiate(_node(spec.dataset), "dataset", seed=spec.seed)
+    on_device = spec.data.on_device if spec.data is not None else "auto"
+    data.place(device or engine.resolve_device(spec.trainer.device), on_device)
     sizes = "/".join(str(sum(c)) for c in data.class_counts.values())
     log.info("data %s: %d classes, image %dpx, train/val/test %s", data.name, data.num_classes, data.image_size, sizes)
     names = ", ".join(data.class_names) if data.num_classes <= 20 else f"{data.num_classes} classes"
@@ -43,16 +41,14 @@ def build_data(cfg: DictConfig | RunSpec, device: torch.device | None = None) ->
     return data
 
 
-def build_model(
-    node: DictConfig | TeacherSpec | StudentSpec, key: str, data: DataBundle, seed: int, **kwargs
-) -> nn.Module:
+def build_model(node: TeacherSpec | StudentSpec, key: str, data: DataBundle, seed: int, **kwargs) -> nn.Module:
     """Build ``node.model`` for the data set; the same seed gives the same initial weights."""
     torch.manual_seed(seed)
     shape = {"num_classes": data.num_classes, "in_channels": data.in_channels, "image_size": data.image_size}
     return instantiate(_node(node.model), f"{key}.model", **shape, **kwargs)
 
 
-def build_teacher(node: DictConfig | TeacherSpec, key: str, data: DataBundle, seed: int) -> nn.Module:
+def build_teacher(node: TeacherSpec, key: str, data: DataBundle, seed: int) -> nn.Module:
     """A teacher as configured: architecture, then torchvision ``weights``, then ``checkpoint``. With a checkpoint
     the pretrained weights are not fetched: the checkpoint must set every weight (it is loaded strictly)."""
     weights = node.weights
@@ -72,7 +68,7 @@ def build_teacher(node: DictConfig | TeacherSpec, key: str, data: DataBundle, se
     return teacher
 
 
-def build_student(node: DictConfig | StudentSpec, data: DataBundle, seed: int) -> nn.Module:
+def build_student(node: StudentSpec, data: DataBundle, seed: int) -> nn.Module:
     """The student: its architecture, then ``student.checkpoint`` when set. The weights are an initialisation:
     the KD student and the scratch baseline both start from them (the baseline is the same student trained
     without the teacher, so the comparison measures what distillation adds)."""
@@ -83,22 +79,23 @@ def build_student(node: DictConfig | StudentSpec, data: DataBundle, seed: int) -
     return student
 
 
-def build_recipe(cfg: DictConfig, data: DataBundle, student: nn.Module, teacher: nn.Module | None = None) -> Recipe:
+def build_recipe(spec: RunSpec, data: DataBundle, student: nn.Module, teacher: nn.Module | None = None) -> Recipe:
     """The distill stage's recipe, bound to the student and the teacher's architecture (``teacher``, or
-    an untrained one built from ``cfg.teacher``: that is all binding needs)."""
-    recipe = new_recipe(cfg.distill)
+    an untrained one built from ``spec.teacher``: that is all binding needs)."""
+    spec = typed(spec)
+    recipe = new_recipe(spec.distill)
     if teacher is None:
-        teacher = build_model(cfg.teacher, "teacher", data, cfg.seed)
+        teacher = build_model(spec.teacher, "teacher", data, spec.seed)
     bind_recipe(recipe, student, teacher, data)
     return recipe
 
 
-def new_recipe(distill: DictConfig) -> Recipe:
+def new_recipe(distill: DistillSpec) -> Recipe:
     """The ``distill`` node as a Recipe, not bound yet (its terms say whether it needs a teacher)."""
     recipe = instantiate(signals.recipe_node(distill), "distill", _recursive_=False)
     if not isinstance(recipe, Recipe):
         fix = "a recipe is distill_runner.distill.Recipe with terms (see conf/distill/kd.yaml)"
-        raise ConfigError("distill._target_", distill.get("_target_"), fix)
+        raise ConfigError("distill._target_", distill._target_, fix)
     return recipe
 
 

@@ -7,7 +7,8 @@ what determines the artefact: the config keys whose declaration in :mod:`distill
 affect it (``affects=``; a node declared so is one input, its whole subtree), the content of the weight
 files it starts from, and the data's print. Writers hold a file lock (parallel jobs wait for the one that
 builds) and write to a temp file renamed into place. A damaged entry (its checksum differs) is named in a
-warning and rebuilt; an entry of an earlier FORMAT is never found (its key differs) and is rebuilt.
+warning and rebuilt; an entry of an earlier FORMAT is never found (its key differs), or, found under its key
+but holding what an earlier version stored, is named in one line and rebuilt.
 
 Docs: docs/guide/sweeps-and-cache.md
 """
@@ -24,11 +25,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from distill_runner import distributed, spec
-from distill_runner.schema import Affects, Spec, inputs, is_int
-from distill_runner.spec import RunSpec, TeacherSpec
+from distill_runner import distributed
+from distill_runner.schema import Affects, Spec, inputs, is_int, plain
+from distill_runner.spec import CacheSpec, RunSpec, TeacherSpec, reference, typed
 from distill_runner.storage import DamagedFile, load_verified, save_verified, sha256_of
 from distill_runner.store import KeyedStore
 
@@ -75,31 +75,27 @@ def content_digest(path: str | None) -> str | None:
     return _sha256(**file_identity(path))
 
 
-def _config(cfg: DictConfig | RunSpec) -> DictConfig:
-    return cfg.source if isinstance(cfg, RunSpec) else cfg
+def _at(node, path: str):
+    """The typed value at the dotted ``path`` under ``node`` (``_UNSET`` where a node on the way is absent)."""
+    for name in path.split("."):
+        if node is None:
+            return _UNSET
+        node = getattr(node, name)
+    return node
 
 
-def select(cfg: DictConfig, keys, under: str = "") -> dict:
-    """``{key: value}`` for each key (missing keys are None), resolved to plain values."""
+def _inputs(node: Spec, cls: type[Spec], flag: Affects, skip=()) -> dict:
+    """The values of the keys ``cls`` declares to affect ``flag``, read from the typed ``node``: an unset key is its
+    default, a whole number given for a float key is that float (unset, 0 and 0.0 label smoothing are one teacher),
+    a node declared as one input is its whole subtree. A key that names a weight file enters by its content
+    (sha256), so an edited file is never served a stale model and a copy of the same file elsewhere reuses it."""
     out = {}
-    for key in keys:
-        value = OmegaConf.select(cfg, f"{under}{key}", default=None)
-        out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-    return out
-
-
-def _inputs(cfg: DictConfig, spec: type[Spec], flag: Affects, under: str = "", skip=()) -> dict:
-    """The values of the keys ``spec`` declares to affect ``flag`` (under the node ``under``), as the typed config
-    reads them: an unset key is its default, a whole number given for a float key is that float (unset, 0 and
-    0.0 label smoothing are one teacher). A key that names a weight file enters by its content (sha256), so an
-    edited file is never served a stale model and a copy of the same file elsewhere reuses it."""
-    out = {}
-    for k in inputs(spec, flag, skip):
-        value = OmegaConf.select(cfg, f"{under}{k.path}", default=_UNSET)
-        if value is _UNSET:
+    for k in inputs(cls, flag, skip):
+        value = _at(node, k.path)
+        if value is _UNSET:  # under an absent node (no eval node): the key's default
             value = None if k.node or k.default == "(required)" else k.default
-        elif OmegaConf.is_config(value):
-            value = OmegaConf.to_container(value, resolve=True)
+        elif isinstance(value, Spec) or k.node:
+            value = plain(value)
         elif k.type.startswith("float") and is_int(value):
             value = float(value)
         if k.file and value is not None:
@@ -120,36 +116,41 @@ def covered(key: str, declared) -> bool:
     return any(key == d or key.startswith(d + ".") for d in declared)
 
 
-def data_inputs(cfg: DictConfig, fingerprint: str | None) -> dict:
+def data_inputs(spec: RunSpec, fingerprint: str | None) -> dict:
     """What determines the training data: its keys, the keys of a data set factory of the user's own (not
     declared: changing one never reuses a teacher) and the data's print (``fingerprint``)."""
-    declared = {k.path for k in spec.reference() if k.path.startswith("dataset.")}
-    own = [f"dataset.{k}" for k in (cfg.get("dataset") or {}) if f"dataset.{k}" not in declared]
-    return {**_inputs(cfg, RunSpec, Affects.DATA), **select(cfg, own), "files": fingerprint}
+    declared = {k.path for k in reference() if k.path.startswith("dataset.")}
+    own = {f"dataset.{k}": v for k, v in spec.dataset.as_dict().items() if f"dataset.{k}" not in declared}
+    return {**_inputs(spec, RunSpec, Affects.DATA), **own, "files": fingerprint}
 
 
-def teacher_key(cfg: DictConfig | RunSpec, node_key: str, fingerprint: str | None) -> str:
+def _teacher(spec: RunSpec, node_key: str) -> TeacherSpec:
+    """The teacher node ``teacher`` or ``distill.teachers.<name>``."""
+    return spec.teacher if node_key == "teacher" else spec.distill.teachers[node_key.rsplit(".", 1)[1]]
+
+
+def teacher_key(spec: RunSpec, node_key: str, fingerprint: str | None) -> str:
     """A fine-tuned teacher: its node's keys (``teacher`` or ``distill.teachers.<name>``), the keys that affect
     every teacher, the data."""
-    cfg = _config(cfg)
+    spec = typed(spec)
     return digest({
         "format": FORMAT,
-        "teacher": _inputs(cfg, TeacherSpec, Affects.TEACHER, under=f"{node_key}."),
-        "shared": _inputs(cfg, RunSpec, Affects.TEACHER, skip=(TeacherSpec,)),
-        "data": data_inputs(cfg, fingerprint),
+        "teacher": _inputs(_teacher(spec, node_key), TeacherSpec, Affects.TEACHER),
+        "shared": _inputs(spec, RunSpec, Affects.TEACHER, skip=(TeacherSpec,)),
+        "data": data_inputs(spec, fingerprint),
         **_processes(),
     })  # fmt: skip
 
 
-def baseline_key(cfg: DictConfig | RunSpec, fingerprint: str | None) -> str:
+def baseline_key(spec: RunSpec, fingerprint: str | None) -> str:
     """The scratch baseline: the student, its schedule, the content of ``student.checkpoint`` when set, the data."""
-    cfg = _config(cfg)
-    baseline = _inputs(cfg, RunSpec, Affects.BASELINE)
-    return digest({"format": FORMAT, "baseline": baseline, "data": data_inputs(cfg, fingerprint), **_processes()})
+    spec = typed(spec)
+    baseline = _inputs(spec, RunSpec, Affects.BASELINE)
+    return digest({"format": FORMAT, "baseline": baseline, "data": data_inputs(spec, fingerprint), **_processes()})
 
 
 def teacher_outputs_key(
-    cfg: DictConfig | RunSpec,
+    spec: RunSpec,
     teacher_keys: list[str],
     fingerprint: str | None,
     views: int,
@@ -159,24 +160,22 @@ def teacher_outputs_key(
     besides logits (``summaries``: the recipe's :meth:`~distill_runner.distill.Recipe.summary_spec`, its feature-
     reading terms' layers and reductions; absent for logits alone, so a logit-only entry never serves a feature
     recipe)."""
-    cfg = _config(cfg)
+    spec = typed(spec)
     stored = {"summaries": summaries} if summaries else {}
-    outputs = _inputs(cfg, RunSpec, Affects.OUTPUTS)
+    outputs = _inputs(spec, RunSpec, Affects.OUTPUTS)
     return digest({"format": FORMAT, "teachers": teacher_keys, "outputs": outputs,
-                   "data": data_inputs(cfg, fingerprint), "views": views, **stored, **_processes()})  # fmt: skip
+                   "data": data_inputs(spec, fingerprint), "views": views, **stored, **_processes()})  # fmt: skip
 
 
-def eval_key(cfg: DictConfig | RunSpec, model_key: str, role: str, layers: list[str], device: torch.device) -> str:
-    inputs = {"model": model_key, "role": role, "layers": layers, "eval": _inputs(_config(cfg), RunSpec, Affects.EVAL)}
+def eval_key(spec: RunSpec, model_key: str, role: str, layers: list[str], device: torch.device) -> str:
+    inputs = {"model": model_key, "role": role, "layers": layers, "eval": _inputs(typed(spec), RunSpec, Affects.EVAL)}
     return digest({"format": FORMAT, **inputs, "device": str(device), "threads": torch.get_num_threads()})
 
 
-def speed_key(
-    cfg: DictConfig | RunSpec, models: dict[str, str], device: torch.device, precision: str, host: dict
-) -> str:
+def speed_key(spec: RunSpec, models: dict[str, str], device: torch.device, precision: str, host: dict) -> str:
     """A timing session: each role's model structure (a digest of its repr), the settings, the precision,
     the device, the host and the threads (speed is a property of the machine, not of the weights)."""
-    settings = _inputs(_config(cfg), RunSpec, Affects.SPEED)
+    settings = _inputs(typed(spec), RunSpec, Affects.SPEED)
     inputs = {"models": models, "settings": settings, "precision": precision}
     return digest({"format": FORMAT, **inputs, "device": str(device), **host, "threads": torch.get_num_threads()})
 
@@ -190,9 +189,9 @@ class Cache:
         self.root, self.shared = Path(root).expanduser(), shared
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> Cache | None:
-        node = cfg.get("cache")
-        return cls(node.dir, bool(node.get("shared", False))) if node is not None and node.enabled else None
+    def from_spec(cls, cache: CacheSpec | None) -> Cache | None:
+        """The run's cache (``cache.*``); None when it is off."""
+        return cls(cache.dir, cache.shared) if cache is not None and cache.enabled else None
 
     def path(self, kind: str, key: str) -> Path:
         return self.kind(kind).path(key, ".pt")
@@ -272,9 +271,8 @@ class Cache:
         entry = self.load(path)
         if entry is None:
             return None
-        if "model" in entry:  # the previous version's entry holds its weights: give them their own file
-            self.store(weights, entry["model"])
-            self.store(path, {"info": entry["info"]})
-            return entry["model"], entry["info"]
+        if set(entry) != {"info"}:  # e.g. an earlier version's entry that held its weights: trained again
+            log.info("cache entry %s is of an earlier cache format (keys %s); rebuilt", path, sorted(entry))
+            return None
         state = self.load(weights)
         return None if state is None else (state, entry["info"])

@@ -37,7 +37,9 @@ class OutputFolderCheck(Callback):
             check_writable(OmegaConf.select(config, key), key)
             if OmegaConf.select(config, "cache.enabled", default=False):
                 check_writable(OmegaConf.select(config, "cache.dir"), "cache.dir")
-            trust.check_cache_folders(config)
+            get = lambda k: OmegaConf.select(config, k, default=None)  # not validated yet: the raw values
+            trust.check_folders(get("cache.dir") if get("cache.enabled") else None, bool(get("cache.shared")),
+                                get("dataset.store_dir") if get("dataset.decode_cache") else None)  # fmt: skip
         except UserError as exc:  # Hydra would print a traceback: one line instead
             app = OmegaConf.select(config, "hydra.help.app_name", default=None) or "distill-run"  # or distill-search
             print(f"{app}: error: {exc}", file=sys.stderr)

@@ -70,7 +70,7 @@ def _check_distill(spec: RunSpec) -> None:
     from distill_runner.build import new_recipe
     from distill_runner.distill import signals
 
-    distill = spec.distill.source
+    distill = spec.distill
     signals.extra_teachers(distill)
     spec.distill.weights = signals.teacher_weights(distill)
     spec.recipe = new_recipe(distill)

@@ -14,11 +14,11 @@ import socket
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
 from distill_runner import storage
 from distill_runner.cache import NOT_RESULTS, covered
 from distill_runner.errors import ConfigError, UserError
+from distill_runner.schema import dump_yaml, load_plain
+from distill_runner.spec import RunSpec, typed
 from distill_runner.storage import atomic_write_text
 from distill_runner.trust import pid_alive
 
@@ -69,12 +69,13 @@ def _without_resume(items) -> list:
     return [o for o in items if not o.lstrip("+~").startswith("trainer.resume")]
 
 
-def resume_dir(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
+def resume_dir(spec: RunSpec, run_dir: Path, overrides: list[str]) -> Path:
     """The run folder to continue: ``trainer.resume=PATH``, or with ``true`` this run's folder if it
     holds checkpoints, else the newest unfinished run under the same outputs folder started with
     the same overrides. Its config must equal this one (but for ``trainer.resume``). With ``auto``:
     this run's folder, whatever it holds (a fixed ``hydra.run.dir``, a requeued Slurm job)."""
-    resume = cfg.trainer.get("resume", False)
+    spec = typed(spec)
+    resume = spec.trainer.resume
     if resume == "auto":
         return run_dir
     if resume is True:
@@ -88,7 +89,7 @@ def resume_dir(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
                 if p.parent.parent != run_dir
                 and not (p.parent.parent / "report.md").exists()  # written last: a finished run
                 and (p.parent.parent / "checkpoints").is_dir()
-                and _without_resume(OmegaConf.load(p)) == _without_resume(overrides)
+                and _without_resume(load_plain(p)) == _without_resume(overrides)
             ]
             if not candidates:
                 raise ConfigError(
@@ -109,7 +110,7 @@ def resume_dir(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
     if found != run_dir:  # another folder: compare with the config it was started with
         saved = found / STARTED if (found / STARTED).is_file() else found / ".hydra" / "config.yaml"
         if saved.is_file():
-            check_same_config(cfg, saved, found)
+            check_same_config(spec, saved, found)
     return found
 
 
@@ -151,11 +152,12 @@ def _runs_here(pid: int, host: str, start: str | None) -> bool:
         return True
 
 
-def claim(cfg: DictConfig, run_dir: Path, resuming: bool) -> None:
+def claim(spec: RunSpec, run_dir: Path, resuming: bool) -> None:
     """Make ``run_dir`` this run's: never shared by two runs. Refused (one line): a folder another live
     run writes into; without ``trainer.resume``, a folder that holds another run; with it, a folder
     started with another config (compared with the copy written at its start, not with Hydra's
     ``.hydra/config.yaml``, which the new start has already overwritten)."""
+    spec = typed(spec)
     run_dir.mkdir(parents=True, exist_ok=True)
     owner, started = run_dir / OWNER, run_dir / STARTED
     me = f"{os.getpid()} {socket.gethostname()} {process_start(os.getpid()) or ''}".strip()
@@ -183,9 +185,9 @@ def claim(cfg: DictConfig, run_dir: Path, resuming: bool) -> None:
             fix = "it holds another run; choose another folder, or continue that run with trainer.resume=auto"
             raise ConfigError("hydra.run.dir", str(run_dir), fix)
         if started.is_file():
-            check_same_config(cfg, started, run_dir)
+            check_same_config(spec, started, run_dir)
         else:
-            atomic_write_text(started, OmegaConf.to_yaml(cfg, resolve=True))
+            atomic_write_text(started, dump_yaml(spec.as_dict()))
     except UserError:
         release(run_dir)
         raise
@@ -213,15 +215,14 @@ def _flat(node: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_same_config(cfg: DictConfig, saved_file: Path, folder: Path) -> None:
+def check_same_config(spec: RunSpec, saved_file: Path, folder: Path) -> None:
     """The run in ``folder`` was started with this config, up to keys that never change a result
     (progress bars, loader workers, ...: :data:`distill_runner.cache.NOT_RESULTS`)."""
-    saved = _flat(OmegaConf.to_container(OmegaConf.load(saved_file), resolve=True))
-    now = _flat(OmegaConf.to_container(cfg, resolve=True))
+    saved, now = _flat(load_plain(saved_file)), _flat(spec.as_dict())
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and not covered(k, NOT_RESULTS))
     if diff:
         shown = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:5]) + (
             " ..." if len(diff) > 5 else ""
         )
         fix = f"the run in {folder} was started with another config ({shown}); resume it with the same overrides"
-        raise ConfigError("trainer.resume", cfg.trainer.get("resume"), fix)
+        raise ConfigError("trainer.resume", spec.trainer.resume, fix)

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from torch import nn
 
 from distill_runner import build as builders
 from distill_runner import distributed, run_folder, storage
-from distill_runner.cache import baseline_key, teacher_key, teacher_outputs_key
+from distill_runner.cache import baseline_key, teacher_key
 from distill_runner.config import validate
 from distill_runner.distill import signals
 from distill_runner.distill.recipe import Recipe
@@ -52,11 +52,7 @@ class BuiltModels:
     extra_teachers: dict[str, TeacherSpec]  # distill.teachers.<name> -> teacher node
 
 
-@dataclass
-class Run(RunContext):
-    """A run's context with its typed config (what validation made, the recipe included)."""
-
-    spec: RunSpec = field(default=None)  # always set by prepare
+Run = RunContext  # a run's context: its typed config (what validation made, the recipe included), data, device, ...
 
 
 def run(cfg: DictConfig | RunSpec, run_dir: str | Path, overrides: list[str] | None = None) -> RunResults | None:
@@ -121,21 +117,20 @@ def prepare(cfg: DictConfig | RunSpec, run_dir: Path, overrides: list[str]) -> R
         data.train.shard(distributed.rank(), distributed.world_size(), pad=True)
         data.val.shard(distributed.rank(), distributed.world_size(), pad=False)
     speed = engine.Speed(channels_last=trainer.channels_last, compile=trainer.compile)
-    return Run(spec.source, data, device, precision, run_dir, speed, spec=spec)
+    return Run(spec, data, device, precision, run_dir, speed)
 
 
 def own_folder(spec: RunSpec, run_dir: Path, overrides: list[str]) -> Path:
     """The run folder (another one when resuming, where the log goes on), claimed for this run alone;
     the cache's folders checked first."""
-    cfg = spec.source
-    check_cache_folders(cfg)
+    check_cache_folders(spec)
     resume, folder = spec.trainer.resume, run_dir
     if resume:
-        folder = resume_dir(cfg, run_dir, overrides)
+        folder = resume_dir(spec, run_dir, overrides)
         resuming = (folder / "checkpoints").is_dir()
         what = "resuming the run in" if resuming else f"nothing to resume yet (trainer.resume={resume}): starting in"
         log.info("%s %s", what, folder)
-    claim(cfg, folder, resuming=bool(resume))
+    claim(spec, folder, resuming=bool(resume))
     if folder != run_dir:
         follow_log(run_dir, folder)
     return folder
@@ -183,9 +178,9 @@ def check_room(ctx: RunContext, student: nn.Module, teachers: list[nn.Module]) -
     run_bytes = storage.checkpoint_bytes(teacher_params) + 2 * storage.checkpoint_bytes(student_params)
     if ctx.cache is None:
         return run_folder.check_room(ctx.run_dir, None, run_bytes, 0)
-    data, cfg = ctx.data, ctx.cfg
+    data, spec = ctx.data, ctx.spec
     outputs_mb = min(
-        cfg.cache.max_teacher_outputs_mb, data.train.num_samples * cfg.trainer.epochs * data.num_classes * 4 / 2**20
+        spec.cache.max_teacher_outputs_mb, data.train.num_samples * spec.trainer.epochs * data.num_classes * 4 / 2**20
     )
     cache_bytes = 4 * (teacher_params + student_params) + int(outputs_mb * 2**20)
     run_folder.check_room(ctx.run_dir, ctx.cache.root, run_bytes, cache_bytes)
@@ -213,7 +208,7 @@ def train_teachers(ctx: Run, built: BuiltModels) -> tuple[dict[str, nn.Module], 
         node = ctx.spec.teacher if key == "teacher" else built.extra_teachers[key]
         recipe = builders.cross_entropy(ctx.data, model, node.label_smoothing)
         hook = run_estimate(ctx, built, model) if key == "teacher" else None
-        stage = engine.Stage(key, model, recipe, on_epoch=hook, **schedule(node.source, key))
+        stage = engine.Stage(key, model, recipe, on_epoch=hook, **schedule(node, key))
         if node.epochs == 0:
             stages[key] = run_stage(ctx, stage)
         else:
@@ -250,7 +245,7 @@ def train(
     if "student" in stages:
         results["student"] = train_student(ctx, built, list(teachers.values()), dict(results), on_student_epoch)
     if "baseline" in stages:
-        student_schedule = schedule(ctx.spec.trainer.source, "trainer")
+        student_schedule = schedule(ctx.spec.trainer, "trainer")
         supervised = builders.cross_entropy(ctx.data, built.baseline)
         baseline_stage = engine.Stage("baseline", built.baseline, supervised, **student_schedule)
         results["baseline"] = run_or_reuse(
@@ -272,21 +267,11 @@ def train_student(
     teacher_keys = [
         finished_teachers[k].cache_key or teacher_key(spec, k, ctx.data.fingerprint) for k in finished_teachers
     ]
-    online = signals.online_signal(teachers, spec.distill.weights, built.recipe.teacher_layers) if teachers else None
-    replay = signals.Replay(
-        mode=spec.distill.teacher_outputs,
-        epochs=spec.trainer.epochs,
-        dtype=getattr(torch, spec.cache.teacher_outputs_dtype),
-        max_mb=spec.cache.max_teacher_outputs_mb,
-        progress=spec.trainer.progress,
+    source = signals.TeacherSignalSource(
+        spec, built.recipe, ctx.data, teachers, teacher_keys, ctx.cache, ctx.device, ctx.precision
     )
-    fetch = ctx.cache.fetch if ctx.cache is not None else None
-    key = lambda views, summaries: teacher_outputs_key(spec, teacher_keys, ctx.data.fingerprint, views, summaries)
-    stored_mb = ctx.cache.stored_mb if ctx.cache is not None else None
-    signal = signals.distill_signal(
-        online, built.recipe, ctx.data, replay, ctx.device, ctx.precision, fetch, key, stored_mb
-    )
-    student_schedule = schedule(spec.trainer.source, "trainer")
+    signal = source.signal()
+    student_schedule = schedule(spec.trainer, "trainer")
     stage = engine.Stage("student", built.student, built.recipe, teacher=signal, on_epoch=on_epoch, **student_schedule)
     student = run_stage(ctx, stage)
     student.recipe_params = count_parameters(built.recipe)  # adapters/heads, not shipped
@@ -300,7 +285,7 @@ def evaluate_models(ctx: Run, built: BuiltModels, models: dict, stages: dict[str
     cache_keys = {"teacher": stages["teacher"].cache_key if "teacher" in stages and not built.extra_teachers else None,
                   "baseline": stages["baseline"].cache_key}  # fmt: skip
     model_results, speed_source = evaluate(
-        ctx.cfg, ctx.data, models, ctx.device, ctx.precision, ctx.checkpoint_dir, layer_pairs, ctx.cache, cache_keys
+        ctx.spec, ctx.data, models, ctx.device, ctx.precision, ctx.checkpoint_dir, layer_pairs, ctx.cache, cache_keys
     )
     data = ctx.data
     return RunResults(
@@ -322,8 +307,8 @@ def report(ctx: Run, built: BuiltModels, results: RunResults, overrides: list[st
     """HParams and figures in TensorBoard; metrics.json, plots and report.md in the run folder, report.md last:
     a folder without it is not a finished run."""
     recipe = tensorboard.recipe_name(built.recipe.terms, overrides)
-    name = tensorboard.run_name(ctx.cfg, overrides, recipe)
-    hparams = tensorboard.hparams(ctx.cfg, results, recipe, name)
+    name = tensorboard.run_name(ctx.spec, overrides, recipe)
+    hparams = tensorboard.hparams(ctx.spec, results, recipe, name)
     tensorboard.write_tensorboard(ctx.tb_dir, results, hparams, overrides, name)
     table = write_report(ctx.run_dir, results, overrides)
     log.info("results on the test split (%s):\n%s\nreport: %s (evaluation %.1fs)", name, table,

@@ -133,6 +133,29 @@ class Spec:
         """The checks that span this node's keys, once each key is read (``path``: the node's); raise a
         :class:`ConfigError` naming the key, the value and the fix. None by default."""
 
+    def as_dict(self) -> dict:
+        """The node as it was read, as plain dicts and lists (interpolations resolved; keys passed through to its
+        factory included): what a digest, a YAML file or a table of hyperparameters holds."""
+        return plain(self.source) if self.source is not None else {}
+
+
+def plain(node):
+    """A config node (a spec, a DictConfig or ListConfig) as plain dicts and lists, interpolations resolved;
+    any other value as it is. The one way below the runner to see a node's keys that no spec declares."""
+    if isinstance(node, Spec):
+        return node.as_dict()
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def load_plain(path) -> dict | list:
+    """A YAML file Hydra or a run wrote (``.hydra/config.yaml``, ``overrides.yaml``), as :func:`plain` values."""
+    return plain(OmegaConf.load(path))
+
+
+def dump_yaml(values: dict) -> str:
+    """Plain values as YAML, as Hydra writes a config (:func:`load_plain` reads it back)."""
+    return OmegaConf.to_yaml(OmegaConf.create(values))
+
 
 def _fix(meta, path: str) -> str:
     fix = meta["fix"]

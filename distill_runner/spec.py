@@ -31,6 +31,7 @@ from distill_runner.schema import (
     nullable,
     number_in,
     one_of,
+    parse,
 )
 from distill_runner.schema import reference as _reference
 from distill_runner.search_spec import SearchSpec
@@ -345,6 +346,12 @@ class RunSpec(Spec):
     def __post_init__(self):
         super().__post_init__()
         self.recipe = None  # the Recipe validation built, not bound yet (distill_runner.config.validate)
+
+
+def typed(cfg) -> RunSpec:
+    """``cfg`` as a :class:`RunSpec`: a spec as it is; a composed config (a script's, a test's) read against the
+    schema (the runner validates with :func:`distill_runner.config.validate`, which also checks across keys)."""
+    return cfg if isinstance(cfg, RunSpec) else parse(RunSpec, cfg)
 
 
 def reference() -> list[Key]:

@@ -25,9 +25,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-
 from distill_runner.errors import ConfigError
+from distill_runner.spec import RunSpec, typed
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +36,21 @@ WAIT_NOTICE_S = 5.0  # a lock not acquired within this is said once, then waited
 CACHE_KINDS = ("teachers", "baselines", "teacher_outputs", "evals", "speeds")  # cache.dir/<kind>/ (cache.Cache)
 
 
-def check_cache_folders(cfg: DictConfig) -> None:
+def check_cache_folders(spec: RunSpec) -> None:
     """Before any work, the data included: ``cache.dir`` (made private when new), each of its kinds' folders
     that exists, and the decoded-image store's folder (``dataset.store_dir``, used whether or not the
     cache is enabled) can be trusted (:func:`check_folder`), or one line naming the folder and the fix."""
-    shared = bool(OmegaConf.select(cfg, "cache.shared", default=False))
-    if OmegaConf.select(cfg, "cache.enabled", default=False):
-        root = Path(OmegaConf.select(cfg, "cache.dir"))
+    spec = typed(spec)
+    cache, dataset = spec.cache, spec.dataset
+    store = dataset.store_dir if dataset.decode_cache else None
+    check_folders(cache.dir if cache.enabled else None, cache.shared, store)
+
+
+def check_folders(cache_dir: str | None, shared: bool, store_dir: str | None) -> None:
+    """:func:`check_cache_folders` of these folders (None: not used), also before the config is validated (the
+    Hydra callback that checks the output folders)."""
+    if cache_dir is not None:
+        root = Path(cache_dir)
         try:
             root = make_folder(root, private=not shared)
         except OSError as exc:
@@ -51,13 +58,12 @@ def check_cache_folders(cfg: DictConfig) -> None:
             raise _refused("cache.dir", root, fix) from None
         for folder in (root, *(root / kind for kind in CACHE_KINDS)):
             check_folder(folder, "cache.dir", shared)
-    store = OmegaConf.select(cfg, "dataset.store_dir", default=None)
-    if store is not None and OmegaConf.select(cfg, "dataset.decode_cache", default=False):
+    if store_dir is not None:
         try:
-            make_folder(store, private=not shared)
+            make_folder(store_dir, private=not shared)
         except OSError:  # unwritable or full: the store says so in its own words (and may fall back)
             return
-        check_folder(store, "dataset.store_dir", shared)
+        check_folder(store_dir, "dataset.store_dir", shared)
 
 
 def make_folder(folder: str | os.PathLike, private: bool) -> Path:

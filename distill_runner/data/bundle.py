@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -30,7 +31,6 @@ import torch
 from distill_runner.data.augment import Augment
 from distill_runner.data.batches import Batches
 from distill_runner.errors import ConfigError
-from distill_runner.spec import BALANCE
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,8 @@ class DataBundle:
         CUDA when the set takes at most a quarter of the free GPU memory, false on a CPU, where the
         images already are in host memory (a memory-mapped store's pages are shared by the OS
         between the parallel jobs of a sweep; a private copy would only add memory). Loaders that
-        decode on the fly (``dataset.decode_cache=false``) are left as they are."""
-        if not (on_device == "auto" or isinstance(on_device, bool)):
-            raise ConfigError("data.on_device", on_device, "use auto, true or false")
+        decode on the fly (``dataset.decode_cache=false``) are left as they are. The schema checked
+        ``on_device`` (``data.on_device``)."""
         device = torch.device(device)
         if not self.train.holds_images:
             if on_device is True:
@@ -261,9 +260,8 @@ def balance_weights(
 ) -> tuple[list[float] | None, torch.Tensor | None]:
     """``(class_weights, sample_weights)`` for ``balance``: ``class_weights`` = N / (K * n_c) (mean
     1 over the training images) for the cross-entropy terms; ``sample_weights`` = 1 / n_c per
-    training image, so a weighted sampler draws every class equally often. One of them or neither."""
-    if balance not in BALANCE:
-        raise ConfigError("balance", balance, f"use one of {', '.join(BALANCE)}")
+    training image, so a weighted sampler draws every class equally often. One of them or neither
+    (``balance`` is one of :data:`distill_runner.spec.BALANCE`: the schema checked it)."""
     counts = torch.bincount(train_targets, minlength=num_classes).double().clamp_min(1)
     if balance == "class_weights":
         return (len(train_targets) / (num_classes * counts)).tolist(), None
@@ -282,11 +280,6 @@ def take_per_class(targets: np.ndarray, limit: int | None) -> np.ndarray:
     for c in np.unique(targets):
         rank[targets == c] = np.arange((targets == c).sum())
     return np.sort(np.lexsort((targets, rank))[:limit])
-
-
-def check_choice(key: str, value: object, choices: Sequence) -> None:
-    if value not in choices:
-        raise ConfigError(key, value, f"use one of {', '.join(map(str, choices))}")
 
 
 def check_classes(
@@ -347,35 +340,17 @@ def in_memory_bundle(
     sees (1-channel images are broadcast to it when normalized); ``fingerprint``: see
     :class:`DataBundle`. Refuses a split without some class (:func:`check_classes`; ``limited``:
     a ``dataset.limit`` subset, where that is only a warning)."""
-    if batch_size < 1 or eval_batch_size < 1:
-        raise ConfigError("batch_size", batch_size, "must be a positive integer")
     if mean is None or std is None:
         mean, std = _statistics(images[torch.as_tensor(splits["train"])])
     num_classes = len(class_names)
     class_weights, sample_weights = balance_weights(balance, targets[torch.as_tensor(splits["train"])], num_classes)
-
-    def loader(split: str, train_mode: bool) -> TensorBatches:
-        idx = torch.as_tensor(splits[split], dtype=torch.long)
-        return TensorBatches(
-            images,
-            targets[idx],
-            batch_size if train_mode else eval_batch_size,
-            mean,
-            std,
-            shuffle=train_mode,
-            augment=augment if train_mode else None,
-            seed=seed,
-            sample_weights=sample_weights if train_mode else None,
-            rows=idx,
-            channels=channels,
-        )
-
+    loader = partial(_split_loader, images, targets, splits, mean=mean, std=std, seed=seed, channels=channels)
     counts = {s: _counts(targets[torch.as_tensor(i, dtype=torch.long)], num_classes) for s, i in splits.items()}
     check_classes(counts, class_names, limited=limited)
     return DataBundle(
-        train=loader("train", True),
-        val=loader("val", False),
-        test=loader("test", False),
+        train=loader("train", batch_size, augment=augment, sample_weights=sample_weights),
+        val=loader("val", eval_batch_size),
+        test=loader("test", eval_batch_size),
         num_classes=num_classes,
         class_names=class_names,
         image_size=images.shape[-1],
@@ -384,6 +359,27 @@ def in_memory_bundle(
         class_counts=counts,
         class_weights=class_weights,
         fingerprint=fingerprint,
+    )
+
+
+def _split_loader(images: torch.Tensor, targets: torch.Tensor, splits: dict[str, np.ndarray], split: str,
+                  batch_size: int, mean, std, seed: int, channels: int | None, augment: Augment | None = None,
+                  sample_weights: torch.Tensor | None = None) -> TensorBatches:  # fmt: skip
+    """The batches of one split over the shared image tensor (its rows indexed, nothing copied): the training
+    split shuffled, augmented and weighted; val and test in order, as they are."""
+    idx = torch.as_tensor(splits[split], dtype=torch.long)
+    return TensorBatches(
+        images,
+        targets[idx],
+        batch_size,
+        mean,
+        std,
+        shuffle=split == "train",
+        augment=augment,
+        seed=seed,
+        sample_weights=sample_weights,
+        rows=idx,
+        channels=channels,
     )
 
 

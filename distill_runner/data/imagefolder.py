@@ -61,7 +61,6 @@ from distill_runner.data.augment import RATIO, Augment
 from distill_runner.data.bundle import (
     DataBundle,
     balance_weights,
-    check_choice,
     in_memory_bundle,
     take_per_class,
 )
@@ -78,7 +77,6 @@ from distill_runner.data.scan import (
     folder_print,
     unreadable,
 )
-from distill_runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +90,6 @@ def loader_settings(num_workers: int | str, pin_memory: bool | str, device: str)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if num_workers == "auto":
         num_workers = min(8, cores - 1) if cuda else min(4, cores // 2)
-    elif not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
-        raise ConfigError("num_workers", num_workers, "use auto or an integer >= 0 (0 = load in the main process)")
     if pin_memory == "auto":
         pin_memory = cuda
     return max(0, num_workers), bool(pin_memory)
@@ -131,7 +127,7 @@ def imagefolder(
     else with PIL every epoch by ``num_workers`` DataLoader workers. ``source`` and
     ``classes_hint`` only word the error messages (where the data comes from, its class folders).
     ``limit`` keeps N images per split, every class represented (smoke tests)."""
-    augment = _check_settings(on_bad_image, hflip, resized_crop_scale, val_from_train)
+    augment = Augment(hflip=hflip, resized_crop_scale=resized_crop_scale)  # every setting: checked by the schema
     workers, pin = loader_settings(num_workers, pin_memory, device)
     layout = Layout(root, source, classes_hint, val_from_train)
     classes, samples = _scan(layout, val_from_train, test_fraction, seed, limit, on_bad_image)
@@ -170,25 +166,6 @@ class Batching:
     name: str
     fingerprint: str
     layout: str  # the layout and its splits, in words (:meth:`Layout.describe`)
-
-
-def _check_settings(
-    on_bad_image: str, hflip: bool, resized_crop_scale: Sequence[float] | None, val_from_train: float | None
-) -> Augment:
-    """The settings' own checks (one line each), before any file is read; the training augmentation
-    (balance and the batch sizes are checked by the schema, before any work)."""
-    try:
-        augment = Augment(hflip=hflip, resized_crop_scale=resized_crop_scale)
-    except ValueError:
-        raise ConfigError(
-            "resized_crop_scale", resized_crop_scale, "use null or [lo, hi] with 0 < lo <= hi <= 1, e.g. [0.8, 1.0]"
-        ) from None
-    check_choice("on_bad_image", on_bad_image, ("skip", "error"))
-    if val_from_train is not None and not (isinstance(val_from_train, (int, float)) and 0 < val_from_train < 1):
-        raise ConfigError(
-            "val_from_train", val_from_train, "use null (use the val/ split) or a fraction in (0, 1), e.g. 0.1"
-        )
-    return augment
 
 
 def _scan(

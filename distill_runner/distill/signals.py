@@ -17,6 +17,7 @@ Docs: docs/guide/sweeps-and-cache.md
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -24,15 +25,17 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
 from distill_runner import distributed
+from distill_runner.cache import Cache, teacher_outputs_key
 from distill_runner.distill.contract import Batch, Outputs, TeacherSignal
 from distill_runner.errors import ConfigError
 from distill_runner.models.features import FeatureTap
 from distill_runner.precision import Precision
+from distill_runner.schema import parse, plain
+from distill_runner.spec import DistillSpec, RunSpec, TeacherSpec
 
 log = logging.getLogger(__name__)
 
@@ -124,31 +127,36 @@ def online_signal(models: Sequence[nn.Module], weights: Sequence[float] | None =
 # ------------------------------------------------------------------------------- the distill node
 
 
-def recipe_node(distill: DictConfig) -> DictConfig:
-    """``distill`` without the keys read here: what the recipe is built from."""
-    node = OmegaConf.to_container(distill, resolve=True)
+def _typed(distill) -> DistillSpec:
+    """The ``distill`` node, typed (a script's or a test's composed node is read against the schema)."""
+    return distill if isinstance(distill, DistillSpec) else parse(DistillSpec, distill, "distill")
+
+
+def recipe_node(distill: DistillSpec) -> dict:
+    """``distill`` without the keys read here: what the recipe is built from (plain values, resolved)."""
+    node = plain(distill)
     for key in SIGNAL_KEYS:
         node.pop(key, None)
-    return OmegaConf.create(node)
+    return node
 
 
-def extra_teachers(distill: DictConfig) -> dict[str, DictConfig]:
+def extra_teachers(distill: DistillSpec) -> dict[str, TeacherSpec]:
     """``distill.teachers`` (multi-teacher recipes): config key -> teacher node."""
-    teachers = {f"distill.teachers.{name}": node for name, node in (distill.get("teachers") or {}).items()}
+    teachers = {f"distill.teachers.{name}": node for name, node in _typed(distill).teachers.items()}
     for key, node in teachers.items():
-        if node.get("epochs", 1) == 0 and node.get("checkpoint") is None and node.get("weights") is None:
+        if node.epochs == 0 and node.checkpoint is None and node.weights is None:
             fix = f"a teacher used as loaded needs {key}.checkpoint=PATH; or train it: {key}.epochs=3"
             raise ConfigError(f"{key}.epochs", 0, fix)
     return teachers
 
 
-def teacher_weights(distill: DictConfig) -> list[float] | None:
+def teacher_weights(distill: DistillSpec) -> list[float] | None:
     """``distill.teacher_weights`` in teacher order (the run's ``teacher`` first); None = average."""
-    weights = distill.get("teacher_weights")
+    distill = _typed(distill)
+    weights = distill.teacher_weights
     if weights is None:
         return None
-    names = ["teacher", *(distill.get("teachers") or {})]
-    weights = OmegaConf.to_container(weights, resolve=True) if OmegaConf.is_config(weights) else weights
+    names = ["teacher", *distill.teachers]
     valid = isinstance(weights, Mapping) and set(weights) == set(names)
     valid = valid and all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights.values())
     if not valid or not sum(weights.values()) > 0:
@@ -260,61 +268,82 @@ def compute_teacher_outputs(
     return {"logits": stored[("logits",)], "summaries": summaries}
 
 
-def distill_signal(
-    online,
-    recipe,
-    data,
-    replay: Replay,
-    device,
-    precision: Precision,
-    fetch: Callable | None,
-    key: Callable[[int, dict], str],
-    stored_mb: Callable[[str, str], float | None] | None = None,
-) -> TeacherSignal | None:
-    """The distill stage's teacher signal: None when the recipe needs no teacher; replayed (logits and
-    the recipe's teacher summaries) where that is exact and fits ``replay.max_mb``; else ``online``.
-    ``fetch(kind, key, build)`` is the cache's (None: no cache, compute here); ``key(views, summaries)``
-    the outputs' cache key (``summaries``: :meth:`Recipe.summary_spec`, what is stored besides logits);
-    ``stored_mb(kind, key)`` the size of a stored entry (None: not stored), which spares the estimate."""
-    if not recipe.needs_teacher:
-        return None
-    views = views_needed(data.train, replay.epochs)
-    shapes: dict[str, tuple[int, ...]] = {}
+class TeacherSignalSource:
+    """The one place that decides where the distill stage's teacher signal comes from: none (the recipe needs
+    no teacher), replayed (logits and the recipe's teacher summaries, from the cache or computed here) where
+    that is exact and fits ``cache.max_teacher_outputs_mb``, else online (one teacher or the weighted ensemble).
+    Built once with what it needs; the runner asks :meth:`signal`."""
 
-    def estimate_mb() -> float:
-        stored = stored_mb("teacher_outputs", key(views, recipe.summary_spec())) if stored_mb else None
-        if stored is not None:  # a sweep's later job: no teacher pass to estimate what is already there
-            return stored
-        shapes.update(stored_shapes(online, recipe.summarize, data.train, device))
-        return store_mb(shapes, views, data.train.num_samples, replay.dtype)
-
-    why_not = replay_blocker(data.train, replay, estimate_mb)
-    if why_not is not None:
-        log.info("teacher outputs: online (%s)", why_not)
-        return online
-
-    def build() -> dict:
-        return compute_teacher_outputs(
-            online, data.train, views, device, precision, replay.dtype, replay.progress, recipe.summarize
+    def __init__(self, spec: RunSpec, recipe, data, teachers: Sequence[nn.Module], teacher_keys: list[str],
+                 cache: Cache | None, device: torch.device, precision: Precision):  # fmt: skip
+        self.spec, self.recipe, self.data, self.teacher_keys = spec, recipe, data, teacher_keys
+        self.cache, self.device, self.precision = cache, device, precision
+        self.online = online_signal(teachers, spec.distill.weights, recipe.teacher_layers) if teachers else None
+        self.replay = Replay(
+            mode=spec.distill.teacher_outputs,
+            epochs=spec.trainer.epochs,
+            dtype=getattr(torch, spec.cache.teacher_outputs_dtype),
+            max_mb=spec.cache.max_teacher_outputs_mb,
+            progress=spec.trainer.progress,
         )
+        self.shapes: dict[str, tuple[int, ...]] = {}  # per-image shapes of what replay stores, once estimated
 
-    start = time.perf_counter()
-    entry, source = (
-        (build(), "computed") if fetch is None else fetch("teacher_outputs", key(views, recipe.summary_spec()), build)
-    )
-    logits, summaries = entry["logits"], entry.get("summaries", {})  # entries of logit recipes before #18: logits
-    size_mb = sum(v.numel() * v.element_size() for _, v in _tensors(entry)) / 2**20
-    what = _stored_in_words(entry)  # ``shapes`` stays empty when a stored entry's size spared the estimate
-    estimate = store_mb(shapes, views, data.train.num_samples, replay.dtype)
-    estimated = f"estimated {estimate:.2f} MB" if shapes else "its stored file's size checked against the limit"
-    log.info(
-        "teacher outputs: cached, %d augmented views x %d images x (%s) as %s = %.2f MB (%s), %s (%.1fs)",
-        *logits.shape[:2],
-        what,
-        str(logits.dtype).removeprefix("torch."),
-        size_mb,
-        estimated,
-        source,
-        time.perf_counter() - start,
-    )
-    return ReplayedTeacher(logits, summaries)
+    @functools.cached_property
+    def views(self) -> int:
+        """Distinct augmented epochs to replay (asked only of a recipe that needs a teacher)."""
+        return views_needed(self.data.train, self.replay.epochs)
+
+    def key(self) -> str:
+        """The cache key of the replayed outputs (the teachers, the data, the views, what is stored besides logits)."""
+        summaries = self.recipe.summary_spec()
+        return teacher_outputs_key(self.spec, self.teacher_keys, self.data.fingerprint, self.views, summaries)
+
+    def estimate_mb(self) -> float:
+        """The size the replayed outputs take: a stored entry's file (a sweep's later job: no teacher pass to
+        estimate what is already there), else estimated from the teacher run on two images."""
+        stored = self.cache.stored_mb("teacher_outputs", self.key()) if self.cache is not None else None
+        if stored is not None:
+            return stored
+        self.shapes.update(stored_shapes(self.online, self.recipe.summarize, self.data.train, self.device))
+        return store_mb(self.shapes, self.views, self.data.train.num_samples, self.replay.dtype)
+
+    def signal(self) -> TeacherSignal | None:
+        """The distill stage's teacher signal (the decision and its source said in the log)."""
+        if not self.recipe.needs_teacher:
+            return None
+        why_not = replay_blocker(self.data.train, self.replay, self.estimate_mb)
+        if why_not is not None:
+            log.info("teacher outputs: online (%s)", why_not)
+            return self.online
+        start = time.perf_counter()
+        if self.cache is None:
+            entry, source = self.compute(), "computed"
+        else:
+            entry, source = self.cache.fetch("teacher_outputs", self.key(), self.compute)
+        self._say(entry, source, time.perf_counter() - start)
+        return ReplayedTeacher(entry["logits"], entry.get("summaries", {}))  # logit recipes' entries before #18
+
+    def compute(self) -> dict:
+        """The replayed outputs, computed: the online signal on every view of every training image."""
+        replay = self.replay
+        return compute_teacher_outputs(self.online, self.data.train, self.views, self.device, self.precision,
+                                       replay.dtype, replay.progress, self.recipe.summarize)  # fmt: skip
+
+    def _say(self, entry: dict, source: str, seconds: float) -> None:
+        logits = entry["logits"]
+        size_mb = sum(v.numel() * v.element_size() for _, v in _tensors(entry)) / 2**20
+        what = _stored_in_words(entry)  # ``shapes`` stays empty when a stored entry's size spared the estimate
+        estimate = store_mb(self.shapes, self.views, self.data.train.num_samples, self.replay.dtype)
+        estimated = (
+            f"estimated {estimate:.2f} MB" if self.shapes else "its stored file's size checked against the limit"
+        )
+        log.info(
+            "teacher outputs: cached, %d augmented views x %d images x (%s) as %s = %.2f MB (%s), %s (%.1fs)",
+            *logits.shape[:2],
+            what,
+            str(logits.dtype).removeprefix("torch."),
+            size_mb,
+            estimated,
+            source,
+            seconds,
+        )

@@ -12,32 +12,21 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from distill_runner.cache import Cache, digest, eval_key, speed_key
 from distill_runner.data.bundle import DataBundle
-from distill_runner.errors import ConfigError
 from distill_runner.evaluation import metrics as measure
 from distill_runner.models.factories import architecture, count_parameters
 from distill_runner.reporting.results import STUDENTS, ModelResult
+from distill_runner.spec import EvalSpec, RunSpec, typed
 from distill_runner.train import engine
 
 log = logging.getLogger(__name__)
 
-# eval.* keys (conf/config.yaml); configs written before they existed get these values
-EVAL_DEFAULTS = {
-    "latency_budget_s": 0.5,
-    "throughput_budget_s": 2.0,
-    "cka_samples": 2048,
-    "speed": "cached",
-    "latency_threads": 1,
-}
-SPEED_MODES = ("cached", "measure")
-
 
 def evaluate(
-    cfg: DictConfig,
+    spec: RunSpec,
     data: DataBundle,
     models: dict[str, nn.Module],
     device: torch.device,
@@ -58,25 +47,33 @@ def evaluate(
     from one timing session of all the run's models (:func:`speeds`). Returns the results and where
     the speeds come from.
     """
-    settings = {k: OmegaConf.select(cfg, f"eval.{k}", default=v) for k, v in EVAL_DEFAULTS.items()}
-    if settings["speed"] not in SPEED_MODES:
-        raise ConfigError("eval.speed", settings["speed"], f"use one of {', '.join(SPEED_MODES)}")
+    spec = typed(spec)
+    settings = _settings(spec.eval or EvalSpec())  # no eval node (a config written before it existed): the defaults
     results, features = {}, {}
     for role, model in models.items():
         layers = [pair[0 if role == "teacher" else 1] for pair in layer_pairs] if role in ("teacher", *STUDENTS) else []
         model_key = (cache_keys or {}).get(role)
         measure_one = partial(_evaluate_one, role, model.to(device), data, device, precision, checkpoint_dir, layers)
         if cache is not None and model_key is not None:
-            key = eval_key(cfg, model_key, role, layers, device)
+            key = eval_key(spec, model_key, role, layers, device)
             results[role], features[role] = _evaluate_cached(cache, key, model_key, role, model, measure_one, settings)
         else:
             results[role], features[role] = measure_one(settings)
-    timed, speed_source = speeds(cfg, models, data, device, precision, settings, cache)
+    timed, speed_source = speeds(spec, models, data, device, precision, settings, cache)
     for role, r in results.items():
         r.update(timed[role])
     for role, r in results.items():
         _add_relative_to_teacher(role, r, results.get("teacher"), features, layer_pairs)
     return {role: ModelResult(**r) for role, r in results.items()}, speed_source
+
+
+def _settings(node: EvalSpec) -> dict:
+    """The ``eval.*`` values the measurements read (a dict: it is also stored with a cached evaluation's inputs)."""
+    keys = ("latency_budget_s", "throughput_budget_s", "cka_samples", "speed", "latency_threads")
+    return {k: getattr(node, k) for k in keys}
+
+
+EVAL_DEFAULTS = _settings(EvalSpec())  # what a run without an eval node measures with
 
 
 def _evaluate_cached(cache: Cache, key: str, model_key: str, role: str, model: nn.Module, measure_one, settings: dict):
@@ -113,7 +110,9 @@ def _add_relative_to_teacher(role: str, r: dict, teacher: dict | None, features:
         r["cka"].update({f"{t} ~ {s}": measure.linear_cka(theirs[t], ours[s]) for t, s in layer_pairs})
 
 
-def speeds(cfg, models, data, device, precision, settings, cache: Cache | None) -> tuple[dict[str, dict], str]:
+def speeds(
+    spec: RunSpec, models, data, device, precision, settings, cache: Cache | None
+) -> tuple[dict[str, dict], str]:
     """Batch-1 latency and images/s of every model, timed back to back in one session, so that a speed-up never
     divides figures taken under different loads; and where they come from. Speed depends on the architecture
     alone, so models that print the same (the KD student and its baseline) are timed once. With
@@ -132,7 +131,7 @@ def speeds(cfg, models, data, device, precision, settings, cache: Cache | None) 
     if cache is None or settings["speed"] == "measure":
         return session()["speeds"], "timed in this run"
     host = {"host": platform.node(), "cpu": platform.processor() or platform.machine()}
-    key = speed_key(cfg, shapes, device, precision.name, host)
+    key = speed_key(spec, shapes, device, precision.name, host)
     with cache.locked("speeds", key) as path:
         entry = cache.load(path)
         if entry is not None:

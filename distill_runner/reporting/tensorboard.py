@@ -14,10 +14,9 @@ from __future__ import annotations
 import math
 import os
 
-from omegaconf import DictConfig, OmegaConf
-
 from distill_runner.cache import NOT_RESULTS
 from distill_runner.reporting.results import EXTRA_TEACHER, ROLES, STUDENTS, RunResults
+from distill_runner.spec import RunSpec, typed
 
 # Ticked by default in the HParams table: at most five are (the dashboard's limit).
 HEADLINE_HPARAMS = ("recipe", "distill.temperature", "distill.alpha", "student", "seed")
@@ -78,12 +77,22 @@ def _choice(group: str, overrides: list[str]) -> str | None:
     return next((o.split("=", 1)[1] for o in overrides if "=" in o and o.split("=", 1)[0].lstrip("+~") == group), None)
 
 
-def run_name(cfg: DictConfig, overrides: list[str], recipe: str) -> str:
+def _select(values: dict, path: str, default=None):
+    """The value at the dotted ``path`` in plain config values, else ``default``."""
+    for name in path.split("."):
+        if not isinstance(values, dict) or name not in values:
+            return default
+        values = values[name]
+    return values
+
+
+def run_name(spec: RunSpec, overrides: list[str], recipe: str) -> str:
     """A readable name for the run: experiment (else data set), recipe, T and alpha, the other
     overrides that change results, e.g. ``quickstart kd T=4 alpha=0.5 seed=1``."""
-    parts = [_choice("experiment", overrides) or str(OmegaConf.select(cfg, "dataset.name", default="run")), recipe]
+    values = typed(spec).as_dict()  # SHORT's keys are the recipe's own (not declared by the schema)
+    parts = [_choice("experiment", overrides) or str(_select(values, "dataset.name", "run")), recipe]
     for key, short in SHORT.items():
-        value = OmegaConf.select(cfg, key, default=None)
+        value = _select(values, key)
         if value is not None:
             parts.append(f"{short}={value:g}" if isinstance(value, (int, float)) else f"{short}={value}")
     named = {}  # a key given twice: Hydra uses the last value
@@ -95,7 +104,7 @@ def run_name(cfg: DictConfig, overrides: list[str], recipe: str) -> str:
     return " ".join(parts + [f"{k}={v}" for k, v in named.items()])
 
 
-def hparams(cfg: DictConfig, results: RunResults, recipe: str, name: str) -> dict:
+def hparams(spec: RunSpec, results: RunResults, recipe: str, name: str) -> dict:
     """The HParams columns: the headline ones first, then every config value that is not plumbing."""
     flat = {}
 
@@ -106,7 +115,7 @@ def hparams(cfg: DictConfig, results: RunResults, recipe: str, name: str) -> dic
             elif not str(k).startswith("_") and not plumbing(f"{prefix}{k}"):
                 flat[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    walk(typed(spec).as_dict(), "")
     teacher = results.models.get("teacher")
     named = {"recipe": recipe, "student": results.models["student"].name, "run": name,
              "teacher": teacher.name if teacher is not None else "none"}  # fmt: skip

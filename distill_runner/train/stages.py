@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from distill_runner import distributed, storage
@@ -24,6 +23,8 @@ from distill_runner.data.bundle import DataBundle
 from distill_runner.errors import instantiate
 from distill_runner.models.factories import count_parameters
 from distill_runner.reporting.results import StageResult
+from distill_runner.schema import Spec
+from distill_runner.spec import RunSpec, TeacherSpec, TrainerSpec
 from distill_runner.train import engine
 from distill_runner.train.resume import previous_checkpoint
 
@@ -32,9 +33,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunContext:
-    """What every stage of a run shares."""
+    """What every stage of a run shares: the typed config (validated once, by the runner) first."""
 
-    cfg: DictConfig
+    spec: RunSpec
     data: DataBundle
     device: torch.device
     precision: engine.Precision
@@ -51,16 +52,22 @@ class RunContext:
 
     @property
     def cache(self) -> Cache | None:
-        return Cache.from_config(self.cfg)
+        return Cache.from_spec(self.spec.cache)
 
 
-def schedule(node: DictConfig, key: str) -> dict:
-    """The Stage fields a config node with epochs/optimizer/scheduler keys sets (built by Hydra)."""
+def schedule(node: TeacherSpec | TrainerSpec, key: str) -> dict:
+    """The Stage fields a node with epochs/optimizer/scheduler keys sets (the optimizer and the schedule built by
+    Hydra from their ``_target_`` nodes)."""
     return {
         "epochs": node.epochs,
-        "optimizer": instantiate(node.optimizer, f"{key}.optimizer"),
-        "scheduler": instantiate(node.scheduler, f"{key}.scheduler"),
+        "optimizer": instantiate(_source(node.optimizer), f"{key}.optimizer"),
+        "scheduler": instantiate(_source(node.scheduler), f"{key}.scheduler"),
     }
+
+
+def _source(node: Spec | None):
+    """What a factory's node was read from (what Hydra instantiates)."""
+    return node.source if node is not None else None
 
 
 def run_stage(ctx: RunContext, stage: engine.Stage) -> StageResult:
@@ -73,7 +80,7 @@ def run_stage(ctx: RunContext, stage: engine.Stage) -> StageResult:
     """
     start = time.perf_counter()
     weights, result_file = ctx.checkpoint_dir / f"{stage.name}.pt", ctx.checkpoint_dir / f"{stage.name}.json"
-    resume = bool(ctx.cfg.trainer.get("resume", False))
+    resume = bool(ctx.spec.trainer.resume)
     if resume and distributed.broadcast(result_file.is_file() and weights.is_file()):
         finished = _load_finished(stage.name, weights, result_file)  # every rank reads the same files: the same answer
         if finished is not None:
@@ -81,16 +88,16 @@ def run_stage(ctx: RunContext, stage: engine.Stage) -> StageResult:
             log.info("stage %s: finished before, loaded from %s", stage.name, weights)
             return finished[1]
     history = []
-    if OmegaConf.select(ctx.cfg, "eval.test_every_epoch", default=False):
+    if ctx.spec.eval is not None and ctx.spec.eval.test_every_epoch:
         stage.on_epoch = with_test_accuracy(ctx, stage.on_epoch)
     if stage.epochs > 0:
         params = f"{count_parameters(stage.model):,}"
         log.info(
             "stage %s: %d epochs, recipe %s, %s parameters", stage.name, stage.epochs, stage.recipe.describe(), params
         )
-        torch.manual_seed(ctx.cfg.seed)
+        torch.manual_seed(ctx.spec.seed)
         with SummaryWriter(ctx.tb_dir / stage.name) if distributed.is_main() else nullcontext() as writer:
-            loop = {"progress": ctx.cfg.trainer.progress, "resume": resume, "speed": ctx.speed}
+            loop = {"progress": ctx.spec.trainer.progress, "resume": resume, "speed": ctx.speed}
             loop |= {"writer": writer, "checkpoint_dir": ctx.checkpoint_dir}
             history = engine.fit(stage, ctx.data.train, ctx.data.val, ctx.device, ctx.precision, **loop)
     else:

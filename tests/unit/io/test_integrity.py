@@ -2,6 +2,7 @@
 nothing half-written left behind, and a sweep's jobs share one copy of a cached teacher."""
 
 import errno
+import logging
 import os
 import subprocess
 import sys
@@ -103,14 +104,27 @@ def test_link_falls_back_to_a_copy_across_file_systems(tmp_path, monkeypatch):
     assert not list((tmp_path / "run").glob(".*tmp*"))
 
 
-def test_cache_entry_of_the_previous_version_is_used_and_given_its_own_weights_file(tmp_path):
+def test_cache_entry_of_an_earlier_format_is_said_once_and_rebuilt(tmp_path, caplog):
     cache = Cache(tmp_path)
     path = cache.path("teachers", "k")
     path.parent.mkdir(parents=True)
-    torch.save({"model": {"w": torch.ones(2)}, "info": {"epochs": 1}}, path)  # as the previous version wrote it
-    state, info, source = cache.fetch_model("teachers", "k", train=lambda: pytest.fail("trained again"))
-    assert torch.equal(state["w"], torch.ones(2)) and info == {"epochs": 1} and source.startswith("reused")
+    torch.save({"model": {"w": torch.ones(2)}, "info": {"epochs": 1}}, path)  # as an earlier version wrote it
+    trained = []
+
+    def train():
+        trained.append(1)
+        return {"w": torch.zeros(2)}, {"epochs": 2}
+
+    with caplog.at_level(logging.INFO, logger="distill_runner.cache"):
+        state, info, source = cache.fetch_model("teachers", "k", train)
+    assert trained == [1] and torch.equal(state["w"], torch.zeros(2)) and info == {"epochs": 2}
+    assert source.startswith("computed")
+    said = [r.getMessage() for r in caplog.records if "earlier cache format" in r.getMessage()]
+    assert len(said) == 1 and str(path) in said[0] and said[0].endswith("rebuilt")
     assert storage.verify(cache.weights_path("teachers", "k")) and storage.verify(path)
+    assert torch.load(path, weights_only=True) == {"info": {"epochs": 2}}  # the new format replaced it
+    state, _, source = cache.fetch_model("teachers", "k", train=lambda: pytest.fail("trained again"))
+    assert source.startswith("reused") and torch.equal(state["w"], torch.zeros(2))
 
 
 # ------------------------------------------------------------------------------ resume

@@ -5,8 +5,10 @@ from functools import partial
 
 import pytest
 import torch
+from conftest import compose_config
 
 from distill_runner import storage
+from distill_runner.config import validate
 from distill_runner.data.bundle import Augment, stratified_split
 from distill_runner.data.digits import digits
 from distill_runner.distill.contract import Term
@@ -25,8 +27,8 @@ def test_fp16_on_cpu_is_a_clear_error_or_a_logged_fallback(caplog):
         p = engine.resolve_precision("16-mixed", CPU, "auto")
     assert p.name == "32" and "falling back" in caplog.text
     assert engine.resolve_precision("bf16-mixed", CPU).dtype is torch.bfloat16
-    with pytest.raises(ConfigError, match="trainer.precision"):
-        engine.resolve_precision("64", CPU)
+    with pytest.raises(ConfigError, match="^trainer.precision=64: use one of 32, 16-mixed, bf16-mixed$"):
+        validate(compose_config(["trainer.precision=64"]))  # the value's check: the schema's, before any work
 
 
 def test_cuda_requested_without_cuda_is_a_clear_error():
