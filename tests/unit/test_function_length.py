@@ -7,10 +7,6 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "distill_runner"
 MAX_LINES = 60  # "about 60"
 
-# Functions still too long, in modules being refactored by others (issue 27): each entry goes once its function
-# is split; an entry whose function is short again fails the test below, so the list only shrinks.
-ALLOWED = {}
-
 
 def long_functions(package: Path = PACKAGE, max_lines: int = MAX_LINES) -> dict[str, int]:
     """``{"<module path>:<function>": lines}`` of every function (methods and nested ones too) over ``max_lines``."""
@@ -25,11 +21,8 @@ def long_functions(package: Path = PACKAGE, max_lines: int = MAX_LINES) -> dict[
 
 
 def test_no_function_is_over_max_lines():
-    long_now = long_functions()
-    too_long = {name: lines for name, lines in long_now.items() if name not in ALLOWED}
+    too_long = long_functions()
     assert not too_long, f"functions over {MAX_LINES} lines (split them into named steps): {too_long}"
-    short_again = ALLOWED - set(long_now)
-    assert not short_again, f"no longer over {MAX_LINES} lines: remove them from ALLOWED: {sorted(short_again)}"
 
 
 def test_the_check_finds_a_long_function(tmp_path):

@@ -13,16 +13,18 @@ ALLOWED = {
     "config.py",
     "runner.py",
     "schema.py",
-    # Hydra's side: the callback that checks the output folders before Hydra makes them (before validation)
-    "storage.py",
+    "search_spec.py",  # the schema of distill-search's keys
+    # Hydra's side: the callbacks that check the output folders before Hydra makes them (before validation)
+    # and write a sweep's summary
+    "callbacks.py",
     # hydra.utils.instantiate of a `_target_` node: its failure names the node's target (errors.instantiate), and a
     # recipe built with _recursive_=False receives its terms' nodes as DictConfig (distill/recipe.py)
     "errors.py",
     "distill/recipe.py",
     # distill-export's own entry point: reads a finished run folder's saved .hydra files
     "evaluation/export.py",
-    # owned by helper "search" (issue 27): to leave this set when the search reads the typed spec
-    "reporting/sweep.py",
+    # distill-search stands above the runner, as the CLI does: it composes each trial's config and hands it to
+    # runner.session, which validates it (every module below reads the typed spec)
     "search/*",
 }
 
