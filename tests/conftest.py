@@ -30,6 +30,16 @@ def compose_config(overrides: list[str] | None = None, experiment: str | None = 
     return compose(overrides)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip, saying why, where CUDA is not available (CI runs on CPUs)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: torch.cuda.is_available() is false here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def tiny_cfg():
     return lambda extra=(): compose_config(TINY + list(extra))
