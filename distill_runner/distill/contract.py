@@ -58,6 +58,10 @@ class LossTerm(Protocol):
     - ``weighs_samples``: it applies ``state.sample_weights`` per sample (class balance and teacher
       confidence act only on such terms; a recipe asking for them needs at least one);
     - trainable parameters (adapters, auxiliary heads): an ``nn.Module``'s own, trained with the student.
+    Optional (a :class:`Term` has them; :func:`strong_augment` reads them): ``views = ("weak", "strong")``
+    with ``strong_augment`` (a :class:`~distill_runner.data.strong_augment.StrongAugment`) asks the loader
+    for a second, strongly augmented view: the batch gains ``image_strong``, the student's and the teacher's
+    outputs ``strong_logits`` (their logits on it; replayed like the weak view's).
     ``bind`` sees the models and the data before training: check layer names, build adapters.
     ``logged`` returns values the term learns (a learned temperature), logged after each epoch.
     """
@@ -87,6 +91,8 @@ class Term(nn.Module):
     hyperparameters: tuple[str, ...] = ()
     mixes_alpha: bool = False
     weighs_samples: bool = False
+    views: tuple[str, ...] = ("weak",)  # ("weak", "strong"): also the strong view (see LossTerm)
+    strong_augment: Any = None  # its StrongAugment, when views holds "strong"
 
     def bind(self, student: nn.Module, teacher: nn.Module | None, data: Any, key: str) -> None:
         """Nothing to check or build by default."""
@@ -100,6 +106,15 @@ class Term(nn.Module):
         returns): it must be a function of ``feature`` alone, per sample; a term that overrides it has
         its ``_target_`` and arguments in the replayed outputs' cache key."""
         return feature
+
+
+def strong_augment(recipe: Any):
+    """The strong view a recipe's terms ask for (the first one's), or None: the stage's batches then
+    carry ``image_strong`` and its models' outputs ``strong_logits``."""
+    for term in getattr(recipe, "terms", {}).values():
+        if "strong" in getattr(term, "views", ()):
+            return term.strong_augment
+    return None
 
 
 @runtime_checkable

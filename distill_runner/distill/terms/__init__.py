@@ -6,6 +6,7 @@ Docs: docs/methods/index.md
 """
 
 from distill_runner.distill.terms.crd import CRD
+from distill_runner.distill.terms.crld import CRLD
 from distill_runner.distill.terms.ctkd import CTKD
 from distill_runner.distill.terms.dist import DIST
 from distill_runner.distill.terms.feature_maps import FSP, ICKD, KDSVD, NST
@@ -21,6 +22,7 @@ from distill_runner.distill.terms.vid import VID
 
 __all__ = [
     "CRD",
+    "CRLD",
     "CTKD",
     "DIST",
     "FSP",
