@@ -29,7 +29,7 @@ from torchvision.transforms.v2 import functional as TF
 from distill_runner.errors import ConfigError
 from distill_runner.schema import is_number
 
-STRONG_STREAM = 0x5EED_0000_0000  # offset of the strong view's generator seed from the weak view's
+STRONG_STREAM = 0x5EED_5EED  # the strong view's seed offset, in the low 32 bits (all torch's CPU generator keeps)
 GRAY = (125, 123, 114)  # the official Cutout fill
 GRAY_1 = 121  # one channel: their mean
 
