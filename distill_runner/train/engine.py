@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from distill_runner import distributed
+from distill_runner.data.batches import Batches
 from distill_runner.distill.contract import strong_augment
 from distill_runner.errors import ConfigError
 from distill_runner.models.features import FeatureTap
@@ -164,7 +165,8 @@ def fit(
 
     Returns one dict per epoch: mean of each loss term, learning rate, validation accuracy.
     """
-    train.set_strong(strong_augment(stage.recipe))  # a strong view only for the stage whose recipe asks
+    if isinstance(train, Batches):  # a strong view only for the stage whose recipe asks (not a script's own feed)
+        train.set_strong(strong_augment(stage.recipe))
     training = Training.build(stage, len(train), device, precision, speed)
     checkpoints = StageCheckpoints(checkpoint_dir, stage.name) if checkpoint_dir is not None else None
     history = resume_training(training, checkpoints) if resume and checkpoints is not None else []
