@@ -103,6 +103,17 @@ class StrongAugment:
         return torch.stack(out)
 
 
+def parse_strong(spec) -> StrongAugment:
+    """A term's ``strong`` setting: null (the official ops 2, cutout 0.5), ``{ops, cutout}`` or a StrongAugment."""
+    if spec is None or isinstance(spec, StrongAugment):
+        return spec or StrongAugment()
+    if not isinstance(spec, dict) or not set(spec) <= {"ops", "cutout"}:
+        raise ConfigError(
+            "strong", spec, "give {ops: 2, cutout: 0.5} (official: RandAugment(2, 10) + Cutout up to 0.5)"
+        )
+    return StrongAugment(**spec)
+
+
 def cutout(x: torch.Tensor, side: float, u: float, v: float) -> torch.Tensor:
     """The official CutoutAbs: a gray square of ``side`` pixels centred at (u*w, v*h), clipped to the image."""
     if side <= 0:

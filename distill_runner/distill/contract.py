@@ -25,6 +25,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from distill_runner.errors import ConfigError
+
 Batch = dict[str, torch.Tensor]
 Outputs = dict[str, Any]
 HYPERPARAMETERS = ("temperature", "alpha", "beta")  # the recipe-level values terms may read
@@ -111,10 +113,15 @@ class Term(nn.Module):
 def strong_augment(recipe: Any):
     """The strong view a recipe's terms ask for (the first one's), or None: the stage's batches then
     carry ``image_strong`` and its models' outputs ``strong_logits``."""
-    for term in getattr(recipe, "terms", {}).values():
-        if "strong" in getattr(term, "views", ()):
-            return term.strong_augment
-    return None
+    asked = {
+        term.strong_augment for term in getattr(recipe, "terms", {}).values() if "strong" in getattr(term, "views", ())
+    }
+    if len(asked) > 1:
+        fix = (
+            f"the terms ask for different strong views ({sorted(map(str, asked))}): give them the same strong: {{...}}"
+        )
+        raise ConfigError("distill.terms", "strong", fix)
+    return next(iter(asked), None)
 
 
 @runtime_checkable

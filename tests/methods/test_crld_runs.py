@@ -1,6 +1,7 @@
-"""CRLD end to end: the teacher's logits on both views replay exactly what the online teacher gives, per batch
-(loss and student gradient), over two epochs whose strong views differ; one epoch runs on digits with the
-quickstart pair and with a CIFAR-zoo pair, cached and online; bad settings are one line before any training."""
+"""CRLD (and MLKD with its strong branch) end to end: the teacher's logits on both views replay exactly what the
+online teacher gives, per batch (loss and student gradient), over two epochs whose strong views differ; one epoch
+runs on digits with the quickstart pair and with a CIFAR-zoo pair, cached and online; bad settings are one line
+before any training."""
 
 import math
 
@@ -29,8 +30,9 @@ def _step(recipe, model, batch, signal):
 
 
 @pytest.mark.slow
-def test_replayed_equals_online_per_batch_on_both_views():
-    cfg = compose_config(TINY + ["distill=crld", "dataset.limit=32", "distill.terms.crld.tau_w=0.1"])
+@pytest.mark.parametrize("name,extra", [("crld", ["distill.terms.crld.tau_w=0.1"]), ("mlkd_strong", [])])
+def test_replayed_equals_online_per_batch_on_both_views(name, extra):
+    cfg = compose_config(TINY + [f"distill={name}", "dataset.limit=32", *extra])
     data = build_data(cfg)
     torch.manual_seed(0)
     teacher = build_model(cfg.teacher, "teacher", data, cfg.seed).eval()
@@ -48,7 +50,7 @@ def test_replayed_equals_online_per_batch_on_both_views():
         replayed.set_epoch(epoch)
         for batch in data.train:
             (a, grad_a), (b, grad_b) = (_step(recipe, student, batch, s) for s in (online, replayed))
-            assert a == pytest.approx(b, rel=1e-5, abs=1e-7) and a["crld"] > 0, (a, b)
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-7) and a[name.removesuffix("_strong")] > 0, (a, b)
             torch.testing.assert_close(grad_a, grad_b, rtol=1e-4, atol=1e-6)
 
 
@@ -64,11 +66,11 @@ def quickstart(tmp_path_factory):
     return _saved_teacher(tmp_path_factory, [])
 
 
-def _one_epoch(overrides, tmp_path, caplog):
+def _one_epoch(overrides, tmp_path, caplog, term="crld"):
     with caplog.at_level("INFO"):
         metrics = runner.run(compose_config(overrides), tmp_path)
     history = metrics.stages["student"].history
-    assert len(history) == 1 and math.isfinite(history[0]["loss/crld"]) and history[0]["loss/crld"] > 0, history
+    assert len(history) == 1 and math.isfinite(history[0][f"loss/{term}"]) and history[0][f"loss/{term}"] > 0, history
     assert 0 <= metrics.models["student"].test_acc <= 1
     return caplog.text
 
@@ -81,6 +83,12 @@ def test_one_epoch_with_the_quickstart_pair(outputs, quickstart, tmp_path, caplo
         assert "teacher outputs: cached" in log and "strong_logits" in log
     else:
         assert "teacher outputs: online" in log
+
+
+@pytest.mark.slow
+def test_mlkd_with_its_strong_branch_runs_one_epoch(quickstart, tmp_path, caplog):
+    log = _one_epoch(quickstart + ["distill=mlkd_strong"], tmp_path, caplog, term="mlkd")
+    assert "teacher outputs: cached" in log and "strong_logits" in log
 
 
 @pytest.mark.slow

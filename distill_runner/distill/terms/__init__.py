@@ -6,7 +6,7 @@ Docs: docs/methods/index.md
 """
 
 from distill_runner.distill.terms.crd import CRD
-from distill_runner.distill.terms.crld import CRLD
+from distill_runner.distill.terms.crld import CRLD, StrongCrossEntropy
 from distill_runner.distill.terms.ctkd import CTKD
 from distill_runner.distill.terms.dist import DIST
 from distill_runner.distill.terms.feature_maps import FSP, ICKD, KDSVD, NST
@@ -45,4 +45,5 @@ __all__ = [
     "ReviewKD",
     "SelfDistillation",
     "SimilarityPreserving",
+    "StrongCrossEntropy",
 ]

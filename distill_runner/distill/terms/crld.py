@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from distill_runner.data.strong_augment import StrongAugment
+from distill_runner.data.strong_augment import parse_strong
 from distill_runner.distill.contract import Term, TermState
 from distill_runner.distill.terms.logits import kd_per_sample
 from distill_runner.errors import ConfigError
@@ -66,14 +66,37 @@ def _number(key: str, value, low: float, high: float | None, fix: str) -> float:
     return float(value)
 
 
-def _strong(spec) -> StrongAugment:
-    if isinstance(spec, StrongAugment):
-        return spec
-    if not isinstance(spec, dict) or not set(spec) <= {"ops", "cutout"}:
-        raise ConfigError(
-            "strong", spec, "give {ops: 2, cutout: 0.5} (official: RandAugment(2, 10) + Cutout up to 0.5)"
-        )
-    return StrongAugment(**spec)
+def _class_weights(term, student, teacher, data, key) -> None:
+    """A strong view's cross-entropy weighs classes as the recipe's ``ce`` term does (dataset.balance)."""
+    if data.class_weights is not None:
+        term.class_weights = torch.as_tensor(data.class_weights, dtype=torch.float32)
+
+
+def require_strong_view(student, teacher) -> None:
+    """One clear line where a term asking for the strong view is called without its logits (outside the runner)."""
+    if "strong_logits" not in student or (teacher is not None and "strong_logits" not in teacher):
+        fix = "the strong view is missing: run the recipe through the runner, which adds image_strong to the batches"
+        raise ConfigError("distill.terms", "views", fix)
+
+
+class StrongCrossEntropy(Term):
+    """Cross-entropy with the labels on the strong view (official MLKD's and CRLD's ``CE(s_s)``); ``strong``: the
+    view's ops and Cutout, as :class:`CRLD`'s."""
+
+    needs_teacher = False
+    views = ("weak", "strong")
+
+    def __init__(self, strong=None):
+        super().__init__()
+        self.strong_augment = parse_strong(strong)
+        self.register_buffer("class_weights", None, persistent=False)
+
+    bind = _class_weights
+
+    def forward(self, batch, student, teacher, state: TermState):
+        require_strong_view(student, None)
+        weight = None if self.class_weights is None else self.class_weights.to(student["strong_logits"].device)
+        return F.cross_entropy(student["strong_logits"].float(), batch["target"], weight=weight)
 
 
 class CRLD(Term):
@@ -100,13 +123,10 @@ class CRLD(Term):
         self.wv_weight = _number("wv_weight", wv_weight, 0.0, None, weight)
         self.cv_weight = _number("cv_weight", cv_weight, 0.0, None, weight)
         self.ce_strong = _number("ce_strong", ce_strong, 0.0, None, weight)
-        self.strong_augment = _strong({"ops": 2, "cutout": 0.5} if strong is None else strong)
+        self.strong_augment = parse_strong(strong)
         self.register_buffer("class_weights", None, persistent=False)
 
-    def bind(self, student, teacher, data, key):
-        """The strong view's cross-entropy weighs classes as the recipe's ``ce`` term does (dataset.balance)."""
-        if data.class_weights is not None:
-            self.class_weights = torch.as_tensor(data.class_weights, dtype=torch.float32)
+    bind = _class_weights
 
     def forward(self, batch, student, teacher, state: TermState):
         if "strong_logits" not in student or "strong_logits" not in teacher:

@@ -34,7 +34,10 @@ RELATION = {"rkd", "pkt", "sp", "cc", "nst", "fsp", "kdsvd", "ickd"}
 WIDTHS = {"fsp": ["student.model.channels=[64,128]"], "kdsvd": ["student.model.channels=[64,128]"]}
 # recipes whose teacher summaries go beyond logits
 FEATURE_RECIPES = {"feature", "attention", "combo", "crd", "vid", "reviewkd"} | RELATION
-TWO_VIEWS = {"crld"}  # a weak and a strong view per batch: its own replay test (tests/methods/test_crld_runs.py)
+TWO_VIEWS = {
+    "crld",
+    "mlkd_strong",
+}  # a weak and a strong view per batch: its own replay test (tests/methods/test_crld_runs.py)
 REPLAYED = sorted(p.stem for p in (CONF / "distill").glob("*.yaml") if p.stem not in ONLINE_ONLY | RELATION | TWO_VIEWS)
 # (recipe, storage dtype, relative tolerance of each term's loss and of the gradient's norm): float32 storage
 # replays the online values (bit for bit on this CPU); float16 rounds each stored value (relative <= 2**-11),
