@@ -111,8 +111,8 @@ class Term(nn.Module):
 
 
 def strong_augment(recipe: Any):
-    """The strong view a recipe's terms ask for (the first one's), or None: the stage's batches then
-    carry ``image_strong`` and its models' outputs ``strong_logits``."""
+    """The strong view a recipe's terms ask for, or None: the stage's batches then carry ``image_strong``
+    and its models' outputs ``strong_logits``. Terms asking for different ones: a ConfigError."""
     asked = {
         term.strong_augment for term in getattr(recipe, "terms", {}).values() if "strong" in getattr(term, "views", ())
     }

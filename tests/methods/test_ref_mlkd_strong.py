@@ -2,6 +2,8 @@
 against the official KD_ours.forward_train on given logits of both views: the recipe's total and the student
 gradients of both views equal tests/reference/mlkd_strong.json at 1e-5; its bad settings name the key."""
 
+import copy
+
 import pytest
 import torch
 from conftest import TINY, compose_config, reference_cases
@@ -46,9 +48,10 @@ def test_recipe_total_matches_the_official_value_and_both_student_gradients(name
 def test_the_recipe_asks_for_one_strong_view(recipe):
     assert strong_augment(recipe) is not None and recipe.terms["mlkd"].views == ("weak", "strong")
     assert MLKD().views == ("weak",)  # the default stays the weak-view loss of conf/distill/mlkd.yaml
-    recipe.terms["ce_strong"].strong_augment = type(recipe.terms["mlkd"].strong_augment)(ops=3)
+    other = copy.deepcopy(recipe)
+    other.terms["ce_strong"].strong_augment = type(recipe.terms["mlkd"].strong_augment)(ops=3)
     with pytest.raises(ConfigError, match="different strong views"):
-        strong_augment(recipe)
+        strong_augment(other)
 
 
 @pytest.mark.parametrize("kwargs,key", [({"strong_view": "yes"}, "strong_view"),
