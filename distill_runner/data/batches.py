@@ -20,7 +20,8 @@ import torch
 @runtime_checkable
 class Batches(Protocol):
     """Batches of ``{"image": float [B,C,H,W], "target": long [B], "index": long [B]}`` (``index``:
-    the sample's position in its split), one epoch per iteration."""
+    the sample's position in its split), one epoch per iteration; plus ``"image_strong"`` after
+    :meth:`set_strong` (terms with ``views = ("weak", "strong")``)."""
 
     batch_size: int  # images per batch (the epoch's last batch may hold fewer)
     replayable: bool  # an epoch's batches repeat exactly (set_epoch): teacher outputs can be replayed
@@ -28,6 +29,10 @@ class Batches(Protocol):
 
     def set_epoch(self, epoch: int) -> None:
         """The order and augmentation of the next iteration: those of ``epoch`` (call before each)."""
+
+    def set_strong(self, strong) -> None:
+        """From now on, batches also carry ``image_strong``: each image's strong view under ``strong`` (a
+        :class:`~distill_runner.data.strong_augment.StrongAugment`, from (seed, epoch) too); None: they do not."""
 
     def shard(self, rank: int, world_size: int, pad: bool = True) -> None:
         """Yield only this process's part of every epoch (DDP)."""

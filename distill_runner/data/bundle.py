@@ -30,6 +30,7 @@ import torch
 
 from distill_runner.data.augment import Augment
 from distill_runner.data.batches import Batches
+from distill_runner.data.strong_augment import StrongAugment, strong_generator
 from distill_runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -139,9 +140,14 @@ class TensorBatches:
         self.mean, self.std = (_per_channel(v, channels) * 255 for v in (mean, std))
         self.device = images.device
         self.rank, self.world_size, self.pad = 0, 1, True
+        self.strong: StrongAugment | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def set_strong(self, strong: StrongAugment | None) -> None:
+        """Add ``batch["image_strong"]`` (:mod:`distill_runner.data.strong_augment`), or None: not."""
+        self.strong = strong
 
     def shard(self, rank: int, world_size: int, pad: bool = True) -> None:
         """Yield only this process's part of every epoch (see :func:`shard_order`)."""
@@ -160,7 +166,7 @@ class TensorBatches:
     def distinct_epochs(self) -> int | None:
         """How many epochs differ in their images: 1 without random augmentation (only the order
         changes), else None (every epoch draws new augmentation)."""
-        return 1 if self.augment is None or self.augment.is_identity else None
+        return 1 if (self.augment is None or self.augment.is_identity) and self.strong is None else None
 
     def place(self, device: torch.device | str, resident: bool) -> TensorBatches:
         """Yield batches on ``device``. ``resident``: this split's images move there once, as one
@@ -187,21 +193,27 @@ class TensorBatches:
         else:
             order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         order = shard_order(order, self.rank, self.world_size, self.pad)
+        strong_gen = strong_generator(self.seed, self.epoch) if self.strong is not None else None
         for i in range(len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
-            yield self.batch(index, gen)
+            yield self.batch(index, gen, strong_gen)
 
-    def batch(self, index: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def batch(
+        self, index: torch.Tensor, gen: torch.Generator, strong_gen: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
         """The images at ``index`` (positions in this split), augmented with ``gen``'s next draws,
-        normalized, on ``self.device``."""
-        images = self.gather(index)
+        normalized, on ``self.device``; with ``strong_gen`` also their strong view (its own draws)."""
+        raw = images = self.gather(index)
         if self.augment is not None:
             images = self.augment(images, gen)
-        return {
+        out = {
             "image": (images.float() - self.mean) / self.std,  # [B,1,H,W] broadcasts to the model's channels
             "target": self.targets[index].to(self.device, non_blocking=True),
             "index": index.to(self.device, non_blocking=True),
         }
+        if strong_gen is not None:
+            out["image_strong"] = (self.strong(raw, strong_gen, self.augment).float() - self.mean) / self.std
+        return out
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:
         """uint8 images at ``index``, indexed where they are held, then on ``self.device``."""

@@ -23,6 +23,7 @@ from torchvision import datasets
 
 from distill_runner.data.bundle import shard_order, shard_size
 from distill_runner.data.images import load_rgb
+from distill_runner.data.strong_augment import STRONG_STREAM, StrongAugment
 from distill_runner.errors import BadImageError
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ class Folder(datasets.ImageFolder):
     ``dataset[(i, aug_seed)]`` applies the transform with the torch RNG seeded by ``aug_seed``
     (random transforms become reproducible per sample and epoch); ``dataset[i]`` uses seed 0.
     """
+
+    strong: StrongAugment | None = None  # set: items also hold "image_strong" (FolderBatches.set_strong)
 
     def __init__(self, root: Path, classes: list[str], files: set[str], transform):
         self._classes = classes
@@ -53,10 +56,17 @@ class Folder(datasets.ImageFolder):
             raise BadImageError(
                 f"{path} could not be decoded ({type(exc).__name__}: {exc}); remove or replace the file"
             ) from None
+        item = {"image": self._transformed(image, aug_seed), "target": target, "index": index}
+        if self.strong is not None:  # the transform again with a seed of its own, then the strong ops
+            strong_seed = (aug_seed + STRONG_STREAM) % 2**63
+            base = self._transformed(image, strong_seed)
+            item["image_strong"] = self.strong(base[None], torch.Generator().manual_seed(strong_seed))[0]
+        return item
+
+    def _transformed(self, image, seed: int) -> torch.Tensor:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(aug_seed)
-            image = self.transform(image)
-        return {"image": image, "target": target, "index": index}
+            torch.manual_seed(seed)
+            return self.transform(image)
 
     def subset(self, positions: Sequence[int], transform) -> Folder:
         """The same data set restricted to ``positions`` (indices restart at 0), with ``transform``."""
@@ -117,13 +127,13 @@ class FolderBatches:
         self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1) * 255
         self.sampler = _EpochSampler(len(dataset), shuffle, seed, sample_weights)
-        self.pin_memory = pin_memory
-        self.loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=self.sampler,
-            num_workers=num_workers,
-            persistent_workers=num_workers > 0,
+        self.pin_memory, self.num_workers = pin_memory, num_workers
+        self.loader = self._data_loader()
+
+    def _data_loader(self) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(
+            self.dataset, self.batch_size, sampler=self.sampler, num_workers=workers, persistent_workers=workers > 0
         )
 
     replayable = False  # decoded and augmented per sample by workers: the teacher runs online
@@ -135,6 +145,12 @@ class FolderBatches:
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.epoch = epoch
+
+    def set_strong(self, strong: StrongAugment | None) -> None:
+        """Items also hold ``image_strong`` (or not): a new DataLoader, whose workers see the change."""
+        if strong != self.dataset.strong:
+            self.dataset.strong = strong
+            self.loader = self._data_loader()
 
     def shard(self, rank: int, world_size: int, pad: bool = True) -> None:
         """Load only this process's part of every epoch (DDP; see :func:`data.shard_order`)."""
@@ -152,7 +168,7 @@ class FolderBatches:
     @property
     def distinct_epochs(self) -> int | None:
         """1 without random augmentation (only the order changes between epochs), else None."""
-        return None if self.random_augment else 1
+        return None if self.random_augment or self.dataset.strong is not None else 1
 
     def place(self, device: torch.device | str, resident: bool) -> FolderBatches:
         """Batches stay on the host (the training loop copies each; pinned when ``pin_memory``): images
@@ -166,5 +182,6 @@ class FolderBatches:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for batch in self.loader:
-            batch["image"] = (batch["image"].float() - self.mean) / self.std
+            for view in ("image", "image_strong") if "image_strong" in batch else ("image",):
+                batch[view] = (batch[view].float() - self.mean) / self.std
             yield {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch

@@ -34,6 +34,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from distill_runner.errors import ConfigError
+
 Batch = dict[str, torch.Tensor]
 Outputs = dict[str, Any]
 PrepareBatches = Callable[[int], Iterable[tuple[Batch, Outputs | None]]]  # epoch -> (batch, teacher) pairs
@@ -68,6 +70,10 @@ class LossTerm(Protocol):
     - ``weighs_samples``: it applies ``state.sample_weights`` per sample (class balance and teacher
       confidence act only on such terms; a recipe asking for them needs at least one);
     - trainable parameters (adapters, auxiliary heads): an ``nn.Module``'s own, trained with the student.
+    Optional (a :class:`Term` has them; :func:`strong_augment` reads them): ``views = ("weak", "strong")``
+    with ``strong_augment`` (a :class:`~distill_runner.data.strong_augment.StrongAugment`) asks the loader
+    for a second, strongly augmented view: the batch gains ``image_strong``, the student's and the teacher's
+    outputs ``strong_logits`` (their logits on it; replayed like the weak view's).
     ``bind`` sees the models and the data before training: check layer names, build adapters.
     ``logged`` returns values the term learns (a learned temperature), logged after each epoch.
     """
@@ -97,6 +103,8 @@ class Term(nn.Module):
     hyperparameters: tuple[str, ...] = ()
     mixes_alpha: bool = False
     weighs_samples: bool = False
+    views: tuple[str, ...] = ("weak",)  # ("weak", "strong"): also the strong view (see LossTerm)
+    strong_augment: Any = None  # its StrongAugment, when views holds "strong"
 
     def bind(self, student: nn.Module, teacher: nn.Module | None, data: Any, key: str) -> None:
         """Nothing to check or build by default."""
@@ -114,6 +122,20 @@ class Term(nn.Module):
         returns): it must be a function of ``feature`` alone, per sample; a term that overrides it has
         its ``_target_`` and arguments in the replayed outputs' cache key."""
         return feature
+
+
+def strong_augment(recipe: Any):
+    """The strong view a recipe's terms ask for, or None: the stage's batches then carry ``image_strong``
+    and its models' outputs ``strong_logits``. Terms asking for different ones: a ConfigError."""
+    asked = {
+        term.strong_augment for term in getattr(recipe, "terms", {}).values() if "strong" in getattr(term, "views", ())
+    }
+    if len(asked) > 1:
+        fix = (
+            f"the terms ask for different strong views ({sorted(map(str, asked))}): give them the same strong: {{...}}"
+        )
+        raise ConfigError("distill.terms", "strong", fix)
+    return next(iter(asked), None)
 
 
 @runtime_checkable

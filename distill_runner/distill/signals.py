@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from distill_runner import distributed
 from distill_runner.cache import Cache, teacher_outputs_key
-from distill_runner.distill.contract import Batch, Outputs, TeacherSignal
+from distill_runner.distill.contract import Batch, Outputs, TeacherSignal, strong_augment
 from distill_runner.errors import ConfigError
 from distill_runner.models.features import FeatureTap
 from distill_runner.precision import Precision
@@ -59,7 +59,10 @@ class OnlineTeacher:
 
     @torch.no_grad()  # not inference_mode: its tensors could not enter the student's graph
     def __call__(self, batch: Batch) -> Outputs:
-        return self.tap(batch["image"])
+        out = self.tap(batch["image"])
+        if "image_strong" in batch:  # a term asked for the strong view: the teacher's logits on it
+            out["strong_logits"] = self.tap(batch["image_strong"])["logits"]
+        return out
 
 
 class EnsembleTeacher:
@@ -83,7 +86,8 @@ class EnsembleTeacher:
         used = [(t, w) for t, w in zip(self.teachers, self.weights) if w > 0 or t is self.teachers[0]]
         outs = [t(batch) for t, _ in used]
         out = dict(outs[0])
-        out["logits"] = sum(w * o["logits"].float() for (_, w), o in zip(used, outs))
+        for key in {"logits", "strong_logits"} & set(out):
+            out[key] = sum(w * o[key].float() for (_, w), o in zip(used, outs))
         return out
 
 
@@ -93,15 +97,22 @@ class ReplayedTeacher:
     online teacher's features), returned as float32.
 
     Epoch ``e`` replays view ``e % views``; with one view per epoch it is exactly the online teacher
-    on the same augmented batches (up to the storage dtype).
+    on the same augmented batches (up to the storage dtype). ``strong_logits`` (same shape as ``logits``):
+    the teacher's logits on each epoch's strong view, when a term asked for one.
     """
 
-    def __init__(self, logits: torch.Tensor, summaries: dict[str, dict[str, torch.Tensor]] | None = None):
-        self.logits, self.summaries = logits, summaries or {}
+    def __init__(
+        self,
+        logits: torch.Tensor,
+        summaries: dict[str, dict[str, torch.Tensor]] | None = None,
+        strong_logits: torch.Tensor | None = None,
+    ):
+        self.logits, self.summaries, self.strong_logits = logits, summaries or {}, strong_logits
         self.view = 0
 
     def to(self, device: torch.device) -> ReplayedTeacher:
         self.logits = self.logits.to(device)
+        self.strong_logits = None if self.strong_logits is None else self.strong_logits.to(device)
         self.summaries = {t: {k: v.to(device) for k, v in layers.items()} for t, layers in self.summaries.items()}
         return self
 
@@ -111,10 +122,13 @@ class ReplayedTeacher:
     def __call__(self, batch: Batch) -> Outputs:
         index = batch["index"].to(self.logits.device)
         look_up = lambda stored: stored[self.view].index_select(0, index).float()
-        return {
+        out = {
             "logits": look_up(self.logits),
             "summaries": {t: {k: look_up(v) for k, v in layers.items()} for t, layers in self.summaries.items()},
         }
+        if self.strong_logits is not None:
+            out["strong_logits"] = look_up(self.strong_logits)
+        return out
 
 
 def online_signal(models: Sequence[nn.Module], weights: Sequence[float] | None = None, layers: Sequence[str] = ()):
@@ -208,6 +222,8 @@ def _stored_in_words(entry: Outputs) -> str:
 def _tensors(outputs: Outputs) -> Iterator[tuple[tuple[str, ...], torch.Tensor]]:
     """What replay stores of one batch's (summarized) teacher outputs: ``("logits",)`` and ``(term, layer)``."""
     yield ("logits",), outputs["logits"]
+    if "strong_logits" in outputs:
+        yield ("strong_logits",), outputs["strong_logits"]
     for term, layers in outputs.get("summaries", {}).items():
         for layer, value in layers.items():
             yield (term, layer), value
@@ -217,8 +233,8 @@ def _tensors(outputs: Outputs) -> Iterator[tuple[tuple[str, ...], torch.Tensor]]
 def stored_shapes(teacher, summarize: Callable[[Outputs], Outputs], train, device) -> dict[str, tuple[int, ...]]:
     """Per-image shapes of what replay stores, ``{"logits": (classes,), "<term>/<layer>": (...)}``: the
     teacher and ``summarize`` (the recipe's) on two images of the first batch, before anything is computed."""
-    images = next(iter(train))["image"][:2].to(device)
-    out = summarize(teacher.to(device)({"image": images}))
+    first = next(iter(train))
+    out = summarize(teacher.to(device)({k: v[:2].to(device) for k, v in first.items() if k.startswith("image")}))
     return {"/".join(name): tuple(value.shape[1:]) for name, value in _tensors(out)}
 
 
@@ -244,9 +260,13 @@ def compute_teacher_outputs(
     for view in range(views):
         train.set_epoch(view)
         for batch in train:  # under torchrun: this process's shard
-            with precision.autocast():
-                out = teacher({"image": batch["image"].to(device, non_blocking=True)})
-                out = summarize(out) if summarize is not None else {"logits": out["logits"]}
+            with precision.autocast():  # the weak view, and the strong one where the loader gives it
+                out = teacher({k: v.to(device, non_blocking=True) for k, v in batch.items() if k.startswith("image")})
+                out = (
+                    summarize(out)
+                    if summarize is not None
+                    else {k: out[k] for k in ("logits", "strong_logits") if k in out}
+                )
             index = batch["index"].cpu()
             for name, value in _tensors(out):
                 if name not in stored:
@@ -263,9 +283,10 @@ def compute_teacher_outputs(
                 value[view] = (distributed.sum_over_processes(value[view]) / filled[view].view(shape)).to(dtype)
     summaries: dict[str, dict[str, torch.Tensor]] = {}
     for name, value in stored.items():
-        if name != ("logits",):
+        if len(name) == 2:
             summaries.setdefault(name[0], {})[name[1]] = value
-    return {"logits": stored[("logits",)], "summaries": summaries}
+    strong = {"strong_logits": stored[("strong_logits",)]} if ("strong_logits",) in stored else {}
+    return {"logits": stored[("logits",)], "summaries": summaries, **strong}
 
 
 class TeacherSignalSource:
@@ -295,7 +316,7 @@ class TeacherSignalSource:
 
     def key(self) -> str:
         """The cache key of the replayed outputs (the teachers, the data, the views, what is stored besides logits)."""
-        summaries = self.recipe.summary_spec()
+        summaries = stored_spec(self.recipe)
         return teacher_outputs_key(self.spec, self.teacher_keys, self.data.fingerprint, self.views, summaries)
 
     def estimate_mb(self) -> float:
@@ -311,6 +332,7 @@ class TeacherSignalSource:
         """The distill stage's teacher signal (the decision and its source said in the log)."""
         if not self.recipe.needs_teacher:
             return None
+        self.data.train.set_strong(strong_augment(self.recipe))  # a term's strong view: replayed as the weak one
         why_not = replay_blocker(self.data.train, self.replay, self.estimate_mb)
         if why_not is not None:
             log.info("teacher outputs: online (%s)", why_not)
@@ -321,7 +343,7 @@ class TeacherSignalSource:
         else:
             entry, source = self.cache.fetch("teacher_outputs", self.key(), self.compute)
         self._say(entry, source, time.perf_counter() - start)
-        return ReplayedTeacher(entry["logits"], entry.get("summaries", {}))  # logit recipes' entries before #18
+        return ReplayedTeacher(entry["logits"], entry.get("summaries", {}), entry.get("strong_logits"))
 
     def compute(self) -> dict:
         """The replayed outputs, computed: the online signal on every view of every training image."""
@@ -347,3 +369,10 @@ class TeacherSignalSource:
             source,
             seconds,
         )
+
+
+def stored_spec(recipe) -> dict:
+    """What replay stores besides the weak view's logits, for the cache key: the recipe's teacher summaries
+    (:meth:`Recipe.summary_spec`) and, when a term asks for it, the strong view (its logits per epoch)."""
+    strong = strong_augment(recipe)
+    return recipe.summary_spec() | ({"<strong view>": strong.spec()} if strong is not None else {})

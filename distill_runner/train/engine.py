@@ -19,6 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from distill_runner import distributed
+from distill_runner.data.batches import Batches
+from distill_runner.distill.contract import strong_augment
 from distill_runner.errors import ConfigError
 from distill_runner.models.features import FeatureTap
 from distill_runner.precision import PRECISIONS as PRECISIONS  # the loop's settings, named here too (engine.X)
@@ -110,7 +112,8 @@ def to_device(
 ) -> dict[str, torch.Tensor]:
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     if channels_last:
-        batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+        for view in {"image", "image_strong"} & set(batch):
+            batch[view] = batch[view].contiguous(memory_format=torch.channels_last)
     return batch
 
 
@@ -162,6 +165,8 @@ def fit(
 
     Returns one dict per epoch: mean of each loss term, learning rate, validation accuracy.
     """
+    if isinstance(train, Batches):  # a strong view only for the stage whose recipe asks (not a script's own feed)
+        train.set_strong(strong_augment(stage.recipe))
     training = Training.build(stage, len(train), device, precision, speed)
     checkpoints = StageCheckpoints(checkpoint_dir, stage.name) if checkpoint_dir is not None else None
     history = resume_training(training, checkpoints) if resume and checkpoints is not None else []
@@ -303,6 +308,8 @@ def train_step(training: Training, batch: dict[str, torch.Tensor], losses: Epoch
     batch = to_device(batch, training.device, training.speed.channels_last)
     with training.precision.autocast():
         student_out = training.forward(batch["image"])
+        if "image_strong" in batch:  # the recipe asked for the strong view (a forward pass of its own, as CRLD's)
+            student_out["strong_logits"] = training.forward(batch["image_strong"])["logits"]
         teacher_out = training.teacher(batch) if training.teacher is not None else None
         terms = training.step_recipe(batch, student_out, teacher_out)
     loss = sum(terms.values())

@@ -8,6 +8,7 @@ Docs: docs/methods/index.md
 from distill_runner.distill.terms.ab_ft import ActivationBoundaries, FactorTransfer
 from distill_runner.distill.terms.catkd import CATKD
 from distill_runner.distill.terms.crd import CRD
+from distill_runner.distill.terms.crld import CRLD, StrongCrossEntropy
 from distill_runner.distill.terms.ctkd import CTKD
 from distill_runner.distill.terms.dist import DIST
 from distill_runner.distill.terms.feature_maps import FSP, ICKD, KDSVD, NST
@@ -26,6 +27,7 @@ from distill_runner.distill.terms.vid import VID
 __all__ = [
     "CATKD",
     "CRD",
+    "CRLD",
     "CTKD",
     "DIST",
     "FSP",
@@ -52,4 +54,5 @@ __all__ = [
     "ReviewKD",
     "SelfDistillation",
     "SimilarityPreserving",
+    "StrongCrossEntropy",
 ]

@@ -22,8 +22,11 @@ level, bc: batch level), divided by ``KD_WEIGHT`` (the recipe's weight on this t
 also trains on a second, strongly augmented view (RandAugment(2, 10) + Cutout): CE on it, and unmasked KD
 at temperatures 4, 3, 5 (``loss_kd_strong``, whose T = 2, 6 terms reuse the weak logits, unmasked);
 ``loss_cc_strong`` and ``loss_bc_strong`` are computed but never added to the loss. The runner gives one
-augmented view per step, so that strong branch is omitted; none of the shipped data sets has a
-RandAugment-style key (CIFAR: ``crop_padding``, ``hflip``; image folders: ``resized_crop_scale``, ``hflip``).
+augmented view per step by default, so that strong branch is omitted. ``strong_view=True`` adds it, on the
+strong view CRLD uses (:mod:`distill_runner.data.strong_augment`, ``strong``: its ops and Cutout): the
+official ``loss_kd_strong / KD_WEIGHT``, unmasked KD on the strong view at the first three temperatures and on
+the weak view at the rest (:func:`strong_branch`); the strong view's CE is the recipe's ``StrongCrossEntropy``
+term (``conf/distill/mlkd_strong.yaml``, equal to the official total: tests/reference/mlkd_strong.json).
 
 ``logit_standardization=True`` z-scores student and teacher logits with :func:`standardize` before the
 temperature in the instance level only, as the LS paper's MLKD (Sun et al., CVPR 2024, github
@@ -38,7 +41,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from distill_runner.data.strong_augment import parse_strong
 from distill_runner.distill.contract import Term, TermState
+from distill_runner.distill.terms.crld import require_strong_view
 from distill_runner.distill.terms.logits import kd_per_sample, standardize
 from distill_runner.errors import ConfigError
 from distill_runner.schema import is_number
@@ -59,6 +64,19 @@ def relation_gap(p_student: torch.Tensor, p_teacher: torch.Tensor) -> torch.Tens
     return gap.pow(2).sum() / p_student.shape[0]
 
 
+STRONG_TEMPERATURES = 3  # official: KD at T, 3, 5 on the strong view, at 2, 6 on the weak view
+
+
+def strong_branch(s_weak, s_strong, t_weak, t_strong, temperatures) -> torch.Tensor:
+    """The official ``loss_kd_strong`` (per unit of KD weight): ``sum_k mean_i T_k^2 KL`` unmasked, on the strong
+    view for the first :data:`STRONG_TEMPERATURES` temperatures and on the weak view for the others."""
+    loss = s_weak.new_zeros(())
+    for k, temperature in enumerate(temperatures):
+        s, t = (s_strong, t_strong) if k < STRONG_TEMPERATURES else (s_weak, t_weak)
+        loss = loss + kd_per_sample(s, t.detach(), temperature).mean()
+    return loss
+
+
 def _check_temperatures(temperatures) -> list[float]:
     fix = "use a list of numbers > 0, e.g. [3.0, 5.0, 2.0, 6.0] (official), or [] for the recipe's temperature alone"
     if not isinstance(temperatures, (list, tuple)):
@@ -75,12 +93,26 @@ class MLKD(Term):
 
     hyperparameters = ("temperature",)
 
-    def __init__(self, extra_temperatures=(3.0, 5.0, 2.0, 6.0), logit_standardization: bool = False):
+    def __init__(
+        self,
+        extra_temperatures=(3.0, 5.0, 2.0, 6.0),
+        logit_standardization: bool = False,
+        strong_view: bool = False,
+        strong=None,
+    ):
         super().__init__()
         self.extra_temperatures = _check_temperatures(extra_temperatures)
-        if not isinstance(logit_standardization, bool):
-            raise ConfigError("logit_standardization", logit_standardization, "use true or false")
-        self.logit_standardization = logit_standardization
+        for key, value in (("logit_standardization", logit_standardization), ("strong_view", strong_view)):
+            if not isinstance(value, bool):
+                raise ConfigError(key, value, "use true or false")
+        if strong_view and logit_standardization:
+            fix = (
+                "the strong branch is checked against the MLKD code only, without logit standardization; set one false"
+            )
+            raise ConfigError("strong_view", strong_view, fix)
+        self.logit_standardization, self.strong_view = logit_standardization, strong_view
+        if strong_view:  # the loader adds the strong view; the loop and the teacher signal give its logits
+            self.views, self.strong_augment = ("weak", "strong"), parse_strong(strong)
 
     def forward(self, batch, student, teacher, state: TermState):
         s, t = student["logits"].float(), teacher["logits"].detach().float()
@@ -95,4 +127,9 @@ class MLKD(Term):
                 instance = kd_per_sample(s_inst, t_inst, temperature).mean()
                 loss = loss + sample_fraction * (instance + relation_gap(p_s, p_t))
                 loss = loss + class_fraction * relation_gap(p_s.T, p_t.T)
+            if self.strong_view:
+                require_strong_view(student, teacher)
+                temperatures = [state.temperature, *self.extra_temperatures]
+                strong = student["strong_logits"].float(), teacher["strong_logits"].float()
+                loss = loss + strong_branch(s, strong[0], t, strong[1], temperatures)
             return loss

@@ -22,7 +22,7 @@ from distill_runner.data.folder_batches import FolderBatches
 from distill_runner.data.imagefolder import imagefolder
 
 MEMBERS = ("batch_size", "replayable", "holds_images", "set_epoch", "shard", "num_samples", "nbytes",
-           "distinct_epochs", "place", "__len__", "__iter__")  # fmt: skip
+           "distinct_epochs", "place", "__len__", "__iter__", "set_strong")  # fmt: skip
 
 
 def test_the_member_list_is_the_protocol():

@@ -34,7 +34,9 @@ HEADS = {"sdd_kd", "sdd_dkd", "sdd_nkd", "catkd"}  # read the tiny CNN's classif
 WIDTHS |= {name: ["student.model.pool_size=1"] for name in HEADS}
 # recipes whose teacher summaries go beyond logits
 FEATURE_RECIPES = {"feature", "attention", "combo", "crd", "vid", "reviewkd", "ofd", "ab", "ft"} | RELATION | HEADS
-REPLAYED = sorted(p.stem for p in (CONF / "distill").glob("*.yaml") if p.stem not in ONLINE_ONLY | RELATION)
+# a weak and a strong view per batch: their own replay test (tests/methods/test_crld_runs.py)
+TWO_VIEWS = {"crld", "mlkd_strong"}
+REPLAYED = sorted(p.stem for p in (CONF / "distill").glob("*.yaml") if p.stem not in ONLINE_ONLY | RELATION | TWO_VIEWS)
 # (recipe, storage dtype, relative tolerance of each term's loss and of the gradient's norm): float32 storage
 # replays the online values (bit for bit on this CPU); float16 rounds each stored value (relative <= 2**-11),
 # which moved attention's losses by <= 7e-5 and the gradient by <= 2e-4 of its norm here
