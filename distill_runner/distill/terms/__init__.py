@@ -18,6 +18,7 @@ from distill_runner.distill.terms.reviewkd import ReviewKD
 from distill_runner.distill.terms.self_distillation import SelfDistillation
 from distill_runner.distill.terms.ttm import TTM, WTTM
 from distill_runner.distill.terms.vid import VID
+from distill_runner.distill.terms.wsld import WSLD
 
 __all__ = [
     "CRD",
@@ -33,6 +34,7 @@ __all__ = [
     "RKD",
     "TTM",
     "VID",
+    "WSLD",
     "WTTM",
     "AttentionTransfer",
     "CorrelationCongruence",
