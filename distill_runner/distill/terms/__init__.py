@@ -16,6 +16,7 @@ from distill_runner.distill.terms.nkd import NKD
 from distill_runner.distill.terms.relation import PKT, RKD, CorrelationCongruence, SimilarityPreserving
 from distill_runner.distill.terms.reviewkd import ReviewKD
 from distill_runner.distill.terms.self_distillation import SelfDistillation
+from distill_runner.distill.terms.srd import SRD
 from distill_runner.distill.terms.ttm import TTM, WTTM
 from distill_runner.distill.terms.vid import VID
 from distill_runner.distill.terms.wsld import WSLD
@@ -32,6 +33,7 @@ __all__ = [
     "NST",
     "PKT",
     "RKD",
+    "SRD",
     "TTM",
     "VID",
     "WSLD",

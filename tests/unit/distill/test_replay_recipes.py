@@ -33,7 +33,7 @@ ONLINE_ONLY = {"self"}  # no teacher
 RELATION = {"rkd", "pkt", "sp", "cc", "nst", "fsp", "kdsvd", "ickd"}
 WIDTHS = {"fsp": ["student.model.channels=[64,128]"], "kdsvd": ["student.model.channels=[64,128]"]}
 # recipes whose teacher summaries go beyond logits
-FEATURE_RECIPES = {"feature", "attention", "combo", "crd", "vid", "reviewkd"} | RELATION
+FEATURE_RECIPES = {"feature", "attention", "combo", "crd", "vid", "reviewkd", "srd"} | RELATION
 REPLAYED = sorted(p.stem for p in (CONF / "distill").glob("*.yaml") if p.stem not in ONLINE_ONLY | RELATION)
 # (recipe, storage dtype, relative tolerance of each term's loss and of the gradient's norm): float32 storage
 # replays the online values (bit for bit on this CPU); float16 rounds each stored value (relative <= 2**-11),
