@@ -57,6 +57,8 @@ class LossTerm(Protocol):
     - ``mixes_alpha``: it weighs two losses by ``1 - alpha`` and ``alpha``, so alpha must lie in [0, 1];
     - ``weighs_samples``: it applies ``state.sample_weights`` per sample (class balance and teacher
       confidence act only on such terms; a recipe asking for them needs at least one);
+    - ``task_loss``: it is the supervised task loss (cross-entropy with the labels), not a distillation term:
+      an optimizer that moves the two gradients apart (DOT, :mod:`distill_runner.train.optimizers`) reads it;
     - trainable parameters (adapters, auxiliary heads): an ``nn.Module``'s own, trained with the student.
     ``bind`` sees the models and the data before training: check layer names, build adapters.
     ``logged`` returns values the term learns (a learned temperature), logged after each epoch.
@@ -68,6 +70,7 @@ class LossTerm(Protocol):
     hyperparameters: tuple[str, ...]
     mixes_alpha: bool
     weighs_samples: bool
+    task_loss: bool
 
     def bind(self, student: nn.Module, teacher: nn.Module | None, data: Any, key: str) -> None: ...
 
@@ -87,6 +90,7 @@ class Term(nn.Module):
     hyperparameters: tuple[str, ...] = ()
     mixes_alpha: bool = False
     weighs_samples: bool = False
+    task_loss: bool = False
 
     def bind(self, student: nn.Module, teacher: nn.Module | None, data: Any, key: str) -> None:
         """Nothing to check or build by default."""
