@@ -13,9 +13,11 @@ from hydra import initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
+from distill_runner import distributed
 from distill_runner.errors import ConfigError
 from distill_runner.schema import is_number, parse
 from distill_runner.spec import RunSpec, TeacherSpec
+from distill_runner.train.optimizers import check_loss_split
 
 
 def compose(overrides: list[str]) -> DictConfig:
@@ -36,6 +38,7 @@ def validate(cfg: DictConfig | RunSpec) -> RunSpec:
     for key, node in (("teacher", spec.teacher), ("trainer", spec.trainer)):
         _check_warmup(key, node.scheduler.warmup_epochs if node.scheduler else 0, node.epochs, node.scheduler)
     _check_distill(spec)
+    check_loss_split(spec.trainer.optimizer.source, spec.recipe, spec.trainer.precision, distributed.launched())
     return spec
 
 

@@ -99,6 +99,11 @@ class OptimizerSpec(Spec):
     lr: float | None = key(None, number_in(0, low_open=True), lambda k: f"use a learning rate > 0, e.g. {k}=1e-3",
                            "learning rate")  # fmt: skip
     weight_decay: float | None = key(None, number_in(0), lambda k: f"use a number >= 0, e.g. {k}=1e-4", "weight decay")
+    momentum: float | None = key(None, number_in(0, 1), lambda k: f"use a momentum in [0, 1], e.g. {k}=0.9",
+                                 "momentum (torch.optim.SGD; DOT: the mean of its two momenta)")  # fmt: skip
+    delta: float | None = key(None, number_in(0, 0.5), lambda k: f"use a number in [0, 0.5], e.g. {k}=0.075 (DOT's)",
+                              "DOT (trainer/optimizer=dot): task momentum = momentum - delta, distillation "
+                              "momentum = momentum + delta")  # fmt: skip
 
 
 @spec

@@ -15,7 +15,7 @@ image centre (PIL: the top-left corner). Every parameter is drawn from the gener
 batch in a fixed order, so a strong view is reproducible from (seed, epoch) like the weak one; the loaders
 draw it from a generator of its own, so the weak view is the same with or without a strong one.
 
-Docs: docs/methods/recent.md
+Docs: docs/methods/recent-crld.md
 """
 
 from __future__ import annotations

@@ -69,6 +69,8 @@ class LossTerm(Protocol):
     - ``mixes_alpha``: it weighs two losses by ``1 - alpha`` and ``alpha``, so alpha must lie in [0, 1];
     - ``weighs_samples``: it applies ``state.sample_weights`` per sample (class balance and teacher
       confidence act only on such terms; a recipe asking for them needs at least one);
+    - ``task_loss``: it is the supervised task loss (cross-entropy with the labels), not a distillation term:
+      an optimizer that moves the two gradients apart (DOT, :mod:`distill_runner.train.optimizers`) reads it;
     - trainable parameters (adapters, auxiliary heads): an ``nn.Module``'s own, trained with the student.
     Optional (a :class:`Term` has them; :func:`strong_augment` reads them): ``views = ("weak", "strong")``
     with ``strong_augment`` (a :class:`~distill_runner.data.strong_augment.StrongAugment`) asks the loader
@@ -84,6 +86,7 @@ class LossTerm(Protocol):
     hyperparameters: tuple[str, ...]
     mixes_alpha: bool
     weighs_samples: bool
+    task_loss: bool
 
     def bind(self, student: nn.Module, teacher: nn.Module | None, data: Any, key: str) -> None: ...
 
@@ -105,6 +108,7 @@ class Term(nn.Module):
     weighs_samples: bool = False
     views: tuple[str, ...] = ("weak",)  # ("weak", "strong"): also the strong view (see LossTerm)
     strong_augment: Any = None  # its StrongAugment, when views holds "strong"
+    task_loss: bool = False
 
     def bind(self, student: nn.Module, teacher: nn.Module | None, data: Any, key: str) -> None:
         """Nothing to check or build by default."""

@@ -156,6 +156,11 @@ class Recipe(nn.Module):
         return any(t.needs_teacher for t in self.terms.values()) or self.sample_weighting is not None
 
     @property
+    def task_terms(self) -> tuple[str, ...]:
+        """The terms that are the supervised task loss (``task_loss``: cross-entropy); the others distill."""
+        return tuple(name for name, t in self.terms.items() if t.task_loss)
+
+    @property
     def student_layers(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(n for t in self.terms.values() for n in t.student_layers))
 

@@ -29,6 +29,7 @@ from distill_runner.precision import resolve_device as resolve_device
 from distill_runner.precision import resolve_precision as resolve_precision
 from distill_runner.train.epoch_losses import SYNC_EVERY, EpochLosses  # noqa: F401 (SYNC_EVERY: as before)
 from distill_runner.train.health import StageWarnings, eta
+from distill_runner.train.optimizers import backward_split
 from distill_runner.train.resume import StageCheckpoints
 
 if TYPE_CHECKING:
@@ -314,8 +315,13 @@ def train_step(training: Training, batch: dict[str, torch.Tensor], losses: Epoch
         terms = training.step_recipe(batch, student_out, teacher_out)
     loss = sum(terms.values())
     values = losses.values(terms, loss)
-    training.optimizer.zero_grad(set_to_none=True)
-    training.scaler.scale(loss).backward()
+    if getattr(training.optimizer, "splits_losses", False):  # DOT: the task and distillation gradients apart
+        task_terms = training.recipe.task_terms
+        task = [v for name, v in terms.items() if name in task_terms]
+        backward_split(training.optimizer, task, [v for name, v in terms.items() if name not in task_terms])
+    else:
+        training.optimizer.zero_grad(set_to_none=True)
+        training.scaler.scale(loss).backward()
     training.scaler.step(training.optimizer)
     training.scaler.update()
     training.scheduler.step()

@@ -21,8 +21,10 @@ from distill_runner.distill.terms.relation import PKT, RKD, CorrelationCongruenc
 from distill_runner.distill.terms.reviewkd import ReviewKD
 from distill_runner.distill.terms.sdd import SDD
 from distill_runner.distill.terms.self_distillation import SelfDistillation
+from distill_runner.distill.terms.srd import SRD
 from distill_runner.distill.terms.ttm import TTM, WTTM
 from distill_runner.distill.terms.vid import VID
+from distill_runner.distill.terms.wsld import WSLD
 
 __all__ = [
     "CATKD",
@@ -40,8 +42,10 @@ __all__ = [
     "PKT",
     "RKD",
     "SDD",
+    "SRD",
     "TTM",
     "VID",
+    "WSLD",
     "WTTM",
     "ActivationBoundaries",
     "AttentionTransfer",

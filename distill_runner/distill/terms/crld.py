@@ -20,7 +20,7 @@ The student's and the teacher's logits on the strong view reach the term as ``st
 runs the student on ``batch["image_strong"]``; the teacher signal adds its own, replayed per epoch like the
 weak view's: :mod:`distill_runner.distill.signals`).
 
-Docs: docs/methods/recent.md
+Docs: docs/methods/recent-crld.md
 """
 
 from __future__ import annotations

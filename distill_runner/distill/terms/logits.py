@@ -72,6 +72,7 @@ class CrossEntropy(Term):
     by its class (``F.cross_entropy(weight=...)``), the weights coming from the data set at bind."""
 
     needs_teacher = False
+    task_loss = True  # DOT's task gradient (distill_runner.train.optimizers)
 
     def __init__(self, label_smoothing: float = 0.0):
         super().__init__()

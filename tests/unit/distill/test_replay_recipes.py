@@ -33,7 +33,9 @@ WIDTHS = {"fsp": ["student.model.channels=[64,128]"], "kdsvd": ["student.model.c
 HEADS = {"sdd_kd", "sdd_dkd", "sdd_nkd", "catkd"}  # read the tiny CNN's classifier on its pooled feature: pool_size 1
 WIDTHS |= {name: ["student.model.pool_size=1"] for name in HEADS}
 # recipes whose teacher summaries go beyond logits
-FEATURE_RECIPES = {"feature", "attention", "combo", "crd", "vid", "reviewkd", "ofd", "ab", "ft"} | RELATION | HEADS
+FEATURE_RECIPES = (
+    {"feature", "attention", "combo", "crd", "vid", "reviewkd", "ofd", "ab", "ft", "srd"} | RELATION | HEADS
+)
 # a weak and a strong view per batch: their own replay test (tests/methods/test_crld_runs.py)
 TWO_VIEWS = {"crld", "mlkd_strong"}
 REPLAYED = sorted(p.stem for p in (CONF / "distill").glob("*.yaml") if p.stem not in ONLINE_ONLY | RELATION | TWO_VIEWS)
