@@ -1,5 +1,5 @@
 """The Hydra callbacks conf/config.yaml registers: the command-line layer, where Hydra's own config (run and
-sweep folders, overrides, the sweeper) is read; the work is in :mod:`distill_runner.storage` and
+sweep folders, overrides, the sweeper) is read; the work is in :mod:`distill_runner.io.storage` and
 :mod:`distill_runner.reporting.sweep`.
 
 Docs: docs/guide/sweeps-and-cache.md
@@ -15,10 +15,10 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from distill_runner import trust
 from distill_runner.errors import UserError
+from distill_runner.io import trust
+from distill_runner.io.storage import check_writable
 from distill_runner.reporting.sweep import SWEPT_ENV, write_summary
-from distill_runner.storage import check_writable
 
 log = logging.getLogger(__name__)
 

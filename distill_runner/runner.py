@@ -18,8 +18,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from distill_runner import build as builders
-from distill_runner import distributed, run_folder, storage
-from distill_runner.cache import baseline_key, teacher_key
+from distill_runner import distributed
 from distill_runner.config import validate
 from distill_runner.distill import signals
 from distill_runner.distill.recipe import Recipe
@@ -27,15 +26,17 @@ from distill_runner.errors import Interrupted, UserError
 from distill_runner.evaluation import export
 from distill_runner.evaluation import metrics as measure
 from distill_runner.evaluation.evaluate import comparison, evaluate
+from distill_runner.io import run_folder, storage
+from distill_runner.io.cache import baseline_key, teacher_key
+from distill_runner.io.run_folder import claim, follow_log, release, resume_dir
+from distill_runner.io.trust import check_cache_folders
 from distill_runner.models.factories import clone, count_parameters
 from distill_runner.reporting import tensorboard
 from distill_runner.reporting.report import write_report
 from distill_runner.reporting.results import RunResults, StageResult
-from distill_runner.run_folder import claim, follow_log, release, resume_dir
 from distill_runner.spec import RunSpec, TeacherSpec
 from distill_runner.train import engine, health
 from distill_runner.train.stages import RunContext, run_or_reuse, run_stage, schedule
-from distill_runner.trust import check_cache_folders
 
 log = logging.getLogger(__name__)
 

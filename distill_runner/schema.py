@@ -3,7 +3,7 @@
 Each config node is a plain dataclass; each key is a field declared with :func:`key`: its type (the
 annotation), its check (``ok``, one of the small predicates below, with its range in words), the fix a
 user reads when the value is bad, a one-line help and which cached artefacts it affects (:class:`Affects`,
-what :mod:`distill_runner.cache` builds every key from). :func:`parse` walks the composed Hydra config
+what :mod:`distill_runner.io.cache` builds every key from). :func:`parse` walks the composed Hydra config
 against the dataclasses once, before any work, into one typed object; every error is one line naming
 the key, the value and the fix (:class:`~distill_runner.errors.ConfigError`).
 

@@ -116,8 +116,8 @@ def last_line(path: Path) -> str:
 
 def report_failed(sweep_dir: Path, failed: list[dict]) -> None:
     """Write ``failed_jobs.json``, the summary of the jobs that finished, and exit with one line."""
+    from distill_runner.io.storage import atomic_write_text
     from distill_runner.reporting.sweep import write_summary
-    from distill_runner.storage import atomic_write_text
 
     atomic_write_text(sweep_dir / FAILED_JOBS, json.dumps(failed, indent=2))
     with contextlib.suppress(FileNotFoundError):  # no job finished: the failures are all there is to say

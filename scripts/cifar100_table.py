@@ -25,7 +25,7 @@ from pathlib import Path
 
 from distill_runner import runner
 from distill_runner.config import compose
-from distill_runner.storage import atomic_write_text
+from distill_runner.io.storage import atomic_write_text
 
 PUBLISHED = Path(__file__).with_name("cifar100_published.json")
 ZOO_PREFIX = "cifar_"  # the zoo's config options: conf/teacher/cifar_<published name>.yaml

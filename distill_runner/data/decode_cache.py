@@ -24,9 +24,9 @@ N*C*size*size bytes (a truncated or extended file fails); its sha256 equals the 
 covers 64 evenly spaced 1 MiB blocks (first and last included): size changes and damage inside those blocks
 are detected, damage elsewhere is not. A store that fails a check is named in a warning and rebuilt.
 
-The store is a :class:`~distill_runner.store.KeyedStore`, as the teacher cache is: building holds
+The store is a :class:`~distill_runner.io.store.KeyedStore`, as the teacher cache is: building holds
 ``<key>.lock`` (a parallel sweep job waits on it, then finds the finished store) and writes temp files
-that are renamed into place (:func:`distill_runner.storage.writing`). If the disk lacks the space (checked up front,
+that are renamed into place (:func:`distill_runner.io.storage.writing`). If the disk lacks the space (checked up front,
 or ENOSPC/EDQUOT while writing), a warning names the folder, the bytes needed and free, nothing
 partial is left, and :func:`open_or_build` returns None: the caller decodes on the fly instead.
 
@@ -59,12 +59,12 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from distill_runner.cache import digest
 from distill_runner.data.images import GRAY_MODES, to_8bit
 from distill_runner.data.prints import HashIndex
 from distill_runner.errors import ConfigError
-from distill_runner.storage import DISK_FULL, sha256_from_start, writing
-from distill_runner.store import KeyedStore
+from distill_runner.io.cache import digest
+from distill_runner.io.storage import DISK_FULL, sha256_from_start, writing
+from distill_runner.io.store import KeyedStore
 
 log = logging.getLogger(__name__)
 

@@ -34,9 +34,9 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from distill_runner.cache import digest
 from distill_runner.errors import UserError
-from distill_runner.storage import DamagedFile, read_text_verified, sha256_of, sidecar, write_text_verified
+from distill_runner.io.cache import digest
+from distill_runner.io.storage import DamagedFile, read_text_verified, sha256_of, sidecar, write_text_verified
 
 log = logging.getLogger(__name__)
 

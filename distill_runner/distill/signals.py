@@ -29,9 +29,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from distill_runner import distributed
-from distill_runner.cache import Cache, teacher_outputs_key
 from distill_runner.distill.contract import Batch, Outputs, TeacherSignal, strong_augment
 from distill_runner.errors import ConfigError
+from distill_runner.io.cache import Cache, teacher_outputs_key
 from distill_runner.models.features import FeatureTap
 from distill_runner.precision import Precision
 from distill_runner.schema import parse, plain

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distill_runner.cache import Cache, digest, eval_key, speed_key
 from distill_runner.data.bundle import DataBundle
 from distill_runner.evaluation import metrics as measure
+from distill_runner.io.cache import Cache, digest, eval_key, speed_key
 from distill_runner.models.factories import architecture, count_parameters
 from distill_runner.reporting.results import STUDENTS, ModelResult
 from distill_runner.spec import EvalSpec, RunSpec, typed

@@ -226,7 +226,7 @@ def export_run(run_dir: str | Path, role: str = "student") -> dict:
 
 def verified_checkpoint(run_dir: Path, role: str) -> dict:
     """``checkpoints/<role>.pt`` loaded through its checksum, or one line naming the file and the fix."""
-    from distill_runner.storage import DamagedFile, load_verified
+    from distill_runner.io.storage import DamagedFile, load_verified
 
     checkpoint = run_dir / "checkpoints" / f"{role}.pt"
     if not checkpoint.is_file():

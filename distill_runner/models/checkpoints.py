@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distill_runner import storage
 from distill_runner.errors import ConfigError
+from distill_runner.io import storage
 
 log = logging.getLogger(__name__)
 

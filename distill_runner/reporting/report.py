@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from distill_runner.io.storage import atomic_write_text
 from distill_runner.reporting.results import ROLE_LABELS, STUDENTS, RunResults, label, model_order
 from distill_runner.reporting.verdict import _gain_images, cka_text, export_line, num, verdict
-from distill_runner.storage import atomic_write_text
 
 MAX_CLASSES_IN_TABLES = 20  # larger confusion matrices only go to confusion.png and metrics.json
 

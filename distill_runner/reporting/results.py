@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from distill_runner.errors import ConfigError
-from distill_runner.storage import atomic_write_text
+from distill_runner.io.storage import atomic_write_text
 
 ROLES = ("teacher", "student", "baseline")
 STUDENTS = ("student", "baseline")

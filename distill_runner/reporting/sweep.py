@@ -23,9 +23,9 @@ from pathlib import Path
 import yaml
 
 from distill_runner.errors import ConfigError, UserError
+from distill_runner.io.storage import atomic_write_text
 from distill_runner.reporting.results import RunResults
 from distill_runner.reporting.tensorboard import SHORT, plumbing
-from distill_runner.storage import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 
-from distill_runner.cache import NOT_RESULTS
+from distill_runner.io.cache import NOT_RESULTS
 from distill_runner.reporting.results import EXTRA_TEACHER, ROLES, STUDENTS, RunResults
 from distill_runner.spec import RunSpec, typed
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distill_runner import storage
 from distill_runner.config import compose
 from distill_runner.errors import ConfigError
+from distill_runner.io import storage
 from distill_runner.search import space
 from distill_runner.search import study as studies
 from distill_runner.search.trial import prepare_teacher, run_trial

@@ -12,9 +12,9 @@ import math
 import shutil
 from pathlib import Path
 
-from distill_runner import storage
 from distill_runner.config import compose, validate
 from distill_runner.errors import ConfigError
+from distill_runner.io import storage
 from distill_runner.search import study as studies
 from distill_runner.search_spec import SearchSpec
 

@@ -19,12 +19,12 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
+from distill_runner.io.storage import atomic_write_text
 from distill_runner.reporting.report import markdown_table
 from distill_runner.search import study as studies
 from distill_runner.search.final import rows, within
 from distill_runner.search.trial import COSTS
 from distill_runner.search_spec import SearchSpec
-from distill_runner.storage import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ import warnings
 from pathlib import Path
 
 from distill_runner.errors import ConfigError, instantiate
+from distill_runner.io.storage import pid_alive
 from distill_runner.search_spec import SearchSpec
-from distill_runner.storage import pid_alive
 
 log = logging.getLogger(__name__)
 

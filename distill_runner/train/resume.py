@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from distill_runner.errors import ConfigError
-from distill_runner.storage import DamagedFile, keep_previous, load_verified, save_verified
+from distill_runner.io.storage import DamagedFile, keep_previous, load_verified, save_verified
 
 log = logging.getLogger(__name__)
 

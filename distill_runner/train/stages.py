@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from distill_runner import distributed, storage
-from distill_runner.cache import Cache
+from distill_runner import distributed
 from distill_runner.data.bundle import DataBundle
 from distill_runner.errors import instantiate
+from distill_runner.io import storage
+from distill_runner.io.cache import Cache
 from distill_runner.models.factories import count_parameters
 from distill_runner.reporting.results import StageResult
 from distill_runner.schema import Spec

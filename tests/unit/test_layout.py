@@ -64,7 +64,7 @@ def test_no_import_cycle():
 # its sub-modules (distill_runner.data: every data module); distill_runner itself (the empty package) is on top.
 LAYERS = {
     "errors and the typed config schema": ("errors", "distributed", "precision", "schema", "spec", "search_spec"),
-    "io: files, folders and locks, keyed stores, the run folder": ("storage", "trust", "store", "cache", "run_folder"),
+    "io: files, folders and locks, keyed stores, the run folder": ("io",),
     "data and models": ("data", "models"),
     "distill: terms, recipe, teacher signals": ("distill",),
     "train: the loop, the stages, building their pieces": ("train", "build"),
@@ -118,7 +118,7 @@ def test_the_layer_check_sees_an_upward_import():
     assert (
         layer_of("distill_runner.data.bundle")
         == layer_of("distill_runner.models.factories")
-        > layer_of("distill_runner.storage")
+        > layer_of("distill_runner.io.storage")
     )
 
 

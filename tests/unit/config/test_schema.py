@@ -9,7 +9,7 @@ from distill_runner import runner
 from distill_runner.config import validate
 from distill_runner.distill import signals
 from distill_runner.errors import ConfigError
-from distill_runner.run_folder import release
+from distill_runner.io.run_folder import release
 from distill_runner.schema import Affects, unknown_keys
 from distill_runner.spec import RunSpec, TeacherSpec, reference
 

@@ -300,7 +300,7 @@ def test_pil_fallback_trains_the_same_augmentation_ranges(tmp_path):
 
 
 def test_cache_keys_follow_the_image_files_not_where_the_store_lives(tmp_path):
-    from distill_runner.cache import baseline_key, teacher_key
+    from distill_runner.io.cache import baseline_key, teacher_key
 
     cfg, moved = xray_cfg(tmp_path), xray_cfg(tmp_path, "cache.dir=elsewhere", "trainer.progress=true")
     for key in (lambda c, fp: teacher_key(c, "teacher", fp), baseline_key):

@@ -4,10 +4,10 @@ and the teacher's cache key is the one it had before the key existed)."""
 import pytest
 from conftest import compose_config
 
-from distill_runner import cache
 from distill_runner.config import validate
 from distill_runner.distill.recipe import Recipe
 from distill_runner.errors import ConfigError
+from distill_runner.io import cache
 
 
 def key(overrides):

@@ -9,9 +9,9 @@ import torch
 from conftest import TINY, compose_config
 
 from distill_runner.build import build_data, build_model, build_recipe
-from distill_runner.cache import Cache, teacher_outputs_key
 from distill_runner.config import validate
 from distill_runner.distill.signals import OnlineTeacher, ReplayedTeacher, TeacherSignalSource
+from distill_runner.io.cache import Cache, teacher_outputs_key
 from distill_runner.precision import resolve_precision
 
 CPU = torch.device("cpu")

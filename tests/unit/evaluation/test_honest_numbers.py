@@ -12,9 +12,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from distill_runner.cache import Cache
 from distill_runner.evaluation import evaluate
 from distill_runner.evaluation import metrics as M
+from distill_runner.io.cache import Cache
 from distill_runner.models.factories import tiny_cnn
 from distill_runner.reporting import report
 from distill_runner.reporting.results import ModelResult, RunResults, StageResult

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from conftest import compose_config
 
-from distill_runner import cache
+from distill_runner.io import cache
 from distill_runner.schema import unknown_keys
 from distill_runner.spec import RunSpec, reference
 

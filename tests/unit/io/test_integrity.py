@@ -12,12 +12,13 @@ import pytest
 import torch
 from conftest import TINY, compose_config
 
-from distill_runner import runner, storage
+from distill_runner import runner
 from distill_runner.build import build_data, build_teacher
-from distill_runner.cache import Cache
 from distill_runner.data.digits import digits
 from distill_runner.distill.recipe import Recipe
 from distill_runner.errors import ConfigError, StorageError
+from distill_runner.io import storage
+from distill_runner.io.cache import Cache
 from distill_runner.models.factories import count_parameters, tiny_cnn
 from distill_runner.train import engine
 
@@ -115,7 +116,7 @@ def test_cache_entry_of_an_earlier_format_is_said_once_and_rebuilt(tmp_path, cap
         trained.append(1)
         return {"w": torch.zeros(2)}, {"epochs": 2}
 
-    with caplog.at_level(logging.INFO, logger="distill_runner.cache"):
+    with caplog.at_level(logging.INFO, logger="distill_runner.io.cache"):
         state, info, source = cache.fetch_model("teachers", "k", train)
     assert trained == [1] and torch.equal(state["w"], torch.zeros(2)) and info == {"epochs": 2}
     assert source.startswith("computed")

@@ -11,7 +11,7 @@ from conftest import compose_config
 
 from distill_runner import runner
 from distill_runner.errors import ConfigError
-from distill_runner.run_folder import OWNER, STARTED, claim, process_start, release
+from distill_runner.io.run_folder import OWNER, STARTED, claim, process_start, release
 
 
 def test_resume_into_a_fixed_folder_with_another_config_is_refused_naming_the_keys(fast, tmp_path):

@@ -13,9 +13,10 @@ import pytest
 import torch
 from conftest import TINY, compose_config
 
-from distill_runner import runner, storage, trust
-from distill_runner.cache import Cache
+from distill_runner import runner
 from distill_runner.errors import ConfigError
+from distill_runner.io import storage, trust
+from distill_runner.io.cache import Cache
 
 ROOT = os.getuid() == 0
 NOBODY = 65534
@@ -181,7 +182,7 @@ def test_a_decoded_store_folder_is_judged_like_the_cache(tmp_path):
 
 WAIT_HOLDER = """
 import sys, time
-from distill_runner.trust import hold_lock
+from distill_runner.io.trust import hold_lock
 with hold_lock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))
@@ -203,7 +204,7 @@ def test_waiting_on_a_lock_another_run_holds_is_said_with_its_pid(tmp_path, monk
                 done.set()
 
         waiter = threading.Thread(target=wait, daemon=True)
-        with caplog.at_level("WARNING", logger="distill_runner.trust"):
+        with caplog.at_level("WARNING", logger="distill_runner.io.trust"):
             waiter.start()
             waiter.join(timeout=30)
         assert done.is_set()

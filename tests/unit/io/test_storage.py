@@ -8,8 +8,8 @@ from collections import namedtuple
 
 import pytest
 
-from distill_runner import storage
 from distill_runner.errors import StorageError
+from distill_runner.io import storage
 from distill_runner.runner import run
 
 Usage = namedtuple("Usage", "total used free")

@@ -22,8 +22,9 @@ import torch
 from conftest import compose_config
 from torch import nn
 
-from distill_runner import build, cache, runner
+from distill_runner import build, runner
 from distill_runner.errors import ConfigError
+from distill_runner.io import cache
 from distill_runner.models.checkpoints import load_checkpoint
 from distill_runner.models.factories import tiny_cnn, torchvision_model
 

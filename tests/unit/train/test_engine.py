@@ -7,13 +7,13 @@ import pytest
 import torch
 from conftest import compose_config
 
-from distill_runner import storage
 from distill_runner.config import validate
 from distill_runner.data.bundle import Augment, stratified_split
 from distill_runner.data.digits import digits
 from distill_runner.distill.contract import Term
 from distill_runner.distill.recipe import Recipe
 from distill_runner.errors import ConfigError
+from distill_runner.io import storage
 from distill_runner.models.factories import tiny_cnn
 from distill_runner.train import engine
 

@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 from distill_runner import distributed
+from distill_runner.io.storage import DamagedFile, load_verified, save_verified, sha256_of
+from distill_runner.io.store import KeyedStore
 from distill_runner.schema import Affects, Spec, inputs, is_int, plain
 from distill_runner.spec import CacheSpec, RunSpec, TeacherSpec, reference, typed
-from distill_runner.storage import DamagedFile, load_verified, save_verified, sha256_of
-from distill_runner.store import KeyedStore
 
 log = logging.getLogger(__name__)
 _UNSET = object()
@@ -181,9 +181,9 @@ def speed_key(spec: RunSpec, models: dict[str, str], device: torch.device, preci
 
 
 class Cache:
-    """A folder of cached artefacts: a :class:`~distill_runner.store.KeyedStore` per kind, each entry a file
+    """A folder of cached artefacts: a :class:`~distill_runner.io.store.KeyedStore` per kind, each entry a file
     named by its key with its checksum, written under the entry's lock. Its folders are this user's alone
-    unless ``shared`` (``cache.shared``): see :mod:`distill_runner.trust`."""
+    unless ``shared`` (``cache.shared``): see :mod:`distill_runner.io.trust`."""
 
     def __init__(self, root: str | os.PathLike, shared: bool = False):
         self.root, self.shared = Path(root).expanduser(), shared

@@ -14,13 +14,13 @@ import socket
 import time
 from pathlib import Path
 
-from distill_runner import storage
-from distill_runner.cache import NOT_RESULTS, covered
 from distill_runner.errors import ConfigError, UserError
+from distill_runner.io import storage
+from distill_runner.io.cache import NOT_RESULTS, covered
+from distill_runner.io.storage import atomic_write_text
+from distill_runner.io.trust import pid_alive
 from distill_runner.schema import dump_yaml, load_plain
 from distill_runner.spec import RunSpec, typed
-from distill_runner.storage import atomic_write_text
-from distill_runner.trust import pid_alive
 
 
 def check_room(run_dir: Path, cache_root: Path | None, run_bytes: int, cache_bytes: int) -> None:
@@ -217,7 +217,7 @@ def _flat(node: dict, prefix: str = "") -> dict:
 
 def check_same_config(spec: RunSpec, saved_file: Path, folder: Path) -> None:
     """The run in ``folder`` was started with this config, up to keys that never change a result
-    (progress bars, loader workers, ...: :data:`distill_runner.cache.NOT_RESULTS`)."""
+    (progress bars, loader workers, ...: :data:`distill_runner.io.cache.NOT_RESULTS`)."""
     saved, now = _flat(load_plain(saved_file)), _flat(spec.as_dict())
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and not covered(k, NOT_RESULTS))
     if diff:

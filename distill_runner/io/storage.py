@@ -27,9 +27,10 @@ from typing import BinaryIO
 
 import torch
 
-from distill_runner import distributed, trust
+from distill_runner import distributed
 from distill_runner.errors import StorageError
-from distill_runner.trust import pid_alive
+from distill_runner.io import trust
+from distill_runner.io.trust import pid_alive
 
 log = logging.getLogger(__name__)
 

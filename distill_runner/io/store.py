@@ -1,12 +1,12 @@
 """One keyed store: a folder of entries named by a key, each built by one process at a time.
 
-The teacher cache (:class:`distill_runner.cache.Cache`: one store per kind of artefact, each file checksummed by
+The teacher cache (:class:`distill_runner.io.cache.Cache`: one store per kind of artefact, each file checksummed by
 its ``.sha256`` sidecar) and the decoded-image store (:mod:`distill_runner.data.decode_cache`: a memory-mapped
 data file whose checksum is in its JSON header) are both this. Their folder is made private unless shared on
-purpose (:func:`distill_runner.trust.make_folder`); a builder holds ``<name>.lock`` while it checks and builds an
+purpose (:func:`distill_runner.io.trust.make_folder`); a builder holds ``<name>.lock`` while it checks and builds an
 entry, so parallel sweep jobs wait for it and then find the entry (a wait longer than a few seconds is said,
-naming the holder: :func:`distill_runner.trust.hold_lock`); and every file is written whole through
-:func:`distill_runner.storage.writing` (a ``mkstemp`` temp file renamed into place, never through a symlink).
+naming the holder: :func:`distill_runner.io.trust.hold_lock`); and every file is written whole through
+:func:`distill_runner.io.storage.writing` (a ``mkstemp`` temp file renamed into place, never through a symlink).
 
 Docs: docs/guide/sweeps-and-cache.md
 """
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from distill_runner import trust
+from distill_runner.io import trust
 
 
 class KeyedStore:
