@@ -12,6 +12,10 @@ The ``feature`` section does the same for ``distill=feature`` (FitNets hints) an
 online teacher, and replaying what ``distill.teacher_outputs=cached`` stores for it (float16 feature maps
 for hints, attention maps for attention transfer); ``lookup_over_ce`` is the lookups' own share.
 
+The ``recipes`` section (:mod:`bench_recipes`) does the same for every feature/relation recipe of conf/distill
+(RKD, PKT, SP, CC, NST, FSP, KDSVD, ICKD, CRD, VID, ReviewKD, ..., found by globbing) on today's quickstart (16 px,
+composed as the runner composes it, each recipe's own student): CE alone, online, replayed.
+
 The ``sweep`` section (:mod:`bench_sweep`) runs the quickstart cold (empty cache) in this process, then
 later jobs of a ``distill.temperature`` sweep, and reports each later job's wall time over training the
 student alone (job 0's scratch baseline): ``later_over_student_alone``.
@@ -30,6 +34,8 @@ into an empty index (cold), then the next run's stat-only check (warm).
     python scripts/bench.py              # ~7 min on 2 CPU cores (the first run also generates 1,000 JPEGs)
     python scripts/bench.py --only data  # the data section alone (~4 min)
     python scripts/bench.py --only feature  # distill=feature/attention: replayed vs CE alone (~2 min)
+    python scripts/bench.py --only recipes  # every feature/relation recipe: online and replayed vs CE alone
+    python scripts/bench.py --only recipes --recipes rkd crd   # those recipes alone
     python scripts/bench.py --only sweep    # the quickstart cold, then 3 later jobs of a temperature sweep
     python scripts/bench.py --only prints   # the data print: cold (hash every file) and warm (stat only)
     python scripts/bench.py --quick      # fewer images, for a smoke test
@@ -208,11 +214,13 @@ def main() -> None:
     parser.add_argument("--precision", default="32", choices=engine.PRECISIONS)
     parser.add_argument(
         "--only",
-        choices=("all", "kd", "feature", "sweep", "data", "prints", "speed"),
+        choices=("all", "kd", "feature", "recipes", "sweep", "data", "prints", "speed"),
         default="all",
-        help="kd: the distillation epochs; feature: distill=feature's; sweep: the quickstart cold and a sweep's "
-        "later jobs; data: the data path; prints: the data print's cost; speed: GPU options",
+        help="kd: the distillation epochs; feature: distill=feature's; recipes: every feature/relation recipe's; "
+        "sweep: the quickstart cold and a sweep's later jobs; data: the data path; prints: the data print's cost; "
+        "speed: GPU options",
     )
+    parser.add_argument("--recipes", nargs="+", default=None, help="the recipes section's recipes (default: all)")
     parser.add_argument(
         "--speed", action="store_true", help="run the speed section (precision x channels_last x compile) on a CPU too"
     )
@@ -258,6 +266,11 @@ def main() -> None:
         # the quickstart's shift augmentation, as a sweep trains (the loader then yields channels_last images)
         data = digits(image_size=32, batch_size=32, limit=256 if args.quick else None, crop_padding=2)
         results["features_32px"] = measure_features(data, device, precision, repeats)
+    if args.only in ("all", "recipes"):
+        import bench_recipes  # scripts/ is on sys.path when this file runs as a script
+
+        quick = ["dataset.limit=128"] if args.quick else []
+        results["recipes_16px"] = bench_recipes.measure_recipes(args.recipes, quick, device, precision, repeats)
     if args.only in ("all", "sweep"):
         import bench_sweep  # scripts/ is on sys.path when this file runs as a script
 

@@ -50,15 +50,29 @@ def teacher_checkpoint(folder: Path | None, teacher: str) -> list[str]:
     return [f"teacher.checkpoint={path.resolve()}", "teacher.epochs=0"]
 
 
-def layer_pairs(spec: dict, teacher: str, student: str, stages: dict) -> list[str]:
-    """A feature recipe's layer pairs for this teacher and student (RepDistiller's choice, by module path):
-    ``hint``: the second stage output (FitNets, --hint_layer 2); ``all``: every stage output, zipped (attention)."""
+def layer_pairs(spec: dict, teacher: str, student: str, published: dict) -> list[str]:
+    """A feature recipe's layers for this teacher and student (RepDistiller's choice, by module path): ``hint``:
+    the second stage output (FitNets, --hint_layer 2); ``all``: every stage output, zipped (feat[1:-1]); ``last``:
+    the last (feat[-2]); ``pooled``: the pooled vector (feat[-1]); ``all+pooled``: both (ReviewKD). ``form``: the
+    term's keys: ``pairs`` (a list), ``single`` (``student``/``teacher``) or ``layer`` (``student_layer``/...)."""
     if "layers" not in spec:
         return []
+    stages, pooled = published["stage_outputs"]["models"], published["pooled_outputs"]["models"]
     t, s = stages[teacher], stages[student]
-    chosen = [(s[1], t[1])] if spec["layers"] == "hint" else list(zip(s, t))
+    chosen = {
+        "hint": [(s[1], t[1])],
+        "all": list(zip(s, t)),
+        "last": [(s[-1], t[-1])],
+        "pooled": [(pooled[student], pooled[teacher])],
+        "all+pooled": [*zip(s, t), (pooled[student], pooled[teacher])],
+    }[spec["layers"]]
+    key = f"distill.terms.{spec['term']}"
+    if spec.get("form", "pairs") == "single":
+        return [f"{key}.student={chosen[0][0]}", f"{key}.teacher={chosen[0][1]}"]
+    if spec.get("form") == "layer":
+        return [f"{key}.student_layer={chosen[0][0]}", f"{key}.teacher_layer={chosen[0][1]}"]
     items = ", ".join(f"{{student: {a}, teacher: {b}}}" for a, b in chosen)
-    return [f"distill.terms.{spec['term']}.pairs=[{items}]"]
+    return [f"{key}.pairs=[{items}]"]
 
 
 def stage_accuracy(results, stage: str, model: str) -> dict:
@@ -75,8 +89,10 @@ def run_pair(pair: dict, recipes: list[str], published: dict, args, out: Path) -
     row = {"teacher": teacher, "student": student, "ours": {}, "published": pair["published"]}
     for recipe in recipes:
         spec = published["recipes"].get(recipe, {})
-        stages = published["stage_outputs"]["models"]
-        settings = [*spec.get("overrides", []), *layer_pairs(spec, teacher, student, stages)]
+        if spec.get("equal_channels") and "different" in pair["table"]:  # FSP, KDSVD: channels must match
+            print(f"{teacher} -> {student} {recipe}: skipped (it pairs maps of equal channels)", flush=True)
+            continue
+        settings = [*spec.get("overrides", []), *layer_pairs(spec, teacher, student, published)]
         overrides = [
             f"teacher={ZOO_PREFIX}{teacher}", f"student={ZOO_PREFIX}{student}", f"distill={recipe}",
             "trainer.progress=false", *settings,
@@ -118,8 +134,8 @@ def table(rows: list[dict], recipes: list[str], published: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", nargs="+", default=["kd", "dkd"], help="recipes of conf/distill (feature and "
-                        "attention get the pair's layers; others run as configured)")  # fmt: skip
+    parser.add_argument("--recipes", nargs="+", default=["kd", "dkd"], help="recipes of conf/distill (those "
+                        "with layers in cifar100_published.json get the pair's; others run as configured)")  # fmt: skip
     parser.add_argument("--pairs", nargs="+", default=None, help="teacher:student pairs (default: all published)")
     parser.add_argument("--teachers", type=Path, default=None, help="folder of RepDistiller's published teachers")
     parser.add_argument("--out", type=Path, default=Path("outputs/cifar100_table"))
@@ -141,7 +157,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [run_pair(pair, args.recipes, published, args, args.out) for pair in pairs]
     lines = table(rows, args.recipes, published)
     note = ("Top-1 test accuracy (%), ours: best epoch (last epoch) / published (best epoch; "
-            "CRD: Tian et al. ICLR 2020 Tables 1-2; DKD: Zhao et al. CVPR 2022 Tables 1-2; see cifar100_published.json)"
+            "CRD: Tian et al. ICLR 2020 Tables 1-2, also SP, CC, VID, RKD, PKT, FSP, NST; ICKD: its README; "
+            "DKD: Zhao et al. CVPR 2022 Tables 1-2; see cifar100_published.json)"
             + (". SMOKE RUN: a few batches, the numbers mean nothing." if args.smoke else "."))  # fmt: skip
     atomic_write_text(args.out / "results.json", json.dumps(rows, indent=2) + "\n")
     atomic_write_text(args.out / "table.md", "\n".join([*lines, "", note]) + "\n")

@@ -9,6 +9,11 @@ seeds), and the paired gain over the scratch baseline: per seed student minus ba
 std. A gain larger than its std is marked with *. Extra arguments are Hydra overrides applied to
 every run (e.g. trainer.epochs=2 for a smoke test); `<recipe>:<override>` applies to that recipe's
 runs only (multi_teacher:distill.teachers.cnn.epochs=1).
+
+Every YAML of conf/distill is a recipe here (default: all of them); one this file does not describe gets its YAML's
+first comment line and its terms' keys. A recipe's YAML may name the overrides it needs on the quickstart in a
+comment line `# quickstart overrides: ...` (scripts/recipe_confs.py), applied to its runs. --merge keeps the rows
+of recipes an earlier run wrote to <out>/results.json, so a run of a few new recipes prints the whole table.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from omegaconf import OmegaConf
+from recipe_confs import RECIPES_DIR, all_recipes, quickstart_overrides, summary
 
 from distill_runner import runner
 from distill_runner.config import compose
@@ -88,6 +96,61 @@ RECIPES = {
         "Zagoruyko & Komodakis, ICLR 2017",
         "`terms.attention.weight`, `terms.attention.p`, `terms.attention.pairs`",
     ),
+    "rkd": (
+        "RKD: smooth-L1 of the batch's normalized pairwise distances (25) and triplet angles (50) of the embeddings",
+        "Park et al., CVPR 2019",
+        "`terms.rkd.weight`, `terms.rkd.w_d`, `terms.rkd.w_a`, `terms.rkd.student`, `terms.rkd.teacher`",
+    ),
+    "pkt": (
+        "PKT: KL between the batch's cosine-similarity distributions of the embeddings",
+        "Passalis & Tefas, ECCV 2018",
+        "`terms.pkt.weight`, `terms.pkt.student`, `terms.pkt.teacher`",
+    ),
+    "sp": (
+        "similarity-preserving: distance of the row-normalized batch Gram matrices of a stage's maps",
+        "Tung & Mori, ICCV 2019",
+        "`terms.sp.weight`, `terms.sp.row_norm`, `terms.sp.student`, `terms.sp.teacher`",
+    ),
+    "cc": (
+        "correlation congruence: correlation of consecutive samples' embedding differences (128-wide heads)",
+        "Peng et al., ICCV 2019",
+        "`terms.cc.weight`, `terms.cc.embed_dim`, `terms.cc.kernel`",
+    ),
+    "nst": (
+        "neuron selectivity transfer: squared MMD, polynomial kernel, of the channels' spatial patterns",
+        "Huang & Wang, 2017",
+        "`terms.nst.weight`, `terms.nst.pairs`",
+    ),
+    "fsp": (
+        "FSP matrices between consecutive maps (student of resnet18's widths, `tiny_cnn[64,128]`)",
+        "Yim et al., CVPR 2017",
+        "`terms.fsp.weight`, `terms.fsp.style`, `terms.fsp.pairs`",
+    ),
+    "kdsvd": (
+        "KDSVD: RBF relations of consecutive maps' leading singular vectors (student `tiny_cnn[64,128]`)",
+        "Lee et al., ECCV 2018",
+        "`terms.kdsvd.weight`, `terms.kdsvd.k`, `terms.kdsvd.reshape`, `terms.kdsvd.pairs`",
+    ),
+    "ickd": (
+        "inter-channel correlation: distance of the channel Gram matrices, student through 1x1 conv + BN",
+        "Liu et al., ICCV 2021",
+        "`terms.ickd.weight`, `terms.ickd.pairs`",
+    ),
+    "crd": (
+        "contrastive representation distillation: NCE over a memory bank of every training image's embedding",
+        "Tian et al., ICLR 2020",
+        "`terms.crd.weight`, `terms.crd.feat_dim`, `terms.crd.nce_k`, `terms.crd.nce_t`, `terms.crd.nce_m`",
+    ),
+    "vid": (
+        "variational information distillation: Gaussian likelihood of teacher maps under student regressors",
+        "Ahn et al., CVPR 2019",
+        "`terms.vid.weight`, `terms.vid.init_pred_var`, `terms.vid.pairs`",
+    ),
+    "reviewkd": (
+        "knowledge review: ABF-fused student stages to the teacher's, hierarchical context loss, warm-up",
+        "Chen et al., CVPR 2021",
+        "`terms.reviewkd.weight`, `terms.reviewkd.pairs`, `schedule.reviewkd`",
+    ),
     "multi_teacher": (
         "KD from the averaged logits of ResNet-18 and a wide CNN teacher",
         "Hinton et al. 2015; You et al., KDD 2017",
@@ -107,6 +170,21 @@ RECIPES = {
 }
 
 
+def ordered_recipes() -> list[str]:
+    """Every recipe of conf/distill: those described here in the table's order, then the others by name."""
+    found = all_recipes()
+    return [r for r in RECIPES if r in found] + [r for r in found if r not in RECIPES]
+
+
+def describe(recipe: str) -> tuple[str, str, str]:
+    """(what it does, paper, config keys) of a recipe; from its YAML where this file does not describe it."""
+    if recipe in RECIPES:
+        return RECIPES[recipe]
+    terms = OmegaConf.load(RECIPES_DIR / f"{recipe}.yaml").get("terms", {})
+    keys = [f"`terms.{t}.{k}`" for t, node in terms.items() if t != "ce" for k in node if k != "_target_"]
+    return summary(recipe), f"conf/distill/{recipe}.yaml", ", ".join(keys)
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -118,7 +196,7 @@ def table(results: dict[str, list[dict]]) -> list[str]:
         "|---|---|---|---|---:|---:|---:|",
     ]
     for recipe, rows in results.items():
-        what, paper, keys = RECIPES[recipe]
+        what, paper, keys = describe(recipe)
         student, student_sd = mean_std([r["student"] for r in rows])
         baseline, baseline_sd = mean_std([r["baseline"] for r in rows])
         gain, gain_sd = mean_std([(r["student"] - r["baseline"]) * 100 for r in rows])
@@ -130,22 +208,34 @@ def table(results: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def main() -> None:
+def save(out: Path, results: dict[str, list[dict]], earlier: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Write <out>/results.json: this run's rows, and an earlier run's for the recipes this one has none of."""
+    merged = {r: results.get(r) or earlier[r] for r in ordered_recipes() if results.get(r) or earlier.get(r)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(merged, indent=2))
+    return merged
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--recipes", nargs="+", default=ordered_recipes(), choices=ordered_recipes())
     parser.add_argument("--out", default="outputs/recipes_table")
+    parser.add_argument("--merge", action="store_true", help="keep the other recipes' rows of <out>/results.json")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
     results: dict[str, list[dict]] = {r: [] for r in args.recipes}
+    known = ordered_recipes()
+    earlier = json.loads((out / "results.json").read_text()) if args.merge and (out / "results.json").is_file() else {}
     start = time.perf_counter()
     for seed in args.seeds:
         for recipe in ["kd", *[r for r in args.recipes if r != "kd"]]:
             own = [o.split(":", 1)[1] for o in args.overrides if o.startswith(f"{recipe}:")]
-            common = [o for o in args.overrides if o.split(":", 1)[0] not in RECIPES]
-            overrides = [f"seed={seed}", f"distill={recipe}", "trainer.progress=false", *common, *own]
+            common = [o for o in args.overrides if o.split(":", 1)[0] not in known]
+            overrides = [f"seed={seed}", f"distill={recipe}", "trainer.progress=false", *common]
+            overrides += [*quickstart_overrides(recipe), *own]
             run_dir = out / f"seed{seed}" / recipe
             t0 = time.perf_counter()
             metrics = runner.run(compose(overrides), run_dir, overrides)
@@ -164,12 +254,13 @@ def main() -> None:
                 f"{teacher} ({time.perf_counter() - t0:.0f}s)",
                 flush=True,
             )
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+            save(out, results, earlier)  # after every run: a run cut short keeps its finished seeds
+    results = save(out, results, earlier)
 
     seeds = ",".join(map(str, args.seeds))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     teacher, teacher_sd = mean_std([r["teacher"] for r in results["kd" if "kd" in results else args.recipes[0]]])
-    command = " ".join(["python scripts/recipes_table.py", *sys.argv[1:]])
+    command = " ".join(["python scripts/recipes_table.py", *(sys.argv[1:] if argv is None else argv)])
     print()
     print("\n".join(table(results)))
     print(
@@ -178,6 +269,7 @@ def main() -> None:
         f"teacher (ResNet-18) {teacher:.4f} ± {teacher_sd:.4f}. `{command}` "
         f"at commit {commit}, wall time {time.perf_counter() - start:.0f} s."
     )
+    return results
 
 
 if __name__ == "__main__":

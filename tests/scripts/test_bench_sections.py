@@ -1,4 +1,4 @@
-"""Each section of scripts/bench.py runs in a quick mode (tiny sizes): kd, feature, data (it crashed with
+"""Each section of scripts/bench.py runs in a quick mode (tiny sizes): kd, feature, recipes, data (it crashed with
 "'list' object has no attribute 'set_epoch'"), prints and speed.
 The sweep section: tests/scripts/test_bench_sweep.py."""
 
@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import bench
 import bench_data
+import bench_recipes
 import bench_speed
 
 from distill_runner.data import prints
@@ -31,6 +32,18 @@ def test_kd_and_feature_sections(fp32):
     data = digits(image_size=32, batch_size=8, limit=16, crop_padding=2)
     feature = bench.measure_features(data, CPU, fp32, repeats=1)
     assert feature["feature"]["replayed_over_ce"] > 0 and feature["attention"]["online_over_ce"] > 0
+
+
+def test_recipes_section_times_feature_recipes_with_their_quickstart_overrides(fp32):
+    """kd reads no teacher features: left out. fsp binds only with the student its YAML names (tiny_cnn[64,128]:
+    without it, a channel mismatch before training), so its row proves the overrides applied; two students, two
+    CE timings."""
+    tiny = ["dataset.limit=16", "dataset.batch_size=8"]
+    result = bench_recipes.measure_recipes(["kd", "rkd", "fsp"], tiny, CPU, fp32, repeats=1)
+    assert set(result) == {"rkd", "fsp"}
+    for row in result.values():
+        assert row["images"] == 16 and row["online_over_ce"] > 0 and row["replayed_over_ce"] > 0
+    assert result["fsp"]["ce_images_per_s"] != result["rkd"]["ce_images_per_s"]  # its own, wider student
 
 
 def test_data_section_runs_and_reports_the_goals(tmp_path, fp32):

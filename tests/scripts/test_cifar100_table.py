@@ -115,3 +115,34 @@ def test_smoke_runs_the_pairs_and_prints_ours_beside_the_published_numbers(table
     text = (tmp_path / "out" / "table.md").read_text()
     assert "SMOKE RUN" in text and "| wrn_40_2 -> ShuffleV1 |" in text and "/ 76.70 |" in text
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == rows
+
+
+def test_the_relation_methods_published_numbers_are_there_with_their_sources():
+    for pair in PUBLISHED["pairs"]:
+        numbers = pair["published"]
+        same = "same architecture" in pair["table"]
+        for column in ("sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "nst"):
+            assert 55 < numbers[column] < 80  # RepDistiller's README: both tables
+        assert (numbers["ickd"] is not None) == same  # ICKD's README: the same-architecture table only
+        assert (numbers["fsp"] is not None) == (same and (pair["teacher"], pair["student"]) != ("wrn_40_2", "wrn_40_1"))
+    assert PUBLISHED["pairs"][2]["published"]["nst"] == 73.30 and PUBLISHED["pairs"][2]["student"] == "resnet8x4"
+    assert {"sp, cc, vid, rkd, pkt, ab, ft, fsp, nst", "ickd"} <= set(PUBLISHED["sources"])
+    assert set(PUBLISHED["pooled_outputs"]["models"]) == set(PUBLISHED["stage_outputs"]["models"])
+
+
+def test_relation_recipes_read_each_pairs_layers_and_fsp_skips_different_channels(table, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(table.runner, "run", fake_run(calls))
+    recipes = ["rkd", "sp", "nst", "crd", "fsp", "reviewkd"]
+    table.main(["--recipes", *recipes, "--pairs", "vgg13:vgg8", "vgg13:MobileNetV2", "--out", str(tmp_path)])
+    assert len(calls) == 2 * len(recipes) - 1  # fsp pairs maps of equal channels: not on vgg13 -> MobileNetV2
+    same, different = calls[: len(recipes)], calls[len(recipes) :]
+    rkd, sp, nst, crd, fsp, reviewkd = (c.distill.terms for c in same)
+    assert (rkd.rkd.student, rkd.rkd.teacher, sp.sp.student, sp.sp.teacher) == ("pool4", "pool4", "relu4", "relu4")
+    assert [(p.student, p.teacher) for p in fsp.fsp.pairs] == [(f"relu{i}", f"relu{i}") for i in range(1, 5)]
+    assert (crd.crd.student_layer, crd.crd.teacher_layer) == ("pool4", "pool4") and len(nst.nst.pairs) == 4
+    assert [p.teacher for p in reviewkd.reviewkd.pairs] == ["relu1", "relu2", "relu3", "relu4", "pool4"]
+    mv2_rkd, mv2_nst = different[0].distill.terms.rkd, different[2].distill.terms.nst
+    assert (mv2_rkd.student, mv2_rkd.teacher) == ("avgpool", "pool4") and mv2_nst.pairs[0].student == "blocks.1"
+    text = (tmp_path / "table.md").read_text()
+    assert "/ 72.68 |" in text and "| vgg13 -> MobileNetV2 |" in text  # SP on vgg13 -> vgg8: RepDistiller's 72.68
