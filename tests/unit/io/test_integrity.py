@@ -222,7 +222,7 @@ def test_disk_full_during_training_is_one_line_from_the_cli(fast, tmp_path):
     """The same through ``distill-run``: exit code 2, one line, no traceback."""
     script = (
         "import errno, sys, torch\n"
-        "from distill_runner import storage\n"
+        "from distill_runner.io import storage\n"
         "from distill_runner.cli import main\n"
         "def full(obj, f):\n"
         "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
