@@ -33,7 +33,7 @@ from torch import nn
 from distill_runner.distill.contract import Term, TermState
 from distill_runner.distill.terms.sdd import classifier_head
 from distill_runner.errors import ConfigError
-from distill_runner.models.factories import architecture
+from distill_runner.models.factories import architecture, count_parameters
 from distill_runner.models.features import INPUT, check_layer, feature_shapes
 
 PROJECTOR, HEAD = "simkd_projector", "simkd_teacher_head"  # module names in the deployed student
@@ -90,6 +90,10 @@ class SimKDStudent(nn.Module):
         self._student = [student]  # its forward, outside the module tree: its modules are registered above
         self.layer, self.pool_to = layer, pool_to
         self.architecture = f"{architecture(student)}+SimKD projector+teacher head"
+        self.includes = (
+            f"the SimKD projector ({count_parameters(project):,} parameters) and a frozen copy of the "
+            f"teacher's classifier ({count_parameters(teacher_head):,} parameters)"
+        )
         self.train(student.training)
 
     def train(self, mode: bool = True):
