@@ -101,8 +101,8 @@ def _fit(stage, data, folder, resume=False):
 
 @pytest.mark.slow
 def test_a_resumed_simkd_stage_equals_an_uninterrupted_one(tmp_path):
-    cfg = compose_config(TINY + ["distill=simkd", "teacher=wide_cnn", "teacher.model.pool_size=1",  # pooled head
-                                 "distill.terms.simkd.teacher=features.2", "distill.terms.simkd.teacher_head=classifier"])  # fmt: skip
+    layers = ["distill.terms.simkd.teacher=features.2", "distill.terms.simkd.teacher_head=classifier"]
+    cfg = compose_config(TINY + ["distill=simkd", "teacher=wide_cnn", "teacher.model.pool_size=1", *layers])
     data = build_data(cfg)
     teacher = build_model(cfg.teacher, "teacher", data, cfg.seed).eval()
     whole = _stage(cfg, data, teacher)

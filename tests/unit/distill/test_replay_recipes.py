@@ -33,7 +33,8 @@ WIDTHS = {"fsp": ["student.model.channels=[64,128]"], "kdsvd": ["student.model.c
 HEADS = {"sdd_kd", "sdd_dkd", "sdd_nkd", "catkd"}  # read the tiny CNN's classifier on its pooled feature: pool_size 1
 WIDTHS |= {name: ["student.model.pool_size=1"] for name in HEADS}
 # recipes whose teacher summaries go beyond logits
-FEATURE_RECIPES = {"feature", "attention", "combo", "crd", "vid", "reviewkd", "ofd", "ab", "ft", "simkd"} | RELATION | HEADS
+FEATURE_RECIPES = {"feature", "attention", "combo", "crd", "vid", "reviewkd", "ofd", "ab", "ft", "simkd"} | RELATION
+FEATURE_RECIPES |= HEADS
 REPLAYED = sorted(p.stem for p in (CONF / "distill").glob("*.yaml") if p.stem not in ONLINE_ONLY | RELATION)
 # (recipe, storage dtype, relative tolerance of each term's loss and of the gradient's norm): float32 storage
 # replays the online values (bit for bit on this CPU); float16 rounds each stored value (relative <= 2**-11),
