@@ -107,8 +107,8 @@ def test_deployed_student_and_term_match_the_official_code(name):
 
 def test_recipe_is_the_official_setting():
     recipe = OmegaConf.load(CONF / "simkd.yaml")
-    assert list(recipe.terms) == ["simkd"]  # -c 0 -d 0 -b 1: no cross-entropy, no KD, the MSE at weight 1
-    assert (recipe.terms.simkd.weight, recipe.terms.simkd.factor) == (1.0, 2)
+    terms = recipe.terms  # -c 0 -d 0 -b 1: no cross-entropy, no KD, the MSE at weight 1
+    assert list(terms) == ["ce", "simkd"] and (terms.ce.weight, terms.simkd.weight, terms.simkd.factor) == (0, 1, 2)
 
 
 @pytest.mark.parametrize("key,value", [("factor", 0), ("factor", 1.5), ("student", "layer4:input")])
