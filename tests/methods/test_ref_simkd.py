@@ -53,6 +53,7 @@ def term_for(case: dict) -> SimKD:
     term._teacher_head = [head]
     term.sizes = (len(case["student"][0][0]), len(case["teacher"][0][0]))
     term.student_layers, term.teacher_layers = ("body",), ("t",)
+    term.image_shape = tuple(torch.tensor(case["student"]).shape[1:])  # Student's image is its feature map
     return term
 
 
@@ -103,6 +104,8 @@ def test_deployed_student_and_term_match_the_official_code(name):
     close(x.grad, case["grad_student"])
     close(out["logits"], case["train_logits"])
     assert not any(p.requires_grad for p in deployed.simkd_teacher_head.parameters())
+    assert not deployed.fc.weight.requires_grad  # the student's own classifier is unused: frozen (DDP needs it)
+    assert all(p.requires_grad for p in deployed.simkd_projector.parameters())
 
 
 def test_recipe_is_the_official_setting():

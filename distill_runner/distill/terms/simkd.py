@@ -25,6 +25,7 @@ Docs: docs/methods/recent.md
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,8 @@ from distill_runner.distill.terms.sdd import classifier_head
 from distill_runner.errors import ConfigError
 from distill_runner.models.factories import architecture, count_parameters
 from distill_runner.models.features import INPUT, check_layer, feature_shapes
+
+log = logging.getLogger(__name__)
 
 PROJECTOR, HEAD = "simkd_projector", "simkd_teacher_head"  # module names in the deployed student
 
@@ -96,6 +99,24 @@ class SimKDStudent(nn.Module):
         )
         self.train(student.training)
 
+    @torch.enable_grad()
+    def freeze_unused(self, image_shape: tuple[int, int, int]) -> list[str]:
+        """Freeze the student's parameters the prediction does not depend on (its own classifier): they get no
+        gradient anyway, and DistributedDataParallel requires one for every trainable parameter. Returns their
+        names."""
+        was_training, trainable = self.training, [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        self.eval()  # a dry run: no BatchNorm statistics move
+        try:
+            device = trainable[0][1].device
+            logits = self(torch.zeros(2, *image_shape, device=device))
+            grads = torch.autograd.grad(logits.sum(), [p for _, p in trainable], allow_unused=True)
+        finally:
+            self.train(was_training)
+        unused = [(n, p) for (n, p), g in zip(trainable, grads) if g is None]
+        for _, p in unused:
+            p.requires_grad_(False)
+        return [n for n, _ in unused]
+
     def train(self, mode: bool = True):
         super().train(mode)
         getattr(self, HEAD).eval()  # frozen: dropout or BatchNorm in a teacher head stay in inference mode
@@ -128,6 +149,7 @@ class SimKD(Term):
                 raise ConfigError(key, layer, "SimKD reads a module's output: name the final conv stage, e.g. layer4")
         self.student, self.teacher, self.teacher_head, self.factor = student, teacher, teacher_head, factor
         self.sizes = (0, 0)  # the student's and the teacher's map sizes (bind)
+        self.image_shape = (3, 32, 32)  # [C, H, W] of the data's images (bind)
         self._teacher_head: list[nn.Module] = []  # the teacher's classifier, outside the module tree
         self._deployed_projector: list[nn.Module] = []  # the projector once it belongs to the deployed student
 
@@ -145,7 +167,7 @@ class SimKD(Term):
         head = classifier_head(teacher, self.teacher_head, ct, data.num_classes, f"{key}.teacher_head", "teacher")
         self._teacher_head = [head]
         self.projector = projector(cs, ct, self.factor)
-        self.sizes = (hs, ht)
+        self.sizes, self.image_shape = (hs, ht), (data.in_channels, data.image_size, data.image_size)
         self.student_layers, self.teacher_layers = (self.student,), (self.teacher,)
 
     @staticmethod
@@ -174,7 +196,10 @@ class SimKD(Term):
         self.student_layers = (self.student, PROJECTOR)
         hs, ht = self.sizes
         head = copy.deepcopy(self._teacher_head[0])
-        return SimKDStudent(student, self.student, project, head, ht if hs > ht else None)
+        model = SimKDStudent(student, self.student, project, head, ht if hs > ht else None)
+        if unused := model.freeze_unused(self.image_shape):
+            log.info("SimKD: the student's %s do not reach its prediction (frozen)", ", ".join(unused))
+        return model
 
     def teacher_summary(self, layer, feature):
         """The teacher's final feature map, pooled to the student's size when larger (what replay stores)."""
