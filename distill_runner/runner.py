@@ -273,10 +273,21 @@ def train_student(
     )
     signal = source.signal()
     student_schedule = schedule(spec.trainer, "trainer")
+    built.student = deploy(built)
     stage = engine.Stage("student", built.student, built.recipe, teacher=signal, on_epoch=on_epoch, **student_schedule)
     student = run_stage(ctx, stage)
     student.recipe_params = count_parameters(built.recipe)  # adapters/heads, not shipped
+    student.includes = getattr(built.student, "includes", None)
     return student
+
+
+def deploy(built: BuiltModels) -> nn.Module:
+    """The KD student as it ships (:meth:`Recipe.deployed`, after the teachers' training: SimKD copies the
+    teacher's head): what the student stage trains and checkpoints, and evaluation and export see."""
+    model = built.recipe.deployed(built.student)
+    if model is not built.student:
+        log.info("the KD student ships with %s (%s parameters in all)", model.includes, f"{count_parameters(model):,}")
+    return model
 
 
 def evaluate_models(ctx: Run, built: BuiltModels, models: dict, stages: dict[str, StageResult]) -> RunResults:

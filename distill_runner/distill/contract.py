@@ -18,6 +18,12 @@ the training batches of that epoch and the teacher outputs the term sees in trai
 ``teacher["features"]``, online or replayed alike; None without a teacher). It returns each epoch's mean
 loss, which the recipe logs; its number of epochs is the term's own argument; by default it does nothing.
 
+A term may change the model that ships (SimKD: the student predicts through a projector and the teacher's
+frozen classifier, at inference too): its ``deployed(student)`` returns that model (the student itself by
+default), built after the teacher's training. The runner trains, validates, checkpoints, evaluates and exports
+it as the KD student (:meth:`~distill_runner.distill.recipe.Recipe.deployed`; at most one term of a recipe
+overrides it). Its parameters are the model's: the term gives up any it held, so they train and save once.
+
 A loss term declares what it needs as class attributes; :class:`Term` holds their defaults, and no
 other module guesses them. The training loop, the runner and the teacher signal read these
 attributes directly.
@@ -120,6 +126,11 @@ class Term(nn.Module):
     def prepare(self, student: nn.Module, batches: PrepareBatches, device: torch.device) -> list[float]:
         """No stage before training by default (AB, FT have one): returns each epoch's mean loss."""
         return []
+
+    def deployed(self, student: nn.Module) -> nn.Module:
+        """The model that ships as the KD student: the student itself by default (SimKD adds its projector and
+        the teacher's frozen head)."""
+        return student
 
     def teacher_summary(self, layer: str, feature: torch.Tensor) -> torch.Tensor:
         """The teacher feature itself by default. Override it to keep less (replay stores what it

@@ -196,8 +196,22 @@ class Recipe(nn.Module):
         }
         return out
 
+    def deploying_terms(self) -> list[str]:
+        """The terms that change the model that ships (override :meth:`Term.deployed`)."""
+        overrides = lambda t: getattr(type(t), "deployed", Term.deployed) is not Term.deployed
+        return [name for name, term in self.terms.items() if overrides(term)]
+
+    def deployed(self, student: nn.Module) -> nn.Module:
+        """The KD student as it ships (:meth:`Term.deployed` of the one term that overrides it; else ``student``).
+        Call it after the teacher's training: it may copy teacher parts."""
+        deploying = self.deploying_terms()
+        return self.terms[deploying[0]].deployed(student) if deploying else student
+
     def bind(self, student: nn.Module, teacher: nn.Module | None, data) -> None:
         """Check layer names and build adapters/heads for these models (architecture only)."""
+        if len(deploying := self.deploying_terms()) > 1:
+            fix = "at most one term may change the model that ships (SimKD's does): keep one of them"
+            raise ConfigError("terms", ", ".join(deploying), fix)
         for name, term in self.terms.items():
             term.bind(student, teacher, data, f"terms.{name}")
         if self.class_balance is not None:

@@ -210,6 +210,8 @@ def export_run(run_dir: str | Path, role: str = "student") -> dict:
     node = cfg.teacher if role == "teacher" else cfg.student
     kwargs = {"weights": None} if role == "teacher" else {}  # the checkpoint holds all the weights
     model = build_model(node, role, data, cfg.seed, **kwargs)
+    if role == "student":
+        model = shipped_student(cfg, data, model)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -222,6 +224,20 @@ def export_run(run_dir: str | Path, role: str = "student") -> dict:
         overrides = list(OmegaConf.load(overrides_path)) if overrides_path.is_file() else []
         write_report(run_dir, results, overrides)
     return result
+
+
+def shipped_student(cfg, data, student: nn.Module) -> nn.Module:
+    """The student as its run shipped it: when the run's recipe changes that model (SimKD adds its projector and the
+    teacher's head), the recipe bound to an untrained teacher of the run's architecture deploys it (the checkpoint
+    holds all the weights)."""
+    from distill_runner.build import bind_recipe, build_model, new_recipe
+
+    recipe = new_recipe(cfg.distill)
+    if not recipe.deploying_terms():
+        return student
+    teacher = build_model(cfg.teacher, "teacher", data, cfg.seed, weights=None)
+    bind_recipe(recipe, student, teacher, data)
+    return recipe.deployed(student)
 
 
 def verified_checkpoint(run_dir: Path, role: str) -> dict:

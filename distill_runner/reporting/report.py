@@ -118,6 +118,18 @@ def cast_note(metrics: RunResults) -> list[str]:
     return []
 
 
+def shipped_note(metrics: RunResults) -> list[str]:
+    """What ships with the KD student beyond its own layers (SimKD), so the comparison is read honestly."""
+    stage = metrics.stages.get("student")
+    if stage is None or not stage.includes:
+        return []
+    return [
+        f"The KD student includes {stage.includes}: its parameters, size, MACs, latency and exports count them; "
+        "the scratch baseline is the plain student.",
+        "",
+    ]
+
+
 def per_class_table(metrics: RunResults) -> str:
     names = metrics.class_names
     roles = model_order(metrics.models)
@@ -275,6 +287,7 @@ def _headline(metrics: RunResults, overrides: list[str]) -> list[str]:
         summary_line(metrics).replace("\n", "  \n") + ".",
         "",
         *cast_note(metrics),
+        *shipped_note(metrics),
         "## Should you ship the student?",
         "",
         *verdict(metrics),

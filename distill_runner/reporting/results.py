@@ -47,6 +47,7 @@ class StageResult:
     reused: bool = False  # loaded from the cache instead of trained
     cache_key: str | None = None
     recipe_params: int = 0  # adapters/heads trained with the student, not shipped
+    includes: str | None = None  # what ships with the KD student beyond its own layers (SimKD: projector, teacher head)
     # With eval.test_every_epoch: test accuracy of the best epoch (the highest; what the CIFAR benchmarks report,
     # selected on the test split itself), that epoch (1-based), and of the last epoch (no selection).
     best_test_acc: float | None = None

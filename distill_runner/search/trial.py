@@ -73,6 +73,6 @@ def run_trial(
     """
     with runner.session(cfg, run_dir) as ctx:
         built = runner.build(ctx)
-        measured(cost(built.student, ctx.data, ctx.device, ctx.precision, ctx.spec.eval))
+        measured(cost(built.recipe.deployed(built.student), ctx.data, ctx.device, ctx.precision, ctx.spec.eval))
         _, results = runner.train(ctx, built, stages=("teachers", "student"), on_student_epoch=on_epoch)
         return results["student"].final_val_acc

@@ -21,6 +21,7 @@ from distill_runner.distill.terms.relation import PKT, RKD, CorrelationCongruenc
 from distill_runner.distill.terms.reviewkd import ReviewKD
 from distill_runner.distill.terms.sdd import SDD
 from distill_runner.distill.terms.self_distillation import SelfDistillation
+from distill_runner.distill.terms.simkd import SimKD
 from distill_runner.distill.terms.srd import SRD
 from distill_runner.distill.terms.ttm import TTM, WTTM
 from distill_runner.distill.terms.vid import VID
@@ -57,6 +58,7 @@ __all__ = [
     "HintonKD",
     "ReviewKD",
     "SelfDistillation",
+    "SimKD",
     "SimilarityPreserving",
     "StrongCrossEntropy",
 ]

@@ -34,7 +34,7 @@ HEADS = {"sdd_kd", "sdd_dkd", "sdd_nkd", "catkd"}  # read the tiny CNN's classif
 WIDTHS |= {name: ["student.model.pool_size=1"] for name in HEADS}
 # recipes whose teacher summaries go beyond logits
 FEATURE_RECIPES = (
-    {"feature", "attention", "combo", "crd", "vid", "reviewkd", "ofd", "ab", "ft", "srd"} | RELATION | HEADS
+    {"feature", "attention", "combo", "crd", "vid", "reviewkd", "ofd", "ab", "ft", "srd", "simkd"} | RELATION | HEADS
 )
 # a weak and a strong view per batch: their own replay test (tests/methods/test_crld_runs.py)
 TWO_VIEWS = {"crld", "mlkd_strong"}
