@@ -1,12 +1,17 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from distill_runner.config import compose
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+# a recipe YAML's `# quickstart overrides:` line, for the tests that run every recipe on the quickstart pair
+from recipe_confs import quickstart_overrides  # noqa: F401
 
 # A run that takes seconds: tiny images, a few dozen of them, one epoch per stage.
 TINY = [

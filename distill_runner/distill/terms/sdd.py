@@ -149,6 +149,8 @@ class SDD(_HeadTerm):
     """SDD over ``base`` (kd: the recipe's temperature; dkd: its temperature, alpha, beta; nkd: its temperature and
     ``gamma``) at ``scales`` (a subset of 1, 2, 4 starting with 1; paper: [1, 2, 4])."""
 
+    hyperparameters = ("temperature",)  # every base reads it; dkd adds alpha and beta (set per instance)
+
     def __init__(self, student: str, teacher: str, student_head: str = "fc", teacher_head: str = "fc",
                  base: str = "kd", scales=SCALES, gamma: float = 8.0):  # fmt: skip
         super().__init__(student, teacher, student_head, teacher_head)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, compose_config
+from conftest import TINY, compose_config, quickstart_overrides
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
@@ -325,8 +325,7 @@ def _fast(teacher_path):
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_runs_one_epoch_end_to_end(recipe, random_teacher, tmp_path):
     extra = ["distill.teachers.cnn.epochs=1"] if recipe == "multi_teacher" else []
-    if recipe in ("fsp", "kdsvd"):  # pairs of equal widths: resnet18's layer1/layer2
-        extra = ["student.model.channels=[64,128]"]
+    extra += quickstart_overrides(recipe)  # e.g. FSP's pairs of equal widths, SDD's classifier on the pooled map
     metrics = runner.run(compose_config(_fast(random_teacher) + [f"distill={recipe}"] + extra), tmp_path)
     history = metrics.stages["student"].history
     assert (
