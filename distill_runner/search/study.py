@@ -65,7 +65,7 @@ def storage(search: SearchSpec, search_dir: Path, heartbeat: bool = True):
         fix = "use null (<search folder>/study.journal), a file PATH.journal or an RDB URL, e.g. sqlite:///search.db"
         raise ConfigError("search.storage", value, fix)
     try:
-        return rdb_storage(value, heartbeat)
+        return rdb_storage_once_created(value, heartbeat)
     except ConfigError:
         raise
     except ImportError as exc:  # the URL's database driver (psycopg2, pymysql, ...)
@@ -89,6 +89,22 @@ def _shown(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
         return url
+
+
+def rdb_storage_once_created(url: str, heartbeat: bool, tries: int = 5):
+    """:func:`rdb_storage`, retried where workers started together race to create the schema of a new database
+    (PostgreSQL's "duplicate key value violates unique constraint" on its type catalogue): the loser finds the
+    tables made on its next try."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError  # duplicate key; "relation already exists"
+
+    for attempt in range(tries):
+        try:
+            return rdb_storage(url, heartbeat)
+        except (IntegrityError, ProgrammingError):
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def rdb_storage(url: str, heartbeat: bool):
