@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from conftest import compose_config
 
 from distill_runner.evaluation import evaluate
 from distill_runner.evaluation import metrics as M
@@ -19,6 +19,7 @@ from distill_runner.models.factories import tiny_cnn
 from distill_runner.reporting import report
 from distill_runner.reporting.results import ModelResult, RunResults, StageResult
 from distill_runner.search.final import best_of, within
+from distill_runner.spec import typed
 from distill_runner.train import engine, health
 
 CPU = torch.device("cpu")
@@ -81,7 +82,7 @@ def test_a_busy_machine_is_detected_and_measured_again(monkeypatch):
 def _speeds(monkeypatch, tmp_path, contention: str | None):
     monkeypatch.setattr(M, "latency", lambda *a, **k: M.Latency(2e-3, 10, 1, [2e-3] * 5, 0.3, contention))
     monkeypatch.setattr(M, "throughput", lambda *a, **k: 500.0)
-    cfg = OmegaConf.create({"eval": {"latency_threads": 1, "speed": "cached"}})
+    cfg = typed(compose_config(["eval.latency_threads=1", "eval.speed=cached"]))
     data = SimpleNamespace(in_channels=3, image_size=8, test=SimpleNamespace(batch_size=4))
     models = {"student": tiny_cnn(num_classes=2, channels=(4,), hidden=8)}
     settings = {**evaluate.EVAL_DEFAULTS, "latency_budget_s": 0.01, "throughput_budget_s": 0.01}
@@ -233,6 +234,6 @@ def test_report_md_is_written_atomically_and_after_everything_else(tmp_path, mon
     monkeypatch.setattr(runner, "write_report", lambda *a: order.append("report") or "table")
     for name in ("recipe_name", "run_name", "hparams"):
         monkeypatch.setattr(runner.tensorboard, name, lambda *a: "x")
-    ctx = SimpleNamespace(cfg=None, tb_dir=tmp_path / "tb", run_dir=tmp_path)
+    ctx = SimpleNamespace(spec=None, tb_dir=tmp_path / "tb", run_dir=tmp_path)
     runner.report(ctx, SimpleNamespace(recipe=SimpleNamespace(terms={})), metrics, [])
     assert order == ["tensorboard", "report"]

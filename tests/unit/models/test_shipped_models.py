@@ -12,6 +12,7 @@ import torch
 from conftest import compose_config
 
 from distill_runner import build
+from distill_runner.spec import typed
 from distill_runner.train import engine
 from distill_runner.train.health import class_count, learning_check
 from distill_runner.train.stages import schedule
@@ -58,7 +59,9 @@ def test_shipped_model_learns_digits_in_eval_mode(group, name, one_thread):
         model = build.build_teacher(cfg.teacher, "teacher", data, cfg.seed)
     else:
         model = build.build_model(cfg.student, "student", data, cfg.seed)
-    stage = engine.Stage(group, model, build.cross_entropy(data, model), **schedule(cfg[schedule_key], schedule_key))
+    stage = engine.Stage(
+        group, model, build.cross_entropy(data, model), **schedule(getattr(typed(cfg), schedule_key), schedule_key)
+    )
     device, precision = torch.device("cpu"), engine.resolve_precision("32", torch.device("cpu"))
     torch.manual_seed(cfg.seed)
     history = engine.fit(stage, data.train, data.val, device, precision, progress=False)

@@ -25,7 +25,9 @@ def test_launcher_presets_compose(override, target):
 
 def test_slurm_preset_is_one_gpu_per_job_with_requeue():
     launcher = compose_hydra(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"]).hydra.launcher
-    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (
+        launcher._target_ == "hydra_plugins.distill_runner_slurm.slurm_launcher.SlurmLauncher"
+    )  # submitit, one-line faults
     assert (
         launcher.gpus_per_node == 1
         and launcher.tasks_per_node == 1

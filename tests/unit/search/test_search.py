@@ -264,7 +264,9 @@ def test_a_trial_runs_the_runners_own_pipeline(monkeypatch, tmp_path):
 
     monkeypatch.setattr(runner, "session", session)
     monkeypatch.setattr(runner, "train", train)
-    monkeypatch.setattr(runner, "build", lambda ctx: calls.append(("build",)) or SimpleNamespace(student="model"))
+    shipped = SimpleNamespace(deployed=lambda student: student)  # the student as it ships (SimKD: with its head)
+    built = SimpleNamespace(student="model", recipe=shipped)
+    monkeypatch.setattr(runner, "build", lambda ctx: calls.append(("build",)) or built)
     monkeypatch.setattr(trial, "cost", lambda model, *rest: {"params": 1, "model": model})
     measured, hook = [], lambda *a: None
     assert trial.run_trial("cfg", tmp_path, measured.append, hook) == 0.75
