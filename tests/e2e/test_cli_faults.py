@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import TINY, TINY_IMAGES
 from fake_data import make_xray_folder
 from omegaconf import OmegaConf
@@ -35,6 +36,7 @@ def test_tilde_in_a_value_is_the_home_folder(monkeypatch):
         assert expand_home(untouched) == untouched
 
 
+@pytest.mark.slow
 def test_the_readmes_tilde_example_parses_as_written(tmp_path):
     """README: distill-run experiment=xray_kd dataset.root=~/kaggle/chest_xray dataset.balance=class_weights"""
     env = {**os.environ, "HOME": str(tmp_path)}
@@ -54,6 +56,7 @@ def test_another_data_set_leaves_the_quickstart_out():
         assert command_line(["dataset=imagefolder", *chosen]) == ["dataset=imagefolder", *chosen]
 
 
+@pytest.mark.slow
 def test_an_image_folder_run_is_named_after_it_with_its_own_settings(tmp_path):
     """`distill-run dataset=imagefolder dataset.root=~/...`: the teacher has the resnet18 defaults, not the
     quickstart's digits-tuned ones, and the run is named imagefolder in TensorBoard and the log."""
@@ -90,6 +93,7 @@ def interruptible(command: list[str], cwd: Path) -> subprocess.Popen:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_distill_run_says_how_to_continue(tmp_path):
     run_dir = tmp_path / "run"
     args = [*TINY, "teacher.epochs=3", "trainer.epochs=2", f"hydra.run.dir={run_dir}"]

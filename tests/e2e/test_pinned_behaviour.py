@@ -135,6 +135,7 @@ def _close(expected, got, rel, acc_abs, where):
         assert got == pytest.approx(expected, rel=rel, abs=1e-7), where
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_per_batch_losses_of_every_recipe(variant):
     extra = ["distill.teachers.cnn.epochs=1"] if variant == "multi_teacher" else []
@@ -153,6 +154,7 @@ def saved_teacher(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_one_epoch_run_of_every_recipe(recipe, saved_teacher, tmp_path):
     extra = ["distill.teachers.cnn.epochs=1"] if recipe == "multi_teacher" else []
@@ -164,6 +166,7 @@ def test_one_epoch_run_of_every_recipe(recipe, saved_teacher, tmp_path):
     _check("one_epoch_runs", {recipe: run_summary(run(overrides, tmp_path))}, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_quickstart_short_schedule_seed_0(tmp_path):
     """The quickstart (digits, ResNet-18 -> tiny CNN, Hinton KD) at 16 px, teacher 1 epoch, students 2, with the
     data and teacher settings it had when this was pinned."""

@@ -3,12 +3,14 @@
 import subprocess
 import sys
 
+import pytest
 from omegaconf import OmegaConf
 
 from distill_runner.cli import run_groups
 from distill_runner.config import compose
 
 
+@pytest.mark.slow
 def test_help_lists_only_the_groups_distill_run_takes(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "distill_runner", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120

@@ -68,6 +68,7 @@ def test_jobs_that_fail_on_the_cluster_are_named_with_their_log_files(tmp_path, 
     assert "| 0_T=2 |" in text and f"| 1_T=-1 | {log} | distill-run: error: distill.temperature=-1: must be" in text
 
 
+@pytest.mark.slow
 def test_the_slurm_launcher_without_slurm_is_one_line(tmp_path):
     env = {**job_env(), "PATH": "/usr/local/nonexistent"}  # no sbatch, srun
     done = distill_run(["-m", *SLURM, "distill.temperature=2,4"], tmp_path, env=env)

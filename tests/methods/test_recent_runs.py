@@ -77,6 +77,7 @@ def test_one_epoch_with_a_cifar_zoo_pair(name, zoo, tmp_path, monkeypatch):
         ("sdd_nkd", "distill.terms.sdd.student=classifier.1", "distill.terms.sdd.student", "4-D feature map"),
     ],
 )
+@pytest.mark.slow
 def test_bad_settings_are_one_line_before_training(name, override, key, says, quickstart, tmp_path):
     with pytest.raises(ConfigError) as err:
         runner.run(compose_config(quickstart + [f"distill={name}", override]), tmp_path)

@@ -75,6 +75,7 @@ def test_one_epoch_with_a_cifar_zoo_pair(name, zoo, tmp_path):
         ("kdsvd", 'distill.terms.kdsvd.pairs=["features.0:layer1"]', "distill.terms.kdsvd.pairs"),
     ],
 )
+@pytest.mark.slow
 def test_bad_settings_are_one_line_before_training(name, override, key, quickstart, tmp_path):
     """A wrong layer lists the valid names; FSP with the tiny CNN's 16 channels against resnet18's 64 names the
     widths; KDSVD with one pair asks for two. No stage has run: no checkpoint was written."""

@@ -135,6 +135,7 @@ def test_a_resumed_simkd_stage_equals_an_uninterrupted_one(tmp_path):
          "distill.terms", "at most one term"),
     ],
 )  # fmt: skip
+@pytest.mark.slow
 def test_bad_settings_are_one_line_before_training(override, key, says, quickstart, tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "fit", lambda *a, **k: pytest.fail("trained"))
     with pytest.raises(ConfigError) as err:

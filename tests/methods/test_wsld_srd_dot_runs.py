@@ -60,6 +60,7 @@ def test_one_epoch_with_a_cifar_zoo_pair(name, zoo, tmp_path):
     _one_epoch(zoo + RUNS[name] + (ZOO_LAYERS if "srd" in name else []), tmp_path)
 
 
+@pytest.mark.slow
 def test_dot_trains_in_the_loop_with_both_momenta(quickstart, tmp_path, monkeypatch):
     """The KD stage steps DOT with the distillation gradients stashed (both buffers on the shared parameters); the
     scratch baseline (cross-entropy alone) steps it with none: SGD with its one momentum."""

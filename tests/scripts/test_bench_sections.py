@@ -26,6 +26,7 @@ def fp32():
     return engine.resolve_precision("32", CPU)
 
 
+@pytest.mark.slow
 def test_kd_and_feature_sections(fp32):
     kd = bench.measure("synthetic", bench.synthetic(32, 16, 8, 10), 10, 32, CPU, fp32, repeats=1)
     assert kd["images"] == 16 and kd["cached_over_ce"] > 0 and kd["online_over_ce"] > 0
@@ -52,6 +53,7 @@ def test_data_section_runs_and_reports_the_goals(tmp_path, fp32):
     assert set(result["goals_met"]) == {"share_of_ce_epoch<=0.05", "speedup_vs_pil>=10"}
 
 
+@pytest.mark.slow
 def test_prints_section_hashes_cold_then_stats_warm(tmp_path, monkeypatch):
     monkeypatch.setattr(prints, "RACY_NS", 0)  # no wait for the files just generated
     reads = []

@@ -4,12 +4,14 @@ import logging
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import TINY
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import bench_sweep
 
 
+@pytest.mark.slow
 def test_sweep_section_reuses_all_but_the_kd_student_and_reports_ratios():
     level = logging.getLogger("distill_runner").level
     out = bench_sweep.measure_sweep([*TINY, "eval.latency_budget_s=0.01", "eval.throughput_budget_s=0.01"], 1)

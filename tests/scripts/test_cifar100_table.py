@@ -58,6 +58,7 @@ def fake_run(calls):
     return run
 
 
+@pytest.mark.slow
 def test_each_run_gets_the_protocol_the_papers_settings_and_a_published_teacher(table, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(table.runner, "run", fake_run(calls))
@@ -100,6 +101,7 @@ def test_unknown_pairs_and_recipes_are_refused(table, capsys):
         assert "unknown recipe or pair" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_smoke_runs_the_pairs_and_prints_ours_beside_the_published_numbers(table, tmp_path, monkeypatch):
     """10 classes at 8 px keep each pair to a few seconds; the test budget allows six pairs: every teacher family but
     ResNet50 (24M parameters: about 10 s a pair even so) and every student family. The other pairs' configs are

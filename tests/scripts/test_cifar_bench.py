@@ -62,6 +62,7 @@ def test_val_from_train_0_trains_on_every_image_and_validates_on_test(tmp_path, 
     assert torch.equal(data.val.images, data.test.images)
 
 
+@pytest.mark.slow
 def test_cifar100_bench_smoke_run_reports_best_and_last_epoch_test_accuracy(tmp_path, monkeypatch):
     skip_cifar_md5(monkeypatch)
     make_cifar(tmp_path / "data", "cifar100", per_class=1)

@@ -25,6 +25,7 @@ sys.modules["gpu_check"] = gpu_check  # dataclasses look their module up
 _spec.loader.exec_module(gpu_check)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: gpu_check would run the matrix")
 def test_without_cuda_it_prints_one_line_and_exits_77(tmp_path):
     proc = subprocess.run(
@@ -39,6 +40,7 @@ def test_without_cuda_it_prints_one_line_and_exits_77(tmp_path):
     assert not (tmp_path / "gc").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quick", [False, True])
 def test_every_row_of_the_matrix_composes_a_valid_config(tmp_path, quick, capsys):
     rows = gpu_check.matrix(tmp_path / "gc", quick, gpus=2, imagenet=False)

@@ -38,6 +38,7 @@ def data_overrides(experiment: str, tmp_path, monkeypatch) -> list[str]:
     return []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_builds(experiment, tmp_path, monkeypatch):
     cfg = compose_config(
@@ -54,6 +55,7 @@ def test_experiment_composes_and_builds(experiment, tmp_path, monkeypatch):
         assert model.eval()(batch["image"]).shape == (len(batch["target"]), data.num_classes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("student", STUDENTS)
 @pytest.mark.parametrize("image_size", [32, 224])
 def test_students_build_for_the_data_set(student, image_size):
@@ -83,6 +85,7 @@ def test_user_facing_keys_exist():
     assert cfg.teacher.weights == "IMAGENET1K_V1" and cfg.teacher.checkpoint == "/tmp/x.pt"
 
 
+@pytest.mark.slow
 def test_the_wheel_ships_every_config_file(tmp_path):
     """A plain `pip install .` must find conf/ too: build the wheel and look inside."""
     import subprocess

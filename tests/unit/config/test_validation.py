@@ -58,6 +58,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,key,value", BAD, ids=[b[0] for b in BAD])
 def test_bad_value_names_key_value_and_fix(override, key, value):
     cfg = compose_config(override.split())
@@ -74,6 +75,7 @@ def test_the_shipped_configs_pass():
         validate(compose_config(experiment=experiment))
 
 
+@pytest.mark.slow
 def test_cfg_job_prints_the_composed_config_without_running(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "distill_runner", "--cfg", "job", "trainer.compile=true", "distill.temperature=8"],

@@ -147,6 +147,7 @@ def tiny_xray(root, *extra):
     return compose_config([*overrides, f"dataset.root={root}", "dataset.num_workers=0", *extra], "xray_kd")
 
 
+@pytest.mark.slow
 def test_a_run_after_swapping_every_test_label_reports_the_true_accuracy(tmp_path, caplog):
     """The red team's case end to end: test images swapped between the class folders (sizes and whole-second
     mtimes kept). The cached teacher, baseline and their evaluations must not be reused: every label flipped, so

@@ -35,6 +35,7 @@ def xray_cfg(root, *extra):
     )
 
 
+@pytest.mark.slow
 def test_xray_kd_runs_end_to_end_and_reports_skipped_files_and_class_counts(xray, tmp_path, caplog, monkeypatch):
     recipes_seen = []
     real_ce = builders.cross_entropy
@@ -166,6 +167,7 @@ def test_balance_options_for_in_memory_data():
     assert len(drawn) == 800 and 0.4 < np.mean(drawn) < 0.6  # balanced draws, not 10/40
 
 
+@pytest.mark.slow
 def test_cifar10_kd_runs_end_to_end_offline(tmp_path, monkeypatch):
     skip_cifar_md5(monkeypatch)
     make_cifar(tmp_path / "data")

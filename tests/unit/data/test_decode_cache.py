@@ -150,6 +150,7 @@ def _build_in_child(files, folder, barrier, results):
     results.put((store.built, store.key, store.images.numpy().tobytes()))
 
 
+@pytest.mark.slow
 def test_two_processes_building_the_same_store_make_one(tmp_path):
     files = make_images(tmp_path / "img")
     for i in range(40):  # enough images that the builds would overlap without the lock
@@ -225,6 +226,7 @@ def test_decode_cache_switch_picks_the_loader(tmp_path):
     assert list((tmp_path / "outputs" / "cache" / "decoded").glob("*.u8"))  # under ${cache.dir}/decoded
 
 
+@pytest.mark.slow
 def test_store_backed_xray_runs_replay_teacher_outputs_and_follow_file_changes(tmp_path, caplog):
     root = make_xray_folder(tmp_path / "xray")
     with caplog.at_level(logging.INFO):

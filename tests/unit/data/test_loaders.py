@@ -85,6 +85,7 @@ def xray_cfg(root, *extra):
         ("disk_full", [], "decoding with PIL on the fly instead"),
     ],
 )
+@pytest.mark.slow
 def test_a_kd_run_works_on_every_loader(tmp_path, monkeypatch, caplog, loader, extra, says):
     root = make_xray_folder(tmp_path / "xray")
     if loader == "disk_full":  # the fallback the store's warning promises
@@ -115,6 +116,7 @@ def test_place_asks_the_loader_not_hasattr(tmp_path, caplog):
         ("on_device", ["data.on_device=true"], "held on cpu as one tensor"),
     ],
 )
+@pytest.mark.slow
 def test_the_quickstart_pipeline_runs_on_every_loader(tmp_path, caplog, loader, extra, says):
     """The quickstart's pipeline (ResNet-18 teacher fine-tuned, tiny-CNN student, Hinton KD with replayed teacher
     outputs where the loader allows, the baseline, the evaluation and the report) on an image folder, composed as

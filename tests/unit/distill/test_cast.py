@@ -13,6 +13,7 @@ from distill_runner.errors import ConfigError
 CNN = "distill.teachers.cnn"
 
 
+@pytest.mark.slow
 def test_multi_teacher_reports_every_teacher_under_its_real_architecture(tmp_path):
     overrides = ["distill=multi_teacher", f"{CNN}.epochs=1", "teacher.model.arch=efficientnet_b0",
                  "student.model.channels=[8,16]"]  # fmt: skip
@@ -57,6 +58,7 @@ def test_self_distillation_trains_and_reports_no_teacher(tmp_path, caplog):
     assert not (tmp_path / "run" / "checkpoints" / "teacher.pt").exists()
 
 
+@pytest.mark.slow
 def test_self_distillation_with_a_reference_teacher_on_request(tmp_path, caplog):
     with caplog.at_level("INFO"):
         results = runner.run(compose_config(TINY + ["distill=self", "reference_teacher=true"]), tmp_path / "run")

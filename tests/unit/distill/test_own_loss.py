@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from conftest import TINY
 
 MY_LOSS = '''
@@ -38,6 +39,7 @@ schedule:
 """
 
 
+@pytest.mark.slow
 def test_a_term_from_the_users_module_and_a_recipe_from_their_config_dir(tmp_path):
     (tmp_path / "my_losses.py").write_text(MY_LOSS)
     (tmp_path / "my_conf" / "distill").mkdir(parents=True)

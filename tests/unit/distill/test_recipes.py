@@ -322,6 +322,7 @@ def _fast(teacher_path):
     return TINY + ["dataset.eval_batch_size=16", "teacher.epochs=0", f"teacher.checkpoint={teacher_path}"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_runs_one_epoch_end_to_end(recipe, random_teacher, tmp_path):
     extra = ["distill.teachers.cnn.epochs=1"] if recipe == "multi_teacher" else []

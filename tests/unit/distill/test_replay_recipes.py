@@ -56,6 +56,7 @@ def teacher_and_data():
     return data, teacher
 
 
+@pytest.mark.slow
 def test_only_recipes_without_a_teacher_stay_online_and_the_feature_list_is_right(teacher_and_data):
     data, _ = teacher_and_data
     for name in sorted(p.stem for p in (CONF / "distill").glob("*.yaml")):
@@ -65,6 +66,7 @@ def test_only_recipes_without_a_teacher_stay_online_and_the_feature_list_is_righ
         assert bool(recipe.teacher_layers) == (name in FEATURE_RECIPES) == bool(recipe.summary_spec()), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,dtype,tolerance", CASES, ids=[f"{n}-{str(d)[6:]}" for n, d, _ in CASES])
 def test_replayed_teacher_outputs_equal_online_per_batch(name, dtype, tolerance, teacher_and_data):
     data, teacher = teacher_and_data

@@ -74,6 +74,7 @@ def test_distill_export_on_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert err.startswith("distill-export: error: RUN_DIR=") and "no .hydra/config.yaml" in err and "\n" not in err
 
 
+@pytest.mark.slow
 def test_run_with_export_then_distill_export(tmp_path, capsys):
     """One tiny `distill-run export=onnx`, then `distill-export RUN_DIR --model baseline` on its folder."""
     pytest.importorskip("onnxruntime")
@@ -123,6 +124,7 @@ def test_run_with_export_then_distill_export(tmp_path, capsys):
     assert "student (scratch) was exported" in (run_dir / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_distill_export_checks_the_checkpoint_and_metrics_before_writing_anything(fast, tmp_path, capsys):
     run = tmp_path / "run"
     cfg = compose_config(fast)

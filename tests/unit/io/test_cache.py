@@ -40,6 +40,7 @@ def setup():
     return data, teacher
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
 def test_cached_kd_losses_match_online_per_batch(setup, dtype, tolerance):
     data, teacher = setup
@@ -90,6 +91,7 @@ def test_cached_and_online_training_give_the_same_student(setup):
         assert torch.allclose(students[0][key].float(), students[1][key].float(), atol=1e-5), key
 
 
+@pytest.mark.slow
 def test_run_reuses_teacher_and_outputs_and_reports_it(tmp_path, caplog, monkeypatch):
     # every timing is a new value (ms = call number), so a borrowed one shows
     calls = []
@@ -150,6 +152,7 @@ def test_run_reuses_teacher_and_outputs_and_reports_it(tmp_path, caplog, monkeyp
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_cached_mode_equals_online_mode_end_to_end(tmp_path):
     base = TINY + ["trainer.epochs=2", "cache.teacher_outputs_dtype=float32"]
     online = runner.run(
@@ -164,6 +167,7 @@ def test_cached_mode_equals_online_mode_end_to_end(tmp_path):
     assert online.models["student"].test_acc == cached.models["student"].test_acc
 
 
+@pytest.mark.slow
 def test_teacher_change_or_no_cache_trains_again(tmp_path, caplog):
     cache = f"cache.dir={tmp_path / 'cache'}"
     with caplog.at_level("INFO"):
@@ -174,12 +178,14 @@ def test_teacher_change_or_no_cache_trains_again(tmp_path, caplog):
     assert caplog.text.count("stage teacher:") == 3
 
 
+@pytest.mark.slow
 def test_output_cap_falls_back_to_online(tmp_path, caplog):
     with caplog.at_level("INFO"):
         runner.run(compose_config(TINY + ["cache.max_teacher_outputs_mb=0"]), tmp_path / "run")
     assert "teacher outputs: online" in caplog.text and "cache.max_teacher_outputs_mb=0" in caplog.text
 
 
+@pytest.mark.slow
 def test_corrupt_cache_entry_is_rebuilt(tmp_path, caplog):
     cache = f"cache.dir={tmp_path / 'cache'}"
     runner.run(compose_config(TINY + [cache]), tmp_path / "a")
@@ -200,6 +206,7 @@ def _distill_run(*args, cwd):
     )
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_teacher(tmp_path):
     procs = [_distill_run(*TINY, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path) for name in ("a", "b")]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
@@ -212,6 +219,7 @@ def test_two_processes_train_one_teacher(tmp_path):
     assert not list((tmp_path / "outputs" / "cache").rglob("*.tmp*"))
 
 
+@pytest.mark.slow
 def test_multirun_trains_the_teacher_once_and_writes_the_summary(tmp_path):
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
@@ -253,12 +261,14 @@ def test_multirun_trains_the_teacher_once_and_writes_the_summary(tmp_path):
     assert "Best setting, chosen on the KD student's validation accuracy" in rebuilt.stdout
 
 
+@pytest.mark.slow
 def test_without_augmentation_one_view_serves_every_epoch(tmp_path, caplog):
     with caplog.at_level("INFO"):
         runner.run(compose_config(TINY + ["dataset.crop_padding=0", "trainer.epochs=3"]), tmp_path / "run")
     assert "cached, 1 augmented views" in caplog.text
 
 
+@pytest.mark.slow
 def test_feature_recipes_replay_too_and_a_logit_entry_never_serves_them(tmp_path, caplog):
     cache = f"cache.dir={tmp_path / 'cache'}"
     with caplog.at_level("INFO"):
@@ -301,6 +311,7 @@ def test_the_store_size_is_estimated_before_it_is_built(dtype):
     )
 
 
+@pytest.mark.slow
 def test_above_the_cap_a_feature_recipe_says_so_and_runs_online(tmp_path, caplog):
     cache, cap = f"cache.dir={tmp_path / 'cache'}", "cache.max_teacher_outputs_mb=0.5"
     with caplog.at_level("INFO"):  # 48 images x (10 + 128x8x8 + 256x4x4) values as float16 = 1.1 MB

@@ -37,6 +37,7 @@ def compose_search(overrides):
         return compose(config_name="distill_search", overrides=overrides)
 
 
+@pytest.mark.slow
 def test_every_config_key_is_declared_in_the_schema_with_what_it_affects():
     """Every key of every shipped config (each group option, each experiment) is declared in the schema or passed
     through to a factory, and every declared key says what it affects (itself, or the node it lies in)."""
@@ -94,6 +95,7 @@ def every_key(cfg) -> dict:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,changed", CHANGES, ids=[c[0] for c in CHANGES])
 def test_each_key_changes_exactly_the_artefacts_it_is_declared_to_affect(override, changed):
     before, after = every_key(compose_config()), every_key(compose_config([override]))
@@ -149,6 +151,7 @@ def summaries(overrides):
     return build_recipe(cfg, data, build_model(cfg.student, "student", data, cfg.seed)).summary_spec()
 
 
+@pytest.mark.slow
 def test_replayed_outputs_follow_what_is_stored_besides_logits():
     """The recipe is not a cache input (RUN_ONLY), but what its feature terms store is: the layers and how
     each term reduces them. A logit recipe stores none, and keeps the key it had before features were replayed."""

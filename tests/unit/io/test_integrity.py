@@ -53,6 +53,7 @@ def test_flipped_byte_is_a_damaged_file_and_a_file_of_before_loads_with_one_warn
     assert caplog.text.count("has no checksum") == 1
 
 
+@pytest.mark.slow
 def test_damaged_cache_entries_of_every_kind_are_named_and_rebuilt(tmp_path, caplog):
     """Teacher weights, teacher outputs, an evaluation and the baseline, each with one flipped byte."""
     cfg = compose_config(TINY + [f"cache.dir={tmp_path / 'cache'}"])
@@ -76,6 +77,7 @@ def test_damaged_cache_entries_of_every_kind_are_named_and_rebuilt(tmp_path, cap
         assert first.models[role].test_acc == second.models[role].test_acc
 
 
+@pytest.mark.slow
 def test_reused_teacher_is_a_hard_link_to_the_cached_weights(tmp_path):
     cfg = compose_config(TINY + [f"cache.dir={tmp_path / 'cache'}"])
     for name in ("a", "b"):
@@ -172,6 +174,7 @@ def test_damaged_last_checkpoint_without_a_good_previous_one_stops_in_one_line(d
     assert "delete" in message and "to train the stage again from its first epoch" in message
 
 
+@pytest.mark.slow
 def test_damaged_finished_stage_is_trained_again(fast, tmp_path, caplog):
     runner.run(compose_config([*fast, "trainer.epochs=2"]), tmp_path / "run")
     checkpoints = tmp_path / "run" / "checkpoints"
@@ -184,6 +187,7 @@ def test_damaged_finished_stage_is_trained_again(fast, tmp_path, caplog):
     assert storage.verify(tmp_path / "run" / "checkpoints" / "student.pt")
 
 
+@pytest.mark.slow
 def test_run_folder_of_the_previous_version_resumes_with_one_warning(fast, tmp_path, caplog, monkeypatch):
     runner.run(compose_config(fast), tmp_path / "run")
     for checksum in (tmp_path / "run" / "checkpoints").glob("*.sha256"):  # as the previous version left it
@@ -218,6 +222,7 @@ def test_disk_full_mid_write_leaves_no_temp_file_and_gives_one_line(tmp_path, mo
     assert torch.equal(storage.load_verified(path)["w"], torch.zeros(10))  # the previous checkpoint is intact
 
 
+@pytest.mark.slow
 def test_disk_full_during_training_is_one_line_from_the_cli(fast, tmp_path):
     """The same through ``distill-run``: exit code 2, one line, no traceback."""
     script = (
@@ -248,6 +253,7 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+@pytest.mark.slow
 def test_killed_writers_temp_files_are_removed_on_the_next_start(fast, tmp_path):
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

@@ -14,6 +14,7 @@ from distill_runner.errors import ConfigError
 from distill_runner.io.run_folder import OWNER, STARTED, claim, process_start, release
 
 
+@pytest.mark.slow
 def test_resume_into_a_fixed_folder_with_another_config_is_refused_naming_the_keys(fast, tmp_path):
     runner.run(compose_config(fast), tmp_path / "run")
     assert (tmp_path / "run" / STARTED).is_file() and not (tmp_path / "run" / OWNER).exists()
@@ -25,6 +26,7 @@ def test_resume_into_a_fixed_folder_with_another_config_is_refused_naming_the_ke
     assert same.stages["student"].history
 
 
+@pytest.mark.slow
 def test_a_folder_holding_another_run_is_refused_without_resume(fast, tmp_path):
     runner.run(compose_config(fast), tmp_path / "run")
     metrics = (tmp_path / "run" / "metrics.json").read_text()
@@ -33,6 +35,7 @@ def test_a_folder_holding_another_run_is_refused_without_resume(fast, tmp_path):
     assert (tmp_path / "run" / "metrics.json").read_text() == metrics  # nothing of the first run was touched
 
 
+@pytest.mark.slow
 def test_a_folder_a_live_run_writes_into_is_refused_even_when_resuming(fast, tmp_path):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -47,6 +50,7 @@ def test_a_folder_a_live_run_writes_into_is_refused_even_when_resuming(fast, tmp
     runner.run(compose_config([*fast, "trainer.resume=auto"]), tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_never_share_a_folder(fast, tmp_path):
     args = [sys.executable, "-m", "distill_runner", *fast, f"hydra.run.dir={tmp_path / 'run'}"]
     procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -93,6 +97,7 @@ def test_a_dead_runs_pid_reused_by_another_program_does_not_block_its_folder(fas
         other.wait()
 
 
+@pytest.mark.slow
 def test_a_run_resumed_from_another_folder_logs_on_in_that_folders_log(fast, tmp_path):
     """Hydra opens the new folder's log before the folder to resume is known: the log moves, no folder stays."""
     first, again = tmp_path / "run", tmp_path / "again"

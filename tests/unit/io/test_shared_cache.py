@@ -134,6 +134,7 @@ def test_group_write_is_refused_unless_the_group_is_the_users_private_one(tmp_pa
         trust.check_cache_folders(_cfg(cache))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not ROOT, reason="chown to another user needs root")
 def test_a_cache_folder_owned_by_another_user_is_one_line_from_the_cli(tmp_path):
     cache = tmp_path / "cache"
@@ -189,6 +190,7 @@ with hold_lock(sys.argv[1]):
 """
 
 
+@pytest.mark.slow
 def test_waiting_on_a_lock_another_run_holds_is_said_with_its_pid(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(trust, "WAIT_NOTICE_S", 0.3)
     cache = Cache(tmp_path / "cache")
@@ -215,6 +217,7 @@ def test_waiting_on_a_lock_another_run_holds_is_said_with_its_pid(tmp_path, monk
     assert line == f"waiting for {lock} held by another run (pid {holder.pid})..."
 
 
+@pytest.mark.slow
 def test_a_run_into_a_shared_cache_with_planted_symlinks_at_its_entries_leaves_the_victims_file(tmp_path):
     """The red-team case end to end: another user links the names a run will write to the victim's file."""
     victim, cache = _victim(tmp_path), tmp_path / "cache"

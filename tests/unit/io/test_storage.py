@@ -15,6 +15,7 @@ from distill_runner.runner import run
 Usage = namedtuple("Usage", "total used free")
 
 
+@pytest.mark.slow
 def test_run_folder_under_a_file_fails_before_hydra_writes_anything(tmp_path):
     (tmp_path / "not_a_folder").write_text("")
     proc = subprocess.run(

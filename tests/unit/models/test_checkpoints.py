@@ -193,6 +193,7 @@ def test_student_checkpoint_starts_both_the_kd_student_and_the_baseline(tmp_path
         assert all(torch.equal(state[k], v) for k, v in role.state_dict().items())
 
 
+@pytest.mark.slow
 def test_checkpoint_contents_key_the_cached_teacher_and_baseline(tmp_path):
     """An edited file (same path) never reuses a stale teacher or baseline; the same bytes elsewhere do."""
     a, copy = tmp_path / "a.pt", tmp_path / "elsewhere" / "a.pt"

@@ -96,6 +96,7 @@ def test_the_zoo_has_every_published_name_in_both_groups():
         assert teacher.benchmark_lr == student.benchmark_lr == (0.01 if name[0] in "MS" else 0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ZOO)
 def test_parameters_and_state_dict_keys_equal_the_reference(name):
     model = build(name)
@@ -113,6 +114,7 @@ def test_parameters_and_state_dict_keys_equal_the_reference(name):
     assert model.architecture == name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ZOO)
 def test_logits_equal_the_reference_code_with_the_same_weights(name):
     """Same keys are not enough for a published checkpoint to work: the forward pass must be the reference's."""
@@ -129,6 +131,7 @@ def test_logits_equal_the_reference_code_with_the_same_weights(name):
                                rtol=1e-4, atol=1e-4)  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(REFERENCE["key_shapes"]))
 def test_a_state_dict_with_the_reference_keys_loads_strictly(name):
     """What loading a published checkpoint needs: every key of the reference model, with its shape."""

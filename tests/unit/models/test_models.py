@@ -145,6 +145,7 @@ def test_the_shipped_mobilenet_v3_config_sets_bn_momentum():
 @pytest.mark.parametrize(
     "arch,size", [("googlenet", 32), ("inception_v3", 75), ("vit_b_16", 32), ("efficientnet_b0", 16)]
 )
+@pytest.mark.slow
 def test_architectures_with_constraints_build_and_run_at_the_data_sets_size(arch, size):
     torch.manual_seed(0)
     model = torchvision_model(arch, num_classes=10, image_size=size)

@@ -49,6 +49,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("group", "name"), MODELS, ids=[f"{g}={n}" for g, n in MODELS])
 def test_shipped_model_learns_digits_in_eval_mode(group, name, one_thread):
     # The students' schedule is trainer.*, a teacher's is teacher.*; epochs set there, as a run would.

@@ -14,6 +14,7 @@ timm = pytest.importorskip("timm")
 from distill_runner.models.timm_models import timm_model  # noqa: E402  (after the skip: it needs timm)
 
 
+@pytest.mark.slow
 def test_a_timm_teacher_with_a_feature_recipe_for_one_epoch(tmp_path):
     # the feature recipe's teacher layers (layer2, layer3) are timm's ResNet module paths as they are
     cfg = compose_config([*TINY, "teacher=timm", "distill=feature", "cache.enabled=false"])

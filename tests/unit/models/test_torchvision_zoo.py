@@ -22,6 +22,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", TESTED)
 def test_torchvision_classifier_trains_and_predicts_at_32px(arch):
     torch.manual_seed(0)

@@ -1,5 +1,6 @@
 """The sweep summary chooses on validation accuracy, reports test beside it, and averages seeds."""
 
+import pytest
 import yaml
 
 from distill_runner.reporting import sweep
@@ -104,6 +105,7 @@ def test_job_folders_are_named_by_the_swept_settings(monkeypatch):
     assert sweep.job_folder(2, job) == "2_T=4,seed=1,alpha=0.1"  # what is shared by every job is left out
 
 
+@pytest.mark.slow
 def test_a_sweeps_tensorboard_runs_are_named_by_their_settings(tmp_path):
     import subprocess
     import sys

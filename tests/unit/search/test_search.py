@@ -95,6 +95,7 @@ def searched(tmp_path_factory, cache_dir):
     return root, root / "s", best, overrides
 
 
+@pytest.mark.slow
 def test_four_trials_one_pruned_pareto_files_and_budget(searched, cache_dir):
     _, folder, best, _ = searched
     rows = list(csv_rows(folder / "trials.csv"))
@@ -155,6 +156,7 @@ def trials(journal: Path, *states: str) -> list:
     return [t for t in study.get_trials() if t.state.name in states]
 
 
+@pytest.mark.slow
 def test_a_killed_search_resumes_from_its_journal(tmp_path, searched, cache_dir):
     folder = tmp_path / "s"  # the searched fixture has the teacher in the cache: no process here trains it
     space = write_space(tmp_path / "conf", "tiny", final=False, enqueue=[])

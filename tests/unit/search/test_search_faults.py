@@ -62,6 +62,7 @@ def make_journal(path: Path, n: int = 3) -> None:
         study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=float(i)))
 
 
+@pytest.mark.slow
 def test_a_damaged_journal_is_never_appended_to_and_the_printed_fix_works(tmp_path):
     """A crash mid-append leaves a partial last line: Optuna would append after it and the study would be
     unreadable for good. It is refused before opening, naming the file, the line and a command that fixes it."""
@@ -83,6 +84,7 @@ def test_a_damaged_journal_is_never_appended_to_and_the_printed_fix_works(tmp_pa
     assert [t.value for t in study.get_trials()] == [0.0, 1.0, 2.0]
 
 
+@pytest.mark.slow
 def test_a_garbage_line_inside_the_journal_is_cut_by_repair_journal(tmp_path):
     journal = tmp_path / "study.journal"
     make_journal(journal)
@@ -136,6 +138,7 @@ def retried_once(journal: Path, total: int) -> None:
         assert retry.params == lost.params
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_trial_does_not_hang_the_search(tmp_path, cache_dir):
     # 6 trials of 3 epochs: the main process alone needs longer than the worker takes to start one
     slow = ("search.trials=6", "search.trial_epochs=3")
@@ -149,6 +152,7 @@ def test_a_worker_killed_mid_trial_does_not_hang_the_search(tmp_path, cache_dir)
     assert "1 of 1 worker processes failed" in (tmp_path / "s" / "distill-search.log").read_text()
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_distill_search_says_how_to_continue_and_retries_the_trial(tmp_path, cache_dir):
     process, journal, _ = start_search(tmp_path, cache_dir, "search.workers=2")
     interrupted = training(journal, process)
@@ -173,6 +177,7 @@ def test_ctrl_c_in_distill_search_says_how_to_continue_and_retries_the_trial(tmp
         ("search.storage=sqlite:////no-such-folder/s.db", "distill-search: error: search.storage='sqlite:////no-such"),
     ],
 )
+@pytest.mark.slow
 def test_distill_search_errors_carry_its_own_name(tmp_path, override, start):
     args = [override] if override.startswith("hydra.") else [override, f"hydra.run.dir={tmp_path / 's'}"]
     proc = subprocess.run([sys.executable, "-m", "distill_runner.search", *args], cwd=tmp_path, capture_output=True,

@@ -35,6 +35,7 @@ def launch(args, cwd, processes):
     )
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_give_one_set_of_outputs_and_the_accuracy_of_one_process(tmp_path):
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
@@ -60,6 +61,7 @@ def test_two_gloo_processes_give_one_set_of_outputs_and_the_accuracy_of_one_proc
     assert "rank 0 of 2, backend gloo" in log and "teacher outputs: cached" in log
 
 
+@pytest.mark.slow
 def test_sweeps_are_refused_under_torchrun(tmp_path):
     proc = launch(["-m", "distill.temperature=1,4"], tmp_path, 2)
     assert proc.returncode != 0 and "cannot run under torchrun" in proc.stderr

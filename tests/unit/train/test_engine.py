@@ -272,6 +272,7 @@ def test_digits_split_is_stratified_seeded_and_disjoint():
 @pytest.mark.parametrize(
     "speed", [engine.Speed(channels_last=True), engine.Speed(compile=True)], ids=["channels_last", "compile"]
 )
+@pytest.mark.slow
 def test_speed_options_train_the_same_model(small_digits, speed):
     plain = engine.fit(
         _stage(small_digits, epochs=2),

@@ -26,6 +26,7 @@ def start(*args, cwd):
     )
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     killed = tmp_path / "killed"
     proc = start(*RUN, f"hydra.run.dir={killed}", cwd=tmp_path)
@@ -79,6 +80,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa)
 
 
+@pytest.mark.slow
 def test_resume_with_another_config_is_refused(tmp_path):
     run = tmp_path / "run"
     assert (
@@ -104,6 +106,7 @@ def test_resume_with_another_config_is_refused(tmp_path):
     assert proc.returncode != 0 and "trainer.resume" in proc.stderr and "(distill.alpha 0.5 -> 0.9)" in proc.stderr
 
 
+@pytest.mark.slow
 def test_resume_true_without_an_unfinished_run_says_how(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "distill_runner", *TINY, "trainer.resume=true"],
@@ -114,6 +117,7 @@ def test_resume_true_without_an_unfinished_run_says_how(tmp_path):
     assert proc.returncode != 0 and "trainer.resume=True: no unfinished run" in proc.stderr
 
 
+@pytest.mark.slow
 def test_resume_auto_starts_fresh_then_continues_the_same_folder(tmp_path):
     """What a requeued Slurm job does: the same command, the same fixed run folder."""
     cmd = [sys.executable, "-m", "distill_runner", *TINY, "trainer.resume=auto", f"hydra.run.dir={tmp_path / 'run'}"]
@@ -127,6 +131,7 @@ def test_resume_auto_starts_fresh_then_continues_the_same_folder(tmp_path):
     assert "resuming the run in" in text and "stage student: finished before" in text and "reusing baseline" in text
 
 
+@pytest.mark.slow
 def test_a_finished_run_keeps_final_and_best_weights_drops_resumable_states_and_still_resumes(fast, tmp_path, caplog):
     run = tmp_path / "run"
     first = runner.run(compose_config(fast), run)
