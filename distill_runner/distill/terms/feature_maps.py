@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill_runner.distill.terms.features import _LayerPairs
+from distill_runner.distill.terms.features import LayerPairs
 from distill_runner.errors import ConfigError
 from distill_runner.models.features import Adapter, feature_shapes
 
@@ -121,14 +121,14 @@ def ickd_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (gram(s.float()) - gram(t.float())).pow(2).sum() / (c * b)
 
 
-class NST(_LayerPairs):
+class NST(LayerPairs):
     """NST (Huang & Wang, 2017): ``sum_i w_i * nst_loss(s_i, t_i)``; channels and sizes may differ."""
 
     def forward(self, batch, student, teacher, state):
         return sum(w * nst_loss(student["features"][s], teacher["features"][t]) for s, t, w in self.pairs)
 
 
-class _Flow(_LayerPairs):
+class _Flow(LayerPairs):
     """Consecutive pairs related to each other: at least two, each with equal student/teacher channels."""
 
     def bind(self, student, teacher, data, key):
@@ -182,7 +182,7 @@ class KDSVD(_Flow):
         return kdsvd_loss(s, t, self.k, self.reshape, [w for _, _, w in self.pairs])
 
 
-class ICKD(_LayerPairs):
+class ICKD(LayerPairs):
     """ICKD (Liu et al., ICCV 2021): per pair, the student map through a 1x1 conv + BatchNorm to the teacher's
     channels (the official ``embed_s``, trained with the student), then ``ickd_loss``; ``sum_i w_i * loss_i``."""
 

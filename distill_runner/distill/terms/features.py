@@ -56,7 +56,7 @@ def parse_pairs(pairs, key: str) -> list[tuple[str, str, float]]:
     return out
 
 
-class _LayerPairs(Term):
+class LayerPairs(Term):
     def __init__(self, pairs):
         super().__init__()
         self._pairs_cfg = pairs
@@ -71,7 +71,7 @@ class _LayerPairs(Term):
         self.teacher_layers = tuple(t for _, t, _ in self.pairs)
 
 
-class FeatureHints(_LayerPairs):
+class FeatureHints(LayerPairs):
     """FitNets hints (Romero et al., ICLR 2015): MSE between teacher maps and adapted student maps.
 
     Per pair: a 1x1 conv + BatchNorm adapter when channels differ (``adapter: always`` to force
@@ -116,7 +116,7 @@ class FeatureHints(_LayerPairs):
         return total / norm
 
 
-class AttentionTransfer(_LayerPairs):
+class AttentionTransfer(LayerPairs):
     """Attention transfer (Zagoruyko & Komodakis, ICLR 2017): ``sum_i w_i * at_loss(s_i, t_i)``.
 
     The student map is resized to the teacher's spatial size when they differ; channels may differ.

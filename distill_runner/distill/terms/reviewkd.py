@@ -22,10 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill_runner.distill.contract import Term
-from distill_runner.distill.terms.features import parse_pairs
+from distill_runner.distill.terms.features import LayerPairs
 from distill_runner.errors import ConfigError
-from distill_runner.models.features import check_layer, feature_shapes
+from distill_runner.models.features import feature_shapes
 
 
 def as_map(x: torch.Tensor) -> torch.Tensor:
@@ -85,26 +84,20 @@ def review(abfs, student_maps, out_sizes) -> list[torch.Tensor]:
     return results
 
 
-class ReviewKD(Term):
+class ReviewKD(LayerPairs):
     """ReviewKD over layer pairs, shallow to deep: ``[features.0:layer2, features.1:layer3, classifier.2:avgpool]``.
     ``max_mid_channel`` 512: the ABFs' middle width is ``min(512, channels of the deepest student layer)``."""
 
     def __init__(self, pairs, max_mid_channel: int = 512):
-        super().__init__()
+        super().__init__(pairs)
         if not isinstance(max_mid_channel, int) or isinstance(max_mid_channel, bool) or max_mid_channel < 1:
             raise ConfigError("max_mid_channel", max_mid_channel, "use a whole number >= 1 (the official 512)")
-        self._pairs_cfg, self.max_mid_channel = pairs, max_mid_channel
-        self.pairs: list[tuple[str, str, float]] = []
+        self.max_mid_channel = max_mid_channel
         self.out_sizes: list[tuple[int, int]] = []
         self.abfs = nn.ModuleList()
 
     def bind(self, student, teacher, data, key):
-        self.pairs = parse_pairs(self._pairs_cfg, f"{key}.pairs")
-        for i, (s, t, _) in enumerate(self.pairs):
-            check_layer(student, s, f"{key}.pairs.{i}.student", "student")
-            check_layer(teacher, t, f"{key}.pairs.{i}.teacher", "teacher")
-        self.student_layers = tuple(s for s, _, _ in self.pairs)
-        self.teacher_layers = tuple(t for _, t, _ in self.pairs)
+        super().bind(student, teacher, data, key)  # the pairs, checked against both models
         s_shapes = feature_shapes(student, self.student_layers, data.in_channels, data.image_size)
         t_shapes = feature_shapes(teacher, self.teacher_layers, data.in_channels, data.image_size)
         as_chw = lambda shape: tuple(shape) + (1, 1) if len(shape) == 1 else tuple(shape)

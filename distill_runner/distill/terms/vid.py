@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill_runner.distill.contract import Term
-from distill_runner.distill.terms.features import parse_pairs
+from distill_runner.distill.terms.features import LayerPairs
 from distill_runner.errors import ConfigError
-from distill_runner.models.features import check_layer, feature_shapes
+from distill_runner.models.features import feature_shapes
 
 
 def match_sizes(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,27 +61,21 @@ class VIDRegressor(nn.Module):
         return vid_nll(self.regressor(x), y, self.log_scale, self.eps)
 
 
-class VID(Term):
+class VID(LayerPairs):
     """VID over layer pairs ``[{student: features.0, teacher: layer2, weight: 1.0}, ...]`` (4-D maps):
     ``sum_i w_i * vid_i`` (RepDistiller sums the pairs). ``init_pred_var`` 5.0 and ``eps`` 1e-5: the official."""
 
     def __init__(self, pairs, init_pred_var: float = 5.0, eps: float = 1e-5):
-        super().__init__()
+        super().__init__(pairs)
         if not isinstance(init_pred_var, (int, float)) or not init_pred_var > eps:
             raise ConfigError("init_pred_var", init_pred_var, "use an initial variance > eps (the official 5.0)")
         if not isinstance(eps, (int, float)) or not eps > 0:
             raise ConfigError("eps", eps, "use a small number > 0 (the official 1e-5)")
-        self._pairs_cfg, self.init_pred_var, self.eps = pairs, float(init_pred_var), float(eps)
-        self.pairs: list[tuple[str, str, float]] = []
+        self.init_pred_var, self.eps = float(init_pred_var), float(eps)
         self.regressors = nn.ModuleList()
 
     def bind(self, student, teacher, data, key):
-        self.pairs = parse_pairs(self._pairs_cfg, f"{key}.pairs")
-        for i, (s, t, _) in enumerate(self.pairs):
-            check_layer(student, s, f"{key}.pairs.{i}.student", "student")
-            check_layer(teacher, t, f"{key}.pairs.{i}.teacher", "teacher")
-        self.student_layers = tuple(s for s, _, _ in self.pairs)
-        self.teacher_layers = tuple(t for _, t, _ in self.pairs)
+        super().bind(student, teacher, data, key)  # the pairs, checked against both models
         s_shapes = feature_shapes(student, self.student_layers, data.in_channels, data.image_size)
         t_shapes = feature_shapes(teacher, self.teacher_layers, data.in_channels, data.image_size)
         for i, (s, t, _) in enumerate(self.pairs):
