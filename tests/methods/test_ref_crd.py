@@ -4,9 +4,10 @@ tests/reference/crd.json by the official code; and the sampler, as the official 
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import reference_cases
 
-from distill_runner.distill.terms.crd import CRD, crd_loss, l2_normalize
+from distill_runner.distill.terms.crd import CRD, contrast_scores, crd_loss, l2_normalize
 from distill_runner.errors import ConfigError
 
 CASES = reference_cases("crd")
@@ -78,3 +79,19 @@ def test_bad_settings_name_the_key(key, value):
     with pytest.raises(ConfigError) as err:
         CRD("s", "t", **{key: value})
     assert err.value.key == key
+
+
+def test_scoring_every_bank_row_equals_gathering_the_contrasts():
+    """With no more images than contrasts the scores come from one product with the whole bank; they equal the
+    official gather of B x (K+1) rows (the path the reference values above check), value and gradient."""
+    torch.manual_seed(0)
+    bank = F.normalize(torch.randn(20, 8), dim=1)
+    index = torch.randint(0, 20, (4, 33))  # K+1 = 33 >= N = 20
+    anchor = F.normalize(torch.randn(4, 8), dim=1).requires_grad_(True)
+    scores = contrast_scores(bank, anchor, index, 0.07)
+    (grad,) = torch.autograd.grad(scores.sum(), anchor)
+    rows = bank[index]
+    expected = torch.exp(torch.einsum("bkd,bd->bk", rows, anchor) / 0.07)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), anchor)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)

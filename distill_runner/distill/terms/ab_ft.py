@@ -208,6 +208,8 @@ class FactorTransfer(_Prepared):
         reconstruct = lambda batch, teacher: F.mse_loss(
             self.decoder(self.encoder(teacher["features"][t])), teacher["features"][t]
         )
+        for p in paraphraser:  # trainable again when prepared a second time (a new stage with this recipe)
+            p.requires_grad_(True)
         losses = self._train(paraphraser, batches, reconstruct) if self.prepare_epochs else []
         for p in paraphraser:  # frozen: no gradient, so the student's optimizer leaves it as it is
             p.requires_grad_(False)

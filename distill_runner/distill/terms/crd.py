@@ -38,9 +38,17 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def contrast_scores(bank: torch.Tensor, anchor: torch.Tensor, contrast_index: torch.Tensor, nce_t: float):
-    """``exp(<bank[contrast_index], anchor> / T)``, [B, K+1]: column 0 the positive, the rest negatives."""
-    rows = bank.index_select(0, contrast_index.reshape(-1)).detach().view(*contrast_index.shape, -1)
-    return torch.exp(torch.bmm(rows, anchor.unsqueeze(2)).squeeze(2) / nce_t)
+    """``exp(<bank[contrast_index], anchor> / T)``, [B, K+1]: column 0 the positive, the rest negatives.
+
+    With no more images than contrasts (K+1 >= N, as 16,384 negatives over a small data set) every bank row is
+    scored once and the scores picked by index: the same dot products without gathering B x (K+1) rows."""
+    bank = bank.detach()
+    if bank.shape[0] <= contrast_index.shape[1]:
+        scores = (anchor @ bank.clone().T).gather(1, contrast_index)  # a copy: the bank moves after this step
+    else:
+        rows = bank.index_select(0, contrast_index.reshape(-1)).view(*contrast_index.shape, -1)
+        scores = torch.bmm(rows, anchor.unsqueeze(2)).squeeze(2)
+    return torch.exp(scores / nce_t)
 
 
 def nce_loss(p: torch.Tensor, n_data: int) -> torch.Tensor:
