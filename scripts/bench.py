@@ -76,14 +76,16 @@ def synthetic(image_size: int, n: int, batch_size: int, num_classes: int) -> Ten
     )
 
 
-def epoch_seconds(model_init: torch.nn.Module, recipe, teacher, train, device, precision, repeats: int) -> float:
-    """Median wall time of one training epoch over ``repeats`` epochs (after one warm-up epoch)."""
+def epoch_seconds(
+    model_init: torch.nn.Module, recipe, teacher, train, device, precision, repeats: int, optimizer=None
+) -> float:
+    """Median wall time of one training epoch over ``repeats`` epochs (after one warm-up epoch); AdamW at 1e-3
+    unless ``optimizer`` (params -> optimizer) is given."""
     times = []
+    optimizer = optimizer or partial(torch.optim.AdamW, lr=1e-3)
     for i in range(repeats + 1):
         model = copy.deepcopy(model_init)
-        stage = engine.Stage(
-            "bench", model, recipe, 1, partial(torch.optim.AdamW, lr=1e-3), partial(engine.constant_lr), teacher=teacher
-        )
+        stage = engine.Stage("bench", model, recipe, 1, optimizer, partial(engine.constant_lr), teacher=teacher)
         start = time.perf_counter()
         engine.fit(stage, train, [], device, precision, progress=False)
         if device.type == "cuda":

@@ -35,16 +35,29 @@ def test_kd_and_feature_sections(fp32):
     assert feature["feature"]["replayed_over_ce"] > 0 and feature["attention"]["online_over_ce"] > 0
 
 
+@pytest.mark.slow
 def test_recipes_section_times_feature_recipes_with_their_quickstart_overrides(fp32):
-    """kd reads no teacher features: left out. fsp binds only with the student its YAML names (tiny_cnn[64,128]:
-    without it, a channel mismatch before training), so its row proves the overrides applied; two students, two
-    CE timings."""
+    """fsp binds only with the student its YAML names (tiny_cnn[64,128]: without it, a channel mismatch before
+    training), so its row proves the overrides applied; two students, two CE timings. A named logit recipe (kd) is
+    timed too; CRLD replays its strong view; AB's stage before training is timed once, apart from the epochs; DOT
+    against SGD."""
     tiny = ["dataset.limit=16", "dataset.batch_size=8"]
-    result = bench_recipes.measure_recipes(["kd", "rkd", "fsp"], tiny, CPU, fp32, repeats=1)
-    assert set(result) == {"rkd", "fsp"}
-    for row in result.values():
-        assert row["images"] == 16 and row["online_over_ce"] > 0 and row["replayed_over_ce"] > 0
+    result = bench_recipes.measure_recipes(["kd", "rkd", "fsp", "crld", "ab", "dot"], tiny, CPU, fp32, repeats=1)
+    assert set(result) == {"kd", "rkd", "fsp", "crld", "ab", "dot"}
+    for name, row in result.items():
+        assert row["images"] == 16
+        if name != "dot":
+            assert row["online_over_ce"] > 0 and row["replayed_over_ce"] > 0
     assert result["fsp"]["ce_images_per_s"] != result["rkd"]["ce_images_per_s"]  # its own, wider student
+    assert result["ab"]["prepare_s"] > 0 and result["rkd"]["prepare_s"] is None
+    assert result["dot"]["dot_over_sgd"] > 0
+
+
+@pytest.mark.slow
+def test_recipes_section_leaves_out_unnamed_logit_recipes(fp32, monkeypatch):
+    monkeypatch.setattr(bench_recipes, "all_recipes", lambda: ["kd", "wsld", "pkt", "crld", "self"])
+    tiny = ["dataset.limit=16", "dataset.batch_size=8"]
+    assert set(bench_recipes.measure_recipes(None, tiny, CPU, fp32, repeats=1)) == {"pkt", "crld"}
 
 
 def test_data_section_runs_and_reports_the_goals(tmp_path, fp32):
