@@ -14,6 +14,7 @@ Every YAML of conf/distill is a recipe here (default: all of them); one this fil
 first comment line and its terms' keys. A recipe's YAML may name the overrides it needs on the quickstart in a
 comment line `# quickstart overrides: ...` (scripts/recipe_confs.py), applied to its runs. --merge keeps the rows
 of recipes an earlier run wrote to <out>/results.json, so a run of a few new recipes prints the whole table.
+--combine DIR ... prints one table from runs made as separate processes (say seeds 0-2 and 3-4, each its --out).
 """
 
 from __future__ import annotations
@@ -216,14 +217,36 @@ def save(out: Path, results: dict[str, list[dict]], earlier: dict[str, list[dict
     return merged
 
 
+def combine(folders: list[Path]) -> dict[str, list[dict]]:
+    """The rows of several runs' results.json per recipe, in the table's order, by seed; a seed twice is an error."""
+    rows: dict[str, list[dict]] = {}
+    for folder in folders:
+        for recipe, found in json.loads((folder / "results.json").read_text()).items():
+            rows.setdefault(recipe, []).extend(found)
+    for recipe, found in rows.items():
+        seeds = [r["seed"] for r in found]
+        if len(set(seeds)) != len(seeds):
+            raise SystemExit(f"{recipe}: seeds {sorted(seeds)} appear in more than one of {[str(f) for f in folders]}")
+        found.sort(key=lambda r: r["seed"])
+    return {r: rows[r] for r in ordered_recipes() if r in rows}
+
+
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--recipes", nargs="+", default=ordered_recipes(), choices=ordered_recipes())
     parser.add_argument("--out", default="outputs/recipes_table")
     parser.add_argument("--merge", action="store_true", help="keep the other recipes' rows of <out>/results.json")
+    parser.add_argument(
+        "--combine", nargs="+", metavar="DIR", help="train nothing: print the table of these runs' results.json "
+        "together (seeds run as separate processes, each with its own --out)"
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
+    if args.combine:
+        results = combine([Path(d) for d in args.combine])
+        print("\n".join(table(results)))
+        return results
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
     results: dict[str, list[dict]] = {r: [] for r in args.recipes}

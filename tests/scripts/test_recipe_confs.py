@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import recipe_confs
 import recipes_table
@@ -63,3 +65,17 @@ def test_runs_get_the_yaml_overrides_and_merge_keeps_earlier_rows(tmp_path, monk
     assert list(results) == ["kd", "attention", "fsp"] and len(results["fsp"]) == 2 and len(results["kd"]) == 1
     assert json.loads((out / "results.json").read_text()) == results
     assert "| `attention` |" in capsys.readouterr().out  # the printed table has the earlier run's rows too
+
+
+def test_combine_prints_one_table_from_runs_of_separate_seeds(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(recipes_table.runner, "run", fake_run(calls))
+    for seeds, out in ((["0", "1"], "a"), (["2"], "b")):
+        recipes_table.main(["--seeds", *seeds, "--recipes", "kd", "pkt", "--out", str(tmp_path / out)])
+    calls.clear()
+    results = recipes_table.main(["--combine", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert not calls  # nothing trained
+    assert [r["seed"] for r in results["pkt"]] == [0, 1, 2] and list(results) == ["kd", "pkt"]
+    assert "| `pkt` |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"seeds \[0, 0, 1, 1\]"):  # a seed in two folders
+        recipes_table.main(["--combine", str(tmp_path / "a"), str(tmp_path / "a")])
