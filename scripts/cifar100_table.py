@@ -9,9 +9,12 @@ A full run trains every teacher with the protocol (240 epochs, once: the runner'
 and pair), or loads RepDistiller's published teachers with --teachers DIR (its layout, as scripts/
 fetch_pretrained_teachers.sh saves them: DIR/<teacher>_vanilla/ckpt_epoch_240.pth, used with teacher.epochs=0).
 The scratch student (the baseline stage) is trained once per student. It needs a GPU (a full run's time is not
-measured yet). Each recipe runs with the papers' settings (recipes in the JSON), the pair's own
-where the papers set one (DKD's beta). Our numbers: best-epoch test accuracy (what the papers report) and, in
-brackets, last-epoch; the published number follows the slash. Extra arguments are Hydra overrides for every run.
+measured yet). Each recipe runs with the papers' settings (recipes in the JSON), the pair's own where the papers
+set one (DKD's and SDD's beta, ReviewKD's weight), and the layers its term reads on the zoo models (the JSON's
+layers and form): SDD each model's final map before pooling with its own classifier, SimKD the last stage's map
+with the teacher's classifier. Our numbers: best-epoch test accuracy (what the papers report) and, in brackets,
+last-epoch; the published number follows the slash, or '-' where none could be read in a named source (the
+JSON's not_yet_sourced says which and why). Extra arguments are Hydra overrides for every run.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 from distill_runner import runner
 from distill_runner.config import compose
 from distill_runner.io.storage import atomic_write_text
+from distill_runner.models.features import INPUT
 
 PUBLISHED = Path(__file__).with_name("cifar100_published.json")
 ZOO_PREFIX = "cifar_"  # the zoo's config options: conf/teacher/cifar_<published name>.yaml
@@ -51,10 +55,13 @@ def teacher_checkpoint(folder: Path | None, teacher: str) -> list[str]:
 
 
 def layer_pairs(spec: dict, teacher: str, student: str, published: dict) -> list[str]:
-    """A feature recipe's layers for this teacher and student (RepDistiller's choice, by module path): ``hint``:
-    the second stage output (FitNets, --hint_layer 2); ``all``: every stage output, zipped (feat[1:-1]); ``last``:
-    the last (feat[-2]); ``pooled``: the pooled vector (feat[-1]); ``all+pooled``: both (ReviewKD). ``form``: the
-    term's keys: ``pairs`` (a list), ``single`` (``student``/``teacher``) or ``layer`` (``student_layer``/...)."""
+    """A feature recipe's layers for this teacher and student (the official codes' choice, by module path):
+    ``hint``: the second stage output (FitNets, --hint_layer 2); ``all``: every stage output, zipped
+    (feat[1:-1]); ``last``: the last (feat[-2]: SP, ICKD, SimKD); ``pooled``: the pooled vector (feat[-1]);
+    ``all+pooled``: both (ReviewKD); ``final``: the map each classifier pools (its pooling's input, SDD).
+    ``form``: the term's keys: ``pairs`` (a list), ``single`` (``student``/``teacher``), ``layer``
+    (``student_layer``/...), ``heads`` (``single`` + both classifiers, ``student_head``/``teacher_head``) or
+    ``teacher_head`` (``single`` + the teacher's classifier)."""
     if "layers" not in spec:
         return []
     stages, pooled = published["stage_outputs"]["models"], published["pooled_outputs"]["models"]
@@ -65,12 +72,17 @@ def layer_pairs(spec: dict, teacher: str, student: str, published: dict) -> list
         "last": [(s[-1], t[-1])],
         "pooled": [(pooled[student], pooled[teacher])],
         "all+pooled": [*zip(s, t), (pooled[student], pooled[teacher])],
+        "final": [(f"{pooled[student]}{INPUT}", f"{pooled[teacher]}{INPUT}")],
     }[spec["layers"]]
-    key = f"distill.terms.{spec['term']}"
-    if spec.get("form", "pairs") == "single":
-        return [f"{key}.student={chosen[0][0]}", f"{key}.teacher={chosen[0][1]}"]
-    if spec.get("form") == "layer":
-        return [f"{key}.student_layer={chosen[0][0]}", f"{key}.teacher_layer={chosen[0][1]}"]
+    key, form = f"distill.terms.{spec['term']}", spec.get("form", "pairs")
+    (s_layer, t_layer), heads = chosen[0], published["classifiers"]["models"]
+    if form == "layer":
+        return [f"{key}.student_layer={s_layer}", f"{key}.teacher_layer={t_layer}"]
+    if form in ("single", "heads", "teacher_head"):  # quoted: a tap's ':' stays in the string
+        single = [f"{key}.student='{s_layer}'", f"{key}.teacher='{t_layer}'"]
+        student_head = [f"{key}.student_head={heads[student]}"] if form == "heads" else []
+        teacher_head = [f"{key}.teacher_head={heads[teacher]}"] if form != "single" else []
+        return [*single, *student_head, *teacher_head]
     items = ", ".join(f"{{student: {a}, teacher: {b}}}" for a, b in chosen)
     return [f"{key}.pairs=[{items}]"]
 
@@ -158,7 +170,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     lines = table(rows, args.recipes, published)
     note = ("Top-1 test accuracy (%), ours: best epoch (last epoch) / published (best epoch; "
             "CRD: Tian et al. ICLR 2020 Tables 1-2, also SP, CC, VID, RKD, PKT, FSP, NST; ICKD: its README; "
-            "DKD: Zhao et al. CVPR 2022 Tables 1-2; see cifar100_published.json)"
+            "DKD: Zhao et al. CVPR 2022 Tables 1-2; ReviewKD, OFD, SimKD, SDD: cifar100_published.json's "
+            "sources; '-': none sourced, its not_yet_sourced says why)"
             + (". SMOKE RUN: a few batches, the numbers mean nothing." if args.smoke else "."))  # fmt: skip
     atomic_write_text(args.out / "results.json", json.dumps(rows, indent=2) + "\n")
     atomic_write_text(args.out / "table.md", "\n".join([*lines, "", note]) + "\n")

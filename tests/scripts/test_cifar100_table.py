@@ -8,7 +8,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from fake_data import make_cifar, skip_cifar_md5
+from omegaconf import OmegaConf
+
+from distill_runner.errors import instantiate
+from distill_runner.models.features import INPUT, feature_shapes
 
 ROOT = Path(__file__).resolve().parents[2]
 PUBLISHED = json.loads((ROOT / "scripts" / "cifar100_published.json").read_text())
@@ -186,3 +191,60 @@ def test_recipes_are_conf_distill_recipes_with_published_columns():
         assert (ROOT / "conf" / "distill" / f"{name}.yaml").is_file(), name
         assert spec.get("column") is None or spec["column"] in columns, name
         assert spec["source"]
+
+
+def test_sdd_and_simkd_read_the_layers_and_classifiers_of_their_official_codes(table, tmp_path, monkeypatch):
+    """SDD: each model's map before its final pooling (the input of avgpool / vgg's pool4) through its own
+    classifier; SimKD: the last stage's map (feat[-2]) of both and the teacher's classifier."""
+    calls = []
+    monkeypatch.setattr(table.runner, "run", fake_run(calls))
+    recipes = ["sdd_kd", "sdd_dkd", "sdd_nkd", "simkd"]
+    table.main(["--recipes", *recipes, "--pairs", "resnet56:resnet20", "vgg13:MobileNetV2", "--out", str(tmp_path)])
+    (kd, dkd, nkd, simkd), (mv2_kd, mv2_dkd, mv2_nkd, mv2_simkd) = calls[:4], calls[4:]
+    sdd = mv2_kd.distill.terms.sdd
+    assert (sdd.student, sdd.student_head, sdd.teacher, sdd.teacher_head) == (
+        "avgpool:input", "classifier", "pool4:input", "classifier")  # fmt: skip
+    assert (kd.distill.terms.sdd.student, kd.distill.terms.sdd.teacher_head) == ("avgpool:input", "fc")
+    assert dkd.distill.beta == 2.0 and nkd.distill.terms.sdd.gamma == 2.0  # SDD's res56_res20.yaml: DKD.BETA 2
+    assert mv2_dkd.distill.beta == 6.0 and mv2_nkd.distill.terms.sdd.gamma == 6.0
+    term = mv2_simkd.distill.terms.simkd
+    assert (term.student, term.teacher, term.teacher_head, term.factor) == ("blocks.6", "relu4", "classifier", 2)
+    assert (simkd.distill.terms.simkd.student, simkd.distill.terms.simkd.teacher) == ("layer3", "layer3")
+    assert mv2_simkd.distill.terms.ce.weight == 0  # -c 0 -d 0 -b 1
+    text = (tmp_path / "table.md").read_text()
+    assert "/ 68.79 | " in text and "/ 70.25 | " in text and "/ 69.50 | " in text  # SDD's README image
+
+
+@pytest.mark.slow
+def test_smoke_runs_sdd_and_simkd_on_a_zoo_pair(table, tmp_path, monkeypatch):
+    skip_cifar_md5(monkeypatch)
+    make_cifar(tmp_path / "data", "cifar100", per_class=1, num_classes=10)
+    rows = table.main(["--smoke", "--recipes", "sdd_kd", "simkd", "--pairs", "resnet56:resnet20",
+                       "--out", str(tmp_path / "out"), f"dataset.root={tmp_path / 'data'}", "dataset.download=false",
+                       "dataset.image_size=8", "eval.cka_samples=8"])  # fmt: skip
+    (row,) = rows
+    for column in ("sdd_kd", "simkd"):
+        ours = row["ours"][column]
+        assert 0 <= ours["last"] <= ours["best"] <= 1 and ours["best_epoch"] == 1
+    assert "| resnet56 -> resnet20 |" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_the_newly_sourced_ofd_number_is_on_its_pair_only():
+    pairs = {(p["teacher"], p["student"]): p["published"] for p in PUBLISHED["pairs"]}
+    assert pairs["resnet32x4", "resnet8x4"]["ofd"] == 74.95  # DKD's figure in mdistiller (.github/dkd.png)
+    assert [p for p, n in pairs.items() if n["ofd"] is not None] == [("resnet32x4", "resnet8x4")]
+
+
+@pytest.mark.slow
+def test_each_models_classifier_takes_the_map_its_pooling_reads():
+    """What SDD reads on every zoo model: the pooling's input, whose channels the named classifier maps to
+    the logits (a wrong name or map would otherwise show only in a full run). Slow: it builds all 15 models."""
+    heads, pooled = PUBLISHED["classifiers"]["models"], PUBLISHED["pooled_outputs"]["models"]
+    assert set(heads) == set(PUBLISHED["stage_outputs"]["models"])
+    for name, head in heads.items():
+        node = OmegaConf.load(ROOT / "conf" / "student" / f"cifar_{name}.yaml").model
+        model = instantiate(node, "model", num_classes=10, in_channels=3, image_size=8)
+        tap = f"{pooled[name]}{INPUT}"
+        channels = feature_shapes(model, [tap], 3, 8)[tap][0]
+        logits = dict(model.named_modules())[head].eval()(torch.zeros(2, channels))
+        assert logits.shape == (2, 10), name
