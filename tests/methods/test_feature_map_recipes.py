@@ -69,7 +69,6 @@ def test_the_stage_before_training_gives_the_same_result_replayed_and_online(nam
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-7)
 
 
-
 def test_ft_prepares_again_with_the_same_recipe(data_and_teacher):
     """The paraphraser is frozen after its stage; a second stage with the recipe trains it again (the bench
     times several), rather than failing on parameters with no gradient."""
@@ -81,6 +80,7 @@ def test_ft_prepares_again_with_the_same_recipe(data_and_teacher):
     recipe.prepare(student, signal, data.train, CPU)
     assert any(not torch.equal(a, b) for a, b in zip(first, recipe.parameters(), strict=True))
     assert not any(p.requires_grad for p in recipe.terms["ft"].encoder.parameters())
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["ofd", "ab", "ft"])

@@ -1,4 +1,4 @@
-"""CAT-KD, class attention transfer based knowledge distillation (Guo, Li, Wang, Zhao, Liu; CVPR 2023).
+"""CAT-KD, class attention transfer based knowledge distillation (Guo, Yan, Li, Lin; CVPR 2023).
 
 Class activation maps: each model's classifier weights applied at every position of its final feature map,
 ``CAM[b, k] = W[k] . f[b, :, h, w]`` (the official ``_test`` models' bias-free 1x1 ``conv_test``; an

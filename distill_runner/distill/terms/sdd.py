@@ -1,4 +1,4 @@
-"""SDD, scale decoupled distillation (Wei, Luo, Wang, Zhang, Liu; CVPR 2024), as a plug-in over KD, DKD and NKD.
+"""SDD, scale decoupled distillation (Wei, Luo, Luo; CVPR 2024), as a plug-in over KD, DKD and NKD.
 
 The final feature map is average-pooled into regions at scales 1, 2 and 4 (1 + 4 + 16 = 21 regions; the
 official ``SPP`` pools to 4x4 first and the coarser scales from that) and each region goes through the

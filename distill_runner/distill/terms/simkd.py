@@ -1,4 +1,4 @@
-"""SimKD, knowledge distillation with the reused teacher classifier (Chen, Mei, Wang, Feng, Chen; CVPR 2022).
+"""SimKD, knowledge distillation with the reused teacher classifier (Chen, Mei, Zhang, Wang, Feng, Chen; CVPR 2022).
 
 The student's final feature map goes through a trainable projector (the official factor-``f`` bottleneck:
 1x1 conv, BN, ReLU, 3x3 conv, BN, ReLU, 1x1 conv, BN, ReLU, from the student's channels to the teacher's) and
