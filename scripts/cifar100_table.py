@@ -4,6 +4,7 @@ chosen recipes under experiment=cifar100_bench, printed beside the published num
     python scripts/cifar100_table.py [--recipes kd dkd] [--pairs resnet32x4:resnet8x4 ...] [--teachers DIR]
                                      [--out outputs/cifar100_table] [override ...]
     python scripts/cifar100_table.py --smoke dataset.root=DIR dataset.download=false   # a few batches per pair
+    python scripts/cifar100_table.py --check --recipes ofd catkd dataset.root=DIR  # bind every run, train nothing
 
 A full run trains every teacher with the protocol (240 epochs, once: the runner's cache reuses it for every recipe
 and pair), or loads RepDistiller's published teachers with --teachers DIR (its layout, as scripts/
@@ -27,9 +28,11 @@ import time
 from pathlib import Path
 
 from distill_runner import runner
+from distill_runner.build import build_data, build_recipe, build_student
 from distill_runner.config import compose
 from distill_runner.io.storage import atomic_write_text
 from distill_runner.models.features import INPUT
+from distill_runner.spec import typed
 
 PUBLISHED = Path(__file__).with_name("cifar100_published.json")
 ZOO_PREFIX = "cifar_"  # the zoo's config options: conf/teacher/cifar_<published name>.yaml
@@ -96,21 +99,34 @@ def stage_accuracy(results, stage: str, model: str) -> dict:
     return {"best": final, "last": final, "best_epoch": None}
 
 
+def run_overrides(pair: dict, recipe: str, published: dict, args) -> list[str] | None:
+    """The overrides of one recipe on one pair: the papers' settings, the pair's layers and own settings, a published
+    teacher, smoke sizes, the command line's; None where the recipe does not apply (FSP, KDSVD: equal channels; OFD,
+    AB: a student with no pre-ReLU stage outputs), said in one line."""
+    teacher, student = pair["teacher"], pair["student"]
+    spec = published["recipes"].get(recipe, {})
+    if spec.get("equal_channels") and "different" in pair["table"]:
+        print(f"{teacher} -> {student} {recipe}: skipped (it pairs maps of equal channels)", flush=True)
+        return None
+    if student in spec.get("skip_students", {}):  # OFD, AB on ShuffleV2: no pre-ReLU tap to read
+        print(f"{teacher} -> {student} {recipe}: skipped ({spec['skip_students'][student]})", flush=True)
+        return None
+    settings = [*spec.get("overrides", []), *layer_pairs(spec, teacher, student, published)]
+    return [
+        f"teacher={ZOO_PREFIX}{teacher}", f"student={ZOO_PREFIX}{student}", f"distill={recipe}",
+        "trainer.progress=false", *settings,
+        *pair["overrides"].get(recipe, []), *teacher_checkpoint(args.teachers, teacher),
+        *(SMOKE if args.smoke else []), *args.overrides,
+    ]  # fmt: skip
+
+
 def run_pair(pair: dict, recipes: list[str], published: dict, args, out: Path) -> dict:
     teacher, student = pair["teacher"], pair["student"]
     row = {"teacher": teacher, "student": student, "ours": {}, "published": pair["published"]}
     for recipe in recipes:
-        spec = published["recipes"].get(recipe, {})
-        if spec.get("equal_channels") and "different" in pair["table"]:  # FSP, KDSVD: channels must match
-            print(f"{teacher} -> {student} {recipe}: skipped (it pairs maps of equal channels)", flush=True)
+        overrides = run_overrides(pair, recipe, published, args)
+        if overrides is None:
             continue
-        settings = [*spec.get("overrides", []), *layer_pairs(spec, teacher, student, published)]
-        overrides = [
-            f"teacher={ZOO_PREFIX}{teacher}", f"student={ZOO_PREFIX}{student}", f"distill={recipe}",
-            "trainer.progress=false", *settings,
-            *pair["overrides"].get(recipe, []), *teacher_checkpoint(args.teachers, teacher),
-            *(SMOKE if args.smoke else []), *args.overrides,
-        ]  # fmt: skip
         start = time.perf_counter()
         cfg = compose(["experiment=cifar100_bench", *overrides])
         results = runner.run(cfg, out / f"{teacher}-{student}" / recipe, overrides)
@@ -120,6 +136,28 @@ def run_pair(pair: dict, recipes: list[str], published: dict, args, out: Path) -
         print(f"{teacher} -> {student} {recipe}: {cell(row['ours'][recipe], None)} "
               f"({time.perf_counter() - start:.0f}s)", flush=True)  # fmt: skip
     return row
+
+
+def check_pair(pair: dict, recipes: list[str], published: dict, args, data_sets: dict) -> list[str]:
+    """Every recipe composed, validated and bound to this pair's (untrained) models, nothing trained: one line per
+    recipe that would fail (a layer missing, a shape that cannot pair, a bad key), before a 240-epoch run meets it."""
+    problems = []
+    for recipe in recipes:
+        overrides = run_overrides(pair, recipe, published, args)
+        if overrides is None:
+            continue
+        where = f"{pair['teacher']} -> {pair['student']} {recipe}"
+        try:
+            spec = typed(compose(["experiment=cifar100_bench", *overrides]))
+            key = repr(spec.dataset)
+            data = data_sets[key] if key in data_sets else data_sets.setdefault(key, build_data(spec))
+            build_recipe(spec, data, build_student(spec.student, data, spec.seed))
+        except Exception as err:  # every pair's problem is reported, not the first alone
+            problems.append(f"{where}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            print(problems[-1], flush=True)
+        else:
+            print(f"{where}: ok", flush=True)
+    return problems
 
 
 def cell(ours: dict | None, paper: float | None) -> str:
@@ -152,6 +190,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--teachers", type=Path, default=None, help="folder of RepDistiller's published teachers")
     parser.add_argument("--out", type=Path, default=Path("outputs/cifar100_table"))
     parser.add_argument("--smoke", action="store_true", help="a few batches per pair (checks the script, not numbers)")
+    parser.add_argument("--check", action="store_true", help="train nothing: compose and bind every recipe on every "
+                        "pair (untrained models) and list what would fail")  # fmt: skip
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     published = json.loads(PUBLISHED.read_text())
@@ -166,6 +206,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         choices = ", ".join(f"{p['teacher']}:{p['student']}" for p in published["pairs"])
         parser.error(f"unknown recipe or pair {', '.join(unknown)}; recipes are conf/distill/*.yaml, pairs: {choices}")
     logging.basicConfig(level=logging.WARNING)
+    if args.check:
+        data_sets: dict = {}
+        problems = [line for pair in pairs for line in check_pair(pair, args.recipes, published, args, data_sets)]
+        print(f"\n{len(problems)} of the runs would fail" + "".join(f"\n  {line}" for line in problems))
+        if problems:
+            raise SystemExit(1)
+        return []
     rows = [run_pair(pair, args.recipes, published, args, args.out) for pair in pairs]
     lines = table(rows, args.recipes, published)
     note = ("Top-1 test accuracy (%), ours: best epoch (last epoch) / published (best epoch; "

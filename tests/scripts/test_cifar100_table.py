@@ -248,3 +248,34 @@ def test_each_models_classifier_takes_the_map_its_pooling_reads():
         channels = feature_shapes(model, [tap], 3, 8)[tap][0]
         logits = dict(model.named_modules())[head].eval()(torch.zeros(2, channels))
         assert logits.shape == (2, 10), name
+
+
+ISSUE_29_30 = ["ofd", "ab", "ft", "catkd", "srd", "crld", "wsld", "sdd_kd", "simkd", "crd", "reviewkd", "ickd"]
+
+
+@pytest.mark.slow
+def test_check_binds_each_recipe_to_a_pairs_models_and_lists_what_would_fail(table, tmp_path, monkeypatch, capsys):
+    """--check trains nothing: every recipe composed, validated and bound on vgg13 -> MobileNetV2 (two families
+    whose layer names share nothing with the quickstart's); a wrong layer is one line naming pair and recipe."""
+    skip_cifar_md5(monkeypatch)
+    make_cifar(tmp_path / "data", "cifar100", per_class=1, num_classes=10)
+    data = [f"dataset.root={tmp_path / 'data'}", "dataset.download=false"]
+    assert table.main([*data, "--check", "--pairs", "vgg13:MobileNetV2", "--recipes", *ISSUE_29_30]) == []
+    assert "0 of the runs would fail" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bad = [*data, "distill.terms.catkd.student=nope"]
+        table.main([*bad, "--check", "--pairs", "vgg13:vgg8", "--recipes", "catkd"])
+    out = capsys.readouterr().out
+    assert "1 of the runs would fail" in out and "vgg13 -> vgg8 catkd: ConfigError:" in out and "nope" in out
+
+
+def test_catkd_gets_its_pairs_settings_and_ofd_skips_a_student_without_pre_relu_taps(table, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(table.runner, "run", fake_run(calls))
+    table.main(["--recipes", "ofd", "catkd", "srd", "--pairs", "resnet56:resnet20", "resnet32x4:ShuffleV2",
+                "--out", str(tmp_path)])  # fmt: skip
+    ofd, catkd, srd, shuffle_catkd, shuffle_srd = calls  # no OFD run on ShuffleV2
+    assert ofd.distill.terms.ofd.pairs == "stages" and shuffle_catkd.student.name == "ShuffleV2"
+    assert (catkd.distill.terms.catkd.weight, catkd.distill.terms.catkd.student) == (0.7, "avgpool:input")
+    assert shuffle_catkd.distill.terms.catkd.weight == 15.0  # no official config for the pair: the recipe's own
+    assert (srd.distill.terms.srd.student, shuffle_srd.distill.terms.srd.student) == ("layer3", "layer3")
