@@ -152,6 +152,60 @@ RECIPES = {
         "Chen et al., CVPR 2021",
         "`terms.reviewkd.weight`, `terms.reviewkd.pairs`, `schedule.reviewkd`",
     ),
+    "ofd": (
+        "overhaul of feature distillation: partial L2 of connected pre-ReLU student maps to the teacher's, clamped "
+        "at its BatchNorm margins",
+        "Heo et al., ICCV 2019",
+        "`terms.ofd.weight`, `terms.ofd.pairs`",
+    ),
+    "ab": (
+        "activation boundaries: 30 epochs initialising the student's layers on the teacher's pre-ReLU signs, then CE",
+        "Heo et al., AAAI 2019",
+        "`terms.ab.prepare_epochs`, `terms.ab.margin`, `terms.ab.weight`, `terms.ab.pairs`",
+    ),
+    "ft": (
+        "factor transfer: a paraphraser trained 30 epochs on the teacher's last map, the student's translator "
+        "matches its factors",
+        "Kim et al., NeurIPS 2018",
+        "`terms.ft.weight`, `terms.ft.k`, `terms.ft.prepare_epochs`, `terms.ft.pairs`",
+    ),
+    "sdd_kd": (
+        "scale decoupled KD: KD on the logits of the final map's 1x1, 2x2 and 4x4 regions",
+        "Wei et al., CVPR 2024",
+        "`terms.sdd.weight`, `terms.sdd.scales`, `terms.sdd.student`, `terms.sdd.teacher`",
+    ),
+    "sdd_dkd": ("SDD over DKD, DKD's warm-up", "Wei et al., CVPR 2024", "as `sdd_kd`, `alpha`, `beta`"),
+    "sdd_nkd": ("SDD over NKD, warm-up", "Wei et al., CVPR 2024", "as `sdd_kd`, `terms.sdd.gamma`"),
+    "catkd": (
+        "class attention transfer: MSE of pooled class activation maps (classifier weights at every position)",
+        "Guo et al., CVPR 2023",
+        "`terms.catkd.weight`, `terms.catkd.resolution`, `terms.catkd.normalize`",
+    ),
+    "simkd": (
+        "SimKD: a projector maps the student's last map to the teacher's, read by the teacher's classifier (both ship)",
+        "Chen et al., CVPR 2022",
+        "`terms.simkd.factor`, `terms.simkd.student`, `terms.simkd.teacher`",
+    ),
+    "crld": (
+        "cross-view consistency: KL within and across a weak and a strong view, gated by the teacher's confidence",
+        "Zhang et al., ACM MM 2024",
+        "`terms.crld.tau_w`, `terms.crld.tau_s`, `terms.crld.wv_weight`, `terms.crld.cv_weight`, `terms.crld.strong`",
+    ),
+    "srd": (
+        "SRD: projected student feature vs the teacher's, batch-normalized, log-sum of 4th powers, + KD at T 1",
+        "Miles & Mikolajczyk, AAAI 2024",
+        "`terms.srd.feature_weight`, `terms.srd.logit_weight`, `terms.srd.exponent`, `terms.srd.projector`",
+    ),
+    "wsld": (
+        "weighted soft labels: KD per sample weighted by the student's and teacher's CE on the label",
+        "Zhou et al., ICLR 2021",
+        "`temperature`, `terms.wsl.weight`",
+    ),
+    "mlkd_strong": (
+        "MLKD with its strong-view branch (two augmentations per batch)",
+        "Jin et al., CVPR 2023",
+        "as `mlkd`, `terms.mlkd.strong_view`, `terms.mlkd.strong`",
+    ),
     "multi_teacher": (
         "KD from the averaged logits of ResNet-18 and a wide CNN teacher",
         "Hinton et al. 2015; You et al., KDD 2017",
