@@ -5,16 +5,14 @@ the KD student's; a wrong layer or a classifier that does not take the pooled fe
 import math
 
 import pytest
-import torch
 from conftest import TINY, compose_config
+from one_epoch import ZOO, one_epoch, teacher_fixture
 
 from distill_runner import runner
-from distill_runner.build import build_data, build_teacher
 from distill_runner.errors import ConfigError
 
 RECIPES = {"sdd_kd": "sdd", "sdd_dkd": "sdd", "sdd_nkd": "sdd", "catkd": "catkd"}
 POOLED = ["student.model.pool_size=1"]  # the tiny CNN's classifier on its globally pooled feature
-ZOO = ["teacher=cifar_resnet20", "student=cifar_resnet8"]
 
 
 def zoo_layers(term: str) -> list[str]:
@@ -22,21 +20,8 @@ def zoo_layers(term: str) -> list[str]:
             (("student", "layer3"), ("teacher", "layer3"), ("student_head", "fc"), ("teacher_head", "fc"))]  # fmt: skip
 
 
-def _saved_teacher(tmp_path_factory, extra):
-    cfg = compose_config(TINY + extra)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(build_teacher(cfg.teacher, "teacher", build_data(cfg), cfg.seed).state_dict(), path)
-    return [*TINY, *extra, "teacher.epochs=0", f"teacher.checkpoint={path}", "cache.enabled=false"]
-
-
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    return _saved_teacher(tmp_path_factory, POOLED)
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return _saved_teacher(tmp_path_factory, ZOO)
+quickstart = teacher_fixture(POOLED)
+zoo = teacher_fixture(ZOO)
 
 
 def _one_epoch(overrides, name, tmp_path, monkeypatch):
@@ -49,10 +34,9 @@ def _one_epoch(overrides, name, tmp_path, monkeypatch):
         return train_student(ctx, built, *args, **kwargs)
 
     monkeypatch.setattr(runner, "train_student", spy)
-    metrics = runner.run(compose_config(overrides + [f"distill={name}"]), tmp_path)
-    history = metrics.stages["student"].history
-    assert seen["head"] and len(history) == 1 and math.isfinite(history[0]["loss/total"]), history
-    assert math.isfinite(history[0][f"loss/{RECIPES[name]}"]) and 0 <= metrics.models["student"].test_acc <= 1
+    _, record = one_epoch(compose_config(overrides + [f"distill={name}"]), tmp_path)
+    assert seen["head"] and math.isfinite(record["loss/total"]), record
+    assert math.isfinite(record[f"loss/{RECIPES[name]}"])
 
 
 @pytest.mark.slow

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import reference_cases
 from omegaconf import OmegaConf
+from relation_reference import STATE, assert_head_term_official, linear
 from torch import nn
 
-from distill_runner.distill.contract import TermState
 from distill_runner.distill.terms.catkd import CATKD, cat_loss, class_activation_maps
 from distill_runner.distill.terms.sdd import _Heads
 from distill_runner.errors import ConfigError
@@ -19,32 +19,13 @@ CASES = reference_cases("catkd")
 CONF = Path(__file__).resolve().parents[2] / "conf" / "distill"
 
 
-def linear(weights: dict) -> nn.Linear:
-    w = torch.tensor(weights["weight"], dtype=torch.float32)
-    head = nn.Linear(w.shape[1], w.shape[0])  # its bias is not part of a CAM
-    with torch.no_grad():
-        head.weight.copy_(w)
-    return head
-
-
-def close(value: torch.Tensor, expected, rtol: float = 1e-5) -> None:
-    e = torch.tensor(expected, dtype=torch.float64)
-    torch.testing.assert_close(value.double(), e, rtol=rtol, atol=rtol * e.abs().max().item())
-
-
 @pytest.mark.parametrize("name", CASES)
 def test_term_matches_the_official_value_and_gradients(name):
     case = CASES[name]
     term = CATKD("s", "t", resolution=case["resolution"], normalize=case["normalize"])
     student_head = linear(case["student_head"])
     term.heads = _Heads(student_head, linear(case["teacher_head"]))  # what bind finds in the models
-    x = torch.tensor(case["student"][0], requires_grad=True)
-    teacher = {"features": {"t": term.teacher_summary("t", torch.tensor(case["teacher"][0]))}}
-    loss = term({}, {"features": {"s": x}}, teacher, TermState(4.0, 0.5, 1.0))
-    loss.backward()
-    close(loss, case["loss"])
-    close(x.grad, case["grad_student"][0])
-    close(student_head.weight.grad, case["grad_student_head_weight"])
+    assert_head_term_official(term, student_head, case, {}, STATE)  # STATE: TermState(4.0, 0.5, 1.0)
 
 
 @pytest.mark.parametrize("name", CASES)

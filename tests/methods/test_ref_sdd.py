@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import reference_cases
 from omegaconf import OmegaConf
-from torch import nn
+from relation_reference import assert_head_term_official, linear
 
 from distill_runner.distill.contract import TermState
 from distill_runner.distill.terms.sdd import SDD, _Heads, multi_scale_logits, sdd_loss
@@ -18,34 +18,14 @@ CASES = reference_cases("sdd")
 CONF = Path(__file__).resolve().parents[2] / "conf" / "distill"
 
 
-def linear(weights: dict) -> nn.Linear:
-    w = torch.tensor(weights["weight"], dtype=torch.float32)
-    head = nn.Linear(w.shape[1], w.shape[0])
-    with torch.no_grad():
-        head.weight.copy_(w)
-        head.bias.copy_(torch.tensor(weights["bias"]))
-    return head
-
-
-def close(value: torch.Tensor, expected, rtol: float = 1e-5) -> None:
-    e = torch.tensor(expected, dtype=torch.float64)
-    torch.testing.assert_close(value.double(), e, rtol=rtol, atol=rtol * e.abs().max().item())
-
-
 @pytest.mark.parametrize("name", CASES)
 def test_term_matches_the_official_value_and_gradients(name):
     case = CASES[name]
     term = SDD("s", "t", base=case["base"], scales=case["scales"], gamma=case["gamma"])
     student_head, teacher_head = linear(case["student_head"]), linear(case["teacher_head"])
     term.heads = _Heads(student_head, teacher_head)  # what bind finds in the models
-    x = torch.tensor(case["student"][0], requires_grad=True)
-    teacher = {"features": {"t": term.teacher_summary("t", torch.tensor(case["teacher"][0]))}}
     state = TermState(case["temperature"], case["alpha"], case["beta"])
-    loss = term({"target": torch.tensor(case["target"])}, {"features": {"s": x}}, teacher, state)
-    loss.backward()
-    close(loss, case["loss"])
-    close(x.grad, case["grad_student"][0])
-    close(student_head.weight.grad, case["grad_student_head_weight"])
+    assert_head_term_official(term, student_head, case, {"target": torch.tensor(case["target"])}, state)
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -5,11 +5,10 @@ a layer that does not exist, or an FSP/KDSVD pair of unequal widths, is one line
 import math
 
 import pytest
-import torch
-from conftest import TINY, compose_config
+from conftest import compose_config
+from one_epoch import ZOO, one_epoch, teacher_fixture
 
 from distill_runner import runner
-from distill_runner.build import build_data, build_teacher
 from distill_runner.errors import ConfigError
 
 EQUAL_WIDTHS = ["student.model.channels=[64,128]"]  # FSP, KDSVD: resnet18's layer1/layer2 widths
@@ -26,31 +25,13 @@ ZOO_LAYERS = {  # resnet20 -> resnet8 (16, 16, 32, 64 channels both): RepDistill
     "kdsvd": [f"distill.terms.kdsvd.pairs={STAGES}"],
     "ickd": ['distill.terms.ickd.pairs=["layer3:layer3"]'],
 }
-ZOO = ["teacher=cifar_resnet20", "student=cifar_resnet8"]
-
-
-def _saved_teacher(tmp_path_factory, extra):
-    cfg = compose_config(TINY + extra)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(build_teacher(cfg.teacher, "teacher", build_data(cfg), cfg.seed).state_dict(), path)
-    return [*TINY, *extra, "teacher.epochs=0", f"teacher.checkpoint={path}", "cache.enabled=false"]
-
-
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    return _saved_teacher(tmp_path_factory, [])
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return _saved_teacher(tmp_path_factory, ZOO)
+quickstart = teacher_fixture([])
+zoo = teacher_fixture(ZOO)
 
 
 def _one_epoch(overrides, name, tmp_path):
-    metrics = runner.run(compose_config(overrides + [f"distill={name}"]), tmp_path)
-    history = metrics.stages["student"].history
-    assert len(history) == 1 and math.isfinite(history[0]["loss/total"]), history
-    assert math.isfinite(history[0][f"loss/{name}"]) and 0 <= metrics.models["student"].test_acc <= 1
+    _, record = one_epoch(compose_config(overrides + [f"distill={name}"]), tmp_path)
+    assert math.isfinite(record["loss/total"]) and math.isfinite(record[f"loss/{name}"]), record
 
 
 @pytest.mark.slow

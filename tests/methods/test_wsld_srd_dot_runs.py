@@ -6,44 +6,27 @@ line before any training."""
 import math
 
 import pytest
-import torch
-from conftest import TINY, compose_config
+from conftest import compose_config
+from one_epoch import ZOO, one_epoch, teacher_fixture
 
 from distill_runner import runner
-from distill_runner.build import build_data, build_teacher
 from distill_runner.errors import ConfigError
 from distill_runner.train.optimizers import DOT
 
 DOT_KD = ["distill=kd", "+trainer/optimizer=dot"]
 RUNS = {"wsld": ["distill=wsld"], "srd": ["distill=srd"], "kd_dot": DOT_KD, "srd_dot": ["distill=srd", DOT_KD[1]]}
-ZOO = ["teacher=cifar_resnet20", "student=cifar_resnet8"]
 ZOO_LAYERS = ["distill.terms.srd.student=layer3", "distill.terms.srd.teacher=layer3"]  # the last stage, pooled
 
 
-def _saved_teacher(tmp_path_factory, extra):
-    cfg = compose_config(TINY + extra)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(build_teacher(cfg.teacher, "teacher", build_data(cfg), cfg.seed).state_dict(), path)
-    return [*TINY, *extra, "teacher.epochs=0", f"teacher.checkpoint={path}", "cache.enabled=false"]
-
-
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    return _saved_teacher(tmp_path_factory, [])
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return _saved_teacher(tmp_path_factory, ZOO)
+quickstart = teacher_fixture([])
+zoo = teacher_fixture(ZOO)
 
 
 def _one_epoch(overrides, tmp_path):
     cfg = compose_config(overrides)
-    metrics = runner.run(cfg, tmp_path)
-    history = metrics.stages["student"].history
-    assert len(history) == 1 and math.isfinite(history[0]["loss/total"]), history
-    assert 0 <= metrics.models["student"].test_acc <= 1
-    return cfg, history[0]
+    _, record = one_epoch(cfg, tmp_path)
+    assert math.isfinite(record["loss/total"]), record
+    return cfg, record
 
 
 @pytest.mark.slow

@@ -322,11 +322,20 @@ def _fast(teacher_path):
     return TINY + ["dataset.eval_batch_size=16", "teacher.epochs=0", f"teacher.checkpoint={teacher_path}"]
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One cache for every recipe's run, as a sweep over recipes shares it: the baseline, the teacher's
+    evaluation and speed, and the logits-only teacher outputs do not depend on the recipe, so they are computed
+    by the first run and reused by the others (each recipe's own student stage still trains)."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_every_recipe_runs_one_epoch_end_to_end(recipe, random_teacher, tmp_path):
+def test_every_recipe_runs_one_epoch_end_to_end(recipe, random_teacher, shared_cache, tmp_path):
     extra = ["distill.teachers.cnn.epochs=1"] if recipe == "multi_teacher" else []
     extra += quickstart_overrides(recipe)  # e.g. FSP's pairs of equal widths, SDD's classifier on the pooled map
+    extra += [f"cache.dir={shared_cache}"]
     metrics = runner.run(compose_config(_fast(random_teacher) + [f"distill={recipe}"] + extra), tmp_path)
     history = metrics.stages["student"].history
     assert (

@@ -8,6 +8,7 @@ from functools import partial
 import pytest
 import torch
 from conftest import TINY, compose_config
+from distill_process import distill_run, start_distill_run
 from PIL import Image
 
 from distill_runner import build as builders
@@ -152,9 +153,19 @@ def test_run_reuses_teacher_and_outputs_and_reports_it(tmp_path, caplog, monkeyp
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.fixture(scope="module")
+def loaded_teacher(tmp_path_factory) -> list[str]:
+    """TINY with a saved untrained teacher used as loaded (the cache on): for the tests of what happens to the
+    teacher's outputs, which do not need the teacher fine-tuned in every run."""
+    cfg = compose_config(TINY)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.save(builders.build_teacher(cfg.teacher, "teacher", build_data(cfg), cfg.seed).state_dict(), path)
+    return [*TINY, "teacher.epochs=0", f"teacher.checkpoint={path}"]
+
+
 @pytest.mark.slow
-def test_cached_mode_equals_online_mode_end_to_end(tmp_path):
-    base = TINY + ["trainer.epochs=2", "cache.teacher_outputs_dtype=float32"]
+def test_cached_mode_equals_online_mode_end_to_end(loaded_teacher, tmp_path):
+    base = loaded_teacher + ["trainer.epochs=2", "cache.teacher_outputs_dtype=float32"]
     online = runner.run(
         compose_config(base + ["distill.teacher_outputs=online", "cache.enabled=false"]), tmp_path / "online"
     )
@@ -179,9 +190,9 @@ def test_teacher_change_or_no_cache_trains_again(tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_output_cap_falls_back_to_online(tmp_path, caplog):
+def test_output_cap_falls_back_to_online(loaded_teacher, tmp_path, caplog):
     with caplog.at_level("INFO"):
-        runner.run(compose_config(TINY + ["cache.max_teacher_outputs_mb=0"]), tmp_path / "run")
+        runner.run(compose_config(loaded_teacher + ["cache.max_teacher_outputs_mb=0"]), tmp_path / "run")
     assert "teacher outputs: online" in caplog.text and "cache.max_teacher_outputs_mb=0" in caplog.text
 
 
@@ -196,19 +207,9 @@ def test_corrupt_cache_entry_is_rebuilt(tmp_path, caplog):
     assert f"cache entry {entry} is damaged" in caplog.text and "fine-tuning teacher" in caplog.text
 
 
-def _distill_run(*args, cwd):
-    return subprocess.Popen(
-        [sys.executable, "-m", "distill_runner", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
 @pytest.mark.slow
 def test_two_processes_train_one_teacher(tmp_path):
-    procs = [_distill_run(*TINY, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path) for name in ("a", "b")]
+    procs = [start_distill_run(*TINY, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path) for name in ("a", "b")]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     text = "\n".join(outputs)
@@ -222,22 +223,8 @@ def test_two_processes_train_one_teacher(tmp_path):
 @pytest.mark.slow
 def test_multirun_trains_the_teacher_once_and_writes_the_summary(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distill_runner",
-            "-m",
-            *TINY,
-            "distill.temperature=1,4",
-            "distill.alpha=0.25,0.75",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    grid = ["distill.temperature=1,4", "distill.alpha=0.25,0.75"]
+    proc = distill_run("-m", *TINY, *grid, f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = "\n".join(p.read_text() for p in sweep.glob("*/*.log"))
     assert logs.count("fine-tuning teacher") == 1 and logs.count("reusing teacher") == 3
@@ -262,21 +249,21 @@ def test_multirun_trains_the_teacher_once_and_writes_the_summary(tmp_path):
 
 
 @pytest.mark.slow
-def test_without_augmentation_one_view_serves_every_epoch(tmp_path, caplog):
+def test_without_augmentation_one_view_serves_every_epoch(loaded_teacher, tmp_path, caplog):
     with caplog.at_level("INFO"):
-        runner.run(compose_config(TINY + ["dataset.crop_padding=0", "trainer.epochs=3"]), tmp_path / "run")
+        runner.run(compose_config(loaded_teacher + ["dataset.crop_padding=0", "trainer.epochs=3"]), tmp_path / "run")
     assert "cached, 1 augmented views" in caplog.text
 
 
 @pytest.mark.slow
-def test_feature_recipes_replay_too_and_a_logit_entry_never_serves_them(tmp_path, caplog):
+def test_feature_recipes_replay_too_and_a_logit_entry_never_serves_them(loaded_teacher, tmp_path, caplog):
     cache = f"cache.dir={tmp_path / 'cache'}"
     with caplog.at_level("INFO"):
-        runner.run(compose_config(TINY + [cache, "distill=dkd"]), tmp_path / "dkd")
+        runner.run(compose_config(loaded_teacher + [cache, "distill=dkd"]), tmp_path / "dkd")
     assert "teacher outputs: cached, 1 augmented views x 48 images x (10 logits) as float16" in caplog.text
     caplog.clear()
     with caplog.at_level("INFO"):  # same teacher, data and views: only what is stored differs
-        runner.run(compose_config(TINY + [cache, "distill=attention"]), tmp_path / "attention")
+        runner.run(compose_config(loaded_teacher + [cache, "distill=attention"]), tmp_path / "attention")
     line = (
         "cached, 1 augmented views x 48 images x (10 logits + attention/layer2 8x8 + attention/layer3 4x4) as float16"
     )
@@ -284,8 +271,8 @@ def test_feature_recipes_replay_too_and_a_logit_entry_never_serves_them(tmp_path
     assert len(list((tmp_path / "cache" / "teacher_outputs").glob("*.pt"))) == 2
     caplog.clear()
     with caplog.at_level("INFO"):  # stored: no teacher pass to estimate it, its file's size is checked instead
-        runner.run(compose_config(TINY + [cache, "distill=attention"]), tmp_path / "again")
-        runner.run(compose_config(TINY + [cache, "distill=attention", "cache.max_teacher_outputs_mb=0.001"]),
+        runner.run(compose_config(loaded_teacher + [cache, "distill=attention"]), tmp_path / "again")
+        runner.run(compose_config(loaded_teacher + [cache, "distill=attention", "cache.max_teacher_outputs_mb=0.001"]),
                    tmp_path / "limited")  # fmt: skip
     assert f"{line} = 0.01 MB (its stored file's size checked against the limit), reused from" in caplog.text
     assert "teacher outputs: online (they would take 0.01 MB > cache.max_teacher_outputs_mb=0.001" in caplog.text
@@ -312,10 +299,10 @@ def test_the_store_size_is_estimated_before_it_is_built(dtype):
 
 
 @pytest.mark.slow
-def test_above_the_cap_a_feature_recipe_says_so_and_runs_online(tmp_path, caplog):
+def test_above_the_cap_a_feature_recipe_says_so_and_runs_online(loaded_teacher, tmp_path, caplog):
     cache, cap = f"cache.dir={tmp_path / 'cache'}", "cache.max_teacher_outputs_mb=0.5"
     with caplog.at_level("INFO"):  # 48 images x (10 + 128x8x8 + 256x4x4) values as float16 = 1.1 MB
-        feature = runner.run(compose_config(TINY + [cache, cap, "distill=feature"]), tmp_path / "feature")
+        feature = runner.run(compose_config(loaded_teacher + [cache, cap, "distill=feature"]), tmp_path / "feature")
     why = (
         "teacher outputs: online (they would take 1.13 MB > cache.max_teacher_outputs_mb=0.5; raise it to replay them)"
     )
@@ -323,5 +310,5 @@ def test_above_the_cap_a_feature_recipe_says_so_and_runs_online(tmp_path, caplog
     assert feature.stages["student"].history[-1]["loss/feature"] > 0
     caplog.clear()
     with caplog.at_level("INFO"):  # the same cap holds a logit recipe's 1 KB
-        runner.run(compose_config(TINY + [cache, cap, "distill=kd"]), tmp_path / "kd")
+        runner.run(compose_config(loaded_teacher + [cache, cap, "distill=kd"]), tmp_path / "kd")
     assert "teacher outputs: cached" in caplog.text

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from hydra import compose, initialize_config_module
+from search_setup import SMALL, write_search
+from search_setup import SPACE as SMALL_SPACE
 
 optuna = pytest.importorskip("optuna", minversion="4")
 
@@ -21,23 +22,9 @@ from distill_runner.config import validate  # noqa: E402
 from distill_runner.errors import ConfigError  # noqa: E402
 from distill_runner.search import driver  # noqa: E402
 
-# Seconds-long trials: 16 px digits, 200 images, 1 epoch, a 1-epoch teacher; latency timed briefly.
-SMALL = [
-    "dataset.image_size=16",
-    "dataset.limit=400",
-    "dataset.batch_size=8",
-    "dataset.eval_batch_size=64",
-    "teacher=wide_cnn",  # a small teacher, trained for 1 epoch
-    "teacher.epochs=1",
-    "trainer.epochs=1",
-    "trainer.progress=false",
-    "eval.latency_budget_s=0.02",
-    "eval.throughput_budget_s=0.05",
-]
 PARAMS_BUDGET = 60_000  # tiny_cnn [4, 8] and [8, 16] are within it, [16, 32] (~104k) is not
 SPACE = {
-    "trials": 4,
-    "trial_epochs": None,
+    **SMALL_SPACE,
     "objective": "latency_ms",
     "budget": {"latency_ms": None, "params": PARAMS_BUDGET, "macs": None},
     "space": {
@@ -48,24 +35,14 @@ SPACE = {
     # A learning rate that cannot learn in one epoch (outside the searched range: Optuna warns and runs it): at
     # chance, under the pruner's threshold, so pruned; the searched rates all pass it.
     "enqueue": [{"student.model.channels": [8, 16], "trainer.optimizer.lr": 1.0e-6}],
-    "sampler": {"_target_": "optuna.samplers.RandomSampler", "seed": 0},
     "pruner": {"_target_": "optuna.pruners.ThresholdPruner", "lower": 0.2},
-    "storage": None,
-    "study_name": "distill-search",
-    "workers": 1,
-    "role": "main",
-    "worker": 0,
     "final": True,
-    "int8": False,
-    "int8_calibration_images": 32,
 }
 
 
 def write_space(conf_dir: Path, name: str, **changes) -> str:
     """A search config of the user's own (conf_dir/search/<name>.yaml), found through hydra.searchpath."""
-    (conf_dir / "search").mkdir(parents=True, exist_ok=True)
-    (conf_dir / "search" / f"{name}.yaml").write_text(yaml.safe_dump({**SPACE, **changes}))
-    return f"hydra.searchpath=[file://{conf_dir}]"
+    return write_search(conf_dir, name, {**SPACE, **changes})
 
 
 def run_search(folder: Path, overrides: list[str]):

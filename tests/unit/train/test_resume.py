@@ -3,12 +3,12 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from conftest import TINY, compose_config
+from distill_process import distill_run, start_distill_run
 
 from distill_runner import runner
 from distill_runner.reporting.results import RunResults
@@ -16,20 +16,12 @@ from distill_runner.reporting.results import RunResults
 RUN = TINY + ["trainer.epochs=12", "cache.enabled=false", "distill.teacher_outputs=online"]
 
 
-def start(*args, cwd):
-    return subprocess.Popen(
-        [sys.executable, "-m", "distill_runner", *args],
-        cwd=cwd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     killed = tmp_path / "killed"
-    proc = start(*RUN, f"hydra.run.dir={killed}", cwd=tmp_path)
+    proc = start_distill_run(
+        *RUN, f"hydra.run.dir={killed}", cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     last = killed / "checkpoints" / "student_last.pt"
     deadline = time.time() + 300
     while not last.exists() and proc.poll() is None and time.time() < deadline:
@@ -40,20 +32,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     epoch = torch.load(last, weights_only=True)["epoch"]
     assert 1 <= epoch < 12
 
-    resumed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distill_runner",
-            *RUN,
-            f"trainer.resume={killed}",
-            f"hydra.run.dir={tmp_path / 'again'}",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    resumed = distill_run(*RUN, f"trainer.resume={killed}", f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = (killed / "distill-run.log").read_text()  # one log: the resumed run's goes on in the killed run's
     assert not (tmp_path / "again").exists()
@@ -61,13 +40,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     kept = sorted(p.name for p in (killed / "checkpoints").glob("*.pt"))  # final and best weights, no _last
     assert kept == ["baseline.pt", "baseline_best.pt", "student.pt", "student_best.pt", "teacher.pt", "teacher_best.pt"]
 
-    whole = subprocess.run(
-        [sys.executable, "-m", "distill_runner", *RUN, f"hydra.run.dir={tmp_path / 'whole'}"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    whole = distill_run(*RUN, f"hydra.run.dir={tmp_path / 'whole'}", cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
     a, b = (RunResults.load(d / "metrics.json") for d in (killed, tmp_path / "whole"))
     for role in ("teacher", "student", "baseline"):
@@ -80,52 +53,39 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa)
 
 
+@pytest.fixture(scope="module")
+def auto_run(tmp_path_factory):
+    """A finished TINY run started as a requeued Slurm job starts (``trainer.resume=auto``, a fixed run folder):
+    its command, working folder (its cache is outputs/cache there) and first start. Shared by the tests below:
+    one of them starts the same command again, another resumes the folder with another config."""
+    cwd = tmp_path_factory.mktemp("auto")
+    args = [*TINY, "trainer.resume=auto", f"hydra.run.dir={cwd / 'run'}"]
+    return args, cwd, distill_run(*args, cwd=cwd)
+
+
 @pytest.mark.slow
-def test_resume_with_another_config_is_refused(tmp_path):
-    run = tmp_path / "run"
-    assert (
-        subprocess.run(
-            [sys.executable, "-m", "distill_runner", *TINY, f"hydra.run.dir={run}"], cwd=tmp_path, capture_output=True
-        ).returncode
-        == 0
-    )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distill_runner",
-            *TINY,
-            "distill.alpha=0.9",
-            f"trainer.resume={run}",
-            f"hydra.run.dir={tmp_path / 'x'}",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
+def test_resume_with_another_config_is_refused(auto_run, tmp_path):
+    _, cwd, first = auto_run
+    assert first.returncode == 0
+    resume = f"trainer.resume={cwd / 'run'}"
+    proc = distill_run(*TINY, "distill.alpha=0.9", resume, f"hydra.run.dir={tmp_path / 'x'}", cwd=tmp_path)
     assert proc.returncode != 0 and "trainer.resume" in proc.stderr and "(distill.alpha 0.5 -> 0.9)" in proc.stderr
 
 
 @pytest.mark.slow
 def test_resume_true_without_an_unfinished_run_says_how(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "distill_runner", *TINY, "trainer.resume=true"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
+    proc = distill_run(*TINY, "trainer.resume=true", cwd=tmp_path)
     assert proc.returncode != 0 and "trainer.resume=True: no unfinished run" in proc.stderr
 
 
 @pytest.mark.slow
-def test_resume_auto_starts_fresh_then_continues_the_same_folder(tmp_path):
+def test_resume_auto_starts_fresh_then_continues_the_same_folder(auto_run):
     """What a requeued Slurm job does: the same command, the same fixed run folder."""
-    cmd = [sys.executable, "-m", "distill_runner", *TINY, "trainer.resume=auto", f"hydra.run.dir={tmp_path / 'run'}"]
-    first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    args, cwd, first = auto_run
     assert first.returncode == 0, first.stderr[-2000:]
-    log = next((tmp_path / "run").glob("*.log"))
+    log = next((cwd / "run").glob("*.log"))
     assert "nothing to resume yet (trainer.resume=auto)" in log.read_text()
-    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    again = distill_run(*args, cwd=cwd)
     assert again.returncode == 0, again.stderr[-2000:]
     text = log.read_text()
     assert "resuming the run in" in text and "stage student: finished before" in text and "reusing baseline" in text

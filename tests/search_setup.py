@@ -1,5 +1,6 @@
-"""A small distill-search for the scaling-out tests: 4 one-epoch trials of tiny CNNs on 16 px digits, no final
-retraining; the search config is written to the test's folder (found through hydra.searchpath)."""
+"""A small distill-search, shared by the search tests (tests/unit/search) and the scaling-out ones (tests/e2e): 4
+one-epoch trials of tiny CNNs on 16 px digits, no final retraining; the search config is written to the test's
+folder (found through hydra.searchpath)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+# Seconds-long trials: 16 px digits, a few hundred images, 1 epoch, a 1-epoch teacher; latency timed briefly.
 SMALL = [
     "dataset.image_size=16",
     "dataset.limit=400",
@@ -42,11 +44,16 @@ SPACE = {
 }
 
 
+def write_search(conf_dir: Path, name: str, search: dict) -> str:
+    """A search config of the user's own (conf_dir/search/<name>.yaml); returns the override that finds it."""
+    (conf_dir / "search").mkdir(parents=True, exist_ok=True)
+    (conf_dir / "search" / f"{name}.yaml").write_text(yaml.safe_dump(search))
+    return f"hydra.searchpath=[file://{conf_dir}]"
+
+
 def search_config(conf_dir: Path, **changes) -> list[str]:
     """Overrides naming a search config of the test's own (``search=small`` under ``conf_dir``)."""
-    (conf_dir / "search").mkdir(parents=True, exist_ok=True)
-    (conf_dir / "search" / "small.yaml").write_text(yaml.safe_dump({**SPACE, **changes}))
-    return [f"hydra.searchpath=[file://{conf_dir}]", "search=small"]
+    return [write_search(conf_dir, "small", {**SPACE, **changes}), "search=small"]
 
 
 def trials(url: str, study: str, *states: str) -> list:
