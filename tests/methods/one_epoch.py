@@ -7,6 +7,7 @@ from conftest import TINY, compose_config
 
 from distill_runner import runner
 from distill_runner.build import build_data, build_teacher
+from distill_runner.train import engine
 
 ZOO = ["teacher=cifar_resnet20", "student=cifar_resnet8"]  # a CIFAR-zoo pair: resnet20 -> resnet8
 
@@ -39,3 +40,12 @@ def one_epoch(cfg, tmp_path):
     assert len(history) == 1, history
     assert 0 <= metrics.models["student"].test_acc <= 1
     return metrics, history[0]
+
+
+def fit_from_seed(stage, data, folder, resume=False):
+    """``stage`` fitted on CPU in fp32 from seed 0, checkpointed in ``folder`` (resumed from it with ``resume``):
+    a resumed stage and an uninterrupted one are compared this way."""
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    fp32 = engine.resolve_precision("32", cpu)
+    return engine.fit(stage, data.train, data.val, cpu, fp32, checkpoint_dir=folder, progress=False, resume=resume)

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from conftest import TINY, compose_config
+from one_epoch import fit_from_seed
 
 from distill_runner import runner
 from distill_runner.build import build_data, build_model, build_recipe
@@ -32,12 +33,6 @@ def _stage(cfg, data, teacher, epochs, on_epoch=None):
     return engine.Stage("student", student, recipe, epochs, optimizer, engine.constant_lr, signal, on_epoch)
 
 
-def _fit(stage, data, folder, resume=False):
-    torch.manual_seed(0)
-    fp32 = engine.resolve_precision("32", CPU)
-    return engine.fit(stage, data.train, data.val, CPU, fp32, checkpoint_dir=folder, progress=False, resume=resume)
-
-
 @pytest.mark.slow
 def test_a_resumed_crd_stage_equals_an_uninterrupted_one(tmp_path):
     small = ["teacher=wide_cnn", "distill.terms.crd.teacher_layer=classifier.2", "distill.terms.crd.nce_k=64"]
@@ -45,17 +40,17 @@ def test_a_resumed_crd_stage_equals_an_uninterrupted_one(tmp_path):
     data = build_data(cfg)
     teacher = build_model(cfg.teacher, "teacher", data, cfg.seed).eval()
     whole = _stage(cfg, data, teacher, 2)
-    history = _fit(whole, data, tmp_path / "whole")
+    history = fit_from_seed(whole, data, tmp_path / "whole")
 
     def crash_in_epoch_2(epoch, record, model):
         if epoch == 1:
             raise Stop  # before epoch 2's checkpoint: the one after epoch 1 stays
 
     with pytest.raises(Stop):
-        _fit(_stage(cfg, data, teacher, 2, crash_in_epoch_2), data, tmp_path / "killed")
+        fit_from_seed(_stage(cfg, data, teacher, 2, crash_in_epoch_2), data, tmp_path / "killed")
     resumed = _stage(cfg, data, teacher, 2)  # new objects: a fresh bank, as a new process would build
     fresh_bank = resumed.recipe.terms["crd"].memory_s.clone()
-    again = _fit(resumed, data, tmp_path / "killed", resume=True)
+    again = fit_from_seed(resumed, data, tmp_path / "killed", resume=True)
     assert [h["loss/crd"] for h in again] == [h["loss/crd"] for h in history]
     a, b = whole.recipe.state_dict(), resumed.recipe.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))

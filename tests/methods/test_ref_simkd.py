@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import reference_cases
 from omegaconf import OmegaConf
+from relation_reference import close
 from torch import nn
 
 from distill_runner.distill.contract import TermState
@@ -55,11 +56,6 @@ def term_for(case: dict) -> SimKD:
     term.student_layers, term.teacher_layers = ("body",), ("t",)
     term.image_shape = tuple(torch.tensor(case["student"]).shape[1:])  # Student's image is its feature map
     return term
-
-
-def close(value: torch.Tensor, expected, rtol: float = 1e-5) -> None:
-    e = torch.tensor(expected, dtype=torch.float64)
-    torch.testing.assert_close(value.double(), e, rtol=rtol, atol=rtol * e.abs().max().item())
 
 
 @pytest.mark.parametrize("name", CASES)

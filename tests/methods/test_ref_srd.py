@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import reference_cases
 from omegaconf import OmegaConf
+from relation_reference import close
 
 from distill_runner.distill.contract import TermState
 from distill_runner.distill.terms.srd import SRD, srd_loss
@@ -35,11 +36,6 @@ def _term(case: dict) -> tuple[SRD, torch.Tensor, torch.Tensor]:
     return term, torch.tensor(case["student"][0], requires_grad=True), torch.tensor(case["teacher"][0])
 
 
-def _close(actual: torch.Tensor, expected, rtol: float = 1e-5) -> None:
-    e = torch.tensor(expected, dtype=torch.float64)
-    torch.testing.assert_close(actual.double(), e, rtol=rtol, atol=rtol * e.abs().max().item())
-
-
 @pytest.mark.parametrize("name", CASES)
 def test_term_matches_the_official_value_and_gradients(name):
     case = CASES[name]
@@ -50,10 +46,10 @@ def test_term_matches_the_official_value_and_gradients(name):
     loss = term({}, student, teacher, TermState(case["temperature"], 0.5, 1.0))
     loss.backward()
     torch.testing.assert_close(loss.double(), torch.tensor(case["loss"], dtype=torch.float64), rtol=1e-5, atol=0)
-    _close(f_s.grad, case["grad_student"][0])
-    _close(s_logits.grad, case["grad_student_logits"])
+    close(f_s.grad, case["grad_student"][0])
+    close(s_logits.grad, case["grad_student_logits"])
     if case["grad_projector_weight"] is not None:
-        _close(term.projector.weight.grad, case["grad_projector_weight"])
+        close(term.projector.weight.grad, case["grad_projector_weight"])
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import TINY, compose_config
 from omegaconf import OmegaConf
-from one_epoch import ZOO, one_epoch, saved_teacher, teacher_fixture
+from one_epoch import ZOO, fit_from_seed, one_epoch, saved_teacher, teacher_fixture
 
 from distill_runner import runner
 from distill_runner.build import build_data, build_model, build_recipe
@@ -84,12 +84,6 @@ def _stage(cfg, data, teacher, on_epoch=None):
     return engine.Stage("student", model, recipe, 2, optimizer, engine.constant_lr, signal, on_epoch)
 
 
-def _fit(stage, data, folder, resume=False):
-    torch.manual_seed(0)
-    fp32 = engine.resolve_precision("32", CPU)
-    return engine.fit(stage, data.train, data.val, CPU, fp32, checkpoint_dir=folder, progress=False, resume=resume)
-
-
 @pytest.mark.slow
 def test_a_resumed_simkd_stage_equals_an_uninterrupted_one(tmp_path):
     layers = ["distill.terms.simkd.teacher=features.2", "distill.terms.simkd.teacher_head=classifier"]
@@ -97,16 +91,16 @@ def test_a_resumed_simkd_stage_equals_an_uninterrupted_one(tmp_path):
     data = build_data(cfg)
     teacher = build_model(cfg.teacher, "teacher", data, cfg.seed).eval()
     whole = _stage(cfg, data, teacher)
-    history = _fit(whole, data, tmp_path / "whole")
+    history = fit_from_seed(whole, data, tmp_path / "whole")
 
     def crash_in_epoch_2(epoch, record, model):
         if epoch == 1:
             raise Stop  # before epoch 2's checkpoint: the one after epoch 1 stays
 
     with pytest.raises(Stop):
-        _fit(_stage(cfg, data, teacher, crash_in_epoch_2), data, tmp_path / "killed")
+        fit_from_seed(_stage(cfg, data, teacher, crash_in_epoch_2), data, tmp_path / "killed")
     resumed = _stage(cfg, data, teacher)
-    again = _fit(resumed, data, tmp_path / "killed", resume=True)
+    again = fit_from_seed(resumed, data, tmp_path / "killed", resume=True)
     assert [h["loss/simkd"] for h in again] == [h["loss/simkd"] for h in history]
     a, b = whole.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
