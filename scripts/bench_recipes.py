@@ -51,9 +51,9 @@ def replayed_signal(bound, online: OnlineTeacher, train, device, precision) -> t
     start = time.perf_counter()
     outputs = compute_teacher_outputs(online, train, 1, device, precision, torch.float16, False, bound.summarize)
     build_s = time.perf_counter() - start
-    stored = [outputs["logits"], *[v for layers in outputs["summaries"].values() for v in layers.values()]]
-    stored += [outputs["strong_logits"]] if "strong_logits" in outputs else []
-    mb = sum(v.numel() * v.element_size() for v in stored[1:]) / 2**20  # the summaries beyond the logits
+    beyond_logits = [v for layers in outputs["summaries"].values() for v in layers.values()]
+    beyond_logits += [outputs["strong_logits"]] if "strong_logits" in outputs else []
+    mb = sum(v.numel() * v.element_size() for v in beyond_logits) / 2**20
     replayed = ReplayedTeacher(outputs["logits"], outputs["summaries"], outputs.get("strong_logits"))
     return replayed, build_s, mb
 
@@ -79,7 +79,7 @@ def measure_recipe(built, recipe: str, device, precision, repeats: int, ce_secon
     ce_s = ce_seconds[width]
     online = OnlineTeacher(teacher, bound.teacher_layers)
     replayed, build_s, summaries_mb = replayed_signal(bound, online, train, device, precision)
-    prepare_s = prepare_seconds(bound, copy_of(student), online, train, device)
+    prepare_s = prepare_seconds(bound, copy.deepcopy(student), online, train, device)
     online_s = epoch_seconds(student, bound, online, train, device, precision, repeats)
     replayed_s = epoch_seconds(student, bound, replayed, train, device, precision, repeats)
     result = {
@@ -103,10 +103,6 @@ def measure_recipe(built, recipe: str, device, precision, repeats: int, ce_secon
         flush=True,
     )
     return result
-
-
-def copy_of(module: torch.nn.Module) -> torch.nn.Module:
-    return copy.deepcopy(module)
 
 
 def measure_dot(overrides: list[str], device, precision, repeats: int) -> dict:

@@ -149,9 +149,10 @@ def check_pair(pair: dict, recipes: list[str], published: dict, args, data_sets:
         where = f"{pair['teacher']} -> {pair['student']} {recipe}"
         try:
             spec = typed(compose(["experiment=cifar100_bench", *overrides]))
-            key = repr(spec.dataset)
-            data = data_sets[key] if key in data_sets else data_sets.setdefault(key, build_data(spec))
-            build_recipe(spec, data, build_student(spec.student, data, spec.seed))
+            key = repr(spec.dataset)  # one data set built for every run that shares its settings
+            if key not in data_sets:
+                data_sets[key] = build_data(spec)
+            build_recipe(spec, data_sets[key], build_student(spec.student, data_sets[key], spec.seed))
         except Exception as err:  # every pair's problem is reported, not the first alone
             problems.append(f"{where}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
             print(problems[-1], flush=True)
